@@ -1,0 +1,3 @@
+//! The nbdfault policy language and its engine.
+
+pub mod units;
