@@ -1,0 +1,215 @@
+//! A sparse, sharded map of fixed-size chunks: the memory backend's contents and the overlay's
+//! copy-on-write layer. Absent chunks cost nothing; what they read as is up to the owner.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+/// Bytes per chunk. Big enough that a 1 GiB disk is at most 16384 entries, small enough that a
+/// 4 KiB write into a fresh region allocates little.
+pub const CHUNK_SIZE: u64 = 64 * 1024;
+const SHARDS: usize = 64;
+
+/// What the store holds for one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkState {
+    /// Nothing stored: the owner decides (zeros for memory, the base image for an overlay).
+    Absent,
+    /// Known to read as zeros, without storage behind it.
+    Zero,
+    Data,
+}
+
+enum Slot {
+    Zero,
+    Data(Box<[u8]>),
+}
+
+/// Writing part of an absent chunk needs its previous contents first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NeedsContents;
+
+#[derive(Default)]
+pub struct ChunkStore {
+    shards: Vec<Mutex<HashMap<u64, Slot>>>,
+}
+
+impl ChunkStore {
+    pub fn new() -> ChunkStore {
+        ChunkStore { shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
+    }
+
+    fn shard(&self, index: u64) -> MutexGuard<'_, HashMap<u64, Slot>> {
+        // A panic while holding a shard cannot leave a chunk half-updated (each update is one
+        // assignment or copy), so a poisoned lock is still safe to use.
+        self.shards[(index % SHARDS as u64) as usize].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn state(&self, index: u64) -> ChunkState {
+        match self.shard(index).get(&index) {
+            None => ChunkState::Absent,
+            Some(Slot::Zero) => ChunkState::Zero,
+            Some(Slot::Data(_)) => ChunkState::Data,
+        }
+    }
+
+    /// Copies bytes `start..start + out.len()` of chunk `index` into `out` when the chunk holds
+    /// something, and says what it held.
+    pub fn read(&self, index: u64, start: usize, out: &mut [u8]) -> ChunkState {
+        match self.shard(index).get(&index) {
+            None => ChunkState::Absent,
+            Some(Slot::Zero) => {
+                out.fill(0);
+                ChunkState::Zero
+            }
+            Some(Slot::Data(data)) => {
+                out.copy_from_slice(&data[start..start + out.len()]);
+                ChunkState::Data
+            }
+        }
+    }
+
+    /// Writes `data` at `start` inside chunk `index`. A write covering the whole chunk always
+    /// succeeds; a partial write into an absent chunk needs `contents` (the chunk's previous
+    /// bytes) and returns [`NeedsContents`] without them.
+    pub fn write(
+        &self,
+        index: u64,
+        start: usize,
+        data: &[u8],
+        contents: Option<Box<[u8]>>,
+    ) -> Result<(), NeedsContents> {
+        let mut shard = self.shard(index);
+        if data.len() as u64 == CHUNK_SIZE {
+            shard.insert(index, Slot::Data(data.into()));
+            return Ok(());
+        }
+        match shard.get(&index) {
+            Some(Slot::Data(_)) => {}
+            Some(Slot::Zero) => {
+                shard.insert(index, Slot::Data(vec![0; CHUNK_SIZE as usize].into_boxed_slice()));
+            }
+            None => {
+                let contents = contents.ok_or(NeedsContents)?;
+                debug_assert_eq!(contents.len() as u64, CHUNK_SIZE);
+                shard.insert(index, Slot::Data(contents));
+            }
+        }
+        let Some(Slot::Data(chunk)) = shard.get_mut(&index) else { unreachable!("a data slot was just ensured") };
+        chunk[start..start + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    /// Zeroes bytes `start..start + length` of a chunk that holds data; other chunks are left
+    /// alone. Returns what the chunk held before.
+    pub fn zero_part(&self, index: u64, start: usize, length: usize) -> ChunkState {
+        match self.shard(index).get_mut(&index) {
+            None => ChunkState::Absent,
+            Some(Slot::Zero) => ChunkState::Zero,
+            Some(Slot::Data(chunk)) => {
+                chunk[start..start + length].fill(0);
+                ChunkState::Data
+            }
+        }
+    }
+
+    /// Marks a whole chunk as zeros without storing them.
+    pub fn set_zero(&self, index: u64) {
+        self.shard(index).insert(index, Slot::Zero);
+    }
+
+    /// Forgets a whole chunk, so it reads as the owner's default again.
+    pub fn remove(&self, index: u64) {
+        self.shard(index).remove(&index);
+    }
+
+    pub fn clear(&self) {
+        for shard in &self.shards {
+            shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
+        }
+    }
+
+    /// Bytes of chunk data held in memory.
+    pub fn resident_bytes(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|shard| {
+                let shard = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                shard.values().filter(|slot| matches!(slot, Slot::Data(_))).count() as u64 * CHUNK_SIZE
+            })
+            .sum()
+    }
+}
+
+/// Splits `[offset, offset + length)` into per-chunk pieces: `(chunk index, start in chunk,
+/// length in chunk, position in the request)`.
+pub fn pieces(offset: u64, length: u64) -> impl Iterator<Item = (u64, usize, usize, usize)> {
+    let end = offset + length;
+    let mut position = offset;
+    std::iter::from_fn(move || {
+        if position >= end {
+            return None;
+        }
+        let index = position / CHUNK_SIZE;
+        let start = (position % CHUNK_SIZE) as usize;
+        let take = (CHUNK_SIZE - start as u64).min(end - position) as usize;
+        let piece = (index, start, take, (position - offset) as usize);
+        position += take as u64;
+        Some(piece)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_split_at_chunk_boundaries() {
+        let split: Vec<_> = pieces(CHUNK_SIZE - 10, 30).collect();
+        assert_eq!(split, vec![(0, (CHUNK_SIZE - 10) as usize, 10, 0), (1, 0, 20, 10)]);
+        assert_eq!(pieces(0, 0).count(), 0);
+        assert_eq!(pieces(0, 3 * CHUNK_SIZE).count(), 3);
+    }
+
+    #[test]
+    fn partial_write_into_absent_chunk_asks_for_contents() {
+        let store = ChunkStore::new();
+        assert_eq!(store.write(0, 10, b"abc", None), Err(NeedsContents));
+        store.write(0, 10, b"abc", Some(vec![7; CHUNK_SIZE as usize].into())).unwrap();
+        let mut out = [0; 5];
+        assert_eq!(store.read(0, 9, &mut out), ChunkState::Data);
+        assert_eq!(&out, b"\x07abc\x07");
+    }
+
+    #[test]
+    fn whole_chunk_write_needs_no_contents() {
+        let store = ChunkStore::new();
+        store.write(3, 0, &vec![1; CHUNK_SIZE as usize], None).unwrap();
+        assert_eq!(store.state(3), ChunkState::Data);
+        assert_eq!(store.resident_bytes(), CHUNK_SIZE);
+    }
+
+    #[test]
+    fn zero_chunks_become_data_on_partial_write() {
+        let store = ChunkStore::new();
+        store.set_zero(1);
+        let mut out = [9; 4];
+        assert_eq!(store.read(1, 0, &mut out), ChunkState::Zero);
+        assert_eq!(out, [0; 4]);
+        store.write(1, 2, b"x", None).unwrap();
+        assert_eq!(store.read(1, 0, &mut out), ChunkState::Data);
+        assert_eq!(&out, b"\0\0x\0");
+    }
+
+    #[test]
+    fn zero_part_only_touches_data_chunks() {
+        let store = ChunkStore::new();
+        assert_eq!(store.zero_part(0, 0, 4), ChunkState::Absent);
+        store.write(0, 0, &vec![5; CHUNK_SIZE as usize], None).unwrap();
+        assert_eq!(store.zero_part(0, 1, 2), ChunkState::Data);
+        let mut out = [0; 4];
+        store.read(0, 0, &mut out);
+        assert_eq!(out, [5, 0, 0, 5]);
+        store.clear();
+        assert_eq!(store.state(0), ChunkState::Absent);
+    }
+}

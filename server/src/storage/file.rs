@@ -1,0 +1,357 @@
+//! A disk image or block device: positional reads and writes, fdatasync for FLUSH and FUA, hole
+//! punching for TRIM and WRITE_ZEROES where the filesystem allows, SEEK_DATA/SEEK_HOLE extents.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::{BlockDevice, Extent, Features, IoContext, IoError, IoFuture, ZeroFlags};
+use crate::wire::{allocation, errno};
+
+/// TRIM and WRITE_ZEROES are done this many bytes at a time, so one 4 GiB request never holds a
+/// blocking thread for long or needs a buffer of its size.
+const PIECE: u64 = 256 << 20;
+/// The zero buffer used when the filesystem cannot zero a range itself.
+const ZERO_BUFFER: usize = 1 << 20;
+/// The most extents one BLOCK_STATUS reply lists; the client asks again for the rest.
+const MAX_EXTENTS: usize = 4096;
+
+pub struct FileDevice {
+    path: PathBuf,
+    file: Arc<File>,
+    size: u64,
+    read_only: bool,
+}
+
+/// Why a file could not be used as an export.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{path}: no such file; create it first (for example `truncate -s 1G {path}`) or use memory:SIZE")]
+    NotFound { path: String },
+    #[error("{path}: {source}; check its permissions, or export it read-only")]
+    Permission { path: String, source: io::Error },
+    #[error("{path}: is a directory; name an image file or a block device")]
+    Directory { path: String },
+    #[error("{path}: the file is empty; grow it first (for example `truncate -s 1G {path}`)")]
+    Empty { path: String },
+    #[error("{path}: {source}")]
+    Other { path: String, source: io::Error },
+}
+
+impl FileDevice {
+    pub fn open(path: &Path, read_only: bool) -> Result<FileDevice, OpenError> {
+        let shown = path.display().to_string();
+        let mut file =
+            OpenOptions::new().read(true).write(!read_only).open(path).map_err(|source| match source.kind() {
+                io::ErrorKind::NotFound => OpenError::NotFound { path: shown.clone() },
+                io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
+                    OpenError::Permission { path: shown.clone(), source }
+                }
+                io::ErrorKind::IsADirectory => OpenError::Directory { path: shown.clone() },
+                _ => OpenError::Other { path: shown.clone(), source },
+            })?;
+        if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+            return Err(OpenError::Directory { path: shown });
+        }
+        // Seeking to the end also sizes block devices, whose metadata length is 0.
+        let size = file.seek(SeekFrom::End(0)).map_err(|source| OpenError::Other { path: shown.clone(), source })?;
+        if size == 0 {
+            return Err(OpenError::Empty { path: shown });
+        }
+        Ok(FileDevice { path: path.to_path_buf(), file: Arc::new(file), size, read_only })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs a blocking file operation off the async threads.
+    fn blocking<T, F>(&self, op: F) -> IoFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&File) -> Result<T, IoError> + Send + 'static,
+    {
+        let file = Arc::clone(&self.file);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || op(&file))
+                .await
+                .unwrap_or_else(|join| Err(IoError::new(errno::EIO, format!("storage task failed: {join}"))))
+        })
+    }
+}
+
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, length: u64) -> io::Result<()> {
+    // SAFETY: fallocate only reads its integer arguments; the fd is owned by `file` and open.
+    let result = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, length as libc::off_t) };
+    if result == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+fn is_unsupported(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ENODEV))
+}
+
+/// Applies `op` to `[offset, offset + length)` in pieces of at most [`PIECE`] bytes.
+fn in_pieces(offset: u64, length: u64, mut op: impl FnMut(u64, u64) -> io::Result<()>) -> io::Result<()> {
+    let end = offset + length;
+    let mut position = offset;
+    while position < end {
+        let take = PIECE.min(end - position);
+        op(position, take)?;
+        position += take;
+    }
+    Ok(())
+}
+
+fn write_zero_bytes(file: &File, offset: u64, length: u64) -> io::Result<()> {
+    let zeros = vec![0u8; ZERO_BUFFER.min(length as usize)];
+    let end = offset + length;
+    let mut position = offset;
+    while position < end {
+        let take = (zeros.len() as u64).min(end - position) as usize;
+        file.write_all_at(&zeros[..take], position)?;
+        position += take as u64;
+    }
+    Ok(())
+}
+
+/// `lseek(SEEK_DATA | SEEK_HOLE)`; `None` when there is no data past `offset` (ENXIO).
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    // SAFETY: lseek takes integers only. It moves the shared file position, which nothing here
+    // relies on: every read and write is positional (pread/pwrite).
+    let result = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    if result >= 0 {
+        return Ok(Some(result as u64));
+    }
+    let error = io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(error) }
+}
+
+fn extents_of(file: &File, offset: u64, end: u64) -> io::Result<Vec<Extent>> {
+    const HOLE: u32 = allocation::HOLE | allocation::ZERO;
+    let mut extents = Vec::new();
+    let mut position = offset;
+    while position < end && extents.len() < MAX_EXTENTS {
+        let data_start = match seek(file, position, libc::SEEK_DATA) {
+            Ok(Some(start)) => start.min(end),
+            Ok(None) => end,
+            // Block devices and some filesystems cannot say: everything is data.
+            Err(error) if is_unsupported(&error) => {
+                extents.push(Extent { length: end - position, flags: 0 });
+                break;
+            }
+            Err(error) => return Err(error),
+        };
+        if data_start > position {
+            extents.push(Extent { length: data_start - position, flags: HOLE });
+            position = data_start;
+            continue;
+        }
+        let data_end = seek(file, position, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        // A racing write can make the hole vanish between the two seeks; never return 0 bytes.
+        let data_end = data_end.max(position + 1);
+        extents.push(Extent { length: data_end - position, flags: 0 });
+        position = data_end;
+    }
+    super::coalesce(&mut extents);
+    Ok(extents)
+}
+
+impl BlockDevice for FileDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn features(&self) -> Features {
+        let writable = !self.read_only;
+        Features {
+            read_only: self.read_only,
+            trim: writable,
+            write_zeroes: writable,
+            fast_zero: writable,
+            cache: true,
+            multi_conn: true,
+        }
+    }
+
+    fn read(&self, _ctx: IoContext, offset: u64, length: u32) -> IoFuture<'_, Bytes> {
+        self.blocking(move |file| {
+            let mut buffer = BytesMut::zeroed(length as usize);
+            file.read_exact_at(&mut buffer, offset)?;
+            Ok(buffer.freeze())
+        })
+    }
+
+    fn write(&self, _ctx: IoContext, offset: u64, data: Bytes, fua: bool) -> IoFuture<'_, ()> {
+        self.blocking(move |file| {
+            file.write_all_at(&data, offset)?;
+            if fua {
+                file.sync_data()?;
+            }
+            Ok(())
+        })
+    }
+
+    fn flush(&self, _ctx: IoContext) -> IoFuture<'_, ()> {
+        // One fd is shared by every connection, so fdatasync covers all completed writes.
+        self.blocking(|file| Ok(file.sync_data()?))
+    }
+
+    fn trim(&self, _ctx: IoContext, offset: u64, length: u64, fua: bool) -> IoFuture<'_, ()> {
+        self.blocking(move |file| {
+            let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            match in_pieces(offset, length, |at, take| fallocate(file, punch, at, take)) {
+                // TRIM is advisory: where holes cannot be punched, doing nothing is correct.
+                Err(error) if is_unsupported(&error) => {}
+                other => other?,
+            }
+            if fua {
+                file.sync_data()?;
+            }
+            Ok(())
+        })
+    }
+
+    fn write_zeroes(&self, _ctx: IoContext, offset: u64, length: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
+        self.blocking(move |file| {
+            let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            let zero_range = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+            let mut modes = Vec::with_capacity(2);
+            if !flags.no_hole {
+                modes.push(punch);
+            }
+            modes.push(zero_range);
+            let mut done = false;
+            for mode in modes {
+                match in_pieces(offset, length, |at, take| fallocate(file, mode, at, take)) {
+                    Ok(()) => {
+                        done = true;
+                        break;
+                    }
+                    Err(error) if is_unsupported(&error) => continue,
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            if !done {
+                if flags.fast {
+                    return Err(IoError::unsupported("this file cannot zero a range faster than writing zeroes"));
+                }
+                write_zero_bytes(file, offset, length)?;
+            }
+            if flags.fua {
+                file.sync_data()?;
+            }
+            Ok(())
+        })
+    }
+
+    fn cache(&self, _ctx: IoContext, offset: u64, length: u64) -> IoFuture<'_, ()> {
+        self.blocking(move |file| {
+            // SAFETY: posix_fadvise takes integers only; the fd is open for the call's duration.
+            let result = unsafe {
+                libc::posix_fadvise(
+                    file.as_raw_fd(),
+                    offset as libc::off_t,
+                    length as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                )
+            };
+            // A prefetch hint that cannot be given is not an error for the client.
+            if result != 0 {
+                tracing::debug!(error = %io::Error::from_raw_os_error(result), "posix_fadvise(WILLNEED) failed");
+            }
+            Ok(())
+        })
+    }
+
+    fn extents(&self, _ctx: IoContext, offset: u64, length: u64) -> IoFuture<'_, Vec<Extent>> {
+        let end = offset.saturating_add(length).min(self.size);
+        self.blocking(move |file| Ok(extents_of(file, offset, end)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CTX: IoContext = IoContext { connection: 1, cookie: 1, flags: 0 };
+
+    fn image(size: u64) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        File::create(&path).unwrap().set_len(size).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn opening_reports_missing_empty_and_directory_paths_precisely() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = FileDevice::open(&dir.path().join("nope.img"), false).err().unwrap();
+        assert!(matches!(missing, OpenError::NotFound { .. }), "{missing}");
+        let empty = dir.path().join("empty.img");
+        File::create(&empty).unwrap();
+        assert!(matches!(FileDevice::open(&empty, false).err().unwrap(), OpenError::Empty { .. }));
+        assert!(matches!(FileDevice::open(dir.path(), true).err().unwrap(), OpenError::Directory { .. }));
+    }
+
+    #[tokio::test]
+    async fn writes_read_back_and_reach_the_file() {
+        let (_dir, path) = image(1 << 20);
+        let device = FileDevice::open(&path, false).unwrap();
+        device.write(CTX, 4096, Bytes::from_static(b"hello"), true).await.unwrap();
+        assert_eq!(&device.read(CTX, 4096, 5).await.unwrap()[..], b"hello");
+        device.flush(CTX).await.unwrap();
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[4096..4101], b"hello");
+    }
+
+    #[tokio::test]
+    async fn write_zeroes_and_trim_read_back_as_zeros() {
+        let (_dir, path) = image(1 << 20);
+        let device = FileDevice::open(&path, false).unwrap();
+        device.write(CTX, 0, Bytes::from(vec![0xee; 1 << 20]), false).await.unwrap();
+        device.write_zeroes(CTX, 4096, 8192, ZeroFlags::default()).await.unwrap();
+        device.write_zeroes(CTX, 65536, 4096, ZeroFlags { no_hole: true, ..Default::default() }).await.unwrap();
+        let back = device.read(CTX, 0, 1 << 20).await.unwrap();
+        assert!(back[4096..12288].iter().all(|&b| b == 0));
+        assert!(back[65536..69632].iter().all(|&b| b == 0));
+        assert_eq!(back[12288], 0xee);
+        device.trim(CTX, 0, 1 << 20, false).await.unwrap();
+        // TRIM is advisory; the range must still read as either old data or zeros, never garbage.
+        let after = device.read(CTX, 0, 1 << 20).await.unwrap();
+        assert!(after.iter().all(|&b| b == 0 || b == 0xee));
+    }
+
+    #[tokio::test]
+    async fn extents_distinguish_data_from_holes() {
+        let (_dir, path) = image(16 << 20);
+        let device = FileDevice::open(&path, false).unwrap();
+        device.write(CTX, 8 << 20, Bytes::from(vec![1; 1 << 20]), false).await.unwrap();
+        let extents = device.extents(CTX, 0, 16 << 20).await.unwrap();
+        let total: u64 = extents.iter().map(|e| e.length).sum();
+        assert_eq!(total, 16 << 20);
+        // Where the filesystem reports holes, the written megabyte must be data and the start a hole.
+        if extents.len() > 1 {
+            assert_eq!(extents[0].flags, allocation::HOLE | allocation::ZERO);
+            let mut position = 0;
+            for extent in &extents {
+                if position <= 8 << 20 && position + extent.length > 8 << 20 {
+                    assert_eq!(extent.flags, 0);
+                }
+                position += extent.length;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn read_only_files_advertise_no_writes() {
+        let (_dir, path) = image(4096);
+        let device = FileDevice::open(&path, true).unwrap();
+        assert!(device.features().read_only);
+        assert!(!device.features().trim);
+    }
+}

@@ -1,0 +1,181 @@
+//! A sparse in-memory disk: unwritten regions cost nothing and read as zeros. Contents are lost
+//! when the server exits; `reset` returns it to all zeros.
+
+use bytes::{Bytes, BytesMut};
+
+use super::chunks::{CHUNK_SIZE, ChunkState, ChunkStore, pieces};
+use super::{BlockDevice, Extent, Features, IoContext, IoFuture, ZeroFlags};
+use crate::wire::allocation;
+
+/// How many chunks a long TRIM or WRITE_ZEROES handles before it lets other tasks run.
+const CHUNKS_PER_YIELD: usize = 1024;
+
+pub struct MemoryDevice {
+    size: u64,
+    chunks: ChunkStore,
+}
+
+impl MemoryDevice {
+    pub fn new(size: u64) -> MemoryDevice {
+        MemoryDevice { size, chunks: ChunkStore::new() }
+    }
+
+    /// Bytes of data held, for the control API's counters.
+    pub fn resident_bytes(&self) -> u64 {
+        self.chunks.resident_bytes()
+    }
+
+    fn read_now(&self, offset: u64, length: u32) -> Bytes {
+        let mut out = BytesMut::zeroed(length as usize);
+        for (index, start, take, position) in pieces(offset, u64::from(length)) {
+            // Absent chunks read as the zeros `out` already holds.
+            self.chunks.read(index, start, &mut out[position..position + take]);
+        }
+        out.freeze()
+    }
+
+    fn write_now(&self, offset: u64, data: &[u8]) {
+        for (index, start, take, position) in pieces(offset, data.len() as u64) {
+            let piece = &data[position..position + take];
+            let fresh = || Some(vec![0; CHUNK_SIZE as usize].into_boxed_slice());
+            if self.chunks.write(index, start, piece, None).is_err() {
+                // An absent chunk is all zeros, which is what it starts from.
+                let _ = self.chunks.write(index, start, piece, fresh());
+            }
+        }
+    }
+
+    /// Zeroes a range: whole chunks are dropped (they read as zeros), partial ones are zeroed in
+    /// place. Yields now and then so a 4 GiB request does not hold a worker thread.
+    async fn zero_range(&self, offset: u64, length: u64) {
+        for (count, (index, start, take, _)) in pieces(offset, length).enumerate() {
+            if take as u64 == CHUNK_SIZE {
+                self.chunks.remove(index);
+            } else {
+                self.chunks.zero_part(index, start, take);
+            }
+            if count % CHUNKS_PER_YIELD == CHUNKS_PER_YIELD - 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    fn extents_now(&self, offset: u64, length: u64) -> Vec<Extent> {
+        // Bound the walk: a reply may describe less than asked, and the client asks again.
+        let length = length.min(16384 * CHUNK_SIZE).min(self.size - offset);
+        let mut extents: Vec<Extent> = pieces(offset, length)
+            .map(|(index, _, take, _)| {
+                let flags = match self.chunks.state(index) {
+                    ChunkState::Data => 0,
+                    ChunkState::Absent | ChunkState::Zero => allocation::HOLE | allocation::ZERO,
+                };
+                Extent { length: take as u64, flags }
+            })
+            .collect();
+        super::coalesce(&mut extents);
+        extents
+    }
+}
+
+impl BlockDevice for MemoryDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn features(&self) -> Features {
+        Features { read_only: false, trim: true, write_zeroes: true, fast_zero: true, cache: true, multi_conn: true }
+    }
+
+    fn read(&self, _ctx: IoContext, offset: u64, length: u32) -> IoFuture<'_, Bytes> {
+        Box::pin(async move { Ok(self.read_now(offset, length)) })
+    }
+
+    fn write(&self, _ctx: IoContext, offset: u64, data: Bytes, _fua: bool) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            self.write_now(offset, &data);
+            Ok(())
+        })
+    }
+
+    fn flush(&self, _ctx: IoContext) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn trim(&self, _ctx: IoContext, offset: u64, length: u64, _fua: bool) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            self.zero_range(offset, length).await;
+            Ok(())
+        })
+    }
+
+    fn write_zeroes(&self, _ctx: IoContext, offset: u64, length: u64, _flags: ZeroFlags) -> IoFuture<'_, ()> {
+        // NO_HOLE only asks that the range stays allocated; memory has no allocation to lose.
+        Box::pin(async move {
+            self.zero_range(offset, length).await;
+            Ok(())
+        })
+    }
+
+    fn cache(&self, _ctx: IoContext, _offset: u64, _length: u64) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn extents(&self, _ctx: IoContext, offset: u64, length: u64) -> IoFuture<'_, Vec<Extent>> {
+        Box::pin(async move { Ok(self.extents_now(offset, length)) })
+    }
+
+    fn reset(&self) -> IoFuture<'_, ()> {
+        Box::pin(async {
+            self.chunks.clear();
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CTX: IoContext = IoContext { connection: 1, cookie: 1, flags: 0 };
+
+    #[tokio::test]
+    async fn unwritten_memory_reads_as_zeros_and_is_a_hole() {
+        let device = MemoryDevice::new(1 << 30);
+        assert_eq!(device.read(CTX, 12345, 100).await.unwrap(), Bytes::from(vec![0; 100]));
+        let extents = device.extents(CTX, 0, 1 << 30).await.unwrap();
+        assert_eq!(extents[0].flags, allocation::HOLE | allocation::ZERO);
+        assert_eq!(device.resident_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn writes_across_chunks_read_back() {
+        let device = MemoryDevice::new(1 << 30);
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        device.write(CTX, CHUNK_SIZE - 7, Bytes::from(data.clone()), false).await.unwrap();
+        assert_eq!(device.read(CTX, CHUNK_SIZE - 7, data.len() as u32).await.unwrap(), Bytes::from(data));
+        let extents = device.extents(CTX, 0, 5 * CHUNK_SIZE).await.unwrap();
+        assert_eq!(extents[0], Extent { length: 5 * CHUNK_SIZE, flags: 0 });
+    }
+
+    #[tokio::test]
+    async fn trim_and_zero_read_back_as_zeros_and_free_whole_chunks() {
+        let device = MemoryDevice::new(1 << 20);
+        device.write(CTX, 0, Bytes::from(vec![0xaa; 4 * CHUNK_SIZE as usize]), false).await.unwrap();
+        device.trim(CTX, 10, 2 * CHUNK_SIZE, false).await.unwrap();
+        let back = device.read(CTX, 0, (4 * CHUNK_SIZE) as u32).await.unwrap();
+        assert!(back[..10].iter().all(|&b| b == 0xaa));
+        assert!(back[10..10 + 2 * CHUNK_SIZE as usize].iter().all(|&b| b == 0));
+        assert!(back[10 + 2 * CHUNK_SIZE as usize..].iter().all(|&b| b == 0xaa));
+        assert_eq!(device.resident_bytes(), 3 * CHUNK_SIZE);
+        device.write_zeroes(CTX, 0, 4 * CHUNK_SIZE, ZeroFlags::default()).await.unwrap();
+        assert_eq!(device.resident_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn reset_forgets_everything() {
+        let device = MemoryDevice::new(1 << 20);
+        device.write(CTX, 0, Bytes::from_static(b"data"), false).await.unwrap();
+        device.reset().await.unwrap();
+        assert_eq!(&device.read(CTX, 0, 4).await.unwrap()[..], b"\0\0\0\0");
+    }
+}

@@ -1,0 +1,232 @@
+//! A copy-on-write overlay in memory over a read-only base image. The base never changes;
+//! `reset` drops the overlay, so the export is back to the base's contents at once.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::chunks::{CHUNK_SIZE, ChunkState, ChunkStore, pieces};
+use super::{BlockDevice, Extent, Features, IoContext, IoFuture, ZeroFlags};
+use crate::wire::allocation;
+
+pub struct OverlayDevice {
+    base: Arc<dyn BlockDevice>,
+    chunks: ChunkStore,
+}
+
+impl OverlayDevice {
+    pub fn new(base: Arc<dyn BlockDevice>) -> OverlayDevice {
+        OverlayDevice { base, chunks: ChunkStore::new() }
+    }
+
+    /// Bytes the overlay holds in memory.
+    pub fn resident_bytes(&self) -> u64 {
+        self.chunks.resident_bytes()
+    }
+
+    /// The base's bytes for one whole chunk, padded with zeros past the end of the device.
+    async fn base_chunk(&self, ctx: IoContext, index: u64) -> Result<Box<[u8]>, super::IoError> {
+        let start = index * CHUNK_SIZE;
+        let length = CHUNK_SIZE.min(self.base.size() - start) as u32;
+        let data = self.base.read(ctx, start, length).await?;
+        let mut chunk = vec![0; CHUNK_SIZE as usize];
+        chunk[..data.len()].copy_from_slice(&data);
+        Ok(chunk.into_boxed_slice())
+    }
+
+    async fn write_piece(&self, ctx: IoContext, index: u64, start: usize, data: &[u8]) -> Result<(), super::IoError> {
+        if self.chunks.write(index, start, data, None).is_ok() {
+            return Ok(());
+        }
+        let contents = self.base_chunk(ctx, index).await?;
+        // Another writer may have filled the chunk meanwhile; `write` then ignores `contents`.
+        self.chunks.write(index, start, data, Some(contents)).expect("contents were supplied");
+        Ok(())
+    }
+
+    async fn zero_range(&self, ctx: IoContext, offset: u64, length: u64) -> Result<(), super::IoError> {
+        for (count, (index, start, take, _)) in pieces(offset, length).enumerate() {
+            if take as u64 == CHUNK_SIZE {
+                self.chunks.set_zero(index);
+            } else if self.chunks.zero_part(index, start, take) == ChunkState::Absent {
+                self.write_piece(ctx, index, start, &vec![0; take]).await?;
+            }
+            if count % 1024 == 1023 {
+                tokio::task::yield_now().await;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for OverlayDevice {
+    fn size(&self) -> u64 {
+        self.base.size()
+    }
+
+    fn features(&self) -> Features {
+        Features { read_only: false, trim: true, write_zeroes: true, fast_zero: true, cache: true, multi_conn: true }
+    }
+
+    fn read(&self, ctx: IoContext, offset: u64, length: u32) -> IoFuture<'_, Bytes> {
+        Box::pin(async move {
+            let mut out = BytesMut::zeroed(length as usize);
+            let mut from_base: Vec<(usize, u64, usize)> = Vec::new();
+            for (index, start, take, position) in pieces(offset, u64::from(length)) {
+                if self.chunks.read(index, start, &mut out[position..position + take]) == ChunkState::Absent {
+                    match from_base.last_mut() {
+                        Some((at, _, len)) if *at + *len == position => *len += take,
+                        _ => from_base.push((position, index * CHUNK_SIZE + start as u64, take)),
+                    }
+                }
+            }
+            for (position, base_offset, take) in from_base {
+                let data = self.base.read(ctx, base_offset, take as u32).await?;
+                out[position..position + take].copy_from_slice(&data);
+            }
+            Ok(out.freeze())
+        })
+    }
+
+    fn write(&self, ctx: IoContext, offset: u64, data: Bytes, _fua: bool) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            for (index, start, take, position) in pieces(offset, data.len() as u64) {
+                self.write_piece(ctx, index, start, &data[position..position + take]).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn flush(&self, _ctx: IoContext) -> IoFuture<'_, ()> {
+        // The overlay lives in memory by design: there is nothing more durable to move it to.
+        Box::pin(async { Ok(()) })
+    }
+
+    fn trim(&self, ctx: IoContext, offset: u64, length: u64, _fua: bool) -> IoFuture<'_, ()> {
+        Box::pin(self.zero_range(ctx, offset, length))
+    }
+
+    fn write_zeroes(&self, ctx: IoContext, offset: u64, length: u64, _flags: ZeroFlags) -> IoFuture<'_, ()> {
+        Box::pin(self.zero_range(ctx, offset, length))
+    }
+
+    fn cache(&self, _ctx: IoContext, _offset: u64, _length: u64) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn extents(&self, ctx: IoContext, offset: u64, length: u64) -> IoFuture<'_, Vec<Extent>> {
+        Box::pin(async move {
+            let length = length.min(16384 * CHUNK_SIZE).min(self.size() - offset);
+            let mut extents = Vec::new();
+            let mut base_run: Option<(u64, u64)> = None;
+            for (index, start, take, _) in pieces(offset, length) {
+                let at = index * CHUNK_SIZE + start as u64;
+                let flags = match self.chunks.state(index) {
+                    ChunkState::Absent => {
+                        base_run = Some(match base_run {
+                            Some((run_start, run_len)) => (run_start, run_len + take as u64),
+                            None => (at, take as u64),
+                        });
+                        continue;
+                    }
+                    ChunkState::Zero => allocation::HOLE | allocation::ZERO,
+                    ChunkState::Data => 0,
+                };
+                if let Some((run_start, run_len)) = base_run.take() {
+                    extents.extend(base_extents(&*self.base, ctx, run_start, run_len).await?);
+                }
+                extents.push(Extent { length: take as u64, flags });
+            }
+            if let Some((run_start, run_len)) = base_run {
+                extents.extend(base_extents(&*self.base, ctx, run_start, run_len).await?);
+            }
+            super::coalesce(&mut extents);
+            Ok(extents)
+        })
+    }
+
+    fn reset(&self) -> IoFuture<'_, ()> {
+        Box::pin(async {
+            self.chunks.clear();
+            Ok(())
+        })
+    }
+}
+
+/// The base's extents for exactly `[offset, offset + length)`: cut at the end, and the base
+/// asked again where its answer stops short.
+async fn base_extents(
+    base: &dyn BlockDevice,
+    ctx: IoContext,
+    offset: u64,
+    length: u64,
+) -> Result<Vec<Extent>, super::IoError> {
+    let mut extents = Vec::new();
+    let mut covered = 0;
+    while covered < length {
+        let answer = base.extents(ctx, offset + covered, length - covered).await?;
+        if answer.is_empty() {
+            extents.push(Extent { length: length - covered, flags: 0 });
+            break;
+        }
+        for extent in answer {
+            let take = extent.length.min(length - covered);
+            extents.push(Extent { length: take, flags: extent.flags });
+            covered += take;
+            if covered == length {
+                break;
+            }
+        }
+    }
+    Ok(extents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryDevice;
+
+    const CTX: IoContext = IoContext { connection: 1, cookie: 1, flags: 0 };
+
+    async fn base_with_pattern() -> Arc<MemoryDevice> {
+        let base = Arc::new(MemoryDevice::new(4 * CHUNK_SIZE + 100));
+        base.write(CTX, 0, Bytes::from(vec![0x11; (4 * CHUNK_SIZE + 100) as usize]), false).await.unwrap();
+        base
+    }
+
+    #[tokio::test]
+    async fn reads_fall_through_to_the_base_until_written() {
+        let base = base_with_pattern().await;
+        let overlay = OverlayDevice::new(base.clone());
+        overlay.write(CTX, CHUNK_SIZE - 2, Bytes::from_static(b"abcd"), false).await.unwrap();
+        let back = overlay.read(CTX, CHUNK_SIZE - 4, 8).await.unwrap();
+        assert_eq!(&back[..], b"\x11\x11abcd\x11\x11");
+        // The base never changes.
+        assert_eq!(&base.read(CTX, CHUNK_SIZE - 2, 4).await.unwrap()[..], b"\x11\x11\x11\x11");
+    }
+
+    #[tokio::test]
+    async fn a_partial_last_chunk_is_padded_and_reads_back() {
+        let base = base_with_pattern().await;
+        let overlay = OverlayDevice::new(base);
+        overlay.write(CTX, 4 * CHUNK_SIZE + 98, Bytes::from_static(b"zz"), false).await.unwrap();
+        assert_eq!(&overlay.read(CTX, 4 * CHUNK_SIZE + 96, 4).await.unwrap()[..], b"\x11\x11zz");
+    }
+
+    #[tokio::test]
+    async fn zeroing_masks_the_base_and_reset_restores_it() {
+        let base = base_with_pattern().await;
+        let overlay = OverlayDevice::new(base);
+        overlay.write_zeroes(CTX, 10, 2 * CHUNK_SIZE, ZeroFlags::default()).await.unwrap();
+        let back = overlay.read(CTX, 0, (3 * CHUNK_SIZE) as u32).await.unwrap();
+        assert!(back[..10].iter().all(|&b| b == 0x11));
+        assert!(back[10..10 + 2 * CHUNK_SIZE as usize].iter().all(|&b| b == 0));
+        assert!(back[10 + 2 * CHUNK_SIZE as usize..].iter().all(|&b| b == 0x11));
+        let extents = overlay.extents(CTX, 0, 4 * CHUNK_SIZE).await.unwrap();
+        assert_eq!(extents.iter().map(|e| e.length).sum::<u64>(), 4 * CHUNK_SIZE);
+        assert!(extents.iter().any(|e| e.flags == allocation::HOLE | allocation::ZERO));
+        overlay.reset().await.unwrap();
+        assert!(overlay.read(CTX, 0, 100).await.unwrap().iter().all(|&b| b == 0x11));
+        assert_eq!(overlay.resident_bytes(), 0);
+    }
+}
