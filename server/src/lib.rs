@@ -1,4 +1,15 @@
 //! nbdfault: an NBD server that fails requests asynchronously, on policies.
+//!
+//! Data flows one way: socket → [`wire`] decode → [`transmission`] (one task per request) →
+//! [`storage::BlockDevice`] (the fault layer, then a backend) → [`wire`] encode → socket.
 
+pub mod cli;
+pub mod config;
+pub mod export;
+pub mod handshake;
+pub mod logging;
+pub mod server;
+pub mod shutdown;
 pub mod storage;
+pub mod transmission;
 pub mod wire;

@@ -26,7 +26,7 @@ pub mod client_flags {
 }
 
 /// Option codes (`NBD_OPT_*`).
-pub mod option {
+pub mod opt {
     pub const EXPORT_NAME: u32 = 1;
     pub const ABORT: u32 = 2;
     pub const LIST: u32 = 3;

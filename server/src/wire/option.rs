@@ -2,7 +2,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::consts::{OPTION_REPLY_MAGIC, info, option};
+use super::consts::{OPTION_REPLY_MAGIC, info, opt};
 
 /// Bytes in an option header: `u64 IHAVEOPT, u32 option, u32 length`.
 pub const OPTION_HEADER_LEN: usize = 16;
@@ -76,27 +76,27 @@ impl OptionRequest {
     /// bytes, so a parse error never desynchronises the stream.
     pub fn parse(code: u32, data: Bytes) -> Result<OptionRequest, OptionInvalid> {
         match code {
-            option::EXPORT_NAME => Ok(OptionRequest::ExportName { name: string(&data, "export name")? }),
-            option::ABORT => Ok(OptionRequest::Abort),
-            option::LIST => {
+            opt::EXPORT_NAME => Ok(OptionRequest::ExportName { name: string(&data, "export name")? }),
+            opt::ABORT => Ok(OptionRequest::Abort),
+            opt::LIST => {
                 require_empty(&data, "LIST")?;
                 Ok(OptionRequest::List)
             }
-            option::STRUCTURED_REPLY => {
+            opt::STRUCTURED_REPLY => {
                 require_empty(&data, "STRUCTURED_REPLY")?;
                 Ok(OptionRequest::StructuredReply)
             }
-            option::INFO | option::GO => {
+            opt::INFO | opt::GO => {
                 let (name, requests) = parse_info_request(data)?;
-                Ok(if code == option::INFO {
+                Ok(if code == opt::INFO {
                     OptionRequest::Info { name, requests }
                 } else {
                     OptionRequest::Go { name, requests }
                 })
             }
-            option::LIST_META_CONTEXT | option::SET_META_CONTEXT => {
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
                 let (export, queries) = parse_meta_context_request(data)?;
-                Ok(if code == option::LIST_META_CONTEXT {
+                Ok(if code == opt::LIST_META_CONTEXT {
                     OptionRequest::ListMetaContext { export, queries }
                 } else {
                     OptionRequest::SetMetaContext { export, queries }
@@ -195,7 +195,7 @@ impl OptionReply {
         data.put_u32(name.len() as u32);
         data.put_slice(name.as_bytes());
         data.put_slice(description.as_bytes());
-        OptionReply::new(option::LIST, super::consts::reply_type::SERVER, data.freeze())
+        OptionReply::new(opt::LIST, super::consts::reply_type::SERVER, data.freeze())
     }
 
     /// `NBD_REP_INFO` with `NBD_INFO_EXPORT`: size and transmission flags (length exactly 12).
@@ -301,7 +301,7 @@ mod tests {
 
     #[test]
     fn option_header_round_trips() {
-        let header = OptionHeader { magic: IHAVEOPT, code: option::GO, length: 42 };
+        let header = OptionHeader { magic: IHAVEOPT, code: opt::GO, length: 42 };
         let mut out = BytesMut::new();
         header.encode(&mut out);
         assert_eq!(OptionHeader::decode(out[..].try_into().unwrap()), header);
@@ -309,66 +309,66 @@ mod tests {
 
     #[test]
     fn go_and_info_parse_name_and_requests() {
-        let parsed = OptionRequest::parse(option::GO, info_data("disk", &[info::BLOCK_SIZE, info::NAME])).unwrap();
+        let parsed = OptionRequest::parse(opt::GO, info_data("disk", &[info::BLOCK_SIZE, info::NAME])).unwrap();
         assert_eq!(parsed, OptionRequest::Go { name: "disk".into(), requests: vec![info::BLOCK_SIZE, info::NAME] });
-        let parsed = OptionRequest::parse(option::INFO, info_data("", &[])).unwrap();
+        let parsed = OptionRequest::parse(opt::INFO, info_data("", &[])).unwrap();
         assert_eq!(parsed, OptionRequest::Info { name: String::new(), requests: vec![] });
     }
 
     #[test]
     fn go_rejects_short_data_and_count_mismatch() {
-        assert!(OptionRequest::parse(option::GO, Bytes::from_static(&[0, 0, 0, 0, 0])).is_err());
+        assert!(OptionRequest::parse(opt::GO, Bytes::from_static(&[0, 0, 0, 0, 0])).is_err());
         let mut bad = BytesMut::from(&info_data("disk", &[1])[..]);
         bad.put_u8(0);
-        assert!(OptionRequest::parse(option::GO, bad.freeze()).unwrap_err().0.contains("announces 1"));
+        assert!(OptionRequest::parse(opt::GO, bad.freeze()).unwrap_err().0.contains("announces 1"));
         // Name length past the end of the data.
         let mut lying = BytesMut::new();
         lying.put_u32(100);
         lying.put_slice(b"ab");
         lying.put_u16(0);
-        assert!(OptionRequest::parse(option::GO, lying.freeze()).unwrap_err().0.contains("runs past"));
+        assert!(OptionRequest::parse(opt::GO, lying.freeze()).unwrap_err().0.contains("runs past"));
     }
 
     #[test]
     fn export_names_must_be_utf8_without_nul_and_bounded() {
-        assert!(OptionRequest::parse(option::EXPORT_NAME, Bytes::from_static(b"a\0b")).is_err());
-        assert!(OptionRequest::parse(option::EXPORT_NAME, Bytes::from_static(&[0xff, 0xfe])).is_err());
-        assert!(OptionRequest::parse(option::EXPORT_NAME, Bytes::from(vec![b'x'; 5000])).is_err());
+        assert!(OptionRequest::parse(opt::EXPORT_NAME, Bytes::from_static(b"a\0b")).is_err());
+        assert!(OptionRequest::parse(opt::EXPORT_NAME, Bytes::from_static(&[0xff, 0xfe])).is_err());
+        assert!(OptionRequest::parse(opt::EXPORT_NAME, Bytes::from(vec![b'x'; 5000])).is_err());
         assert_eq!(
-            OptionRequest::parse(option::EXPORT_NAME, Bytes::from_static(b"disk")).unwrap(),
+            OptionRequest::parse(opt::EXPORT_NAME, Bytes::from_static(b"disk")).unwrap(),
             OptionRequest::ExportName { name: "disk".into() }
         );
     }
 
     #[test]
     fn list_and_structured_reply_refuse_data() {
-        assert_eq!(OptionRequest::parse(option::LIST, Bytes::new()).unwrap(), OptionRequest::List);
-        assert!(OptionRequest::parse(option::LIST, Bytes::from_static(b"x")).is_err());
-        assert!(OptionRequest::parse(option::STRUCTURED_REPLY, Bytes::from_static(b"x")).is_err());
-        assert_eq!(OptionRequest::parse(option::ABORT, Bytes::from_static(b"ignored")).unwrap(), OptionRequest::Abort);
+        assert_eq!(OptionRequest::parse(opt::LIST, Bytes::new()).unwrap(), OptionRequest::List);
+        assert!(OptionRequest::parse(opt::LIST, Bytes::from_static(b"x")).is_err());
+        assert!(OptionRequest::parse(opt::STRUCTURED_REPLY, Bytes::from_static(b"x")).is_err());
+        assert_eq!(OptionRequest::parse(opt::ABORT, Bytes::from_static(b"ignored")).unwrap(), OptionRequest::Abort);
     }
 
     #[test]
     fn meta_context_requests_parse_and_reject_malformed_lengths() {
-        let parsed = OptionRequest::parse(option::SET_META_CONTEXT, meta_data("disk", &["base:allocation"])).unwrap();
+        let parsed = OptionRequest::parse(opt::SET_META_CONTEXT, meta_data("disk", &["base:allocation"])).unwrap();
         assert_eq!(
             parsed,
             OptionRequest::SetMetaContext { export: "disk".into(), queries: vec!["base:allocation".into()] }
         );
-        let parsed = OptionRequest::parse(option::LIST_META_CONTEXT, meta_data("", &[])).unwrap();
+        let parsed = OptionRequest::parse(opt::LIST_META_CONTEXT, meta_data("", &[])).unwrap();
         assert_eq!(parsed, OptionRequest::ListMetaContext { export: String::new(), queries: vec![] });
         let mut huge_count = BytesMut::new();
         huge_count.put_u32(0);
         huge_count.put_u32(u32::MAX);
-        assert!(OptionRequest::parse(option::LIST_META_CONTEXT, huge_count.freeze()).is_err());
+        assert!(OptionRequest::parse(opt::LIST_META_CONTEXT, huge_count.freeze()).is_err());
         let mut trailing = BytesMut::from(&meta_data("d", &["base:"])[..]);
         trailing.put_u8(7);
-        assert!(OptionRequest::parse(option::LIST_META_CONTEXT, trailing.freeze()).is_err());
+        assert!(OptionRequest::parse(opt::LIST_META_CONTEXT, trailing.freeze()).is_err());
     }
 
     #[test]
     fn unknown_and_later_options_are_unsupported_not_invalid() {
-        for code in [option::STARTTLS, option::EXTENDED_HEADERS, option::PEEK_EXPORT, 0x0765_4321] {
+        for code in [opt::STARTTLS, opt::EXTENDED_HEADERS, opt::PEEK_EXPORT, 0x0765_4321] {
             assert_eq!(
                 OptionRequest::parse(code, Bytes::from_static(b"abcd")).unwrap(),
                 OptionRequest::Unsupported { code }
@@ -379,13 +379,13 @@ mod tests {
     #[test]
     fn replies_encode_with_exact_lengths() {
         let mut out = BytesMut::new();
-        OptionReply::info_export(option::GO, 1 << 30, 0x0d6d).encode(&mut out);
+        OptionReply::info_export(opt::GO, 1 << 30, 0x0d6d).encode(&mut out);
         assert_eq!(out.len(), 20 + 12);
         let (reply, used) = OptionReply::decode(&out).unwrap();
-        assert_eq!((reply.option, reply.reply_type, reply.data.len(), used), (option::GO, reply_type::INFO, 12, 32));
+        assert_eq!((reply.option, reply.reply_type, reply.data.len(), used), (opt::GO, reply_type::INFO, 12, 32));
 
         let mut out = BytesMut::new();
-        OptionReply::info_block_size(option::GO, 1, 4096, 32 << 20).encode(&mut out);
+        OptionReply::info_block_size(opt::GO, 1, 4096, 32 << 20).encode(&mut out);
         assert_eq!(out.len(), 20 + 14);
 
         let mut out = BytesMut::new();
@@ -397,7 +397,7 @@ mod tests {
     #[test]
     fn error_messages_are_cut_on_a_character_boundary() {
         let message = "é".repeat(3000);
-        let reply = OptionReply::error(option::GO, reply_type::ERR_UNKNOWN, &message);
+        let reply = OptionReply::error(opt::GO, reply_type::ERR_UNKNOWN, &message);
         assert!(reply.data.len() <= MAX_STRING_LEN);
         assert!(std::str::from_utf8(&reply.data).is_ok());
     }

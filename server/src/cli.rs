@@ -1,0 +1,163 @@
+//! The command line: `nbdfault serve`, `nbdfault policy ...`, `nbdfault ctl ...`, `nbdfault replay`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use nbdfault_policies::units::{parse_duration, parse_size};
+
+use crate::config::Overrides;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nbdfault",
+    version,
+    about = "An NBD server that fails requests asynchronously, on policies",
+    long_about = "nbdfault is an NBD server for testing what filesystems and databases do when a write fails \
+after the kernel handed it to the device. Attach the Linux kernel (nbd-client), qemu or libnbd tools to it, \
+and fail, delay, tear or drop requests on YAML policies, at run time, with a fault log of every injected fault.\n\n\
+Quick start:\n  nbdfault serve                                  # 1 GiB in memory, export \"\", on 127.0.0.1:10809\n  \
+nbdinfo nbd://127.0.0.1:10809                   # look at it\n  \
+nbdfault serve --export disk=/path/to/disk.img  # serve an existing image\n\n\
+Logs go to stderr; RUST_LOG (e.g. RUST_LOG=nbdfault=debug) overrides -v and -q."
+)]
+pub struct Cli {
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Less log output (-q warnings only, -qq errors only).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve exports over NBD (and the control API) until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration file (YAML); flags given on the command line override it. See docs/configuration.md.
+    #[arg(short, long, value_name = "FILE", env = "NBDFAULT_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Address to serve NBD on; repeat for several. Default 127.0.0.1:10809. Port 0 picks a free
+    /// port (the ready line on stdout says which). Other interfaces are opt-in: the protocol has
+    /// no authentication.
+    #[arg(short, long, value_name = "IP:PORT", env = "NBDFAULT_LISTEN", value_delimiter = ',')]
+    pub listen: Vec<String>,
+
+    /// An export, as NAME=SPEC; repeat for several. SPEC is memory:SIZE (sparse, in RAM),
+    /// file:PATH or PATH (an existing image or block device), or overlay:PATH (copy-on-write in
+    /// RAM over a read-only base, reset through the control API). NAME may be empty (`=memory:1GiB`).
+    /// Without any export: `""` of 1 GiB in memory.
+    #[arg(short, long, value_name = "NAME=SPEC")]
+    pub export: Vec<String>,
+
+    /// Serve this export read-only; repeat for several.
+    #[arg(long, value_name = "NAME")]
+    pub read_only: Vec<String>,
+
+    /// Attach a fault policy file to an export, as NAME=FILE.
+    #[arg(short, long, value_name = "NAME=FILE")]
+    pub policy: Vec<String>,
+
+    /// Address of the HTTP control API. Default 127.0.0.1:10810.
+    #[arg(long, value_name = "IP:PORT", env = "NBDFAULT_CONTROL")]
+    pub control: Option<String>,
+
+    /// Do not start the control API.
+    #[arg(long, conflicts_with = "control")]
+    pub no_control: bool,
+
+    /// Require `Authorization: Bearer TOKEN` on every control API request.
+    #[arg(long, value_name = "TOKEN", env = "NBDFAULT_CONTROL_TOKEN", hide_env_values = true)]
+    pub control_token: Option<String>,
+
+    /// Append every injected fault to this file, one JSON object per line.
+    #[arg(long, value_name = "FILE", env = "NBDFAULT_FAULT_LOG")]
+    pub fault_log: Option<PathBuf>,
+
+    /// Time a client has to finish the handshake. Default 30s.
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub handshake_timeout: Option<Duration>,
+
+    /// Connections served at once; more are refused. Default 256.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Bytes of requests in flight per connection before the server stops reading more
+    /// (backpressure). Default 64MiB; at least 33MiB.
+    #[arg(long, value_name = "SIZE", value_parser = size)]
+    pub max_in_flight: Option<u64>,
+
+    /// Time in-flight requests get to finish at shutdown before they are answered ESHUTDOWN. Default 5s.
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub shutdown_grace: Option<Duration>,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    parse_duration(text).map_err(|e| e.to_string())
+}
+
+fn size(text: &str) -> Result<u64, String> {
+    parse_size(text).map_err(|e| e.to_string())
+}
+
+impl ServeArgs {
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            config: self.config.clone(),
+            listen: self.listen.clone(),
+            exports: self.export.clone(),
+            read_only: self.read_only.clone(),
+            policies: self.policy.clone(),
+            control: self.control.clone(),
+            no_control: self.no_control,
+            control_token: self.control_token.clone(),
+            fault_log: self.fault_log.clone(),
+            handshake_timeout: self.handshake_timeout,
+            max_connections: self.max_connections,
+            max_in_flight: self.max_in_flight,
+            shutdown_grace: self.shutdown_grace,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_flags_parse_units() {
+        let cli = Cli::parse_from([
+            "nbdfault",
+            "serve",
+            "--handshake-timeout",
+            "5s",
+            "--max-in-flight",
+            "128MiB",
+            "-e",
+            "d=memory:1GiB",
+        ]);
+        let Command::Serve(args) = cli.command;
+        assert_eq!(args.handshake_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(args.max_in_flight, Some(128 << 20));
+        assert_eq!(args.export, vec!["d=memory:1GiB"]);
+    }
+
+    #[test]
+    fn bad_units_are_refused_by_the_parser() {
+        assert!(Cli::try_parse_from(["nbdfault", "serve", "--handshake-timeout", "5"]).is_err());
+        assert!(Cli::try_parse_from(["nbdfault", "serve", "--max-in-flight", "64MB"]).is_err());
+    }
+}

@@ -1,0 +1,438 @@
+//! Server configuration: a YAML file and command-line flags, merged and checked before the server
+//! starts. Every error says what to change.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nbdfault_policies::units::{ByteSize, HumanDuration, parse_size};
+use serde::Deserialize;
+
+use crate::wire::request::MAX_PAYLOAD;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+pub const DEFAULT_CONTROL: &str = "127.0.0.1:10810";
+pub const DEFAULT_MEMORY_SIZE: u64 = 1 << 30;
+
+/// The configuration file, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Addresses to serve NBD on.
+    #[serde(default)]
+    pub listen: Option<Vec<String>>,
+    /// The control API address, or `off`.
+    #[serde(default)]
+    pub control: Option<String>,
+    #[serde(default)]
+    pub control_token: Option<String>,
+    #[serde(default)]
+    pub fault_log: Option<PathBuf>,
+    #[serde(default)]
+    pub limits: LimitsFile,
+    #[serde(default)]
+    pub exports: Vec<ExportFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub handshake_timeout: Option<HumanDuration>,
+    pub max_connections: Option<usize>,
+    pub max_in_flight: Option<ByteSize>,
+    pub shutdown_grace: Option<HumanDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportFile {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// `memory:SIZE`, `file:PATH` (or a bare path), or `overlay:PATH`.
+    pub storage: String,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub policy: Option<PathBuf>,
+}
+
+/// Settings from the command line; each one given replaces the file's.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub listen: Vec<String>,
+    pub exports: Vec<String>,
+    pub read_only: Vec<String>,
+    pub policies: Vec<String>,
+    pub control: Option<String>,
+    pub no_control: bool,
+    pub control_token: Option<String>,
+    pub fault_log: Option<PathBuf>,
+    pub handshake_timeout: Option<Duration>,
+    pub max_connections: Option<usize>,
+    pub max_in_flight: Option<u64>,
+    pub shutdown_grace: Option<Duration>,
+}
+
+/// Where an export's bytes live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageSpec {
+    Memory { size: u64 },
+    File { path: PathBuf },
+    Overlay { base: PathBuf },
+}
+
+impl StorageSpec {
+    pub fn parse(spec: &str, relative_to: Option<&Path>) -> Result<StorageSpec, String> {
+        let resolve = |path: &str| match relative_to {
+            Some(dir) if Path::new(path).is_relative() => dir.join(path),
+            _ => PathBuf::from(path),
+        };
+        if let Some(size) = spec.strip_prefix("memory:") {
+            let size = parse_size(size).map_err(|e| format!("memory size: {e}"))?;
+            if size == 0 {
+                return Err("a memory export needs a size above 0, such as memory:1GiB".into());
+            }
+            if size > i64::MAX as u64 {
+                return Err(format!("memory size {size} is over the protocol's 2^63-1 byte limit"));
+            }
+            return Ok(StorageSpec::Memory { size });
+        }
+        if let Some(path) = spec.strip_prefix("overlay:") {
+            if path.is_empty() {
+                return Err("overlay: needs the base image, such as overlay:/images/base.img".into());
+            }
+            return Ok(StorageSpec::Overlay { base: resolve(path) });
+        }
+        let path = spec.strip_prefix("file:").unwrap_or(spec);
+        if path.is_empty() {
+            return Err("name a disk image, such as file:/images/disk.img, or use memory:SIZE".into());
+        }
+        if path == "memory" {
+            return Err("memory needs a size: write memory:1GiB".into());
+        }
+        Ok(StorageSpec::File { path: resolve(path) })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportConfig {
+    pub name: String,
+    pub description: String,
+    pub storage: StorageSpec,
+    pub read_only: bool,
+    pub policy: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
+    pub max_in_flight: u32,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(30),
+            max_connections: 256,
+            max_in_flight: 64 << 20,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The checked configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Vec<SocketAddr>,
+    pub control: Option<SocketAddr>,
+    pub control_token: Option<String>,
+    pub fault_log: Option<PathBuf>,
+    pub limits: Limits,
+    pub exports: Vec<ExportConfig>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Syntax { path: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(message.into())
+}
+
+fn parse_address(text: &str, what: &str) -> Result<SocketAddr, ConfigError> {
+    text.trim().parse().map_err(|_| {
+        invalid(format!("{what} `{text}` is not an address: write IP:PORT, such as 127.0.0.1:10809 or [::1]:10809"))
+    })
+}
+
+/// `NAME=VALUE` from a flag.
+fn split_assignment<'a>(text: &'a str, flag: &str, example: &str) -> Result<(&'a str, &'a str), ConfigError> {
+    text.split_once('=').ok_or_else(|| invalid(format!("{flag} `{text}` needs NAME=VALUE, such as {flag} {example}")))
+}
+
+impl Config {
+    /// Reads the configuration file (if any), applies the flags, and checks the result.
+    pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
+        let (file, base_dir) = match &overrides.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+                let file: ConfigFile = serde_yaml::from_str(&text).map_err(|error| ConfigError::Syntax {
+                    path: path.display().to_string(),
+                    message: match error.location() {
+                        Some(at) => format!("line {}, column {}: {error}", at.line(), at.column()),
+                        None => error.to_string(),
+                    },
+                })?;
+                (file, path.parent().map(Path::to_path_buf))
+            }
+            None => (ConfigFile::default(), None),
+        };
+        Config::merge(file, base_dir.as_deref(), overrides)
+    }
+
+    fn merge(file: ConfigFile, base_dir: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let listen_text: Vec<String> = if !overrides.listen.is_empty() {
+            overrides.listen.clone()
+        } else {
+            file.listen.clone().unwrap_or_else(|| vec![DEFAULT_LISTEN.to_string()])
+        };
+        if listen_text.is_empty() {
+            return Err(invalid("listen is empty: give at least one address, such as 127.0.0.1:10809"));
+        }
+        let mut listen = Vec::new();
+        for text in &listen_text {
+            let address = parse_address(text, "listen address")?;
+            if listen.contains(&address) {
+                return Err(invalid(format!("listen address {address} is given twice")));
+            }
+            listen.push(address);
+        }
+
+        let control_text = if overrides.no_control {
+            None
+        } else {
+            match overrides.control.clone().or(file.control.clone()) {
+                Some(text) if text == "off" => None,
+                Some(text) => Some(text),
+                None => Some(DEFAULT_CONTROL.to_string()),
+            }
+        };
+        let control = control_text.map(|text| parse_address(&text, "control address")).transpose()?;
+        if let Some(control) = control
+            && control.port() != 0
+            && listen.contains(&control)
+        {
+            return Err(invalid(format!("the control API and NBD both use {control}: give --control another port")));
+        }
+
+        let mut limits = Limits::default();
+        if let Some(value) = overrides.handshake_timeout.or(file.limits.handshake_timeout.map(|d| d.0)) {
+            limits.handshake_timeout = value;
+        }
+        if let Some(value) = overrides.max_connections.or(file.limits.max_connections) {
+            limits.max_connections = value;
+        }
+        if let Some(value) = overrides.shutdown_grace.or(file.limits.shutdown_grace.map(|d| d.0)) {
+            limits.shutdown_grace = value;
+        }
+        if let Some(value) = overrides.max_in_flight.or(file.limits.max_in_flight.map(|s| s.0)) {
+            // One request of the largest size, plus room for small ones, must always fit.
+            let floor = u64::from(MAX_PAYLOAD) + (1 << 20);
+            if value < floor || value > u64::from(u32::MAX) {
+                return Err(invalid(format!(
+                    "max in flight {value} is outside {floor}..{}: a 32 MiB request must fit, and the bound is a 32-bit count",
+                    u32::MAX
+                )));
+            }
+            limits.max_in_flight = value as u32;
+        }
+        if limits.handshake_timeout.is_zero() {
+            return Err(invalid("the handshake timeout must be above 0, such as 30s"));
+        }
+        if limits.max_connections == 0 {
+            return Err(invalid("max connections must be at least 1"));
+        }
+
+        let mut exports: Vec<ExportConfig> = Vec::new();
+        for export in file.exports {
+            let storage = StorageSpec::parse(&export.storage, base_dir)
+                .map_err(|message| invalid(format!("export {:?}: storage: {message}", export.name)))?;
+            let policy = export.policy.map(|path| match base_dir {
+                Some(dir) if path.is_relative() => dir.join(path),
+                _ => path,
+            });
+            exports.push(ExportConfig {
+                name: export.name,
+                description: export.description,
+                storage,
+                read_only: export.read_only,
+                policy,
+            });
+        }
+        for text in &overrides.exports {
+            let (name, spec) = split_assignment(text, "--export", "disk=memory:1GiB")?;
+            let storage =
+                StorageSpec::parse(spec, None).map_err(|message| invalid(format!("--export {text}: {message}")))?;
+            if let Some(existing) = exports.iter().position(|e| e.name == name) {
+                // A flag replaces the file's export of the same name.
+                exports.remove(existing);
+            }
+            exports.push(ExportConfig {
+                name: name.to_string(),
+                description: String::new(),
+                storage,
+                read_only: false,
+                policy: None,
+            });
+        }
+        if exports.is_empty() {
+            exports.push(ExportConfig {
+                name: String::new(),
+                description: "1 GiB in memory (the default export)".into(),
+                storage: StorageSpec::Memory { size: DEFAULT_MEMORY_SIZE },
+                read_only: false,
+                policy: None,
+            });
+        }
+        for (i, export) in exports.iter().enumerate() {
+            if export.name.len() > 4096 || export.name.contains('\0') {
+                return Err(invalid(format!("export name {:?} is too long or has a NUL byte", export.name)));
+            }
+            if exports[..i].iter().any(|other| other.name == export.name) {
+                return Err(invalid(format!(
+                    "export {:?} is defined twice; give each export its own name",
+                    export.name
+                )));
+            }
+        }
+        let names = exports.iter().map(|e| format!("{:?}", e.name)).collect::<Vec<_>>().join(", ");
+        for name in &overrides.read_only {
+            let Some(export) = exports.iter_mut().find(|e| &e.name == name) else {
+                return Err(invalid(format!("--read-only {name:?}: there is no such export (exports: {names})")));
+            };
+            export.read_only = true;
+        }
+        for text in &overrides.policies {
+            let (name, path) = split_assignment(text, "--policy", "disk=policies/scenarios/fail-flush.yaml")?;
+            let Some(export) = exports.iter_mut().find(|e| e.name == name) else {
+                return Err(invalid(format!("--policy {text}: there is no export {name:?} (exports: {names})")));
+            };
+            export.policy = Some(PathBuf::from(path));
+        }
+
+        Ok(Config {
+            listen,
+            control,
+            control_token: overrides.control_token.clone().or(file.control_token),
+            fault_log: overrides.fault_log.clone().or(file.fault_log),
+            limits,
+            exports,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_yaml(yaml: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let file: ConfigFile = serde_yaml::from_str(yaml)
+            .map_err(|e| ConfigError::Syntax { path: "test".into(), message: e.to_string() })?;
+        Config::merge(file, Some(Path::new("/etc/nbdfault")), overrides)
+    }
+
+    #[test]
+    fn no_flags_gives_a_1gib_memory_default_export_on_loopback() {
+        let config = Config::load(&Overrides::default()).unwrap();
+        assert_eq!(config.listen, vec!["127.0.0.1:10809".parse().unwrap()]);
+        assert_eq!(config.control, Some("127.0.0.1:10810".parse().unwrap()));
+        assert_eq!(config.exports.len(), 1);
+        assert_eq!(config.exports[0].name, "");
+        assert_eq!(config.exports[0].storage, StorageSpec::Memory { size: 1 << 30 });
+    }
+
+    #[test]
+    fn export_flags_take_memory_file_and_overlay_specs() {
+        let overrides = Overrides {
+            exports: vec![
+                "a=memory:64MiB".into(),
+                "b=/images/disk.img".into(),
+                "c=file:x.img".into(),
+                "d=overlay:/base.img".into(),
+            ],
+            read_only: vec!["b".into()],
+            ..Default::default()
+        };
+        let config = Config::load(&overrides).unwrap();
+        let specs: Vec<_> = config.exports.iter().map(|e| e.storage.clone()).collect();
+        assert_eq!(
+            specs,
+            vec![
+                StorageSpec::Memory { size: 64 << 20 },
+                StorageSpec::File { path: "/images/disk.img".into() },
+                StorageSpec::File { path: "x.img".into() },
+                StorageSpec::Overlay { base: "/base.img".into() },
+            ]
+        );
+        assert!(config.exports[1].read_only && !config.exports[0].read_only);
+    }
+
+    #[test]
+    fn config_file_paths_are_relative_to_the_file() {
+        let config = load_yaml(
+            "listen: ['127.0.0.1:20809']\ncontrol: 'off'\nexports:\n  - name: disk\n    storage: disk.img\n    policy: p.yaml\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(config.control, None);
+        assert_eq!(config.exports[0].storage, StorageSpec::File { path: "/etc/nbdfault/disk.img".into() });
+        assert_eq!(config.exports[0].policy, Some(PathBuf::from("/etc/nbdfault/p.yaml")));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let overrides = Overrides { listen: vec!["127.0.0.2:1".into()], no_control: true, ..Default::default() };
+        let config = load_yaml("listen: ['127.0.0.1:20809']\ncontrol: 127.0.0.1:1234\n", &overrides).unwrap();
+        assert_eq!(config.listen, vec!["127.0.0.2:1".parse().unwrap()]);
+        assert_eq!(config.control, None);
+    }
+
+    #[test]
+    fn mistakes_are_reported_with_what_to_change() {
+        let error = |overrides: Overrides| Config::load(&overrides).unwrap_err().to_string();
+        assert!(error(Overrides { listen: vec!["localhost".into()], ..Default::default() }).contains("IP:PORT"));
+        assert!(error(Overrides { exports: vec!["disk".into()], ..Default::default() }).contains("NAME=VALUE"));
+        assert!(error(Overrides { exports: vec!["d=memory:1MB".into()], ..Default::default() }).contains("MiB"));
+        assert!(error(Overrides { exports: vec!["d=memory".into()], ..Default::default() }).contains("memory:1GiB"));
+        assert!(error(Overrides { exports: vec!["d=memory:0".into()], ..Default::default() }).contains("above 0"));
+        assert!(error(Overrides { read_only: vec!["nope".into()], ..Default::default() }).contains("no such export"));
+        assert!(error(Overrides { max_in_flight: Some(1 << 20), ..Default::default() }).contains("32 MiB"));
+        assert!(
+            error(Overrides { control: Some("127.0.0.1:10809".into()), ..Default::default() }).contains("another port")
+        );
+        let duplicate = load_yaml(
+            "exports:\n  - {name: a, storage: 'memory:1MiB'}\n  - {name: a, storage: 'memory:1MiB'}\n",
+            &Overrides::default(),
+        );
+        assert!(duplicate.unwrap_err().to_string().contains("defined twice"));
+    }
+
+    #[test]
+    fn unknown_fields_in_the_file_are_refused_with_their_location() {
+        let error = load_yaml("listn: []\n", &Overrides::default()).unwrap_err().to_string();
+        assert!(error.contains("unknown field `listn`"), "{error}");
+        let error = load_yaml("limits:\n  max_in_flight: 1MB\n", &Overrides::default()).unwrap_err().to_string();
+        assert!(error.contains("ambiguous"), "{error}");
+    }
+}

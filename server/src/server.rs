@@ -1,0 +1,258 @@
+//! The server: opens the exports, listens, accepts connections within the limits, and shuts down
+//! gracefully on SIGINT or SIGTERM.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tracing::Instrument;
+
+use crate::config::{Config, ExportConfig, Limits, StorageSpec};
+use crate::export::{Counters, Export, Exports};
+use crate::handshake::{self, Outcome};
+use crate::shutdown::{Shutdown, ShutdownController};
+use crate::storage::{BlockDevice, FileDevice, IoContext, MemoryDevice, OverlayDevice, file::OpenError};
+use crate::transmission::{self, ConnectionLimits};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("export {export:?}: {source}")]
+    Storage { export: String, source: OpenError },
+    #[error("cannot listen on {address}: {source}{hint}")]
+    Listen { address: SocketAddr, source: std::io::Error, hint: &'static str },
+}
+
+fn listen_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another process uses that port: stop it, or choose another port with --listen)"
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            " (no interface has that address: use 127.0.0.1 or an address of this machine)"
+        }
+        std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges: choose a port above 1024)",
+        _ => "",
+    }
+}
+
+/// Opens the storage of one export.
+pub fn open_storage(export: &ExportConfig) -> Result<Arc<dyn BlockDevice>, StartError> {
+    let wrap = |source| StartError::Storage { export: export.name.clone(), source };
+    Ok(match &export.storage {
+        StorageSpec::Memory { size } => Arc::new(MemoryDevice::new(*size)),
+        StorageSpec::File { path } => Arc::new(FileDevice::open(path, export.read_only).map_err(wrap)?),
+        StorageSpec::Overlay { base } => {
+            let base = FileDevice::open(base, true).map_err(wrap)?;
+            Arc::new(OverlayDevice::new(Arc::new(base)))
+        }
+    })
+}
+
+/// Builds every export, so that a bad path fails before anything listens.
+pub fn build_exports(config: &Config) -> Result<Exports, StartError> {
+    let mut exports = Vec::new();
+    for export in &config.exports {
+        let storage = open_storage(export)?;
+        let device = Arc::clone(&storage);
+        exports.push(Export::new(export.name.clone(), export.description.clone(), device, storage, export.read_only));
+    }
+    Ok(Exports::new(exports))
+}
+
+/// A server whose exports are open and whose sockets are bound, ready to run.
+pub struct Server {
+    exports: Arc<Exports>,
+    listeners: Vec<TcpListener>,
+    limits: Limits,
+    controller: ShutdownController,
+}
+
+impl Server {
+    pub async fn bind(config: &Config, exports: Exports) -> Result<Server, StartError> {
+        let mut listeners = Vec::new();
+        for &address in &config.listen {
+            let listener = TcpListener::bind(address).await.map_err(|source| StartError::Listen {
+                address,
+                hint: listen_hint(&source),
+                source,
+            })?;
+            listeners.push(listener);
+        }
+        Ok(Server {
+            exports: Arc::new(exports),
+            listeners,
+            limits: config.limits,
+            controller: ShutdownController::new(),
+        })
+    }
+
+    pub fn local_addresses(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|listener| listener.local_addr().ok()).collect()
+    }
+
+    pub fn exports(&self) -> &Arc<Exports> {
+        &self.exports
+    }
+
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.controller.handle()
+    }
+
+    /// Serves until `stop` resolves, then shuts down: stop accepting, let in-flight requests
+    /// finish within the grace period, answer the rest with ESHUTDOWN, flush every export.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+        let Server { exports, listeners, limits, controller } = self;
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let next_id = Arc::new(AtomicU64::new(1));
+        // Every connection holds a sender; when all are dropped, every connection has ended.
+        let (alive, mut all_ended) = mpsc::channel::<()>(1);
+        for listener in listeners {
+            let acceptor = Acceptor {
+                listener,
+                exports: Arc::clone(&exports),
+                limits,
+                slots: Arc::clone(&slots),
+                next_id: Arc::clone(&next_id),
+                shutdown: controller.handle(),
+                alive: alive.clone(),
+            };
+            tokio::spawn(acceptor.run());
+        }
+        drop(alive);
+
+        stop.await;
+        tracing::info!("shutting down: no new connections; finishing requests in flight");
+        controller.stop();
+        if tokio::time::timeout(limits.shutdown_grace, all_ended.recv()).await.is_err() {
+            tracing::warn!(grace = ?limits.shutdown_grace, "requests still in flight after the grace period: answering them with ESHUTDOWN");
+            controller.abandon();
+            if tokio::time::timeout(Duration::from_secs(2), all_ended.recv()).await.is_err() {
+                tracing::warn!("some connections did not end; leaving them");
+            }
+        }
+        for export in exports.iter() {
+            match export.storage.flush(IoContext::default()).await {
+                Ok(()) => tracing::debug!(export = %export.name, "flushed"),
+                Err(error) => tracing::error!(export = %export.name, %error, "flushing at shutdown failed"),
+            }
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// Accepts connections on one listener until shutdown.
+struct Acceptor {
+    listener: TcpListener,
+    exports: Arc<Exports>,
+    limits: Limits,
+    slots: Arc<Semaphore>,
+    next_id: Arc<AtomicU64>,
+    shutdown: Shutdown,
+    alive: mpsc::Sender<()>,
+}
+
+impl Acceptor {
+    async fn run(mut self) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.shutdown.stopping() => return,
+                accepted = self.listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
+                tracing::warn!(%peer, limit = self.limits.max_connections, "refusing a connection: the connection limit is reached");
+                continue;
+            };
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let exports = Arc::clone(&self.exports);
+            let limits = self.limits;
+            let shutdown = self.shutdown.clone();
+            let alive = self.alive.clone();
+            let span = tracing::info_span!("connection", id, %peer);
+            tokio::spawn(
+                async move {
+                    handle_connection(stream, id, &exports, limits, shutdown).await;
+                    drop(slot);
+                    drop(alive);
+                }
+                .instrument(span),
+            );
+        }
+    }
+}
+
+async fn handle_connection(mut stream: TcpStream, id: u64, exports: &Exports, limits: Limits, mut shutdown: Shutdown) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "cannot set TCP_NODELAY");
+    }
+    let negotiated = tokio::select! {
+        _ = shutdown.stopping() => return,
+        result = tokio::time::timeout(limits.handshake_timeout, handshake::negotiate(&mut stream, exports)) => result,
+    };
+    let session = match negotiated {
+        Err(_) => {
+            tracing::info!(timeout = ?limits.handshake_timeout, "handshake timed out; closing");
+            return;
+        }
+        Ok(Err(error)) => {
+            tracing::info!(%error, "handshake failed; closing");
+            return;
+        }
+        Ok(Ok(Outcome::Aborted)) => {
+            tracing::debug!("client ended the handshake");
+            return;
+        }
+        Ok(Ok(Outcome::Transmission(session))) => session,
+    };
+    let export = Arc::clone(&session.export);
+    Counters::add(&export.counters.connections, 1);
+    tracing::info!(export = %export.name, structured_replies = session.structured_replies, flags = format!("{:#x}", session.flags), "client attached");
+    let (reader, writer) = stream.into_split();
+    let limits = ConnectionLimits { max_in_flight: limits.max_in_flight };
+    match transmission::serve(reader, writer, session, id, limits, shutdown).await {
+        Ok(end) => tracing::info!(export = %export.name, ?end, "client detached"),
+        Err(error) => tracing::warn!(export = %export.name, %error, "connection closed"),
+    }
+}
+
+/// Prints the ready line the contract promises: one JSON object on stdout.
+pub fn announce_ready(nbd: &[SocketAddr], control: Option<SocketAddr>) {
+    let line = serde_json::json!({
+        "event": "ready",
+        "nbd": nbd.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "control": control.map(|address| address.to_string()),
+    });
+    let mut stdout = std::io::stdout().lock();
+    // stdout may be closed by a supervisor that does not care; the server runs on regardless.
+    let _ = writeln!(stdout, "{line}");
+    let _ = stdout.flush();
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn termination_signal() {
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGTERM; only SIGINT will stop the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+    }
+}

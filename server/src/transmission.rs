@@ -1,0 +1,442 @@
+//! The transmission phase of one connection.
+//!
+//! A reader loop decodes requests and spawns one task per request; a single writer task sends
+//! replies in the order requests complete, each written whole. A request that waits (a slow disk,
+//! an injected delay) never holds up the requests behind it.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::export::{Counters, Export};
+use crate::handshake::Session;
+use crate::shutdown::Shutdown;
+use crate::storage::{BlockDevice, Extent, IoContext, IoError, ZeroFlags};
+use crate::wire::request::{Command, MAX_PAYLOAD, Negotiated, REQUEST_HEADER_LEN, RequestHeader, validate};
+use crate::wire::{BASE_ALLOCATION_ID, REQUEST_MAGIC, chunk, command, command_flags, errno, reply};
+
+/// A WRITE over [`MAX_PAYLOAD`] up to this size is drained and refused; above it the connection
+/// is dropped rather than read (a denial-of-service bound, as in nbdkit).
+pub const MAX_DRAIN: u32 = 64 << 20;
+const _: () = assert!(MAX_DRAIN >= MAX_PAYLOAD);
+/// What a request without a payload costs against the in-flight budget.
+const MIN_COST: u32 = 4096;
+/// Replies are gathered in a buffer of this size and sent when no more are waiting.
+const WRITE_BUFFER: usize = 256 << 10;
+
+/// How the transmission phase ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The client sent NBD_CMD_DISC; in-flight requests were finished and replied to.
+    Disconnect,
+    /// The client closed the connection.
+    Closed,
+    /// The server is shutting down.
+    Shutdown,
+    /// The device asked for the connection to be dropped (an injected disconnect).
+    Dropped,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransmissionError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("request magic {0:#x} is not NBD_REQUEST_MAGIC; closing the connection")]
+    BadMagic(u32),
+    #[error("the client closed the connection in the middle of a request")]
+    Truncated,
+    #[error("WRITE of {0} bytes is too large to drain; closing the connection")]
+    PayloadTooLarge(u32),
+}
+
+/// Limits for one connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Bytes of payloads and read buffers in flight before the server stops reading requests.
+    pub max_in_flight: u32,
+}
+
+/// One reply on its way to the writer.
+enum Outgoing {
+    Reply { head: Bytes, data: Option<Bytes>, _permit: Option<OwnedSemaphorePermit> },
+    Disconnect { reason: String },
+}
+
+/// Serves requests from `reader` until DISC, EOF, shutdown or a protocol violation.
+pub async fn serve<R, W>(
+    mut reader: R,
+    writer: W,
+    session: Session,
+    connection: u64,
+    limits: ConnectionLimits,
+    mut shutdown: Shutdown,
+) -> Result<End, TransmissionError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (closed_tx, mut closed) = watch::channel(false);
+    let writer_task = tokio::spawn(write_replies(writer, rx, closed_tx));
+    let budget = Arc::new(Semaphore::new(limits.max_in_flight as usize));
+    let export = Arc::clone(&session.export);
+    let negotiated = Negotiated {
+        size: export.size(),
+        flags: session.flags,
+        structured_replies: session.structured_replies,
+        meta_context: session.meta_context,
+    };
+    let mut tasks = JoinSet::new();
+
+    let outcome: Result<End, TransmissionError> = async {
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let mut header = [0u8; REQUEST_HEADER_LEN];
+            let got_header = tokio::select! {
+                biased;
+                _ = closed.wait_for(|closed| *closed) => return Ok(End::Dropped),
+                _ = shutdown.stopping() => return Ok(End::Shutdown),
+                result = read_header(&mut reader, &mut header) => result?,
+            };
+            if !got_header {
+                return Ok(End::Closed);
+            }
+            let header = RequestHeader::decode(&header);
+            if header.magic != REQUEST_MAGIC {
+                return Err(TransmissionError::BadMagic(header.magic));
+            }
+            Counters::add(&export.counters.requests, 1);
+
+            let is_write = header.kind == command::WRITE;
+            if is_write && header.length > MAX_PAYLOAD {
+                if header.length > MAX_DRAIN {
+                    return Err(TransmissionError::PayloadTooLarge(header.length));
+                }
+                drain(&mut reader, header.length).await?;
+            }
+            let cost = match header.kind {
+                command::WRITE | command::READ => header.length.clamp(MIN_COST, MAX_PAYLOAD),
+                _ => MIN_COST,
+            };
+            // Backpressure: at the bound, stop reading requests until replies free the budget.
+            let permit = tokio::select! {
+                biased;
+                _ = closed.wait_for(|closed| *closed) => return Ok(End::Dropped),
+                _ = shutdown.stopping() => return Ok(End::Shutdown),
+                permit = Arc::clone(&budget).acquire_many_owned(cost) => permit.expect("the budget is never closed"),
+            };
+            let payload = if is_write && header.length <= MAX_PAYLOAD {
+                let mut payload = BytesMut::zeroed(header.length as usize);
+                reader.read_exact(&mut payload).await.map_err(truncated)?;
+                payload.freeze()
+            } else {
+                Bytes::new()
+            };
+
+            let cmd = match validate(&header, &negotiated) {
+                Ok(Command::Disc) => return Ok(End::Disconnect),
+                Ok(cmd) => cmd,
+                Err(rejection) => {
+                    tracing::debug!(cookie = header.cookie, kind = header.kind, errno = rejection.errno, reason = %rejection.reason, "request refused");
+                    Counters::add(&export.counters.errors, 1);
+                    let (head, data) = encode_error(&header, rejection.errno, &rejection.reason, session.structured_replies);
+                    let _ = tx.send(Outgoing::Reply { head, data, _permit: Some(permit) });
+                    continue;
+                }
+            };
+
+            let ctx = IoContext { connection, cookie: header.cookie, flags: header.flags };
+            let request = RequestTask {
+                export: Arc::clone(&export),
+                cmd,
+                header,
+                payload,
+                ctx,
+                structured: session.structured_replies,
+                tx: tx.clone(),
+                permit,
+                shutdown: shutdown.clone(),
+            };
+            let span = tracing::debug_span!("request", cookie = header.cookie, cmd = cmd.name(), offset = header.offset, length = header.length);
+            tasks.spawn(request.run().instrument(span));
+        }
+    }
+    .await;
+
+    drop(tx);
+    match outcome {
+        // The client asked to leave, or the server is leaving: finish what was asked first.
+        Ok(End::Disconnect | End::Shutdown) => while tasks.join_next().await.is_some() {},
+        // Nobody is left to read the replies.
+        _ => tasks.abort_all(),
+    }
+    while tasks.join_next().await.is_some() {}
+    // The writer ends once every reply sender is gone; its errors only mean the client left.
+    if let Ok(Err(error)) = writer_task.await {
+        tracing::debug!(%error, "writing replies failed");
+    }
+    outcome
+}
+
+fn truncated(error: std::io::Error) -> TransmissionError {
+    if error.kind() == std::io::ErrorKind::UnexpectedEof { TransmissionError::Truncated } else { error.into() }
+}
+
+/// Reads a request header. `Ok(false)` is a clean end of stream between requests.
+async fn read_header<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    header: &mut [u8; REQUEST_HEADER_LEN],
+) -> Result<bool, TransmissionError> {
+    let mut filled = 0;
+    while filled < REQUEST_HEADER_LEN {
+        match reader.read(&mut header[filled..]).await {
+            Ok(0) if filled == 0 => return Ok(false),
+            Ok(0) => return Err(TransmissionError::Truncated),
+            Ok(n) => filled += n,
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset && filled == 0 => return Ok(false),
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(true)
+}
+
+/// Reads and discards `length` bytes of a payload that will be refused, without allocating it.
+async fn drain<R: AsyncRead + Unpin>(reader: &mut R, length: u32) -> Result<(), TransmissionError> {
+    let mut scratch = vec![0u8; 64 << 10];
+    let mut left = length as usize;
+    while left > 0 {
+        let take = left.min(scratch.len());
+        reader.read_exact(&mut scratch[..take]).await.map_err(truncated)?;
+        left -= take;
+    }
+    Ok(())
+}
+
+/// Sends replies as they complete. Many small replies share one write; each reply goes out whole.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    writer: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    closed: watch::Sender<bool>,
+) -> std::io::Result<()> {
+    let mut writer = BufWriter::with_capacity(WRITE_BUFFER, writer);
+    let result = async {
+        while let Some(outgoing) = rx.recv().await {
+            match outgoing {
+                Outgoing::Reply { head, data, _permit } => {
+                    writer.write_all(&head).await?;
+                    if let Some(data) = data {
+                        writer.write_all(&data).await?;
+                    }
+                    if rx.is_empty() {
+                        writer.flush().await?;
+                    }
+                }
+                Outgoing::Disconnect { reason } => {
+                    tracing::info!(%reason, "dropping the connection");
+                    return Ok(());
+                }
+            }
+        }
+        writer.flush().await?;
+        writer.shutdown().await
+    }
+    .await;
+    // Whatever the reason, the reader must stop: nothing more will be sent on this connection.
+    closed.send_replace(true);
+    result
+}
+
+/// One request on its way through the device.
+struct RequestTask {
+    export: Arc<Export>,
+    cmd: Command,
+    header: RequestHeader,
+    payload: Bytes,
+    ctx: IoContext,
+    structured: bool,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    permit: OwnedSemaphorePermit,
+    shutdown: Shutdown,
+}
+
+/// What a successful request returns.
+enum Done {
+    Nothing,
+    Data(Bytes),
+    Extents(Vec<Extent>),
+}
+
+impl RequestTask {
+    async fn run(mut self) {
+        let device = Arc::clone(&self.export.device);
+        let result = tokio::select! {
+            result = execute(&*device, self.cmd, &self.header, std::mem::take(&mut self.payload), self.ctx) => result,
+            _ = self.shutdown.abandoned() => Err(IoError::new(errno::ESHUTDOWN, "the server is shutting down")),
+        };
+        let counters = &self.export.counters;
+        let outgoing = match result {
+            Ok(done) => {
+                match self.cmd {
+                    Command::Read => Counters::add(&counters.bytes_read, u64::from(self.header.length)),
+                    Command::Write => Counters::add(&counters.bytes_written, u64::from(self.header.length)),
+                    _ => {}
+                }
+                let (head, data) = encode_success(&self.header, done, self.structured);
+                Outgoing::Reply { head, data, _permit: Some(self.permit) }
+            }
+            Err(IoError::Disconnect { reason }) => Outgoing::Disconnect { reason },
+            Err(IoError::Failed { errno, message }) => {
+                Counters::add(&counters.errors, 1);
+                tracing::debug!(errno = errno::name(errno), %message, "request failed");
+                let (head, data) = encode_error(&self.header, errno, &message, self.structured);
+                Outgoing::Reply { head, data, _permit: Some(self.permit) }
+            }
+        };
+        // The writer is gone only when the connection is; the reply has nobody to go to then.
+        let _ = self.tx.send(outgoing);
+    }
+}
+
+async fn execute(
+    device: &dyn BlockDevice,
+    cmd: Command,
+    header: &RequestHeader,
+    payload: Bytes,
+    ctx: IoContext,
+) -> Result<Done, IoError> {
+    let fua = header.flags & command_flags::FUA != 0;
+    let (offset, length) = (header.offset, u64::from(header.length));
+    match cmd {
+        Command::Read if length == 0 => Ok(Done::Data(Bytes::new())),
+        Command::Read => device.read(ctx, offset, header.length).await.map(Done::Data),
+        Command::Write if length == 0 => Ok(Done::Nothing),
+        Command::Write => device.write(ctx, offset, payload, fua).await.map(|()| Done::Nothing),
+        Command::Flush => device.flush(ctx).await.map(|()| Done::Nothing),
+        Command::Trim if length == 0 => Ok(Done::Nothing),
+        Command::Trim => device.trim(ctx, offset, length, fua).await.map(|()| Done::Nothing),
+        Command::WriteZeroes if length == 0 => Ok(Done::Nothing),
+        Command::WriteZeroes => {
+            let flags = ZeroFlags {
+                no_hole: header.flags & command_flags::NO_HOLE != 0,
+                fast: header.flags & command_flags::FAST_ZERO != 0,
+                fua,
+            };
+            device.write_zeroes(ctx, offset, length, flags).await.map(|()| Done::Nothing)
+        }
+        Command::Cache => device.cache(ctx, offset, length).await.map(|()| Done::Nothing),
+        Command::BlockStatus => device.extents(ctx, offset, length).await.map(Done::Extents),
+        Command::Disc => unreachable!("DISC ends the reader loop and is never executed"),
+    }
+}
+
+/// Fits extents to a BLOCK_STATUS reply: with REQ_ONE exactly one, no longer than the request;
+/// otherwise as many as it takes to cover the request, none longer than what is left of it.
+fn fit_extents(extents: Vec<Extent>, length: u32, req_one: bool) -> Vec<(u32, u32)> {
+    let mut fitted = Vec::new();
+    let mut covered: u64 = 0;
+    for extent in extents.into_iter().filter(|extent| extent.length > 0) {
+        let take = extent.length.min(u64::from(length) - covered);
+        fitted.push((take as u32, extent.flags));
+        covered += take;
+        if req_one || covered == u64::from(length) {
+            break;
+        }
+    }
+    if fitted.is_empty() {
+        // A device that could not say: "allocated, not known to be zero" is always true.
+        fitted.push((length, 0));
+    }
+    fitted
+}
+
+fn encode_success(header: &RequestHeader, done: Done, structured: bool) -> (Bytes, Option<Bytes>) {
+    let mut head = BytesMut::with_capacity(32);
+    let data = match done {
+        Done::Data(data) if structured && data.is_empty() => {
+            reply::none_chunk(&mut head, header.cookie);
+            None
+        }
+        Done::Data(data) if structured => {
+            reply::offset_data_header(&mut head, chunk::FLAG_DONE, header.cookie, header.offset, data.len() as u32);
+            Some(data)
+        }
+        Done::Data(data) => {
+            reply::simple(&mut head, 0, header.cookie);
+            Some(data)
+        }
+        Done::Extents(extents) => {
+            let req_one = header.flags & command_flags::REQ_ONE != 0;
+            let fitted = fit_extents(extents, header.length, req_one);
+            reply::block_status_chunk(&mut head, chunk::FLAG_DONE, header.cookie, BASE_ALLOCATION_ID, &fitted);
+            None
+        }
+        Done::Nothing => {
+            reply::simple(&mut head, 0, header.cookie);
+            None
+        }
+    };
+    (head.freeze(), data)
+}
+
+/// An error reply. With structured replies, READ and BLOCK_STATUS must answer in chunks.
+fn encode_error(header: &RequestHeader, errno: u32, message: &str, structured: bool) -> (Bytes, Option<Bytes>) {
+    let mut head = BytesMut::with_capacity(64);
+    let chunked = structured && matches!(header.kind, command::READ | command::BLOCK_STATUS);
+    if chunked {
+        reply::error_chunk(&mut head, chunk::FLAG_DONE, header.cookie, errno, message);
+    } else {
+        reply::simple(&mut head, errno, header.cookie);
+    }
+    (head.freeze(), None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn req_one_gives_exactly_one_extent_no_longer_than_the_request() {
+        let extents = vec![Extent { length: 1 << 40, flags: 3 }, Extent { length: 4096, flags: 0 }];
+        assert_eq!(fit_extents(extents, 8192, true), vec![(8192, 3)]);
+        let extents = vec![Extent { length: 512, flags: 0 }, Extent { length: 4096, flags: 3 }];
+        assert_eq!(fit_extents(extents, 8192, true), vec![(512, 0)]);
+    }
+
+    #[test]
+    fn extents_cover_the_request_and_stop_there() {
+        let extents = vec![
+            Extent { length: 4096, flags: 0 },
+            Extent { length: 4096, flags: 3 },
+            Extent { length: 1 << 33, flags: 0 },
+        ];
+        assert_eq!(fit_extents(extents, 10_000, false), vec![(4096, 0), (4096, 3), (1808, 0)]);
+        assert_eq!(fit_extents(vec![], 512, false), vec![(512, 0)]);
+        assert_eq!(fit_extents(vec![Extent { length: 0, flags: 3 }], 512, false), vec![(512, 0)]);
+    }
+
+    #[test]
+    fn structured_read_errors_are_chunks_and_other_errors_may_be_simple() {
+        let read =
+            RequestHeader { magic: REQUEST_MAGIC, flags: 0, kind: command::READ, cookie: 7, offset: 0, length: 1 };
+        let (head, data) = encode_error(&read, errno::EIO, "boom", true);
+        assert!(data.is_none());
+        let (decoded, _) = reply::decode(&head).unwrap();
+        assert!(matches!(decoded, reply::DecodedReply::Chunk { chunk_type: chunk::ERROR, cookie: 7, .. }));
+        let write = RequestHeader { kind: command::WRITE, ..read };
+        let (head, _) = encode_error(&write, errno::EIO, "boom", true);
+        assert_eq!(reply::decode(&head).unwrap().0, reply::DecodedReply::Simple { errno: errno::EIO, cookie: 7 });
+    }
+
+    #[test]
+    fn zero_length_structured_read_is_a_none_chunk() {
+        let read =
+            RequestHeader { magic: REQUEST_MAGIC, flags: 0, kind: command::READ, cookie: 9, offset: 0, length: 0 };
+        let (head, data) = encode_success(&read, Done::Data(Bytes::new()), true);
+        assert!(data.is_none());
+        assert!(matches!(reply::decode(&head).unwrap().0, reply::DecodedReply::Chunk { chunk_type: chunk::NONE, .. }));
+    }
+}
