@@ -7,6 +7,7 @@
 
 mod bad_sectors;
 mod decision;
+mod engine;
 mod error;
 mod index;
 mod policy;
@@ -16,6 +17,7 @@ pub mod units;
 
 pub use bad_sectors::BadSector;
 pub use decision::{Action, Decision, Reply, Wait};
+pub use engine::{Engine, RuleCounter, TriggerState};
 pub use error::PolicyError;
 pub use policy::Policy;
 pub use random::corrupt;

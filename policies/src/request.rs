@@ -45,12 +45,6 @@ impl Op {
     pub(crate) fn bit(self) -> u8 {
         1 << self.index()
     }
-
-    /// True for commands that change what is stored: only these can be dropped, persisted
-    /// despite an error, or undone by a power cut.
-    pub fn changes_data(self) -> bool {
-        matches!(self, Op::Write | Op::WriteZeroes | Op::Trim)
-    }
 }
 
 impl fmt::Display for Op {
