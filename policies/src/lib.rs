@@ -15,6 +15,7 @@ mod random;
 mod record;
 mod replay;
 mod request;
+mod schema;
 pub mod units;
 
 pub use bad_sectors::BadSector;
@@ -29,3 +30,4 @@ pub use record::{
 };
 pub use replay::{ReplayError, replay_policy};
 pub use request::{Errno, Op, Request, RequestFlags};
+pub use schema::json_schema;

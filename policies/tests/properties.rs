@@ -58,7 +58,9 @@ impl ModelRule {
         let disarmed_by = self.disarmed_by.filter(|&trigger| Some(trigger) != self.armed_by);
         self.op == request.op
             && (self.op == Op::Flush
-                || self.range.is_none_or(|(start, end)| start < request.offset + request.length && request.offset < end))
+                || self
+                    .range
+                    .is_none_or(|(start, end)| start < request.offset + request.length && request.offset < end))
             && self.armed_by.is_none_or(|trigger| armed[trigger])
             && disarmed_by.is_none_or(|trigger| !armed[trigger])
     }
@@ -79,18 +81,20 @@ fn rule_strategy() -> impl Strategy<Value = ModelRule> {
         (trigger.clone(), trigger.clone(), trigger.clone(), trigger),
         (0u64..3, 1u64..4, prop::option::of(0u64..4), prop::option::of(1u64..4)),
     )
-        .prop_map(|(op, range, (armed_by, disarmed_by, arm, disarm), (after, every, first_extra, limit))| ModelRule {
-            op,
-            range,
-            armed_by,
-            disarmed_by,
-            after,
-            every,
-            // `first` below `every` is refused by validation, so draw it from there up.
-            first: first_extra.map(|extra| every + extra),
-            limit,
-            arm,
-            disarm,
+        .prop_map(|(op, range, (armed_by, disarmed_by, arm, disarm), (after, every, first_extra, limit))| {
+            ModelRule {
+                op,
+                range,
+                armed_by,
+                disarmed_by,
+                after,
+                every,
+                // `first` below `every` is refused by validation, so draw it from there up.
+                first: first_extra.map(|extra| every + extra),
+                limit,
+                arm,
+                disarm,
+            }
         })
 }
 
