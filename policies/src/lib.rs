@@ -1,3 +1,24 @@
 //! The nbdfault policy language and its engine.
+//!
+//! A [`Policy`] is read from YAML and checked before use ([`Policy::from_yaml`]); an [`Engine`]
+//! holds one per export and answers, for every request, what to do with it ([`Engine::decide`]);
+//! a [`FaultRecord`] is the fault-log line for a request a rule touched, and [`replay_policy`]
+//! turns a fault log back into a policy that makes the same decisions.
 
+mod bad_sectors;
+mod decision;
+mod engine;
+mod error;
+mod index;
+mod policy;
+mod random;
+mod request;
 pub mod units;
+
+pub use bad_sectors::BadSector;
+pub use decision::{Action, Decision, Reply, Wait};
+pub use engine::{Engine, RuleCounter, TriggerState};
+pub use error::PolicyError;
+pub use policy::Policy;
+pub use random::corrupt;
+pub use request::{Errno, Op, Request, RequestFlags};

@@ -19,7 +19,7 @@ pub struct UnitError {
 }
 
 impl UnitError {
-    fn new(message: impl Into<String>) -> Self {
+    pub(crate) fn new(message: impl Into<String>) -> Self {
         UnitError { message: message.into() }
     }
 }
@@ -360,8 +360,7 @@ impl Serialize for ByteRange {
 
 impl<'de> Deserialize<'de> for ByteRange {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map_err(de::Error::custom)
+        deserializer.deserialize_any(ParsingVisitor::<ByteRange>::new("a byte range such as 1MiB..2MiB or 4KiB..+4KiB"))
     }
 }
 
@@ -422,36 +421,51 @@ impl Serialize for DurationSpread {
 
 impl<'de> Deserialize<'de> for DurationSpread {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let HumanOrText(text) = HumanOrText::deserialize(deserializer)?;
-        text.parse().map_err(de::Error::custom)
+        deserializer.deserialize_any(ParsingVisitor::<DurationSpread>::new(
+            "a duration such as 50ms or a range such as 10ms..200ms",
+        ))
     }
 }
 
-/// Accepts a YAML string or the number 0 as text, so `delay: 0` works like `delay: 0ms`.
-struct HumanOrText(String);
+/// Parses a scalar (a string, or a number read as its text so `delay: 0` works like `delay: 0ms`)
+/// while the deserializer still stands on it: serde_yaml then reports the error at the value's
+/// own line and column rather than at the enclosing mapping.
+pub(crate) struct ParsingVisitor<T> {
+    expecting: &'static str,
+    /// What to write instead, carried with the error for policy messages.
+    fix: Option<&'static str>,
+    parsed: std::marker::PhantomData<T>,
+}
 
-impl<'de> Deserialize<'de> for HumanOrText {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct TextVisitor;
-        impl Visitor<'_> for TextVisitor {
-            type Value = HumanOrText;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a duration such as 50ms or a range such as 10ms..200ms")
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<HumanOrText, E> {
-                Ok(HumanOrText(v.to_string()))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<HumanOrText, E> {
-                Ok(HumanOrText(v.to_string()))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<HumanOrText, E> {
-                Ok(HumanOrText(v.to_string()))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<HumanOrText, E> {
-                Ok(HumanOrText(v.to_string()))
-            }
-        }
-        deserializer.deserialize_any(TextVisitor)
+impl<T> ParsingVisitor<T> {
+    pub(crate) fn new(expecting: &'static str) -> Self {
+        ParsingVisitor { expecting, fix: None, parsed: std::marker::PhantomData }
+    }
+
+    pub(crate) fn with_fix(expecting: &'static str, fix: &'static str) -> Self {
+        ParsingVisitor { expecting, fix: Some(fix), parsed: std::marker::PhantomData }
+    }
+}
+
+impl<T: FromStr<Err = UnitError>> Visitor<'_> for ParsingVisitor<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+        self.visit_str(&v.to_string())
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+        self.visit_str(&v.to_string())
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
+        self.visit_str(&v.to_string())
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        v.parse().map_err(|error: UnitError| match self.fix {
+            Some(fix) => crate::error::Invalid::new(error.message, fix).into_serde(),
+            None => E::custom(error),
+        })
     }
 }
 
