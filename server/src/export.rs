@@ -127,13 +127,28 @@ impl Exports {
 }
 
 #[cfg(test)]
+impl ExportParts {
+    /// A memory export without a policy, for tests.
+    pub fn memory(name: &str, size: u64, read_only: bool) -> ExportParts {
+        ExportParts {
+            name: name.to_string(),
+            description: String::new(),
+            storage_spec: format!("memory:{size}"),
+            storage: Arc::new(crate::storage::MemoryDevice::new(size)),
+            read_only,
+            engine: Arc::new(Engine::new(None)),
+            log: Arc::new(FaultLog::in_memory(16)),
+            clock: Clock::start(),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::MemoryDevice;
 
     fn memory_export(read_only: bool) -> Export {
-        let device: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(1 << 20));
-        Export::new("disk".into(), String::new(), device.clone(), device, read_only)
+        Export::new(ExportParts::memory("disk", 1 << 20, read_only))
     }
 
     #[test]

@@ -11,8 +11,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::Instrument;
 
+use nbdfault_policies::{Engine, Policy};
+
 use crate::config::{Config, ExportConfig, Limits, StorageSpec};
-use crate::export::{Counters, Export, Exports};
+use crate::control::{self, ControlState};
+use crate::export::{Counters, Export, ExportParts, Exports};
+use crate::fault::Clock;
+use crate::fault::log::{self as fault_log, FaultLog};
 use crate::handshake::{self, Outcome};
 use crate::shutdown::{Shutdown, ShutdownController};
 use crate::storage::{BlockDevice, FileDevice, IoContext, MemoryDevice, OverlayDevice, file::OpenError};
@@ -25,6 +30,14 @@ pub enum StartError {
     Storage { export: String, source: OpenError },
     #[error("cannot listen on {address}: {source}{hint}")]
     Listen { address: SocketAddr, source: std::io::Error, hint: &'static str },
+    #[error("cannot start the control API on {address}: {source}{hint}")]
+    Control { address: SocketAddr, source: std::io::Error, hint: &'static str },
+    #[error("export {export:?}: cannot read policy {path}: {source}")]
+    PolicyRead { export: String, path: String, source: std::io::Error },
+    #[error("export {export:?}: the policy is not valid (check it with `nbdfault policy check FILE`):\n{message}")]
+    Policy { export: String, message: String },
+    #[error("cannot open the fault log {path}: {source}")]
+    FaultLog { path: String, source: std::io::Error },
 }
 
 fn listen_hint(error: &std::io::Error) -> &'static str {
@@ -106,7 +119,8 @@ impl Server {
     /// Serves until `stop` resolves, then shuts down: stop accepting, let in-flight requests
     /// finish within the grace period, answer the rest with ESHUTDOWN, flush every export.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
-        let Server { exports, listeners, limits, controller } = self;
+        let Server { exports, listeners, control, log, limits, controller } = self;
+        let control_task = control.map(|(listener, state)| tokio::spawn(control::serve(listener, state, controller.handle())));
         let slots = Arc::new(Semaphore::new(limits.max_connections));
         let next_id = Arc::new(AtomicU64::new(1));
         // Every connection holds a sender; when all are dropped, every connection has ended.
@@ -141,6 +155,11 @@ impl Server {
                 Err(error) => tracing::error!(export = %export.name, %error, "flushing at shutdown failed"),
             }
         }
+        if let Some(task) = control_task {
+            // Control requests are short; one still running after this is not worth waiting for.
+            let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+        }
+        log.close();
         tracing::info!("stopped");
     }
 }
