@@ -249,7 +249,7 @@ impl Engine {
             power_cut: outcome.power_cut,
             action,
             reply: outcome.reply,
-            bad_sector: false,
+            bad_sector: outcome.bad_sector,
             armed: outcome.arm.clone(),
             disarmed: outcome.disarm.clone(),
         }

@@ -12,6 +12,8 @@ mod error;
 mod index;
 mod policy;
 mod random;
+mod record;
+mod replay;
 mod request;
 pub mod units;
 
@@ -21,4 +23,9 @@ pub use engine::{Engine, RuleCounter, TriggerState};
 pub use error::PolicyError;
 pub use policy::Policy;
 pub use random::corrupt;
+pub use record::{
+    ActionRecord, CorruptRecord, FaultLogError, FaultRecord, Outcome, ReplyRecord, StallRecord, decision_log,
+    parse_fault_log,
+};
+pub use replay::{ReplayError, replay_policy};
 pub use request::{Errno, Op, Request, RequestFlags};

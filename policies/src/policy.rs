@@ -97,7 +97,9 @@ impl Policy {
         let mut rules = Vec::with_capacity(scheduled + spec.rules.len());
         for entry in spec.schedule {
             let when = When { ops: Some(vec![entry.op]), requests: Some(vec![entry.request]), ..When::default() };
-            rules.push(Rule::compile(entry.rule, &when, entry.then, &mut triggers));
+            let mut rule = Rule::compile(entry.rule, &when, entry.then, &mut triggers);
+            rule.outcome.bad_sector = entry.bad_sector;
+            rules.push(rule);
         }
         for rule in spec.rules {
             rules.push(Rule::compile(rule.name, &rule.when, rule.then, &mut triggers));
@@ -232,6 +234,8 @@ pub(crate) struct Outcome {
     pub disarm: Arc<[Arc<str>]>,
     pub arm_ids: Vec<usize>,
     pub disarm_ids: Vec<usize>,
+    /// Schedule entries only: the logged decision came from a bad sector.
+    pub bad_sector: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,6 +326,7 @@ impl Rule {
                 disarm_ids: then.disarm.iter().map(|name| triggers.id(name)).collect(),
                 arm: then.arm.into(),
                 disarm: then.disarm.into(),
+                bad_sector: false,
             },
         }
     }
@@ -1333,6 +1338,7 @@ struct ScheduleEntry {
     op: Op,
     rule: Arc<str>,
     then: Then,
+    bad_sector: bool,
 }
 
 #[derive(Deserialize)]
@@ -1342,6 +1348,9 @@ struct RawScheduleEntry {
     op: Op,
     rule: Name,
     then: Then,
+    /// The logged failure came from a bad sector, not from the rule itself.
+    #[serde(default)]
+    bad_sector: bool,
 }
 
 impl<'de> Deserialize<'de> for ScheduleEntry {
@@ -1358,7 +1367,19 @@ impl<'de> Deserialize<'de> for ScheduleEntry {
                     ));
                 }
                 check_against_ops(Some(&[raw.op]), &When::default(), &raw.then)?;
-                Ok(ScheduleEntry { request: raw.request, op: raw.op, rule: raw.rule.0, then: raw.then })
+                if raw.bad_sector && raw.then.error.is_none() {
+                    return Err(Invalid::new(
+                        "`bad_sector: true` marks a failure from a bad sector, but `then` has no `error`",
+                        "add the errno the bad sector returned, such as `error: EIO`",
+                    ));
+                }
+                Ok(ScheduleEntry {
+                    request: raw.request,
+                    op: raw.op,
+                    rule: raw.rule.0,
+                    then: raw.then,
+                    bad_sector: raw.bad_sector,
+                })
             },
         )
     }

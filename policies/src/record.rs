@@ -1,0 +1,433 @@
+//! The fault log: one JSON line per request a rule (or a bad sector) touched.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::decision::{Action, Decision, Reply, Wait};
+use crate::request::{Errno, Op, Request, RequestFlags};
+
+/// What happened to a request, in one word, for people and for filtering the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// A rule touched the request but changed nothing (it only armed or disarmed triggers).
+    Pass,
+    /// Held for a time, then done and replied to normally.
+    Delay,
+    /// Held until a trigger or a timeout, then done and replied to normally.
+    Stall,
+    /// Not done, and the reply is an error.
+    Error,
+    /// Done, but the reply is an error.
+    PersistedError,
+    /// Not done, but the reply says success.
+    SilentLoss,
+    Torn,
+    CorruptRead,
+    Disconnect,
+    PowerCut,
+    /// Failed by a bad sector.
+    BadSector,
+}
+
+impl Outcome {
+    pub fn of(decision: &Decision) -> Outcome {
+        if decision.bad_sector {
+            return Outcome::BadSector;
+        }
+        if decision.power_cut {
+            return Outcome::PowerCut;
+        }
+        match (decision.action, decision.reply) {
+            (_, Reply::Disconnect) => Outcome::Disconnect,
+            (Action::Torn { .. }, _) => Outcome::Torn,
+            (Action::CorruptRead { .. }, _) => Outcome::CorruptRead,
+            (Action::Skip, Reply::Error(_)) => Outcome::Error,
+            (Action::Perform, Reply::Error(_)) => Outcome::PersistedError,
+            (Action::Skip, Reply::Ok) => Outcome::SilentLoss,
+            (Action::Perform, Reply::Ok) => match decision.wait {
+                Wait::None => Outcome::Pass,
+                Wait::Delay(_) => Outcome::Delay,
+                Wait::Until { .. } => Outcome::Stall,
+            },
+        }
+    }
+}
+
+/// What the server did with the data, as logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionRecord {
+    Perform,
+    Skip,
+    Torn,
+    CorruptRead,
+}
+
+/// What the client heard, as logged (the errno is in [`FaultRecord::errno`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplyRecord {
+    Ok,
+    Error,
+    Disconnect,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StallRecord {
+    pub trigger: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ns: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorruptRecord {
+    pub seed: u64,
+    pub bytes: u32,
+}
+
+/// One line of the fault log. Everything needed to make the same decision again is here
+/// (see [`crate::replay_policy`]); `seq`, `time_ns`, `cookie` and `waited_ns` describe this run
+/// only and are left out of the [decision view](FaultRecord::decision_view).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultRecord {
+    /// Position in the fault log of the server (all exports), from 1.
+    pub seq: u64,
+    /// When the server finished the request, in nanoseconds since server start.
+    pub time_ns: u64,
+    pub export: String,
+    pub connection: u64,
+    pub cookie: u64,
+    pub request_index: u64,
+    pub op: Op,
+    pub offset: u64,
+    pub length: u64,
+    pub flags: RequestFlags,
+    pub rule: String,
+    pub outcome: Outcome,
+    pub action: ActionRecord,
+    pub reply: ReplyRecord,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errno: Option<Errno>,
+    /// The delay the engine decided (0 for none or for a stall).
+    pub delay_ns: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall: Option<StallRecord>,
+    /// For a torn write: the bytes the engine decided to keep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torn_persist: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corrupt: Option<CorruptRecord>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub power_cut: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub bad_sector: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub armed: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disarmed: Vec<String>,
+    /// Bytes that reached storage, as the server reports after doing the action.
+    pub persisted: u64,
+    /// How long the request actually waited (a stall ends on release or timeout), if the
+    /// server measured it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waited_ns: Option<u64>,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The part of a record that the same seed and the same request sequence reproduce exactly.
+#[derive(Serialize)]
+struct DecisionView<'a> {
+    export: &'a str,
+    connection: u64,
+    request_index: u64,
+    op: Op,
+    offset: u64,
+    length: u64,
+    flags: RequestFlags,
+    rule: &'a str,
+    outcome: Outcome,
+    action: ActionRecord,
+    reply: ReplyRecord,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    errno: Option<Errno>,
+    delay_ns: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stall: &'a Option<StallRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    torn_persist: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    corrupt: Option<CorruptRecord>,
+    #[serde(skip_serializing_if = "is_false")]
+    power_cut: bool,
+    #[serde(skip_serializing_if = "is_false")]
+    bad_sector: bool,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    armed: &'a [String],
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    disarmed: &'a [String],
+    persisted: u64,
+}
+
+impl FaultRecord {
+    /// The record for a request the server has finished. `None` when no rule touched it
+    /// (`decision.rule` is `None`): such requests are not logged.
+    pub fn new(
+        seq: u64,
+        elapsed: Duration,
+        export: &str,
+        request: &Request,
+        decision: &Decision,
+        persisted_bytes: u64,
+    ) -> Option<FaultRecord> {
+        let rule = decision.rule.as_deref()?;
+        let (action, torn_persist, corrupt) = match decision.action {
+            Action::Perform => (ActionRecord::Perform, None, None),
+            Action::Skip => (ActionRecord::Skip, None, None),
+            Action::Torn { persist } => (ActionRecord::Torn, Some(persist), None),
+            Action::CorruptRead { seed, bytes } => {
+                (ActionRecord::CorruptRead, None, Some(CorruptRecord { seed, bytes }))
+            }
+        };
+        let (reply, errno) = match decision.reply {
+            Reply::Ok => (ReplyRecord::Ok, None),
+            Reply::Error(errno) => (ReplyRecord::Error, Some(errno)),
+            Reply::Disconnect => (ReplyRecord::Disconnect, None),
+        };
+        let (delay_ns, stall) = match &decision.wait {
+            Wait::None => (0, None),
+            Wait::Delay(delay) => (nanos(*delay), None),
+            Wait::Until { trigger, timeout } => {
+                (0, Some(StallRecord { trigger: trigger.to_string(), timeout_ns: timeout.map(nanos) }))
+            }
+        };
+        Some(FaultRecord {
+            seq,
+            time_ns: nanos(elapsed),
+            export: export.to_string(),
+            connection: request.connection,
+            cookie: request.cookie,
+            request_index: decision.request_index,
+            op: request.op,
+            offset: request.offset,
+            length: request.length,
+            flags: request.flags,
+            rule: rule.to_string(),
+            outcome: Outcome::of(decision),
+            action,
+            reply,
+            errno,
+            delay_ns,
+            stall,
+            torn_persist,
+            corrupt,
+            power_cut: decision.power_cut,
+            bad_sector: decision.bad_sector,
+            armed: decision.armed.iter().map(|name| name.to_string()).collect(),
+            disarmed: decision.disarmed.iter().map(|name| name.to_string()).collect(),
+            persisted: persisted_bytes,
+            waited_ns: None,
+        })
+    }
+
+    /// The record as one JSON line (without the newline).
+    pub fn to_json_line(&self) -> String {
+        // Cannot fail: the record holds only strings, integers, booleans and lists of them.
+        serde_json::to_string(self).expect("a fault record always serializes")
+    }
+
+    /// The record without what differs between runs (`seq`, `time_ns`, `cookie`, `waited_ns`),
+    /// as one JSON line: two runs with the same seed and request sequence give the same text.
+    pub fn decision_view(&self) -> String {
+        let view = DecisionView {
+            export: &self.export,
+            connection: self.connection,
+            request_index: self.request_index,
+            op: self.op,
+            offset: self.offset,
+            length: self.length,
+            flags: self.flags,
+            rule: &self.rule,
+            outcome: self.outcome,
+            action: self.action,
+            reply: self.reply,
+            errno: self.errno,
+            delay_ns: self.delay_ns,
+            stall: &self.stall,
+            torn_persist: self.torn_persist,
+            corrupt: self.corrupt,
+            power_cut: self.power_cut,
+            bad_sector: self.bad_sector,
+            armed: &self.armed,
+            disarmed: &self.disarmed,
+            persisted: self.persisted,
+        };
+        // Cannot fail, as above.
+        serde_json::to_string(&view).expect("a decision view always serializes")
+    }
+
+    /// The decision this record logged, rebuilt: what [`crate::Engine::decide`] returned.
+    pub fn decision(&self) -> Decision {
+        let names = |list: &[String]| list.iter().map(|name| std::sync::Arc::from(name.as_str())).collect();
+        Decision {
+            rule: Some(std::sync::Arc::from(self.rule.as_str())),
+            request_index: self.request_index,
+            wait: match &self.stall {
+                Some(stall) => Wait::Until {
+                    trigger: std::sync::Arc::from(stall.trigger.as_str()),
+                    timeout: stall.timeout_ns.map(Duration::from_nanos),
+                },
+                None if self.delay_ns > 0 => Wait::Delay(Duration::from_nanos(self.delay_ns)),
+                None => Wait::None,
+            },
+            power_cut: self.power_cut,
+            action: match self.action {
+                ActionRecord::Perform => Action::Perform,
+                ActionRecord::Skip => Action::Skip,
+                ActionRecord::Torn => Action::Torn { persist: self.torn_persist.unwrap_or(0) },
+                ActionRecord::CorruptRead => {
+                    let corrupt = self.corrupt.unwrap_or(CorruptRecord { seed: 0, bytes: 1 });
+                    Action::CorruptRead { seed: corrupt.seed, bytes: corrupt.bytes }
+                }
+            },
+            reply: match self.reply {
+                ReplyRecord::Ok => Reply::Ok,
+                ReplyRecord::Error => Reply::Error(self.errno.unwrap_or(Errno::EIO)),
+                ReplyRecord::Disconnect => Reply::Disconnect,
+            },
+            bad_sector: self.bad_sector,
+            armed: names(&self.armed),
+            disarmed: names(&self.disarmed),
+        }
+    }
+}
+
+/// The decision log of a set of records: their decision views sorted by export and request
+/// index, one per line. Completion order varies from run to run (delays overtake each other);
+/// this text does not.
+pub fn decision_log(records: &[FaultRecord]) -> String {
+    let mut sorted: Vec<&FaultRecord> = records.iter().collect();
+    sorted.sort_by(|a, b| (&a.export, a.request_index).cmp(&(&b.export, b.request_index)));
+    sorted.iter().map(|record| record.decision_view() + "\n").collect()
+}
+
+/// A fault-log line that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct FaultLogError {
+    /// 1-based line number.
+    pub line: usize,
+    pub message: String,
+}
+
+impl fmt::Display for FaultLogError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}: {}", self.line, self.message)
+    }
+}
+
+/// Reads a fault log (JSON lines; blank lines are skipped).
+pub fn parse_fault_log(text: &str) -> Result<Vec<FaultRecord>, FaultLogError> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(number, line)| {
+            serde_json::from_str(line).map_err(|error| FaultLogError { line: number + 1, message: error.to_string() })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn decision(action: Action, reply: Reply, wait: Wait) -> Decision {
+        let none: Arc<[Arc<str>]> = Arc::from(Vec::new());
+        Decision {
+            rule: Some(Arc::from("r")),
+            request_index: 3,
+            wait,
+            power_cut: false,
+            action,
+            reply,
+            bad_sector: false,
+            armed: Arc::from(vec![Arc::from("t")]),
+            disarmed: none,
+        }
+    }
+
+    fn request() -> Request {
+        Request {
+            op: Op::Write,
+            offset: 4096,
+            length: 8192,
+            flags: RequestFlags { fua: true, ..RequestFlags::default() },
+            connection: 1,
+            cookie: 77,
+        }
+    }
+
+    #[test]
+    fn outcomes_name_the_action_and_reply_pairs() {
+        let eio = Reply::Error(Errno::EIO);
+        assert_eq!(Outcome::of(&decision(Action::Skip, eio, Wait::None)), Outcome::Error);
+        assert_eq!(Outcome::of(&decision(Action::Perform, eio, Wait::None)), Outcome::PersistedError);
+        assert_eq!(Outcome::of(&decision(Action::Skip, Reply::Ok, Wait::None)), Outcome::SilentLoss);
+        assert_eq!(Outcome::of(&decision(Action::Torn { persist: 1 }, eio, Wait::None)), Outcome::Torn);
+        assert_eq!(Outcome::of(&decision(Action::Perform, Reply::Ok, Wait::Delay(Duration::MAX))), Outcome::Delay);
+        assert_eq!(Outcome::of(&decision(Action::Skip, Reply::Disconnect, Wait::None)), Outcome::Disconnect);
+    }
+
+    #[test]
+    fn a_record_round_trips_through_json_and_rebuilds_its_decision() {
+        let original =
+            decision(Action::Torn { persist: 512 }, Reply::Error(Errno::ENOSPC), Wait::Delay(Duration::from_millis(5)));
+        let record = FaultRecord::new(9, Duration::from_secs(1), "disk", &request(), &original, 512).unwrap();
+        let line = record.to_json_line();
+        assert!(line.contains(r#""flags":["fua"]"#), "{line}");
+        assert!(line.contains(r#""errno":"ENOSPC""#), "{line}");
+        let parsed = parse_fault_log(&format!("{line}\n\n{line}\n")).unwrap();
+        assert_eq!(parsed, [record.clone(), record.clone()]);
+        assert_eq!(record.decision(), original);
+    }
+
+    #[test]
+    fn the_decision_view_leaves_out_what_differs_between_runs() {
+        let decided = decision(Action::Skip, Reply::Error(Errno::EIO), Wait::None);
+        let first = FaultRecord::new(1, Duration::from_secs(1), "disk", &request(), &decided, 0).unwrap();
+        let mut second =
+            FaultRecord::new(40, Duration::from_secs(9), "disk", &Request { cookie: 5, ..request() }, &decided, 0)
+                .unwrap();
+        second.waited_ns = Some(12);
+        assert_ne!(first, second);
+        assert_eq!(first.decision_view(), second.decision_view());
+        assert!(!first.decision_view().contains("seq"));
+        second.offset += 1;
+        assert_ne!(first.decision_view(), second.decision_view());
+    }
+
+    #[test]
+    fn requests_no_rule_touched_are_not_logged() {
+        let mut untouched = decision(Action::Perform, Reply::Ok, Wait::None);
+        untouched.rule = None;
+        assert!(FaultRecord::new(1, Duration::ZERO, "disk", &request(), &untouched, 8192).is_none());
+    }
+
+    #[test]
+    fn a_bad_line_is_reported_with_its_number() {
+        let error = parse_fault_log("\n{not json}\n").unwrap_err();
+        assert_eq!(error.line, 2);
+    }
+}

@@ -1,0 +1,193 @@
+//! Property tests of matching and of the trigger and counter state machine, against a model that
+//! is the documented combination semantics written as plainly as possible, and robustness of the
+//! parser against arbitrary input.
+
+use std::time::Duration;
+
+use nbdfault_policies::{Engine, Op, Policy, Request, RequestFlags};
+use proptest::prelude::*;
+
+const TRIGGERS: [&str; 2] = ["t0", "t1"];
+const OPS: [Op; 3] = [Op::Read, Op::Write, Op::Flush];
+
+#[derive(Debug, Clone)]
+struct ModelRule {
+    op: Op,
+    range: Option<(u64, u64)>,
+    armed_by: Option<usize>,
+    disarmed_by: Option<usize>,
+    after: u64,
+    every: u64,
+    first: Option<u64>,
+    limit: Option<u64>,
+    arm: Option<usize>,
+    disarm: Option<usize>,
+}
+
+impl ModelRule {
+    fn yaml(&self, index: usize) -> String {
+        let mut when = vec![format!("op: {}", self.op)];
+        if let (Some((start, end)), true) = (self.range, self.op != Op::Flush) {
+            when.push(format!("range: {start}..{end}"));
+        }
+        if let Some(trigger) = self.armed_by {
+            when.push(format!("armed_by: {}", TRIGGERS[trigger]));
+        }
+        if let Some(trigger) = self.disarmed_by.filter(|&trigger| Some(trigger) != self.armed_by) {
+            when.push(format!("disarmed_by: {}", TRIGGERS[trigger]));
+        }
+        let mut nth = vec![format!("after: {}", self.after), format!("every: {}", self.every)];
+        if let Some(first) = self.first {
+            nth.push(format!("first: {first}"));
+        }
+        when.push(format!("nth: {{ {} }}", nth.join(", ")));
+        if let Some(limit) = self.limit {
+            when.push(format!("limit: {limit}"));
+        }
+        let mut then = vec!["error: EIO".to_string()];
+        if let Some(trigger) = self.arm {
+            then.push(format!("arm: {}", TRIGGERS[trigger]));
+        }
+        if let Some(trigger) = self.disarm.filter(|&trigger| Some(trigger) != self.arm) {
+            then.push(format!("disarm: {}", TRIGGERS[trigger]));
+        }
+        format!("  - {{ name: r{index}, when: {{ {} }}, then: {{ {} }} }}\n", when.join(", "), then.join(", "))
+    }
+
+    fn concerns(&self, request: &Request, armed: &[bool; 2]) -> bool {
+        let disarmed_by = self.disarmed_by.filter(|&trigger| Some(trigger) != self.armed_by);
+        self.op == request.op
+            && (self.op == Op::Flush
+                || self.range.is_none_or(|(start, end)| start < request.offset + request.length && request.offset < end))
+            && self.armed_by.is_none_or(|trigger| armed[trigger])
+            && disarmed_by.is_none_or(|trigger| !armed[trigger])
+    }
+
+    fn admits(&self, occurrence: u64, fired: u64) -> bool {
+        occurrence > self.after
+            && (occurrence - self.after) % self.every == 0
+            && self.first.is_none_or(|first| occurrence - self.after <= first)
+            && self.limit.is_none_or(|limit| fired < limit)
+    }
+}
+
+fn rule_strategy() -> impl Strategy<Value = ModelRule> {
+    let trigger = prop::option::of(0usize..2);
+    (
+        prop::sample::select(OPS.to_vec()),
+        prop::option::of((0u64..16, 1u64..8).prop_map(|(start, length)| (start * 512, (start + length) * 512))),
+        (trigger.clone(), trigger.clone(), trigger.clone(), trigger),
+        (0u64..3, 1u64..4, prop::option::of(0u64..4), prop::option::of(1u64..4)),
+    )
+        .prop_map(|(op, range, (armed_by, disarmed_by, arm, disarm), (after, every, first_extra, limit))| ModelRule {
+            op,
+            range,
+            armed_by,
+            disarmed_by,
+            after,
+            every,
+            // `first` below `every` is refused by validation, so draw it from there up.
+            first: first_extra.map(|extra| every + extra),
+            limit,
+            arm,
+            disarm,
+        })
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Request(Op, u64, u64),
+    Arm(usize),
+    Disarm(usize),
+}
+
+fn step_strategy() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (prop::sample::select(OPS.to_vec()), 0u64..24, 1u64..6)
+            .prop_map(|(op, block, blocks)| Step::Request(op, block * 512, blocks * 512)),
+        1 => (0usize..2).prop_map(Step::Arm),
+        1 => (0usize..2).prop_map(Step::Disarm),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_engine_follows_the_documented_combination_semantics(
+        rules in prop::collection::vec(rule_strategy(), 1..8),
+        steps in prop::collection::vec(step_strategy(), 1..80),
+    ) {
+        let yaml: String = std::iter::once("rules:\n".to_string())
+            .chain(rules.iter().enumerate().map(|(index, rule)| rule.yaml(index)))
+            .collect();
+        let policy = Policy::from_yaml(&yaml, "model.yaml").map_err(|error| TestCaseError::fail(format!("{error}\n{yaml}")))?;
+        let engine = Engine::new(Some(policy));
+        let mut armed = [false; 2];
+        let mut occurrences = vec![0u64; rules.len()];
+        let mut fired = vec![0u64; rules.len()];
+        for step in steps {
+            let request = match step {
+                Step::Arm(trigger) => {
+                    engine.arm(TRIGGERS[trigger], Duration::ZERO);
+                    armed[trigger] = true;
+                    continue;
+                }
+                Step::Disarm(trigger) => {
+                    engine.disarm(TRIGGERS[trigger], Duration::ZERO);
+                    armed[trigger] = false;
+                    continue;
+                }
+                Step::Request(op, offset, length) => {
+                    let (offset, length) = if op == Op::Flush { (0, 0) } else { (offset, length) };
+                    Request { op, offset, length, flags: RequestFlags::default(), connection: 0, cookie: 0 }
+                }
+            };
+            // The model: every concerned rule counts the request; the first eligible one decides.
+            let mut deciding = None;
+            for (index, rule) in rules.iter().enumerate() {
+                if !rule.concerns(&request, &armed) {
+                    continue;
+                }
+                occurrences[index] += 1;
+                if deciding.is_none() && rule.admits(occurrences[index], fired[index]) {
+                    fired[index] += 1;
+                    deciding = Some(index);
+                }
+            }
+            if let Some(rule) = deciding.map(|index| &rules[index]) {
+                // Arms first, then disarms, as the engine applies them.
+                if let Some(trigger) = rule.arm { armed[trigger] = true; }
+                if let Some(trigger) = rule.disarm.filter(|&trigger| Some(trigger) != rule.arm) { armed[trigger] = false; }
+            }
+            let decision = engine.decide(&request, Duration::ZERO);
+            prop_assert_eq!(decision.rule.as_deref().map(str::to_string), deciding.map(|index| format!("r{index}")), "{:?}\n{}", request, yaml);
+            for (trigger, &expected) in TRIGGERS.iter().zip(&armed) {
+                prop_assert_eq!(engine.is_armed(trigger), expected);
+            }
+        }
+        let counters = engine.rule_counters();
+        prop_assert_eq!(counters.iter().map(|counter| counter.occurrences).collect::<Vec<_>>(), occurrences);
+        prop_assert_eq!(counters.iter().map(|counter| counter.fired).collect::<Vec<_>>(), fired);
+    }
+
+    #[test]
+    fn any_text_is_refused_or_accepted_without_panicking(text in "\\PC{0,200}") {
+        let _ = Policy::from_yaml(&text, "fuzz.yaml");
+    }
+
+    #[test]
+    fn damaged_scenarios_are_refused_or_accepted_without_panicking(
+        cut in 0usize..2000,
+        insert in "[ -~\\n]{0,12}",
+    ) {
+        let original = include_str!("../scenarios/issue-example.yaml");
+        let mut at = cut.min(original.len());
+        while !original.is_char_boundary(at) { at -= 1; }
+        let damaged = format!("{}{insert}{}", &original[..at], &original[at..]);
+        if let Err(error) = Policy::from_yaml(&damaged, "damaged.yaml") {
+            prop_assert!(error.line >= 1 && error.column >= 1);
+            prop_assert!(!error.fix.is_empty(), "no fix: {}", error);
+        }
+    }
+}
