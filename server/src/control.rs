@@ -48,7 +48,10 @@ impl ControlState {
         self.exports.get(name).ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
-                format!("no export named {name:?}; this server has {} (write \"\" as {DEFAULT_EXPORT})", self.exports.names()),
+                format!(
+                    "no export named {name:?}; this server has {} (write \"\" as {DEFAULT_EXPORT})",
+                    self.exports.names()
+                ),
             )
         })
     }
@@ -91,7 +94,10 @@ pub fn router(state: ControlState) -> Router {
         .route("/v1/exports/{name}/policy", put(set_policy).delete(clear_policy).get(get_policy))
         .route("/v1/exports/{name}/triggers/{trigger}", post(arm_trigger).delete(disarm_trigger))
         .route("/v1/exports/{name}/faults", get(faults))
-        .route("/v1/exports/{name}/data", get(read_data).put(write_data).layer(DefaultBodyLimit::max(MAX_DATA as usize)))
+        .route(
+            "/v1/exports/{name}/data",
+            get(read_data).put(write_data).layer(DefaultBodyLimit::max(MAX_DATA as usize)),
+        )
         .route("/v1/exports/{name}/reset", post(reset))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see docs/control-api.md") })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
@@ -103,9 +109,11 @@ async fn authorize(State(state): State<ControlState>, request: Request, next: Ne
         let given = request.headers().get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
         let expected = format!("Bearer {token}");
         if given != Some(expected.as_str()) {
-            let mut response =
-                ApiError::new(StatusCode::UNAUTHORIZED, "this server needs `Authorization: Bearer TOKEN` (--control-token)")
-                    .into_response();
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "this server needs `Authorization: Bearer TOKEN` (--control-token)",
+            )
+            .into_response();
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return response;
         }
@@ -197,7 +205,10 @@ async fn list_exports(State(state): State<ControlState>) -> axum::Json<Vec<Expor
     axum::Json(state.exports.iter().map(|export| export_view(&state, export)).collect())
 }
 
-async fn show_export(State(state): State<ControlState>, Path(name): Path<String>) -> Result<axum::Json<ExportView>, ApiError> {
+async fn show_export(
+    State(state): State<ControlState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<ExportView>, ApiError> {
     let export = state.export(&name)?;
     Ok(axum::Json(export_view(&state, export)))
 }
@@ -228,7 +239,10 @@ async fn set_policy(
     Ok(axum::Json(export_view(&state, export)))
 }
 
-async fn clear_policy(State(state): State<ControlState>, Path(name): Path<String>) -> Result<axum::Json<ExportView>, ApiError> {
+async fn clear_policy(
+    State(state): State<ControlState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<ExportView>, ApiError> {
     let export = state.export(&name)?;
     export.engine().set_policy(None);
     tracing::info!(export = %export.name, "policy removed through the control API");
@@ -286,7 +300,8 @@ async fn faults(
     Path(name): Path<String>,
     query: Result<Query<FaultsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request(format!("{e}; use ?since=SEQ&view=records|decisions")))?;
+    let Query(query) =
+        query.map_err(|e| ApiError::bad_request(format!("{e}; use ?since=SEQ&view=records|decisions")))?;
     let export = state.export(&name)?;
     let records = state.log.since(Some(&export.name), query.since);
     let body = match query.view.as_deref() {
@@ -325,7 +340,11 @@ fn data_range(export: &Export, offset: u64, length: u64) -> Result<(), ApiError>
         Some(end) if end <= export.size() => Ok(()),
         _ => Err(ApiError::new(
             StatusCode::RANGE_NOT_SATISFIABLE,
-            format!("offset {offset} length {length} runs past the end of export {:?} ({} bytes)", export.name, export.size()),
+            format!(
+                "offset {offset} length {length} runs past the end of export {:?} ({} bytes)",
+                export.name,
+                export.size()
+            ),
         )),
     }
 }
@@ -384,7 +403,10 @@ async fn write_data(
     Ok(axum::Json(serde_json::json!({ "offset": offset, "written": body.len() })))
 }
 
-async fn reset(State(state): State<ControlState>, Path(name): Path<String>) -> Result<axum::Json<ExportView>, ApiError> {
+async fn reset(
+    State(state): State<ControlState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<ExportView>, ApiError> {
     let export = state.export(&name)?;
     match export.device.reset().await {
         Ok(()) => {

@@ -153,11 +153,20 @@ mod tests {
     use nbdfault_policies::{Action, Engine, Op, Policy, RequestFlags};
 
     fn failing_decision() -> (Request, Decision) {
-        let policy = Policy::from_yaml("rules:\n  - name: all-writes\n    when: { op: write }\n    then: { error: EIO }\n", "test")
-            .unwrap();
+        let policy = Policy::from_yaml(
+            "rules:\n  - name: all-writes\n    when: { op: write }\n    then: { error: EIO }\n",
+            "test",
+        )
+        .unwrap();
         let engine = Engine::new(Some(policy));
-        let request =
-            Request { op: Op::Write, offset: 4096, length: 512, flags: RequestFlags::default(), connection: 1, cookie: 7 };
+        let request = Request {
+            op: Op::Write,
+            offset: 4096,
+            length: 512,
+            flags: RequestFlags::default(),
+            connection: 1,
+            cookie: 7,
+        };
         let decision = engine.decide(&request, Duration::ZERO);
         assert_eq!(decision.action, Action::Skip);
         (request, decision)

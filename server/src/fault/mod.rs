@@ -48,7 +48,13 @@ pub struct FaultLayer {
 }
 
 impl FaultLayer {
-    pub fn new(export: &str, inner: Arc<dyn BlockDevice>, engine: Arc<Engine>, log: Arc<FaultLog>, clock: Clock) -> FaultLayer {
+    pub fn new(
+        export: &str,
+        inner: Arc<dyn BlockDevice>,
+        engine: Arc<Engine>,
+        log: Arc<FaultLog>,
+        clock: Clock,
+    ) -> FaultLayer {
         FaultLayer {
             export: export.to_string(),
             inner,
@@ -78,7 +84,14 @@ impl FaultLayer {
     }
 
     fn decide(&self, op: Op, ctx: IoContext, offset: u64, length: u64) -> (Request, Decision) {
-        let request = Request { op, offset, length, flags: request_flags(ctx.flags), connection: ctx.connection, cookie: ctx.cookie };
+        let request = Request {
+            op,
+            offset,
+            length,
+            flags: request_flags(ctx.flags),
+            connection: ctx.connection,
+            cookie: ctx.cookie,
+        };
         let decision = self.engine.decide(&request, self.clock.now());
         (request, decision)
     }
@@ -314,8 +327,12 @@ impl BlockDevice for FaultLayer {
             if decision.rule.is_none() {
                 return self.inner.cache(ctx, offset, length).await;
             }
-            self.apply(request, decision, |_| async move { self.inner.cache(ctx, offset, length).await.map(|()| ((), 0)) })
-                .await
+            self.apply(
+                request,
+                decision,
+                |_| async move { self.inner.cache(ctx, offset, length).await.map(|()| ((), 0)) },
+            )
+            .await
         })
     }
 
@@ -325,8 +342,12 @@ impl BlockDevice for FaultLayer {
             if decision.rule.is_none() {
                 return self.inner.extents(ctx, offset, length).await;
             }
-            self.apply(request, decision, |_| async move { self.inner.extents(ctx, offset, length).await.map(|e| (e, 0)) })
-                .await
+            self.apply(
+                request,
+                decision,
+                |_| async move { self.inner.extents(ctx, offset, length).await.map(|e| (e, 0)) },
+            )
+            .await
         })
     }
 
