@@ -4,8 +4,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use nbdfault_policies::Engine;
 use serde::Serialize;
 
+use crate::fault::log::FaultLog;
+use crate::fault::{Clock, FaultLayer};
 use crate::storage::BlockDevice;
 use crate::wire::transmission_flags as flags;
 
@@ -13,24 +16,51 @@ use crate::wire::transmission_flags as flags;
 pub struct Export {
     pub name: String,
     pub description: String,
+    /// How the storage was given (`memory:1GiB`, `file:/images/disk.img`, ...), for humans.
+    pub storage_spec: String,
     /// What the protocol reads and writes: the fault layer, over `storage`.
     pub device: Arc<dyn BlockDevice>,
-    /// The storage itself, below any fault layer: what reached the disk.
+    /// The fault layer itself, for the control API: its engine, journal and reset.
+    pub faults: Arc<FaultLayer>,
+    /// The storage below the fault layer: what reached the disk.
     pub storage: Arc<dyn BlockDevice>,
     pub read_only: bool,
     pub counters: Counters,
 }
 
+/// What an export is made of.
+pub struct ExportParts {
+    pub name: String,
+    pub description: String,
+    pub storage_spec: String,
+    pub storage: Arc<dyn BlockDevice>,
+    pub read_only: bool,
+    pub engine: Arc<Engine>,
+    pub log: Arc<FaultLog>,
+    pub clock: Clock,
+}
+
 impl Export {
-    pub fn new(
-        name: String,
-        description: String,
-        device: Arc<dyn BlockDevice>,
-        storage: Arc<dyn BlockDevice>,
-        read_only: bool,
-    ) -> Export {
-        let read_only = read_only || device.features().read_only;
-        Export { name, description, device, storage, read_only, counters: Counters::default() }
+    /// Puts the fault layer over the storage. Every export has one, so a policy can be attached
+    /// at run time; without a policy it passes every request through.
+    pub fn new(parts: ExportParts) -> Export {
+        let ExportParts { name, description, storage_spec, storage, read_only, engine, log, clock } = parts;
+        let faults = Arc::new(FaultLayer::new(&name, Arc::clone(&storage), engine, log, clock));
+        let read_only = read_only || storage.features().read_only;
+        Export {
+            name,
+            description,
+            storage_spec,
+            device: Arc::clone(&faults) as Arc<dyn BlockDevice>,
+            faults,
+            storage,
+            read_only,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        self.faults.engine()
     }
 
     pub fn size(&self) -> u64 {
@@ -127,13 +157,28 @@ impl Exports {
 }
 
 #[cfg(test)]
+impl ExportParts {
+    /// A memory export without a policy, for tests.
+    pub fn memory(name: &str, size: u64, read_only: bool) -> ExportParts {
+        ExportParts {
+            name: name.to_string(),
+            description: String::new(),
+            storage_spec: format!("memory:{size}"),
+            storage: Arc::new(crate::storage::MemoryDevice::new(size)),
+            read_only,
+            engine: Arc::new(Engine::new(None)),
+            log: Arc::new(FaultLog::in_memory(16)),
+            clock: Clock::start(),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::MemoryDevice;
 
     fn memory_export(read_only: bool) -> Export {
-        let device: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(1 << 20));
-        Export::new("disk".into(), String::new(), device.clone(), device, read_only)
+        Export::new(ExportParts::memory("disk", 1 << 20, read_only))
     }
 
     #[test]

@@ -258,16 +258,16 @@ impl Negotiation<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{BlockDevice, MemoryDevice};
+    use crate::export::ExportParts;
     use crate::wire::consts::transmission_flags;
     use tokio::io::duplex;
 
     fn exports() -> Exports {
-        let device: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(1 << 20));
-        Exports::new([
-            Export::new(String::new(), "default".into(), device.clone(), device.clone(), false),
-            Export::new("disk".into(), "the disk".into(), device.clone(), device, false),
-        ])
+        let mut default = ExportParts::memory("", 1 << 20, false);
+        default.description = "default".into();
+        let mut disk = ExportParts::memory("disk", 1 << 20, false);
+        disk.description = "the disk".into();
+        Exports::new([Export::new(default), Export::new(disk)])
     }
 
     fn option_bytes(code: u32, data: &[u8]) -> Vec<u8> {

@@ -5,7 +5,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod export;
+pub mod fault;
 pub mod handshake;
 pub mod logging;
 pub mod server;

@@ -25,11 +25,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Err(error) => return fail(&format!("cannot start the async runtime: {error}")),
     };
     runtime.block_on(async {
-        let exports = match server::build_exports(&config) {
-            Ok(exports) => exports,
-            Err(error) => return fail(&error),
-        };
-        let server = match Server::bind(&config, exports).await {
+        let server = match Server::start(&config).await {
             Ok(server) => server,
             Err(error) => return fail(&error),
         };
@@ -39,7 +35,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
                 tracing::info!(export = %export.name, size = export.size(), "serving nbd://{address}/{}", export.name);
             }
         }
-        server::announce_ready(&addresses, None);
+        server::announce_ready(&addresses, server.control_address());
         server.run(server::termination_signal()).await;
         ExitCode::SUCCESS
     })

@@ -11,8 +11,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::Instrument;
 
+use nbdfault_policies::{Engine, Policy};
+
 use crate::config::{Config, ExportConfig, Limits, StorageSpec};
-use crate::export::{Counters, Export, Exports};
+use crate::control::{self, ControlState};
+use crate::export::{Counters, Export, ExportParts, Exports};
+use crate::fault::Clock;
+use crate::fault::log::{self as fault_log, FaultLog};
 use crate::handshake::{self, Outcome};
 use crate::shutdown::{Shutdown, ShutdownController};
 use crate::storage::{BlockDevice, FileDevice, IoContext, MemoryDevice, OverlayDevice, file::OpenError};
@@ -25,6 +30,14 @@ pub enum StartError {
     Storage { export: String, source: OpenError },
     #[error("cannot listen on {address}: {source}{hint}")]
     Listen { address: SocketAddr, source: std::io::Error, hint: &'static str },
+    #[error("cannot start the control API on {address}: {source}{hint}")]
+    Control { address: SocketAddr, source: std::io::Error, hint: &'static str },
+    #[error("export {export:?}: cannot read policy {path}: {source}")]
+    PolicyRead { export: String, path: String, source: std::io::Error },
+    #[error("export {export:?}: the policy is not valid (check it with `nbdfault policy check FILE`):\n{message}")]
+    Policy { export: String, message: String },
+    #[error("cannot open the fault log {path}: {source}")]
+    FaultLog { path: String, source: std::io::Error },
 }
 
 fn listen_hint(error: &std::io::Error) -> &'static str {
@@ -53,27 +66,76 @@ pub fn open_storage(export: &ExportConfig) -> Result<Arc<dyn BlockDevice>, Start
     })
 }
 
-/// Builds every export, so that a bad path fails before anything listens.
-pub fn build_exports(config: &Config) -> Result<Exports, StartError> {
+/// Reads and checks an export's policy file.
+pub fn load_policy(export: &ExportConfig) -> Result<Option<Policy>, StartError> {
+    let Some(path) = &export.policy else { return Ok(None) };
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| StartError::PolicyRead {
+        export: export.name.clone(),
+        path: shown.clone(),
+        source,
+    })?;
+    Policy::from_yaml(&text, &shown)
+        .map(Some)
+        .map_err(|error| StartError::Policy { export: export.name.clone(), message: error.to_string() })
+}
+
+fn storage_spec_text(spec: &StorageSpec) -> String {
+    match spec {
+        StorageSpec::Memory { size } => format!("memory:{}", nbdfault_policies::units::format_size(*size)),
+        StorageSpec::File { path } => format!("file:{}", path.display()),
+        StorageSpec::Overlay { base } => format!("overlay:{}", base.display()),
+    }
+}
+
+/// Builds every export with its fault layer and policy, so that a bad path or policy fails
+/// before anything listens.
+pub fn build_exports(config: &Config, log: &Arc<FaultLog>, clock: Clock) -> Result<Exports, StartError> {
     let mut exports = Vec::new();
     for export in &config.exports {
         let storage = open_storage(export)?;
-        let device = Arc::clone(&storage);
-        exports.push(Export::new(export.name.clone(), export.description.clone(), device, storage, export.read_only));
+        let policy = load_policy(export)?;
+        exports.push(Export::new(ExportParts {
+            name: export.name.clone(),
+            description: export.description.clone(),
+            storage_spec: storage_spec_text(&export.storage),
+            storage,
+            read_only: export.read_only,
+            engine: Arc::new(Engine::new(policy)),
+            log: Arc::clone(log),
+            clock,
+        }));
     }
     Ok(Exports::new(exports))
+}
+
+/// Opens the fault log: in memory, and appended to the file when one is configured.
+pub fn open_fault_log(config: &Config) -> Result<Arc<FaultLog>, StartError> {
+    let log = match &config.fault_log {
+        Some(path) => FaultLog::with_file(path, fault_log::DEFAULT_CAPACITY)
+            .map_err(|source| StartError::FaultLog { path: path.display().to_string(), source })?,
+        None => FaultLog::in_memory(fault_log::DEFAULT_CAPACITY),
+    };
+    Ok(Arc::new(log))
 }
 
 /// A server whose exports are open and whose sockets are bound, ready to run.
 pub struct Server {
     exports: Arc<Exports>,
     listeners: Vec<TcpListener>,
+    control: Option<(TcpListener, ControlState)>,
+    log: Arc<FaultLog>,
     limits: Limits,
     controller: ShutdownController,
 }
 
 impl Server {
-    pub async fn bind(config: &Config, exports: Exports) -> Result<Server, StartError> {
+    /// Opens everything the configuration names and binds every socket. Any failure here is
+    /// reported before the server says it is ready.
+    pub async fn start(config: &Config) -> Result<Server, StartError> {
+        let clock = Clock::start();
+        let log = open_fault_log(config)?;
+        let exports = Arc::new(build_exports(config, &log, clock)?);
         let mut listeners = Vec::new();
         for &address in &config.listen {
             let listener = TcpListener::bind(address).await.map_err(|source| StartError::Listen {
@@ -83,16 +145,28 @@ impl Server {
             })?;
             listeners.push(listener);
         }
-        Ok(Server {
-            exports: Arc::new(exports),
-            listeners,
-            limits: config.limits,
-            controller: ShutdownController::new(),
-        })
+        let control = match config.control {
+            Some(address) => {
+                let listener = control::bind(address).await.map_err(|source| StartError::Control {
+                    address,
+                    hint: listen_hint(&source),
+                    source,
+                })?;
+                let state =
+                    ControlState::new(Arc::clone(&exports), Arc::clone(&log), clock, config.control_token.clone());
+                Some((listener, state))
+            }
+            None => None,
+        };
+        Ok(Server { exports, listeners, control, log, limits: config.limits, controller: ShutdownController::new() })
     }
 
     pub fn local_addresses(&self) -> Vec<SocketAddr> {
         self.listeners.iter().filter_map(|listener| listener.local_addr().ok()).collect()
+    }
+
+    pub fn control_address(&self) -> Option<SocketAddr> {
+        self.control.as_ref().and_then(|(listener, _)| listener.local_addr().ok())
     }
 
     pub fn exports(&self) -> &Arc<Exports> {
@@ -106,7 +180,9 @@ impl Server {
     /// Serves until `stop` resolves, then shuts down: stop accepting, let in-flight requests
     /// finish within the grace period, answer the rest with ESHUTDOWN, flush every export.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
-        let Server { exports, listeners, limits, controller } = self;
+        let Server { exports, listeners, control, log, limits, controller } = self;
+        let control_task =
+            control.map(|(listener, state)| tokio::spawn(control::serve(listener, state, controller.handle())));
         let slots = Arc::new(Semaphore::new(limits.max_connections));
         let next_id = Arc::new(AtomicU64::new(1));
         // Every connection holds a sender; when all are dropped, every connection has ended.
@@ -141,6 +217,11 @@ impl Server {
                 Err(error) => tracing::error!(export = %export.name, %error, "flushing at shutdown failed"),
             }
         }
+        if let Some(task) = control_task {
+            // Control requests are short; one still running after this is not worth waiting for.
+            let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+        }
+        log.close();
         tracing::info!("stopped");
     }
 }

@@ -1,0 +1,425 @@
+//! The control API: HTTP/JSON on its own listener. Swap policies, arm triggers, read the fault
+//! log and the bytes as stored, reset exports, while clients keep doing I/O.
+//!
+//! The export named `""` is written `@default` in paths. docs/control-api.md is the reference.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use nbdfault_policies::{BadSector, Policy, RuleCounter, TriggerState};
+use serde::{Deserialize, Serialize};
+
+use crate::export::{CounterValues, Export, Exports};
+use crate::fault::Clock;
+use crate::fault::log::FaultLog;
+use crate::shutdown::Shutdown;
+use crate::storage::IoContext;
+use crate::wire::{errno, transmission_flags};
+
+/// The most bytes one `data` request reads or writes.
+pub const MAX_DATA: u64 = 64 << 20;
+/// Bytes per storage call when serving `data`: one NBD request's worth.
+const DATA_STEP: u64 = 32 << 20;
+/// The spelling of the export named `""` in paths.
+pub const DEFAULT_EXPORT: &str = "@default";
+
+#[derive(Clone)]
+pub struct ControlState {
+    exports: Arc<Exports>,
+    log: Arc<FaultLog>,
+    clock: Clock,
+    token: Option<Arc<str>>,
+}
+
+impl ControlState {
+    pub fn new(exports: Arc<Exports>, log: Arc<FaultLog>, clock: Clock, token: Option<String>) -> ControlState {
+        ControlState { exports, log, clock, token: token.map(Arc::from) }
+    }
+
+    fn export(&self, name: &str) -> Result<&Arc<Export>, ApiError> {
+        let name = if name == DEFAULT_EXPORT { "" } else { name };
+        self.exports.get(name).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no export named {name:?}; this server has {} (write \"\" as {DEFAULT_EXPORT})",
+                    self.exports.names()
+                ),
+            )
+        })
+    }
+}
+
+/// An error answer: a status and `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    extra: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError { status, message: message.into(), extra: None }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = serde_json::json!({ "error": self.message });
+        if let (Some(extra), Some(object)) = (self.extra, body.as_object_mut()) {
+            object.insert("details".into(), extra);
+        }
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// The router, with bearer-token checking when a token is set.
+pub fn router(state: ControlState) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/exports", get(list_exports))
+        .route("/v1/exports/{name}", get(show_export))
+        .route("/v1/exports/{name}/policy", put(set_policy).delete(clear_policy).get(get_policy))
+        .route("/v1/exports/{name}/triggers/{trigger}", post(arm_trigger).delete(disarm_trigger))
+        .route("/v1/exports/{name}/faults", get(faults))
+        .route(
+            "/v1/exports/{name}/data",
+            get(read_data).put(write_data).layer(DefaultBodyLimit::max(MAX_DATA as usize)),
+        )
+        .route("/v1/exports/{name}/reset", post(reset))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see docs/control-api.md") })
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state)
+}
+
+async fn authorize(State(state): State<ControlState>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.token {
+        let given = request.headers().get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
+        let expected = format!("Bearer {token}");
+        if given != Some(expected.as_str()) {
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "this server needs `Authorization: Bearer TOKEN` (--control-token)",
+            )
+            .into_response();
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
+/// Serves the API on `listener` until shutdown begins.
+pub async fn serve(listener: tokio::net::TcpListener, state: ControlState, mut shutdown: Shutdown) {
+    let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!("control API on http://{address}/v1/");
+    let served = axum::serve(listener, router(state)).with_graceful_shutdown(async move { shutdown.stopping().await });
+    if let Err(error) = served.await {
+        tracing::error!(%error, "the control API stopped");
+    }
+}
+
+/// Binds the control listener, so a taken port is reported before the server starts.
+pub async fn bind(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address).await
+}
+
+async fn health(State(state): State<ControlState>) -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_ms": state.clock.now().as_millis() as u64,
+        "exports": state.exports.iter().count(),
+    }))
+}
+
+#[derive(Serialize)]
+struct PolicyView {
+    origin: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<String>,
+    seed: u64,
+    rules: Vec<RuleCounter>,
+    source: String,
+}
+
+#[derive(Serialize)]
+struct ExportView {
+    name: String,
+    description: String,
+    storage: String,
+    size: u64,
+    read_only: bool,
+    /// The transmission flags a client without structured replies (the kernel) gets.
+    transmission_flags: u16,
+    flags: Vec<&'static str>,
+    policy: Option<PolicyView>,
+    triggers: Vec<TriggerState>,
+    bad_sectors: Vec<BadSector>,
+    counters: CounterValues,
+    requests_decided: u64,
+    faults_logged: usize,
+    unflushed_bytes: u64,
+}
+
+fn export_view(state: &ControlState, export: &Export) -> ExportView {
+    let engine = export.engine();
+    let flags = export.transmission_flags(false);
+    ExportView {
+        name: export.name.clone(),
+        description: export.description.clone(),
+        storage: export.storage_spec.clone(),
+        size: export.size(),
+        read_only: export.read_only,
+        transmission_flags: flags,
+        flags: transmission_flags::names(flags),
+        policy: engine.policy().map(|policy| PolicyView {
+            origin: policy.origin().to_string(),
+            description: policy.description().map(str::to_string),
+            seed: policy.seed(),
+            rules: engine.rule_counters(),
+            source: policy.source().to_string(),
+        }),
+        triggers: engine.triggers(),
+        bad_sectors: engine.bad_sectors(),
+        counters: export.counters.values(),
+        requests_decided: engine.requests_decided(),
+        faults_logged: state.log.count(&export.name),
+        unflushed_bytes: export.faults.unflushed_bytes(),
+    }
+}
+
+async fn list_exports(State(state): State<ControlState>) -> axum::Json<Vec<ExportView>> {
+    axum::Json(state.exports.iter().map(|export| export_view(&state, export)).collect())
+}
+
+async fn show_export(
+    State(state): State<ControlState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<ExportView>, ApiError> {
+    let export = state.export(&name)?;
+    Ok(axum::Json(export_view(&state, export)))
+}
+
+async fn get_policy(State(state): State<ControlState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let export = state.export(&name)?;
+    match export.engine().policy() {
+        Some(policy) => Ok(([(header::CONTENT_TYPE, "application/yaml")], policy.source().to_string()).into_response()),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("export {:?} has no policy", export.name))),
+    }
+}
+
+async fn set_policy(
+    State(state): State<ControlState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<axum::Json<ExportView>, ApiError> {
+    let export = state.export(&name)?;
+    let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the policy is not UTF-8 text"))?;
+    let origin = format!("PUT /v1/exports/{name}/policy");
+    let policy = Policy::from_yaml(text, &origin).map_err(|error| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message: error.to_string(),
+        extra: Some(serde_json::json!({ "line": error.line, "column": error.column, "fix": error.fix })),
+    })?;
+    export.engine().set_policy(Some(policy));
+    tracing::info!(export = %export.name, "policy replaced through the control API");
+    Ok(axum::Json(export_view(&state, export)))
+}
+
+async fn clear_policy(
+    State(state): State<ControlState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<ExportView>, ApiError> {
+    let export = state.export(&name)?;
+    export.engine().set_policy(None);
+    tracing::info!(export = %export.name, "policy removed through the control API");
+    Ok(axum::Json(export_view(&state, export)))
+}
+
+fn check_trigger_name(trigger: &str) -> Result<(), ApiError> {
+    let valid = !trigger.is_empty()
+        && trigger.len() <= 128
+        && trigger.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "trigger name {trigger:?}: use 1 to 128 letters, digits, '-', '_', '.' or ':'"
+        )))
+    }
+}
+
+async fn arm_trigger(
+    State(state): State<ControlState>,
+    Path((name, trigger)): Path<(String, String)>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let export = state.export(&name)?;
+    check_trigger_name(&trigger)?;
+    export.engine().arm(&trigger, state.clock.now());
+    tracing::info!(export = %export.name, %trigger, "trigger armed");
+    Ok(axum::Json(serde_json::json!({ "trigger": trigger, "armed": true })))
+}
+
+async fn disarm_trigger(
+    State(state): State<ControlState>,
+    Path((name, trigger)): Path<(String, String)>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let export = state.export(&name)?;
+    check_trigger_name(&trigger)?;
+    export.engine().disarm(&trigger, state.clock.now());
+    tracing::info!(export = %export.name, %trigger, "trigger disarmed");
+    Ok(axum::Json(serde_json::json!({ "trigger": trigger, "armed": false })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultsQuery {
+    #[serde(default)]
+    since: u64,
+    /// `records` (default) or `decisions`: the decision log, which two runs with the same seed
+    /// and the same requests reproduce byte for byte.
+    #[serde(default)]
+    view: Option<String>,
+}
+
+async fn faults(
+    State(state): State<ControlState>,
+    Path(name): Path<String>,
+    query: Result<Query<FaultsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) =
+        query.map_err(|e| ApiError::bad_request(format!("{e}; use ?since=SEQ&view=records|decisions")))?;
+    let export = state.export(&name)?;
+    let records = state.log.since(Some(&export.name), query.since);
+    let body = match query.view.as_deref() {
+        None | Some("records") => records.iter().map(|record| record.to_json_line() + "\n").collect::<String>(),
+        Some("decisions") => {
+            let owned: Vec<_> = records.iter().map(|record| (**record).clone()).collect();
+            nbdfault_policies::decision_log(&owned)
+        }
+        Some(other) => return Err(ApiError::bad_request(format!("view={other}: use records or decisions"))),
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    if let Some(last) = records.last() {
+        headers.insert("x-last-seq", HeaderValue::from(last.seq));
+    }
+    headers.insert("x-dropped", HeaderValue::from(state.log.dropped()));
+    Ok((headers, body).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataQuery {
+    offset: Option<u64>,
+    length: Option<u64>,
+}
+
+/// Checks `[offset, offset + length)` against the export and the per-request limit.
+fn data_range(export: &Export, offset: u64, length: u64) -> Result<(), ApiError> {
+    if length > MAX_DATA {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("{length} bytes is over the {MAX_DATA} byte limit of one request; split it"),
+        ));
+    }
+    match offset.checked_add(length) {
+        Some(end) if end <= export.size() => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            format!(
+                "offset {offset} length {length} runs past the end of export {:?} ({} bytes)",
+                export.name,
+                export.size()
+            ),
+        )),
+    }
+}
+
+fn storage_error(error: crate::storage::IoError) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("storage: {error}"))
+}
+
+async fn read_data(
+    State(state): State<ControlState>,
+    Path(name): Path<String>,
+    query: Result<Query<DataQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(format!("{e}; use ?offset=BYTES&length=BYTES")))?;
+    let export = state.export(&name)?;
+    let (Some(offset), Some(length)) = (query.offset, query.length) else {
+        return Err(ApiError::bad_request("give both ?offset=BYTES and &length=BYTES"));
+    };
+    data_range(export, offset, length)?;
+    let mut data = Vec::with_capacity(length as usize);
+    let mut at = offset;
+    while at < offset + length {
+        let take = DATA_STEP.min(offset + length - at) as u32;
+        let piece = export.storage.read(IoContext::default(), at, take).await.map_err(storage_error)?;
+        data.extend_from_slice(&piece);
+        at += u64::from(take);
+    }
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
+}
+
+async fn write_data(
+    State(state): State<ControlState>,
+    Path(name): Path<String>,
+    query: Result<Query<DataQuery>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(format!("{e}; use ?offset=BYTES")))?;
+    let export = state.export(&name)?;
+    let Some(offset) = query.offset else {
+        return Err(ApiError::bad_request("give ?offset=BYTES; the body is written there"));
+    };
+    if query.length.is_some_and(|length| length != body.len() as u64) {
+        return Err(ApiError::bad_request("length does not match the body; leave it out"));
+    }
+    if export.read_only {
+        return Err(ApiError::new(StatusCode::CONFLICT, format!("export {:?} is read-only", export.name)));
+    }
+    data_range(export, offset, body.len() as u64)?;
+    let mut at = 0;
+    while at < body.len() {
+        let take = (DATA_STEP as usize).min(body.len() - at);
+        let piece = body.slice(at..at + take);
+        export.storage.write(IoContext::default(), offset + at as u64, piece, false).await.map_err(storage_error)?;
+        at += take;
+    }
+    Ok(axum::Json(serde_json::json!({ "offset": offset, "written": body.len() })))
+}
+
+async fn reset(
+    State(state): State<ControlState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<ExportView>, ApiError> {
+    let export = state.export(&name)?;
+    match export.device.reset().await {
+        Ok(()) => {
+            tracing::info!(export = %export.name, "reset to pristine contents");
+            Ok(axum::Json(export_view(&state, export)))
+        }
+        Err(error) if error.errno() == errno::ENOTSUP => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "export {:?} ({}) has no pristine state: {error}; serve it as overlay:PATH to reset it",
+                export.name, export.storage_spec
+            ),
+        )),
+        Err(error) => Err(storage_error(error)),
+    }
+}

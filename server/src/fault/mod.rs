@@ -1,0 +1,362 @@
+//! The fault layer: a [`BlockDevice`] over another one that fails, delays, stalls, tears, drops
+//! or corrupts requests as the export's policy engine decides.
+//!
+//! It runs inside the request's own task, so a delay or a stall holds only that request: later
+//! requests on the same connection complete and are answered first, and the client kernel meets
+//! the error in its completion path.
+
+pub mod journal;
+pub mod log;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use nbdfault_policies::{Action, Decision, Engine, Op, Reply, Request, RequestFlags, Wait};
+
+use crate::storage::{BlockDevice, Extent, Features, IoContext, IoError, IoFuture, ZeroFlags};
+use crate::wire::command_flags;
+use journal::UndoJournal;
+use log::FaultLog;
+
+/// How much a power-cut journal may hold per export before later writes become undoable no more.
+pub const DEFAULT_JOURNAL_LIMIT: u64 = 1 << 30;
+
+/// The server's clock: time since the server started, as the policy engine counts it.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    started: Instant,
+}
+
+impl Clock {
+    pub fn start() -> Clock {
+        Clock { started: Instant::now() }
+    }
+
+    pub fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+pub struct FaultLayer {
+    export: String,
+    inner: Arc<dyn BlockDevice>,
+    engine: Arc<Engine>,
+    log: Arc<FaultLog>,
+    clock: Clock,
+    journal: Mutex<UndoJournal>,
+}
+
+impl FaultLayer {
+    pub fn new(
+        export: &str,
+        inner: Arc<dyn BlockDevice>,
+        engine: Arc<Engine>,
+        log: Arc<FaultLog>,
+        clock: Clock,
+    ) -> FaultLayer {
+        FaultLayer {
+            export: export.to_string(),
+            inner,
+            engine,
+            log,
+            clock,
+            journal: Mutex::new(UndoJournal::new(DEFAULT_JOURNAL_LIMIT)),
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub fn log(&self) -> &Arc<FaultLog> {
+        &self.log
+    }
+
+    /// Bytes of unflushed writes a power cut would undo now.
+    pub fn unflushed_bytes(&self) -> u64 {
+        self.journal().bytes()
+    }
+
+    fn journal(&self) -> std::sync::MutexGuard<'_, UndoJournal> {
+        // Journal updates are single assignments; a panic elsewhere cannot leave one half done.
+        self.journal.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn decide(&self, op: Op, ctx: IoContext, offset: u64, length: u64) -> (Request, Decision) {
+        let request = Request {
+            op,
+            offset,
+            length,
+            flags: request_flags(ctx.flags),
+            connection: ctx.connection,
+            cookie: ctx.cookie,
+        };
+        let decision = self.engine.decide(&request, self.clock.now());
+        (request, decision)
+    }
+
+    /// Waits as the decision says. Only this request's task waits.
+    async fn wait(&self, wait: &Wait) -> Duration {
+        let started = Instant::now();
+        match wait {
+            Wait::None => {}
+            Wait::Delay(delay) => tokio::time::sleep(*delay).await,
+            Wait::Until { trigger, timeout } => {
+                let mut changes = self.engine.trigger_changes();
+                let released = async {
+                    // Subscribed first, then checked: an arm between the two is not missed.
+                    while !self.engine.is_armed(trigger) {
+                        if changes.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                };
+                match timeout {
+                    Some(timeout) => {
+                        let _ = tokio::time::timeout(*timeout, released).await;
+                    }
+                    None => released.await,
+                }
+            }
+        }
+        started.elapsed()
+    }
+
+    /// Undoes every write since the last successful flush, newest first.
+    async fn power_cut(&self) -> Result<(), IoError> {
+        let (undo, lost) = self.journal().take_for_undo();
+        if lost > 0 {
+            tracing::warn!(writes = lost, "power cut: the undo journal was full; these writes survive it");
+        }
+        for (offset, before) in undo {
+            self.inner.write(IoContext::default(), offset, before, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Remembers what `[offset, offset + length)` holds before it is overwritten, when the policy
+    /// can cut power. FUA writes are durable at once: they cancel older undo entries instead.
+    async fn journal_before_write(&self, offset: u64, length: u64, fua: bool) -> Result<(), IoError> {
+        if !self.engine.tracks_unflushed_writes() || length == 0 {
+            return Ok(());
+        }
+        if fua {
+            self.journal().forget_range(offset, length);
+            return Ok(());
+        }
+        if !self.journal().has_room(length) {
+            self.journal().count_unjournaled();
+            return Ok(());
+        }
+        let before = self.read_range(offset, length).await?;
+        self.journal().record(offset, before);
+        Ok(())
+    }
+
+    /// Reads any length (write-zeroes ranges can exceed one read's limit) from the storage below.
+    async fn read_range(&self, offset: u64, length: u64) -> Result<Bytes, IoError> {
+        const STEP: u64 = 32 << 20;
+        let mut out = BytesMut::with_capacity(length as usize);
+        let mut at = offset;
+        while at < offset + length {
+            let take = STEP.min(offset + length - at) as u32;
+            out.extend_from_slice(&self.inner.read(IoContext::default(), at, take).await?);
+            at += u64::from(take);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Applies what comes after the wait: the power cut, then the action via `perform`, then the
+    /// reply. `perform` gets the action and returns the result and the bytes it persisted.
+    async fn apply<T, F, Fut>(&self, request: Request, decision: Decision, perform: F) -> Result<T, IoError>
+    where
+        F: FnOnce(Action) -> Fut,
+        Fut: std::future::Future<Output = Result<(T, u64), IoError>>,
+        T: Default,
+    {
+        let waited = self.wait(&decision.wait).await;
+        if decision.power_cut {
+            self.power_cut().await?;
+        }
+        let (result, persisted) = match decision.action {
+            Action::Skip => (Ok(T::default()), 0),
+            action => match perform(action).await {
+                Ok((value, persisted)) => (Ok(value), persisted),
+                Err(error) => (Err(error), 0),
+            },
+        };
+        self.log.record(&self.export, &request, &decision, waited, persisted, self.clock.now());
+        let rule = decision.rule.as_deref().unwrap_or("a bad sector");
+        match decision.reply {
+            Reply::Ok => result,
+            Reply::Error(injected) => {
+                Err(IoError::new(injected.wire_value(), format!("{} injected by {rule}", injected.name())))
+            }
+            Reply::Disconnect => Err(IoError::Disconnect { reason: format!("disconnect injected by {rule}") }),
+        }
+    }
+
+    async fn write_data(&self, offset: u64, data: Bytes, fua: bool) -> Result<((), u64), IoError> {
+        let length = data.len() as u64;
+        self.journal_before_write(offset, length, fua).await?;
+        self.inner.write(IoContext::default(), offset, data, fua).await?;
+        Ok(((), length))
+    }
+}
+
+/// The policy's view of a request's command flags.
+fn request_flags(flags: u16) -> RequestFlags {
+    RequestFlags {
+        fua: flags & command_flags::FUA != 0,
+        no_hole: flags & command_flags::NO_HOLE != 0,
+        fast_zero: flags & command_flags::FAST_ZERO != 0,
+        df: flags & command_flags::DF != 0,
+        req_one: flags & command_flags::REQ_ONE != 0,
+    }
+}
+
+impl BlockDevice for FaultLayer {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn features(&self) -> Features {
+        self.inner.features()
+    }
+
+    fn read(&self, ctx: IoContext, offset: u64, length: u32) -> IoFuture<'_, Bytes> {
+        Box::pin(async move {
+            let (request, decision) = self.decide(Op::Read, ctx, offset, u64::from(length));
+            if decision.rule.is_none() {
+                return self.inner.read(ctx, offset, length).await;
+            }
+            self.apply(request, decision, |action| async move {
+                let data = self.inner.read(ctx, offset, length).await?;
+                match action {
+                    Action::CorruptRead { seed, bytes } => {
+                        let mut data = BytesMut::from(&data[..]);
+                        nbdfault_policies::corrupt(&mut data, seed, bytes);
+                        Ok((data.freeze(), 0))
+                    }
+                    _ => Ok((data, 0)),
+                }
+            })
+            .await
+            .map(|data: Bytes| if data.is_empty() && length > 0 { Bytes::from(vec![0; length as usize]) } else { data })
+        })
+    }
+
+    fn write(&self, ctx: IoContext, offset: u64, data: Bytes, fua: bool) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let (request, decision) = self.decide(Op::Write, ctx, offset, data.len() as u64);
+            if decision.rule.is_none() && !self.engine.tracks_unflushed_writes() {
+                return self.inner.write(ctx, offset, data, fua).await;
+            }
+            self.apply(request, decision, |action| async move {
+                match action {
+                    Action::Torn { persist } => {
+                        let keep = persist.min(data.len() as u64) as usize;
+                        self.write_data(offset, data.slice(..keep), fua).await
+                    }
+                    _ => self.write_data(offset, data, fua).await,
+                }
+            })
+            .await
+        })
+    }
+
+    fn flush(&self, ctx: IoContext) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let (request, decision) = self.decide(Op::Flush, ctx, 0, 0);
+            // A flush covers the writes completed before it, not those racing with it.
+            let mark = self.journal().mark();
+            let flush = || async move {
+                self.inner.flush(ctx).await?;
+                // Only a flush that really happened makes those writes durable; a dropped one
+                // (reported done, not done) leaves them for a power cut to undo.
+                self.journal().clear_through(mark);
+                Ok(((), 0))
+            };
+            if decision.rule.is_none() {
+                return flush().await.map(|((), _)| ());
+            }
+            self.apply(request, decision, |_| flush()).await
+        })
+    }
+
+    fn trim(&self, ctx: IoContext, offset: u64, length: u64, fua: bool) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let (request, decision) = self.decide(Op::Trim, ctx, offset, length);
+            if decision.rule.is_none() {
+                // Trimmed contents are undefined until rewritten, so a power cut need not restore them.
+                return self.inner.trim(ctx, offset, length, fua).await;
+            }
+            self.apply(request, decision, |action| async move {
+                let length = match action {
+                    Action::Torn { persist } => persist.min(length),
+                    _ => length,
+                };
+                self.inner.trim(ctx, offset, length, fua).await.map(|()| ((), length))
+            })
+            .await
+        })
+    }
+
+    fn write_zeroes(&self, ctx: IoContext, offset: u64, length: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let (request, decision) = self.decide(Op::WriteZeroes, ctx, offset, length);
+            if decision.rule.is_none() && !self.engine.tracks_unflushed_writes() {
+                return self.inner.write_zeroes(ctx, offset, length, flags).await;
+            }
+            self.apply(request, decision, |action| async move {
+                let length = match action {
+                    Action::Torn { persist } => persist.min(length),
+                    _ => length,
+                };
+                self.journal_before_write(offset, length, flags.fua).await?;
+                self.inner.write_zeroes(ctx, offset, length, flags).await.map(|()| ((), length))
+            })
+            .await
+        })
+    }
+
+    fn cache(&self, ctx: IoContext, offset: u64, length: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let (request, decision) = self.decide(Op::Cache, ctx, offset, length);
+            if decision.rule.is_none() {
+                return self.inner.cache(ctx, offset, length).await;
+            }
+            self.apply(
+                request,
+                decision,
+                |_| async move { self.inner.cache(ctx, offset, length).await.map(|()| ((), 0)) },
+            )
+            .await
+        })
+    }
+
+    fn extents(&self, ctx: IoContext, offset: u64, length: u64) -> IoFuture<'_, Vec<Extent>> {
+        Box::pin(async move {
+            let (request, decision) = self.decide(Op::BlockStatus, ctx, offset, length);
+            if decision.rule.is_none() {
+                return self.inner.extents(ctx, offset, length).await;
+            }
+            self.apply(
+                request,
+                decision,
+                |_| async move { self.inner.extents(ctx, offset, length).await.map(|e| (e, 0)) },
+            )
+            .await
+        })
+    }
+
+    fn reset(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            self.inner.reset().await?;
+            self.journal().clear();
+            self.engine.clear_bad_sectors();
+            Ok(())
+        })
+    }
+}
