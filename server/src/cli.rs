@@ -36,6 +36,132 @@ pub struct Cli {
 pub enum Command {
     /// Serve exports over NBD (and the control API) until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Check policy files, or print the JSON Schema of the policy language.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Talk to a running server's control API: policies, triggers, the fault log, stored data.
+    Ctl(CtlArgs),
+    /// Turn a fault log into a policy that makes the same decisions again for the same requests.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate policy files; print a summary of each, or every error with its line, column and a fix.
+    Check {
+        /// Policy files (YAML).
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Print the policy language's JSON Schema, for editors (e.g. yaml-language-server).
+    Schema,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// A fault log written by `nbdfault serve --fault-log` or fetched from the control API.
+    #[arg(value_name = "LOG")]
+    pub log: PathBuf,
+    /// Keep only this export's records.
+    #[arg(long, value_name = "NAME")]
+    pub export: Option<String>,
+    /// Write the policy here instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// Base URL of the control API.
+    #[arg(long, value_name = "URL", env = "NBDFAULT_CONTROL_URL", default_value = "http://127.0.0.1:10810")]
+    pub url: String,
+    /// Bearer token, when the server was started with --control-token.
+    #[arg(long, value_name = "TOKEN", env = "NBDFAULT_CONTROL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// Export names are as served; write `""` for the default export.
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Is the server up?
+    Health,
+    /// Show every export, or one: size, flags, policy, triggers, bad sectors, counters.
+    Exports {
+        #[arg(value_name = "NAME")]
+        name: Option<String>,
+    },
+    /// Replace an export's policy (validated first; a bad one changes nothing). FILE `-` is stdin.
+    SetPolicy {
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[arg(value_name = "FILE")]
+        file: String,
+    },
+    /// Print an export's policy.
+    ShowPolicy {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+    /// Remove an export's policy: every request passes through.
+    ClearPolicy {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+    /// Arm a trigger.
+    Arm {
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[arg(value_name = "TRIGGER")]
+        trigger: String,
+    },
+    /// Disarm a trigger.
+    Disarm {
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[arg(value_name = "TRIGGER")]
+        trigger: String,
+    },
+    /// Print the fault log, one JSON object per line.
+    Faults {
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Only records after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// The decision log: records without run-specific fields, sorted by request.
+        #[arg(long)]
+        decisions: bool,
+        /// Keep printing new records as they come (until interrupted).
+        #[arg(short, long, conflicts_with = "decisions")]
+        follow: bool,
+    },
+    /// Copy bytes as stored (below the fault layer) to stdout or a file.
+    Data {
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[arg(long, value_parser = size)]
+        offset: u64,
+        #[arg(long, value_parser = size)]
+        length: u64,
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Write a file's bytes to storage directly (below the fault layer). FILE `-` is stdin.
+    Write {
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[arg(long, value_parser = size)]
+        offset: u64,
+        #[arg(value_name = "FILE")]
+        file: String,
+    },
+    /// Return a memory or overlay export to its pristine contents.
+    Reset {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -149,10 +275,30 @@ mod tests {
             "-e",
             "d=memory:1GiB",
         ]);
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else { panic!("not serve") };
         assert_eq!(args.handshake_timeout, Some(Duration::from_secs(5)));
         assert_eq!(args.max_in_flight, Some(128 << 20));
         assert_eq!(args.export, vec!["d=memory:1GiB"]);
+    }
+
+    #[test]
+    fn ctl_takes_the_url_token_and_sizes() {
+        let cli = Cli::parse_from([
+            "nbdfault",
+            "ctl",
+            "--url",
+            "http://127.0.0.1:1",
+            "data",
+            "disk",
+            "--offset",
+            "1MiB",
+            "--length",
+            "4KiB",
+        ]);
+        let Command::Ctl(args) = cli.command else { panic!("not ctl") };
+        assert_eq!(args.url, "http://127.0.0.1:1");
+        let CtlCommand::Data { offset, length, .. } = args.command else { panic!("not data") };
+        assert_eq!((offset, length), (1 << 20, 4096));
     }
 
     #[test]

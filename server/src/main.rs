@@ -1,17 +1,35 @@
 //! The `nbdfault` binary: parses the command line and hands over to the library.
 
+use std::io::Write;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
-use nbdfault::cli::{Cli, Command, ServeArgs};
+use nbdfault::cli::{Cli, Command, CtlArgs, CtlCommand, PolicyCommand, ReplayArgs, ServeArgs};
 use nbdfault::config::Config;
+use nbdfault::ctl::{self, Client, path_segment};
 use nbdfault::server::{self, Server};
+use nbdfault_policies::Policy;
+
+/// Exit status for a configuration or usage error; 1 is kept for "checked, and found invalid".
+const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     nbdfault::logging::init(cli.verbose as i8 - cli.quiet as i8);
     match cli.command {
         Command::Serve(args) => serve(&args),
+        Command::Policy(PolicyCommand::Check { files }) => check_policies(&files),
+        Command::Policy(PolicyCommand::Schema) => {
+            let schema = nbdfault_policies::json_schema();
+            println!("{}", serde_json::to_string_pretty(&schema).expect("a JSON value always serializes"));
+            ExitCode::SUCCESS
+        }
+        Command::Replay(args) => replay(&args),
+        Command::Ctl(args) => match run_ctl(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => fail(&error),
+        },
     }
 }
 
@@ -41,7 +59,145 @@ fn serve(args: &ServeArgs) -> ExitCode {
     })
 }
 
+fn check_policies(files: &[std::path::PathBuf]) -> ExitCode {
+    let mut failed = false;
+    for file in files {
+        let shown = file.display().to_string();
+        let text = match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(error) => {
+                eprintln!("{shown}: cannot read: {error}");
+                failed = true;
+                continue;
+            }
+        };
+        match Policy::from_yaml(&text, &shown) {
+            Ok(policy) => {
+                let rules = policy.rule_names().count();
+                let triggers = policy.trigger_names();
+                let triggers =
+                    if triggers.is_empty() { String::new() } else { format!(", triggers: {}", triggers.join(", ")) };
+                println!("{shown}: ok ({rules} rules, seed {}{triggers})", policy.seed());
+            }
+            Err(error) => {
+                eprintln!("{error}");
+                failed = true;
+            }
+        }
+    }
+    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
+fn replay(args: &ReplayArgs) -> ExitCode {
+    let text = match std::fs::read_to_string(&args.log) {
+        Ok(text) => text,
+        Err(error) => return fail(&format!("cannot read the fault log {}: {error}", args.log.display())),
+    };
+    let mut records = match nbdfault_policies::parse_fault_log(&text) {
+        Ok(records) => records,
+        Err(error) => return fail(&format!("{}: {error} (is this a fault log?)", args.log.display())),
+    };
+    if let Some(export) = &args.export {
+        records.retain(|record| &record.export == export);
+    }
+    let policy = match nbdfault_policies::replay_policy(&records) {
+        Ok(policy) => policy,
+        Err(error) => return fail(&format!("{}: {error}", args.log.display())),
+    };
+    let written = match &args.output {
+        Some(path) => std::fs::write(path, &policy),
+        None => std::io::stdout().write_all(policy.as_bytes()),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&format!("cannot write the policy: {error}")),
+    }
+}
+
+fn run_ctl(args: &CtlArgs) -> Result<(), ctl::CtlError> {
+    let client = Client::new(&args.url, args.token.clone());
+    let export_path = |name: &str| format!("/v1/exports/{}", path_segment(name));
+    let print = |text: String| {
+        println!("{}", text.trim_end());
+        Ok(())
+    };
+    match &args.command {
+        CtlCommand::Health => print(client.json("GET", "/v1/health", None)?),
+        CtlCommand::Exports { name: None } => print(client.json("GET", "/v1/exports", None)?),
+        CtlCommand::Exports { name: Some(name) } => print(client.json("GET", &export_path(name), None)?),
+        CtlCommand::SetPolicy { name, file } => {
+            let body = ctl::read_input(file)?;
+            client.text("PUT", &format!("{}/policy", export_path(name)), Some(body))?;
+            eprintln!("policy of export {name:?} replaced");
+            Ok(())
+        }
+        CtlCommand::ShowPolicy { name } => print(client.text("GET", &format!("{}/policy", export_path(name)), None)?),
+        CtlCommand::ClearPolicy { name } => {
+            client.text("DELETE", &format!("{}/policy", export_path(name)), None)?;
+            eprintln!("policy of export {name:?} removed");
+            Ok(())
+        }
+        CtlCommand::Arm { name, trigger } => {
+            client.text("POST", &format!("{}/triggers/{}", export_path(name), path_segment(trigger)), None)?;
+            eprintln!("trigger {trigger:?} armed on export {name:?}");
+            Ok(())
+        }
+        CtlCommand::Disarm { name, trigger } => {
+            client.text("DELETE", &format!("{}/triggers/{}", export_path(name), path_segment(trigger)), None)?;
+            eprintln!("trigger {trigger:?} disarmed on export {name:?}");
+            Ok(())
+        }
+        CtlCommand::Faults { name, since, decisions, follow } => {
+            let view = if *decisions { "decisions" } else { "records" };
+            let mut since = *since;
+            loop {
+                let path = format!("{}/faults?since={since}&view={view}", export_path(name));
+                let text = client.text("GET", &path, None)?;
+                let mut stdout = std::io::stdout().lock();
+                for line in text.lines() {
+                    writeln!(stdout, "{line}")?;
+                    if let Some(seq) =
+                        serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["seq"].as_u64())
+                    {
+                        since = since.max(seq);
+                    }
+                }
+                stdout.flush()?;
+                if !*follow {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+        CtlCommand::Data { name, offset, length, output } => {
+            let path = format!("{}/data?offset={offset}&length={length}", export_path(name));
+            match output {
+                Some(file) => {
+                    let mut out = std::fs::File::create(file)?;
+                    client.copy_to(&path, &mut out)?;
+                }
+                None => {
+                    client.copy_to(&path, &mut std::io::stdout().lock())?;
+                }
+            }
+            Ok(())
+        }
+        CtlCommand::Write { name, offset, file } => {
+            let body = ctl::read_input(file)?;
+            let written = body.len();
+            client.text("PUT", &format!("{}/data?offset={offset}", export_path(name)), Some(body))?;
+            eprintln!("{written} bytes written to export {name:?} at {offset}");
+            Ok(())
+        }
+        CtlCommand::Reset { name } => {
+            client.text("POST", &format!("{}/reset", export_path(name)), None)?;
+            eprintln!("export {name:?} reset to its pristine contents");
+            Ok(())
+        }
+    }
+}
+
 fn fail(error: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("nbdfault: {error}");
-    ExitCode::from(2)
+    ExitCode::from(USAGE)
 }

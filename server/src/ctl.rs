@@ -1,0 +1,137 @@
+//! `nbdfault ctl`: the control API from the command line.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use crate::control::DEFAULT_EXPORT;
+
+/// What went wrong talking to the control API, said so a user knows what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("cannot reach the control API at {url}: {source} (is `nbdfault serve` running with --control there?)")]
+    Unreachable { url: String, source: Box<ureq::Error> },
+    #[error("{method} {path}: HTTP {status}: {message}")]
+    Refused { method: &'static str, path: String, status: u16, message: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// A client for one server's control API.
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+/// Percent-encodes an export or trigger name for a URL path; `""` becomes `@default`.
+pub fn path_segment(name: &str) -> String {
+    if name.is_empty() {
+        return DEFAULT_EXPORT.to_string();
+    }
+    let mut out = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~' | b':' | b'@') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+impl Client {
+    pub fn new(base: &str, token: Option<String>) -> Client {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        Client { base: base.trim_end_matches('/').to_string(), token, agent }
+    }
+
+    fn call(
+        &self,
+        method: &'static str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<ureq::http::Response<ureq::Body>, CtlError> {
+        let url = format!("{}{path}", self.base);
+        let mut builder = ureq::http::Request::builder().method(method).uri(&url);
+        if let Some(token) = &self.token {
+            builder = builder.header("Authorization", format!("Bearer {token}"));
+        }
+        let request = builder
+            .body(body.unwrap_or_default())
+            .map_err(|error| CtlError::Usage(format!("{url} is not a valid URL: {error}")))?;
+        let mut response = self
+            .agent
+            .run(request)
+            .map_err(|source| CtlError::Unreachable { url: self.base.clone(), source: Box::new(source) })?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let text = response.body_mut().read_to_string().unwrap_or_default();
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|value| value.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                .unwrap_or(text);
+            return Err(CtlError::Refused { method, path: path.to_string(), status, message });
+        }
+        Ok(response)
+    }
+
+    /// Calls the API and returns the body as text.
+    pub fn text(&self, method: &'static str, path: &str, body: Option<Vec<u8>>) -> Result<String, CtlError> {
+        let mut response = self.call(method, path, body)?;
+        let mut text = String::new();
+        response.body_mut().as_reader().read_to_string(&mut text)?;
+        Ok(text)
+    }
+
+    /// Calls the API and copies the raw body to `out`.
+    pub fn copy_to(&self, path: &str, out: &mut dyn Write) -> Result<u64, CtlError> {
+        let mut response = self.call("GET", path, None)?;
+        Ok(std::io::copy(&mut response.body_mut().as_reader(), out)?)
+    }
+
+    /// Calls the API and pretty-prints its JSON answer.
+    pub fn json(&self, method: &'static str, path: &str, body: Option<Vec<u8>>) -> Result<String, CtlError> {
+        let text = self.text(method, path, body)?;
+        Ok(match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(value) => serde_json::to_string_pretty(&value).unwrap_or(text),
+            Err(_) => text,
+        })
+    }
+}
+
+/// Reads a file, or stdin for `-`.
+pub fn read_input(path: &str) -> Result<Vec<u8>, CtlError> {
+    if path == "-" {
+        let mut data = Vec::new();
+        std::io::stdin().read_to_end(&mut data)?;
+        Ok(data)
+    } else {
+        std::fs::read(path).map_err(|error| CtlError::Usage(format!("cannot read {path}: {error}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_encoded_for_paths_and_the_default_export_has_a_spelling() {
+        assert_eq!(path_segment(""), "@default");
+        assert_eq!(path_segment("disk"), "disk");
+        assert_eq!(path_segment("a b/c"), "a%20b%2Fc");
+    }
+
+    #[test]
+    fn an_unreachable_server_is_reported_with_what_to_check() {
+        // Port 9 on loopback (discard) is closed on test machines; nothing listens there.
+        let client = Client::new("http://127.0.0.1:9", None);
+        let error = client.text("GET", "/v1/health", None).unwrap_err().to_string();
+        assert!(error.contains("cannot reach the control API"), "{error}");
+    }
+}
