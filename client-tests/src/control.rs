@@ -58,6 +58,8 @@ impl FaultRecord {
             outcome: Option<Value>,
             #[serde(default)]
             errno: Option<Value>,
+            #[serde(default)]
+            reply: Option<String>,
         }
         let raw: Value = serde_json::from_str(line).map_err(|e| format!("not JSON ({e}): {line}"))?;
         let wire: Wire = serde_json::from_value(raw.clone()).map_err(|e| format!("{e}: {line}"))?;
@@ -78,7 +80,7 @@ impl FaultRecord {
             offset: wire.offset.unwrap_or(0),
             length: wire.length.unwrap_or(0),
             rule: wire.rule.unwrap_or_default(),
-            failed: errno_set || outcome_error,
+            failed: errno_set || outcome_error || wire.reply.as_deref() == Some("error"),
             raw,
         })
     }
@@ -287,6 +289,10 @@ mod tests {
         assert!(!delayed.failed);
         let numeric = FaultRecord::parse(r#"{"seq":9,"errno":5}"#).unwrap();
         assert!(numeric.failed);
+        let by_reply = FaultRecord::parse(r#"{"seq":10,"outcome":"bad_sector","reply":"error"}"#).unwrap();
+        assert!(by_reply.failed);
+        let passed = FaultRecord::parse(r#"{"seq":11,"outcome":"pass","reply":"ok"}"#).unwrap();
+        assert!(!passed.failed);
     }
 
     #[test]

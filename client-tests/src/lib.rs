@@ -13,11 +13,12 @@
 pub mod control;
 pub mod invariants;
 pub mod kmsg;
-//pub mod matrix;
+pub mod matrix;
 pub mod os;
 pub mod pattern;
 pub mod policy;
 pub mod report;
-//pub mod suite;
+pub mod story;
+pub mod suite;
 pub mod version;
-//pub mod vm;
+pub mod vm;

@@ -1,1 +1,188 @@
-fn main() {}
+//! `nbdfault-client-tests`: the writeback-error oracle and its VM harness.
+
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use nbdfault_client_tests::control::Control;
+use nbdfault_client_tests::report::{REPORT_BEGIN, REPORT_END, Report};
+use nbdfault_client_tests::suite::{self, SuiteConfig, fs};
+use nbdfault_client_tests::{matrix, os, vm};
+
+/// What fsync, read() and mmap show after an NBD write fails, on real XFS and ext4.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the suite here, on a device you attached with nbd-client to an nbdfault server.
+    ///
+    /// Needs root: it makes filesystems on the device, mounts them, and drops caches. Everything
+    /// on the device is destroyed.
+    Run(RunArgs),
+    /// Boot a Debian kernel in qemu and run the suite in it against a fresh nbdfault server.
+    Vm(vm::VmArgs),
+    /// Fetch and unpack a Debian kernel into the cache, and print where it is.
+    Kernel(vm::KernelArgs),
+    /// Write the results matrix (Markdown) from a directory of JSON reports.
+    Matrix(MatrixArgs),
+    /// List the scenarios and their checks.
+    Scenarios,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The NBD device nbd-client attached (its contents are destroyed).
+    #[arg(long)]
+    device: PathBuf,
+    /// The nbdfault control API, e.g. http://127.0.0.1:10810.
+    #[arg(long)]
+    control: String,
+    /// The export the device is attached to ("" for the default export).
+    #[arg(long, default_value = "")]
+    export: String,
+    /// Bearer token, when the server was started with --control-token.
+    #[arg(long, env = "NBDFAULT_CONTROL_TOKEN")]
+    token: Option<String>,
+    /// xfs, ext4, or all.
+    #[arg(long, default_value = "all", value_parser = fs::parse_list)]
+    fs: Vec<fs::Fs>,
+    /// Only these scenarios (comma-separated; see `scenarios`).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Where to mount the filesystems.
+    #[arg(long, default_value = "/mnt/nbdfault-client-tests")]
+    mountpoint: PathBuf,
+    /// How long the server holds each error reply, in milliseconds (asynchronous failure).
+    #[arg(long, default_value_t = 50)]
+    delay_ms: u64,
+    /// Write the JSON reports (an array, one per filesystem) to this file or serial port.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Debian package the kernel came from, recorded in the report.
+    #[arg(long, hide = true)]
+    kernel_package: Option<String>,
+}
+
+#[derive(Args)]
+struct MatrixArgs {
+    /// Directory holding the JSON reports (`*.json`).
+    #[arg(long, default_value = "client-tests/results")]
+    results: PathBuf,
+    /// Write the Markdown here instead of standard output.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// The command that produced the reports, quoted in the document.
+    #[arg(long, default_value = "scripts/matrix.sh")]
+    made_by: String,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Vm(args) => vm::main(args),
+        Command::Kernel(args) => vm::kernel_main(args),
+        Command::Matrix(args) => write_matrix(args),
+        Command::Scenarios => {
+            list_scenarios();
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("nbdfault-client-tests: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<ExitCode, String> {
+    let control = Control::new(&args.control, &args.export, args.token.clone()).map_err(|e| e.to_string())?;
+    let filesystems: Vec<fs::Fs> = args.fs.into_iter().fold(Vec::new(), |mut all, f| {
+        if !all.contains(&f) {
+            all.push(f);
+        }
+        all
+    });
+    let config = SuiteConfig {
+        device: args.device,
+        control,
+        filesystems,
+        mountpoint: args.mountpoint,
+        only: args.only,
+        delay: Duration::from_millis(args.delay_ms),
+        kernel_package: args.kernel_package,
+    };
+    let mut progress = |line: &str| eprintln!("nbdfault: {line}");
+    let reports = suite::run_suite(&config, &mut progress).map_err(|e| format!("{e}"))?;
+    if let Some(path) = &args.report {
+        write_report(path, &reports).map_err(|e| format!("cannot write the report to {}: {e}", path.display()))?;
+    }
+    let mut failing = 0;
+    for report in &reports {
+        println!("{}", report.table());
+        failing += report.failures().count();
+    }
+    if failing > 0 {
+        eprintln!(
+            "nbdfault: {failing} check(s) failed: a guaranteed invariant was violated or a check could not be carried out (marked !)"
+        );
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_report(path: &Path, reports: &[Report]) -> std::io::Result<()> {
+    let mut file = OpenOptions::new().write(true).create(true).truncate(!is_device(path)).open(path)?;
+    os::make_raw_if_terminal(&file)?;
+    let json = serde_json::to_string(reports).map_err(std::io::Error::other)?;
+    write!(file, "\n{REPORT_BEGIN}\n{json}\n{REPORT_END}\n")?;
+    file.flush()?;
+    file.sync_all().or(Ok(()))
+}
+
+fn is_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).map(|m| m.file_type().is_char_device()).unwrap_or(false)
+}
+
+fn write_matrix(args: MatrixArgs) -> Result<ExitCode, String> {
+    let reports = matrix::load_reports(&args.results).map_err(|e| e.to_string())?;
+    if reports.is_empty() {
+        return Err(format!(
+            "no JSON reports in {}: run `nbdfault-client-tests vm --out {}` first",
+            args.results.display(),
+            args.results.display()
+        ));
+    }
+    let text = matrix::markdown(&reports, &args.made_by);
+    match &args.output {
+        Some(path) => std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?,
+        None => print!("{text}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list_scenarios() {
+    for scenario in suite::scenarios() {
+        println!("{}: {}", scenario.name, scenario.about);
+        for check in scenario.checks {
+            let only = check.only.map(|f| format!(" ({f} only)")).unwrap_or_default();
+            println!("    {:<45} #{:<2} {:<5} {}{only}", check.id, check.invariant, check.class.short(), check.title);
+        }
+    }
+}

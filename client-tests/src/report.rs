@@ -9,6 +9,17 @@ use serde_json::{Map, Value};
 use crate::invariants::Class;
 use crate::version::KernelVersion;
 
+/// Marks the reports on a serial line, so the host finds them among anything else written there.
+pub const REPORT_BEGIN: &str = "NBDFAULT-REPORT-BEGIN";
+pub const REPORT_END: &str = "NBDFAULT-REPORT-END";
+
+/// Finds the reports between [`REPORT_BEGIN`] and [`REPORT_END`] in what a serial port carried.
+pub fn extract_reports(serial: &str) -> Result<Vec<Report>, String> {
+    let start = serial.find(REPORT_BEGIN).ok_or("the guest wrote no report (no begin marker)")? + REPORT_BEGIN.len();
+    let end = serial[start..].find(REPORT_END).ok_or("the report was cut short (no end marker)")? + start;
+    serde_json::from_str(serial[start..end].trim()).map_err(|e| format!("the report is not valid JSON: {e}"))
+}
+
 /// The outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -200,6 +211,26 @@ mod tests {
         assert!(lines[2].starts_with("! views.cached"), "{table}");
         assert!(lines[3].contains("research expects violated"), "{table}");
         assert_eq!(report.failures().count(), 1);
+    }
+
+    #[test]
+    fn reports_are_found_between_markers_amid_serial_noise() {
+        let report = Report {
+            tool: "t".into(),
+            tool_version: "0".into(),
+            kernel: KernelInfo { release: "r".into(), version: None, package: None },
+            fs: "xfs".into(),
+            started_unix: 0,
+            duration_secs: 0.0,
+            checks: vec![],
+        };
+        let serial = format!(
+            "garbage\r\n{REPORT_BEGIN}\r\n{}\r\n{REPORT_END}\r\n",
+            serde_json::to_string(&vec![report.clone()]).unwrap()
+        );
+        assert_eq!(extract_reports(&serial).unwrap(), vec![report]);
+        assert!(extract_reports("nothing").unwrap_err().contains("no report"));
+        assert!(extract_reports(&format!("{REPORT_BEGIN}[{{")).unwrap_err().contains("cut short"));
     }
 
     #[test]

@@ -146,6 +146,23 @@ pub fn page_size() -> usize {
     if size > 0 { size as usize } else { 4096 }
 }
 
+/// Puts a terminal (a serial port) into raw mode so bytes pass unchanged; other files are left
+/// alone.
+pub fn make_raw_if_terminal(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: isatty only inspects the descriptor.
+    if unsafe { libc::isatty(fd) } != 1 {
+        return Ok(());
+    }
+    // SAFETY: a zeroed termios is filled by tcgetattr before use; both calls get a valid pointer.
+    unsafe {
+        let mut tio: libc::termios = std::mem::zeroed();
+        check(libc::tcgetattr(fd, &mut tio))?;
+        libc::cfmakeraw(&mut tio);
+        check(libc::tcsetattr(fd, libc::TCSANOW, &tio))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +188,12 @@ mod tests {
         assert_eq!(outcome(&sync_file_range(&file, RangeSync::WriteAndWait)), "0");
         assert_eq!(outcome(&fadvise_dontneed(&file)), "0");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn raw_mode_leaves_regular_files_alone() {
+        let file = File::open("/proc/self/status").unwrap();
+        make_raw_if_terminal(&file).unwrap();
     }
 
     #[test]

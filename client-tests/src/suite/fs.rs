@@ -1,0 +1,128 @@
+//! The filesystems under test: making them (with the host's mkfs), mounting, unmounting.
+
+use std::fmt;
+use std::path::Path;
+use std::process::Command;
+use std::str::FromStr;
+
+use crate::os;
+
+/// A filesystem the suite knows how to test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Fs {
+    Xfs,
+    Ext4,
+}
+
+impl Fs {
+    pub const ALL: [Fs; 2] = [Fs::Xfs, Fs::Ext4];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fs::Xfs => "xfs",
+            Fs::Ext4 => "ext4",
+        }
+    }
+
+    /// The mkfs command for `device`: quiet, forced, and without discarding the whole device.
+    pub fn mkfs_command(self, device: &Path) -> Command {
+        let mut cmd = match self {
+            Fs::Xfs => {
+                let mut c = Command::new("mkfs.xfs");
+                c.args(["-f", "-q", "-K"]);
+                c
+            }
+            Fs::Ext4 => {
+                let mut c = Command::new("mkfs.ext4");
+                c.args(["-F", "-q", "-E", "nodiscard"]);
+                c
+            }
+        };
+        cmd.arg(device);
+        cmd
+    }
+
+    /// Mount options. ext4's lazy inode-table zeroing would write in the background during the
+    /// scenarios; `noinit_itable` keeps the device quiet.
+    pub fn mount_options(self) -> &'static str {
+        match self {
+            Fs::Xfs => "",
+            Fs::Ext4 => "noinit_itable",
+        }
+    }
+
+    /// Makes a fresh filesystem on `device`.
+    pub fn make(self, device: &Path) -> Result<(), String> {
+        let mut cmd = self.mkfs_command(device);
+        let out = cmd.output().map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{:?} failed ({}): {}",
+                cmd.get_program(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Mounts `device` on `target`.
+    pub fn mount(self, device: &Path, target: &Path) -> std::io::Result<()> {
+        os::mount(device, target, self.name(), self.mount_options())
+    }
+}
+
+impl fmt::Display for Fs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Fs {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "xfs" => Ok(Fs::Xfs),
+            "ext4" => Ok(Fs::Ext4),
+            other => Err(format!("unknown filesystem `{other}`: use xfs or ext4")),
+        }
+    }
+}
+
+/// Parses `xfs`, `ext4` or `all`.
+pub fn parse_list(s: &str) -> Result<Vec<Fs>, String> {
+    if s == "all" {
+        return Ok(Fs::ALL.to_vec());
+    }
+    s.split(',').map(|p| p.trim().parse()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filesystem_lists_parse_all_and_commas() {
+        assert_eq!(parse_list("all").unwrap(), vec![Fs::Xfs, Fs::Ext4]);
+        assert_eq!(parse_list("ext4").unwrap(), vec![Fs::Ext4]);
+        assert_eq!(parse_list("ext4,xfs").unwrap(), vec![Fs::Ext4, Fs::Xfs]);
+        assert!(parse_list("btrfs").unwrap_err().contains("xfs or ext4"));
+    }
+
+    #[test]
+    fn mkfs_never_discards_the_whole_device() {
+        for fs in Fs::ALL {
+            let cmd = fs.mkfs_command(Path::new("/dev/nbd0"));
+            let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+            assert!(args.iter().any(|a| a == "-K" || a == "nodiscard"), "{args:?}");
+            assert_eq!(args.last().unwrap(), "/dev/nbd0");
+        }
+    }
+
+    #[test]
+    fn mkfs_failure_names_the_program_and_its_message() {
+        let err = Fs::Xfs.make(Path::new("/nonexistent/device")).unwrap_err();
+        assert!(err.contains("mkfs.xfs"), "{err}");
+    }
+}

@@ -1,0 +1,182 @@
+//! A failed log (XFS) or journal (ext4) write, on purpose: XFS shuts down and ext4 aborts its
+//! journal. On XFS this is also the research's way to the thread's bug state on 5.10: the dirty
+//! mapped page's writeback then fails at submission, which cleared Uptodate before 5.19.
+
+use std::os::unix::fs::FileExt;
+
+use serde_json::{Value, json};
+
+use super::env::{Env, log_texts, read_at};
+use super::layout::{ext4_journal_ranges, xfs_log_range};
+use super::submission::submission_fixed;
+use super::views::SHUTDOWN_LINES;
+use super::{CheckSpec, Findings, Fs, Scenario, Step, StepError, Target, always_holds};
+use crate::invariants::Class::{Guaranteed as G, KnownBug as BUG, SetupDependent as SETUP};
+use crate::kmsg::matching;
+use crate::os::mapping::Mapping;
+use crate::os::pageflags::page_state;
+use crate::os::{self, outcome};
+use crate::pattern::{NEW, OLD, REDIRTY, classify};
+use crate::policy::Op;
+use crate::report::Verdict;
+
+/// ext4 leaves the pages dirty and Uptodate after an abort; XFS follows the submission rule.
+fn page_kept(t: &Target) -> Option<Verdict> {
+    match t.fs {
+        Fs::Xfs => submission_fixed(t),
+        Fs::Ext4 => Some(Verdict::Holds),
+    }
+}
+
+pub static SCENARIO: Scenario = Scenario {
+    name: "log-failure",
+    about: "fail the XFS log or ext4 journal: shutdown, then what the dirty mapped page shows",
+    checks: &[
+        CheckSpec::new(
+            "logfail.shuts-down",
+            26,
+            G,
+            "a log or journal write error shuts XFS down or aborts the ext4 journal",
+            always_holds,
+        ),
+        CheckSpec::new(
+            "logfail.mapped-page-uptodate",
+            14,
+            BUG,
+            "after the shutdown, writeback of a dirty mapped page leaves it Uptodate",
+            page_kept,
+        ),
+        CheckSpec::new(
+            "logfail.store-sigbus",
+            21,
+            SETUP,
+            "a store on the shut-down XFS raises SIGBUS while loads of mapped pages work",
+            always_holds,
+        )
+        .only(Fs::Xfs),
+        CheckSpec::new(
+            "logfail.dirty-pages-kept",
+            28,
+            SETUP,
+            "after the journal abort, the dirty page stays dirty and read() returns its data",
+            always_holds,
+        )
+        .only(Fs::Ext4),
+    ],
+    run,
+};
+
+const LEN: u64 = 16 * 1024;
+
+fn log_ranges(env: &Env) -> Result<Vec<(u64, u64)>, StepError> {
+    match env.fs() {
+        Fs::Xfs => {
+            let sb = env.control.read_data(0, 512).step("read the XFS superblock")?;
+            Ok(vec![xfs_log_range(&sb).step("find the XFS log")?])
+        }
+        Fs::Ext4 => {
+            let sb = env.control.read_data(1024, 1024).step("read the ext4 superblock")?;
+            ext4_journal_ranges(&sb).step("find the ext4 journal")
+        }
+    }
+}
+
+fn create_and_fsync(env: &Env, name: &str) -> String {
+    let result =
+        std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(env.path(name)).and_then(|f| {
+            f.write_all_at(b"log", 0)?;
+            f.sync_all()
+        });
+    outcome(&result)
+}
+
+fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
+    let fs = env.fs();
+    let file = env.create("log-failure", OLD, LEN)?;
+    let map = Mapping::shared(&file.writer, LEN as usize).step("mmap the file")?;
+    map.store(0, &NEW.bytes(0, 4096)).step("store")?.map_err(|b| StepError::new("store", b))?;
+    file.writer.write_all_at(&NEW.bytes(4096, 4096), 4096).step("write()")?;
+    map.load(4096, 4096).step("load page 1")?.map_err(|b| StepError::new("load", b))?;
+    let ranges = log_ranges(env)?;
+    f.share("log_ranges", json!(ranges));
+
+    let policy = env.fail(Op::Write, ranges, "fail-log")?;
+    let (first, failed) = env.arm_and(&policy, |env| create_and_fsync(env, "force-the-log"))?;
+    env.heal()?;
+    if failed.is_empty() {
+        return Err(StepError::new("fail the log", "the server failed no write to the log or journal"));
+    }
+    // ext4 notices the aborted journal when the next handle starts.
+    let second = create_and_fsync(env, "after-the-abort");
+    let lines = env.kernel_log();
+    let gave_up = matching(&lines, SHUTDOWN_LINES);
+    f.judge(
+        "logfail.shuts-down",
+        !gave_up.is_empty() && second != "0",
+        "no shutdown or journal abort was logged, or the filesystem still takes fsync",
+        json!({ "failed_log_writes": failed.len(), "fsync_that_forced_the_log": first, "fsync_after": second, "lines": log_texts(&gave_up) }),
+    );
+
+    // Writeback of the dirty pages now fails at submission (XFS) or is refused (ext4).
+    let msync = outcome(&map.msync(true));
+    let fsync = outcome(&os::fsync(&file.writer));
+    let views = env.views(&file, Some(&map), 0, 8192)?;
+    let states: Vec<_> = (0..2).map(|i| page_state(map.address(i * 4096))).collect();
+    let states_ev: Vec<Value> = states
+        .iter()
+        .map(|s| s.as_ref().map(|s| json!(s)).unwrap_or_else(|e| json!({ "error": e.to_string() })))
+        .collect();
+    let ev = json!({ "msync": msync, "fsync": fsync, "views": views.evidence(), "page_flags": states_ev });
+    let bug =
+        states.iter().map(|s| s.as_ref().ok().and_then(|s| s.mapped_but_not_uptodate())).collect::<Option<Vec<bool>>>();
+    match bug {
+        Some(b) => f.judge(
+            "logfail.mapped-page-uptodate",
+            !b.iter().any(|x| *x),
+            "a page is still mapped but no longer Uptodate (the 2020 thread's state)",
+            ev.clone(),
+        ),
+        None => f.set(
+            "logfail.mapped-page-uptodate",
+            Verdict::NotApplicable,
+            Some("the page flags are unreadable (no /proc/kpageflags, or not root)".into()),
+            ev.clone(),
+        ),
+    }
+
+    match fs {
+        Fs::Xfs => {
+            let stored = map.store(0, &REDIRTY.bytes(0, 16)).step("store after the shutdown")?;
+            let load = map.load(4096, 16).step("load after the shutdown")?;
+            f.judge(
+                "logfail.store-sigbus",
+                stored.is_err() && load.is_ok(),
+                "the store did not raise SIGBUS, or the load of a mapped page failed",
+                json!({
+                    "store": stored.map(|()| "ok".to_string()).unwrap_or_else(|b| b.to_string()),
+                    "load_page_1": load.as_ref().map(|b| classify(4096, b).to_string()).unwrap_or_else(|b| b.to_string()),
+                    "before": ev,
+                }),
+            );
+        }
+        Fs::Ext4 => {
+            let dirty = states.first().and_then(|s| s.as_ref().ok()).and_then(|s| s.dirty.zip(s.uptodate));
+            let read_new = read_at(&file.writer, 0, 4096).is_ok_and(|b| NEW.matches(0, &b));
+            match dirty {
+                Some((d, u)) => f.judge(
+                    "logfail.dirty-pages-kept",
+                    d && u && read_new,
+                    "the page lost its dirty or Uptodate state, or read() no longer returns its data",
+                    ev,
+                ),
+                None => f.set(
+                    "logfail.dirty-pages-kept",
+                    Verdict::NotApplicable,
+                    Some("the page flags are unreadable".into()),
+                    ev,
+                ),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! The 2020 thread's own bug class: writeback that fails *before* the bio is sent (at submission),
+//! here because block allocation for delayed-allocation pages needs metadata reads and the server
+//! fails every read. Old kernels then leave the page mapped but no longer Uptodate, so mmap loads
+//! show data that read() no longer returns.
+
+use std::os::unix::fs::FileExt;
+
+use serde_json::{Value, json};
+
+use super::env::{Env, log_texts, read_at};
+use super::{CheckSpec, Findings, Fs, Scenario, Step, StepError, Target};
+use crate::invariants::Class::KnownBug as BUG;
+use crate::kmsg::matching;
+use crate::os::mapping::Mapping;
+use crate::os::pageflags::page_state;
+use crate::os::{self, fiemap, outcome};
+use crate::pattern::{NEW, REDIRTY, SECOND, classify};
+use crate::policy::Op;
+use crate::report::Verdict;
+
+/// XFS stopped invalidating pages on submission errors in 5.19 (e9c3a8e820ed). ext4's fix
+/// (9b25f381de6b) is post-7.0 with stable backports to 6.1+ whose presence in a Debian build is
+/// unknown, so only 5.x is predicted.
+pub fn submission_fixed(t: &Target) -> Option<Verdict> {
+    let k = t.kernel?;
+    match t.fs {
+        Fs::Xfs => Some(if k.at_least(5, 19) { Verdict::Holds } else { Verdict::Violated }),
+        Fs::Ext4 => (!k.at_least(6, 1)).then_some(Verdict::Violated),
+    }
+}
+
+pub static SCENARIO: Scenario = Scenario {
+    name: "submission",
+    about: "writeback fails at submission (block allocation's metadata reads fail): do mmap and read() disagree?",
+    checks: &[
+        CheckSpec::new(
+            "submission.mmap-read-agree",
+            14,
+            BUG,
+            "after a submission-time writeback failure, an mmap load and read() still agree",
+            submission_fixed,
+        ),
+        CheckSpec::new(
+            "submission.partial-write-keeps-page",
+            24,
+            BUG,
+            "a partial write() after the failure keeps the rest of the page",
+            submission_fixed,
+        ),
+        CheckSpec::new(
+            "submission.store-no-warning",
+            22,
+            BUG,
+            "a store after the failure does not hit a mapped page that is not Uptodate (no kernel warning)",
+            submission_fixed,
+        ),
+    ],
+    run,
+};
+
+const LEN: u64 = 16 * 1024;
+const IDS: [&str; 3] =
+    ["submission.mmap-read-agree", "submission.partial-write-keeps-page", "submission.store-no-warning"];
+
+/// Lines that show the allocation failed at submission.
+const SUBMISSION_LINES: &[&str] = &[
+    "Delayed block allocation failed",
+    "This should not happen",
+    "metadata I/O error",
+    "page discard",
+    "Cannot read block bitmap",
+    "writeback error",
+    "I/O error",
+];
+/// A kernel WARN starts with this; the thread's WARN_ON_ONCE sits in page_mkwrite (iomap) or
+/// __folio_mark_dirty (ext4).
+const WARNING_LINES: &[&str] = &["WARNING:"];
+
+fn page_states(map: &Mapping, pages: usize) -> Value {
+    json!(
+        (0..pages)
+            .map(|i| page_state(map.address(i * 4096))
+                .map(|s| json!(s))
+                .unwrap_or_else(|e| json!({ "error": e.to_string() })))
+            .collect::<Vec<_>>()
+    )
+}
+
+fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
+    // A new file written with write(): delayed allocation, no blocks yet.
+    let mut file = env.create("submission", NEW, 0)?;
+    file.writer.write_all_at(&NEW.bytes(0, LEN as usize), 0).step("write()")?;
+    let map = Mapping::shared(&file.writer, LEN as usize).step("mmap the file")?;
+    map.load(0, LEN as usize).step("load every page")?.map_err(|b| StepError::new("load", b))?;
+    map.store(0, &NEW.bytes(0, 64)).step("store")?.map_err(|b| StepError::new("store", b))?;
+    env.drop_metadata()?;
+    env.kernel_log();
+
+    let policy = env.fail(Op::Read, Vec::new(), "fail-every-read")?;
+    let ((), failed) = env.arm_and(&policy, |_| os::sync())?;
+    env.heal()?;
+    let lines = env.kernel_log();
+    let submission_lines = matching(&lines, SUBMISSION_LINES);
+    file.refresh_extents(LEN)?;
+    let located = file.extents.iter().any(fiemap::Extent::located);
+    let disk = if located { env.disk(&file, 0, LEN).ok() } else { None };
+    let context = json!({
+        "failed_reads": failed.len(),
+        "first_failed_read": failed.first().map(|r| r.raw.clone()),
+        "extents_after": file.extents.iter().map(|e| json!({ "logical": e.logical, "physical": e.physical, "length": e.length, "flags": e.flags })).collect::<Vec<_>>(),
+        "kernel_lines": log_texts(&submission_lines),
+    });
+    f.share("writeback", context);
+    if failed.is_empty() {
+        let why = "block allocation read no metadata while reads were failing (it was still cached), so writeback did not fail at submission";
+        for id in IDS {
+            f.set(id, Verdict::NotApplicable, Some(why.into()), Value::Null);
+        }
+        return Ok(());
+    }
+    if disk.as_deref().is_some_and(|d| NEW.matches(0, d)) {
+        for id in IDS {
+            f.set(id, Verdict::NotApplicable, Some("writeback succeeded despite the failed reads".into()), Value::Null);
+        }
+        return Ok(());
+    }
+
+    // The views, and the state of the mapped pages.
+    let views = env.views(&file, Some(&map), 0, LEN)?;
+    let states: Vec<_> = (0..4).filter_map(|i| page_state(map.address(i * 4096)).ok()).collect();
+    let bug_state = states.iter().map(|s| s.mapped_but_not_uptodate()).collect::<Option<Vec<bool>>>();
+    let ev = json!({ "views": views.evidence(), "page_flags": page_states(&map, 4) });
+    match (views.mmap_bytes(), &views.read) {
+        (Some(m), Ok(r)) => f.judge(
+            "submission.mmap-read-agree",
+            m == r.as_slice(),
+            format!(
+                "mmap shows {} data but read() returns {}: the page stayed mapped after it stopped being Uptodate",
+                classify(0, m),
+                classify(0, r)
+            ),
+            ev,
+        ),
+        (_, Err(e)) => match bug_state {
+            Some(bug) if bug.iter().any(|b| *b) => f.set(
+                "submission.mmap-read-agree",
+                Verdict::Violated,
+                Some(format!(
+                    "read() fails with {e} while the mapping still shows the data of a page that is not Uptodate"
+                )),
+                ev,
+            ),
+            Some(_) => f.set(
+                "submission.mmap-read-agree",
+                Verdict::Holds,
+                Some(format!("read() fails with {e} (filesystem shut down), but the mapped pages are still Uptodate")),
+                ev,
+            ),
+            None => f.set(
+                "submission.mmap-read-agree",
+                Verdict::NotApplicable,
+                Some(format!("read() fails with {e} and the page flags are unreadable")),
+                ev,
+            ),
+        },
+        (None, _) => {
+            f.set("submission.mmap-read-agree", Verdict::Error, Some("the mapping raised SIGBUS on a load".into()), ev)
+        }
+    }
+
+    // A partial write into page 2.
+    let written = outcome(&file.writer.write_all_at(&SECOND.bytes(8192, 100), 8192));
+    let page = read_at(&file.writer, 8192, 4096);
+    let ev = json!({
+        "write": written,
+        "page_after": page.as_ref().map(|p| json!({ "first_100": classify(8192, &p[..100]), "rest": classify(8292, &p[100..]) })).unwrap_or_else(|e| json!({ "error": e })),
+    });
+    match &page {
+        Ok(p) => f.judge(
+            "submission.partial-write-keeps-page",
+            NEW.matches(8292, &p[100..]),
+            format!("the rest of the page became {}", classify(8292, &p[100..])),
+            ev,
+        ),
+        Err(e) => f.set(
+            "submission.partial-write-keeps-page",
+            Verdict::NotApplicable,
+            Some(format!("read() fails with {e}")),
+            ev,
+        ),
+    }
+
+    // A store into page 1.
+    env.kernel_log();
+    let stored = map.store(4096, &REDIRTY.bytes(4096, 100)).step("store after the failure")?;
+    let msync = outcome(&map.msync(true));
+    let lines = env.kernel_log();
+    let warnings = matching(&lines, WARNING_LINES);
+    let ev = json!({
+        "store": stored.map(|()| "ok".to_string()).unwrap_or_else(|b| b.to_string()),
+        "msync": msync,
+        "warnings": log_texts(&warnings),
+    });
+    f.judge(
+        "submission.store-no-warning",
+        warnings.is_empty(),
+        "the kernel warned about dirtying a page that is not Uptodate",
+        ev,
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::version::KernelVersion;
+
+    #[test]
+    fn xfs_is_expected_fixed_from_5_19_and_ext4_broken_on_5_x() {
+        let t = |fs, v| Target { fs, kernel: Some(v) };
+        assert_eq!(submission_fixed(&t(Fs::Xfs, KernelVersion::new(5, 10, 262))), Some(Verdict::Violated));
+        assert_eq!(submission_fixed(&t(Fs::Xfs, KernelVersion::new(6, 1, 0))), Some(Verdict::Holds));
+        assert_eq!(submission_fixed(&t(Fs::Ext4, KernelVersion::new(5, 10, 262))), Some(Verdict::Violated));
+        assert_eq!(submission_fixed(&t(Fs::Ext4, KernelVersion::new(6, 12, 0))), None);
+    }
+}

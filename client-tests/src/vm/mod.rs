@@ -1,0 +1,412 @@
+//! The VM harness: fetch a Debian kernel, build an initramfs with this (statically linked) binary,
+//! start `nbdfault serve`, boot qemu, attach with the real nbd-client, run the suite inside, and
+//! collect its report.
+
+pub mod debian;
+pub mod guest;
+pub mod initramfs;
+pub mod kernel;
+pub mod modules;
+pub mod qemu;
+pub mod server;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use crate::report::{Report, extract_reports};
+use crate::story;
+
+/// Arguments of `vm`.
+#[derive(Args, Debug)]
+pub struct VmArgs {
+    /// The client kernel: a version prefix such as 5.10, 6.1 or 6.12 (the newest Debian build
+    /// wins), a Debian package name, or the path of a kernel .deb you built.
+    #[arg(long, required_unless_present = "vmlinuz")]
+    pub kernel: Option<String>,
+    /// Boot this kernel image instead of a Debian package (see --modules).
+    #[arg(long)]
+    pub vmlinuz: Option<PathBuf>,
+    /// With --vmlinuz: the lib/modules/RELEASE directory holding nbd, xfs, ext4 and virtio_net
+    /// (leave out when they are built in).
+    #[arg(long, requires = "vmlinuz")]
+    pub modules: Option<PathBuf>,
+    /// xfs, ext4, or all.
+    #[arg(long, default_value = "all")]
+    pub fs: String,
+    /// Only these scenarios (comma-separated; see `scenarios`).
+    #[arg(long, default_value = "")]
+    pub only: String,
+    /// Where the JSON reports (one per filesystem) are written.
+    #[arg(long, default_value = "nbdfault-results")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub common: Common,
+    /// The nbdfault server binary (default: next to this program in the target directory, then PATH).
+    #[arg(long)]
+    pub server: Option<PathBuf>,
+    /// The statically linked nbdfault-client-tests to put in the guest (default: this program if
+    /// it is static, else its static build in the target directory).
+    #[arg(long)]
+    pub guest_binary: Option<PathBuf>,
+    /// The nbd-client to put in the guest.
+    #[arg(long, default_value = "nbd-client")]
+    pub nbd_client: String,
+    /// How long the server holds each error reply, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    pub delay_ms: u64,
+    /// Give up on the guest after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    pub timeout: u64,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub memory: u32,
+    /// Guest CPUs.
+    #[arg(long, default_value_t = 2)]
+    pub cpus: u32,
+    /// The qemu binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// After the table, tell in plain words what the overwrite scenario saw (the demo).
+    #[arg(long)]
+    pub story: bool,
+}
+
+/// Options shared by `vm` and `kernel`.
+#[derive(Args, Debug)]
+pub struct Common {
+    /// Cache for package lists, kernels and packages (default: $NBDFAULT_CACHE, else
+    /// $XDG_CACHE_HOME/nbdfault, else ~/.cache/nbdfault).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// Download Debian's package lists again even if the cached ones are less than a day old.
+    #[arg(long)]
+    pub refresh: bool,
+    /// The Debian archive to fetch from.
+    #[arg(long, env = "NBDFAULT_DEBIAN_MIRROR", default_value = "http://deb.debian.org")]
+    pub mirror: String,
+}
+
+/// Arguments of `kernel`.
+#[derive(Args, Debug)]
+pub struct KernelArgs {
+    /// A version prefix (5.10, 6.1, 6.12), a Debian package name, or a .deb path.
+    #[arg(long)]
+    pub kernel: String,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// The cache directory.
+pub fn cache_dir(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    if let Some(p) = std::env::var_os("NBDFAULT_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(p).join("nbdfault");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".cache/nbdfault")
+}
+
+/// Holds an exclusive lock on the cache so two harnesses do not unpack the same kernel at once.
+struct CacheLock {
+    _file: std::fs::File,
+}
+
+impl CacheLock {
+    fn take(cache: &Path) -> std::io::Result<CacheLock> {
+        use std::os::unix::io::AsRawFd;
+        std::fs::create_dir_all(cache)?;
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(cache.join(".lock"))?;
+        // SAFETY: flock on a descriptor we own; released when the file closes.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(CacheLock { _file: file })
+    }
+}
+
+/// Prints progress with the time since start.
+struct Progress(Instant);
+
+impl Progress {
+    fn say(&self, text: &str) {
+        eprintln!("[{:6.1}s] {text}", self.0.elapsed().as_secs_f64());
+    }
+}
+
+/// A directory removed, with everything in it, when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> std::io::Result<TempDir> {
+        let base = std::env::temp_dir().join(format!(
+            "nbdfault-vm-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&base)?;
+        Ok(TempDir(base))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// True when `path` is an ELF executable without a program interpreter (statically linked).
+pub fn is_static_executable(path: &Path) -> std::io::Result<bool> {
+    let data = std::fs::read(path)?;
+    if data.len() < 64 || &data[0..4] != b"\x7fELF" || data[4] != 2 {
+        return Ok(false);
+    }
+    let u16_at = |at: usize| u16::from_le_bytes([data[at], data[at + 1]]) as usize;
+    let phoff = u64::from_le_bytes(data[0x20..0x28].try_into().unwrap_or_default()) as usize;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    const PT_INTERP: u32 = 3;
+    for i in 0..phnum {
+        let at = phoff + i * phentsize;
+        let Some(kind) = data.get(at..at + 4) else { return Ok(false) };
+        if u32::from_le_bytes(kind.try_into().unwrap_or_default()) == PT_INTERP {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Directories where sibling build outputs may be: this program's own directory, and for a
+/// `target/TRIPLE/PROFILE` build also `target/PROFILE` (and the reverse).
+fn sibling_dirs() -> Vec<PathBuf> {
+    let Ok(exe) = std::env::current_exe() else { return Vec::new() };
+    let Some(dir) = exe.parent().map(Path::to_path_buf) else { return Vec::new() };
+    let mut dirs = vec![dir.clone()];
+    if let (Some(profile), Some(parent)) = (dir.file_name(), dir.parent()) {
+        if parent.file_name().is_some_and(|n| n == "x86_64-unknown-linux-gnu")
+            && let Some(target) = parent.parent()
+        {
+            dirs.push(target.join(profile));
+        } else {
+            dirs.push(parent.join("x86_64-unknown-linux-gnu").join(profile));
+        }
+    }
+    dirs
+}
+
+fn find_server(explicit: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(p) = explicit {
+        return if p.is_file() { Ok(p.to_path_buf()) } else { Err(format!("--server {}: no such file", p.display())) };
+    }
+    sibling_dirs()
+        .into_iter()
+        .map(|d| d.join("nbdfault"))
+        .find(|p| p.is_file())
+        .or_else(|| initramfs::find_tool("nbdfault").ok())
+        .ok_or_else(|| "cannot find the nbdfault server: build it in the same target directory (cargo build -p nbdfault) or pass --server PATH".to_string())
+}
+
+fn find_guest_binary(explicit: Option<&Path>) -> Result<PathBuf, String> {
+    let static_hint = "build it with RUSTFLAGS='-C target-feature=+crt-static' cargo build -p nbdfault-client-tests --target x86_64-unknown-linux-gnu (or pass --guest-binary PATH)";
+    if let Some(p) = explicit {
+        return match is_static_executable(p) {
+            Ok(true) => Ok(p.to_path_buf()),
+            Ok(false) => Err(format!("{} is not a statically linked executable: {static_hint}", p.display())),
+            Err(e) => Err(format!("{}: {e}", p.display())),
+        };
+    }
+    sibling_dirs()
+        .into_iter()
+        .map(|d| d.join("nbdfault-client-tests"))
+        .find(|p| is_static_executable(p).unwrap_or(false))
+        .ok_or_else(|| format!("no statically linked nbdfault-client-tests for the guest: {static_hint}"))
+}
+
+/// `kernel`: fetch and unpack, print what the cache holds.
+pub fn kernel_main(args: KernelArgs) -> Result<ExitCode, String> {
+    let progress = Progress(Instant::now());
+    let cache = cache_dir(args.common.cache.as_deref());
+    let _lock = CacheLock::take(&cache).map_err(|e| format!("cannot lock the cache {}: {e}", cache.display()))?;
+    let k = kernel::prepare(&cache, &args.common.mirror, &args.kernel, args.common.refresh, &mut |s| progress.say(s))
+        .map_err(|e| e.to_string())?;
+    println!(
+        "kernel {} ({})",
+        k.release,
+        k.package.as_ref().map(|p| format!("{} {}", p.name, p.version)).unwrap_or_default()
+    );
+    println!("image {}", k.vmlinuz.display());
+    println!("modules {}", k.modules.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(" "));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vm`: everything, start to finish.
+pub fn main(args: VmArgs) -> Result<ExitCode, String> {
+    let progress = Progress(Instant::now());
+    let filesystems = crate::suite::fs::parse_list(&args.fs)?;
+    let fs_list = filesystems.iter().map(|f| f.name()).collect::<Vec<_>>().join(",");
+    qemu::check_available(&args.qemu)?;
+    let server_binary = find_server(args.server.as_deref())?;
+    let guest_binary = find_guest_binary(args.guest_binary.as_deref())?;
+    let cache = cache_dir(args.common.cache.as_deref());
+
+    let kernel = match (&args.vmlinuz, &args.kernel) {
+        (Some(vmlinuz), _) => kernel::custom(vmlinuz, args.modules.as_deref()).map_err(|e| e.to_string())?,
+        (None, Some(spec)) => {
+            let _lock =
+                CacheLock::take(&cache).map_err(|e| format!("cannot lock the cache {}: {e}", cache.display()))?;
+            kernel::prepare(&cache, &args.common.mirror, spec, args.common.refresh, &mut |s| progress.say(s))
+                .map_err(|e| e.to_string())?
+        }
+        (None, None) => return Err("give --kernel VERSION or --vmlinuz PATH".into()),
+    };
+    progress.say(&format!("kernel {} with {} modules", kernel.release, kernel.modules.len()));
+
+    let temp = TempDir::new().map_err(|e| format!("cannot make a temporary directory: {e}"))?;
+    let tool = |name: &str| initramfs::find_tool(name).map_err(|e| e.to_string());
+    let programs = [
+        ("/bin/busybox", tool("busybox")?),
+        ("/sbin/nbd-client", tool(&args.nbd_client)?),
+        ("/sbin/mkfs.xfs", tool("mkfs.xfs")?),
+        ("/sbin/mkfs.ext4", tool("mkfs.ext4")?),
+    ];
+    let files: Vec<(&str, PathBuf)> =
+        [("/etc/mke2fs.conf", PathBuf::from("/etc/mke2fs.conf"))].into_iter().filter(|(_, p)| p.is_file()).collect();
+    let init = guest::init_script();
+    let archive = initramfs::build(&initramfs::Contents {
+        init_script: &init,
+        guest_binary: &guest_binary,
+        modules: &kernel.modules,
+        programs: &programs,
+        files: &files,
+    })
+    .map_err(|e| e.to_string())?;
+    let initrd = temp.0.join("initramfs.cpio");
+    std::fs::write(&initrd, &archive).map_err(|e| format!("cannot write the initramfs: {e}"))?;
+    progress.say(&format!("initramfs built ({} MiB, guest binary {})", archive.len() >> 20, guest_binary.display()));
+
+    let export = "client-tests";
+    let server =
+        server::Server::start(&server_binary, export, "1GiB", &temp.0.join("server.log")).map_err(|e| e.to_string())?;
+    progress
+        .say(&format!("nbdfault serve ready: NBD on {}, control API on {}", server.ready.nbd, server.ready.control));
+
+    let params = guest::GuestParams {
+        nbd_port: server.ready.nbd.port(),
+        control_port: server.ready.control.port(),
+        export: export.to_string(),
+        filesystems: fs_list.clone(),
+        only: args.only.clone(),
+        delay_ms: args.delay_ms,
+        package: kernel.package.as_ref().map(|p| p.name.clone()).unwrap_or_default(),
+    };
+    let config = qemu::QemuConfig {
+        qemu: args.qemu.clone(),
+        kernel: kernel.vmlinuz.clone(),
+        initrd,
+        append: guest::kernel_command_line(&params),
+        memory_mib: args.memory,
+        cpus: args.cpus,
+        report: temp.0.join("report.serial"),
+        console_log: temp.0.join("console.log"),
+        timeout: Duration::from_secs(args.timeout),
+    };
+    progress.say(&format!("booting {} under qemu (TCG) for {fs_list}", kernel.release));
+    let outcome = qemu::run(&config, &mut |line| {
+        if let Some(text) = guest::progress_text(line) {
+            progress.say(&format!("  guest: {text}"));
+        }
+    })
+    .map_err(|e| format!("cannot run qemu: {e}"))?;
+    let server_exit = server.stop();
+    progress.say(&format!(
+        "guest finished in {:.0} s{}",
+        outcome.elapsed.as_secs_f64(),
+        if outcome.timed_out { " (TIMED OUT, killed)" } else { "" }
+    ));
+
+    let serial = std::fs::read(&config.report).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    std::fs::create_dir_all(&args.out).map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
+    let reports = match extract_reports(&serial) {
+        Ok(r) if !r.is_empty() => r,
+        result => {
+            let why = result.err().unwrap_or_else(|| "the report is empty".into());
+            let kept = args.out.join(format!("{}-console.log", kernel.label()));
+            let _ = std::fs::copy(&config.console_log, &kept);
+            let _ = std::fs::copy(temp.0.join("server.log"), args.out.join(format!("{}-server.log", kernel.label())));
+            let console = std::fs::read_to_string(&config.console_log).unwrap_or_default();
+            let tail: Vec<&str> = console.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+            return Err(format!(
+                "no report from the guest: {why}\nlast console lines:\n{}\n(console and server logs kept in {})",
+                tail.join("\n"),
+                args.out.display()
+            ));
+        }
+    };
+    let mut failing = 0;
+    for report in &reports {
+        let path = args.out.join(format!("{}-{}.json", kernel.label(), report.fs));
+        std::fs::write(&path, serde_json::to_string_pretty(report).map_err(|e| e.to_string())?)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        println!("{}", report.table());
+        progress.say(&format!("report written to {}", path.display()));
+        failing += report.failures().count();
+    }
+    if args.story {
+        println!("{}", story::tell(&reports));
+    }
+    if let Some(status) = server_exit
+        && !status.success()
+    {
+        progress.say(&format!("note: nbdfault serve exited with {status} after SIGTERM"));
+    }
+    summarize(&reports, failing, &progress);
+    Ok(if failing > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn summarize(reports: &[Report], failing: usize, progress: &Progress) {
+    if failing == 0 {
+        progress.say("no guaranteed invariant was violated and every check ran");
+        return;
+    }
+    for report in reports {
+        for c in report.failures() {
+            progress.say(&format!(
+                "FAILED {} {} {}: {}",
+                report.fs,
+                c.id,
+                c.verdict.word(),
+                c.reason.as_deref().unwrap_or("")
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_dir_prefers_the_flag_then_the_environment() {
+        assert_eq!(cache_dir(Some(Path::new("/x"))), PathBuf::from("/x"));
+        let default = cache_dir(None);
+        assert!(default.ends_with("nbdfault"), "{}", default.display());
+    }
+
+    #[test]
+    fn dynamic_programs_are_not_static() {
+        assert!(!is_static_executable(&initramfs::find_tool("ls").unwrap()).unwrap());
+        assert!(!is_static_executable(Path::new("/etc/passwd")).unwrap());
+    }
+
+    #[test]
+    fn busybox_static_is_static() {
+        let busybox = initramfs::find_tool("busybox").expect("install busybox-static");
+        assert!(is_static_executable(&busybox).unwrap());
+    }
+}
