@@ -198,7 +198,7 @@ impl Apt {
 /// `linux-image-6.1.0-56-cloud-amd64`, `-rt-`, `-dbg`: no.
 pub fn is_plain_amd64_image(name: &str) -> bool {
     let base = name.strip_suffix("-unsigned").unwrap_or(name);
-    base.starts_with("linux-image-")
+    base.strip_prefix("linux-image-").is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit()))
         && base.ends_with("-amd64")
         && !base.contains("-cloud-")
         && !base.contains("-rt-")
