@@ -24,6 +24,7 @@ use tokio::sync::watch;
 
 use crate::bad_sectors::{BadSector, BadSectors};
 use crate::decision::{Action, Decision, Reply, Wait};
+use crate::index::Scratch;
 use crate::policy::{ActionSpec, Policy, Rule};
 use crate::random::{Purpose, below, draw};
 use crate::request::{Op, Request};
@@ -85,8 +86,8 @@ struct State {
     policy_triggers: Vec<usize>,
     next_request: u64,
     bad_sectors: BadSectors,
-    /// Reused candidate buffer, so a decision allocates nothing.
-    candidates: Vec<u32>,
+    /// Reused lookup buffers, so a decision allocates nothing.
+    scratch: Scratch,
 }
 
 impl State {
@@ -146,7 +147,7 @@ impl Engine {
             policy_triggers: Vec::new(),
             next_request: 0,
             bad_sectors: BadSectors::default(),
-            candidates: Vec::new(),
+            scratch: Scratch::default(),
         };
         state.install(policy);
         Engine { state: Mutex::new(state), changes: watch::Sender::new(0), none: Arc::from(Vec::new()) }
@@ -162,8 +163,7 @@ impl Engine {
     /// so request indices (and so replay) line up. `now` is the time since server start.
     pub fn decide(&self, request: &Request, now: Duration) -> Decision {
         let mut guard = self.lock();
-        let State { policy, counters, triggers, policy_triggers, next_request, bad_sectors, candidates, .. } =
-            &mut *guard;
+        let State { policy, counters, triggers, policy_triggers, next_request, bad_sectors, scratch, .. } = &mut *guard;
         let request_index = *next_request;
         *next_request += 1;
         let Some(policy) = policy.as_deref() else {
@@ -171,10 +171,10 @@ impl Engine {
         };
         let armed = |id: usize| triggers[policy_triggers[id]].armed;
         let ranged = request.op != Op::Flush;
-        policy.index.candidates(request.op, request.offset, request.end(), ranged, request_index, candidates);
+        policy.index.candidates(request.op, request.offset, request.end(), ranged, request_index, scratch);
 
         let mut deciding: Option<(&Rule, u64)> = None;
-        for &id in candidates.iter() {
+        for &id in &scratch.candidates {
             let rule = &policy.rules[id as usize];
             if !conditions_hold(rule, request, request_index, now, &armed, |id| triggers[policy_triggers[id]].since) {
                 continue;

@@ -62,19 +62,17 @@ impl IntervalIndex {
         self.starts.len()
     }
 
-    /// Appends the value of every interval overlapping `[start, end)` to `out`.
-    pub(crate) fn overlapping(&self, start: u64, end: u64, out: &mut Vec<u32>) {
+    /// Appends the value of every interval overlapping `[start, end)` to `out`. `stack` is
+    /// scratch space, passed in so that a lookup allocates nothing once it has grown.
+    pub(crate) fn overlapping(&self, start: u64, end: u64, out: &mut Vec<u32>, stack: &mut Vec<(u32, usize, bool)>) {
         let n = self.starts.len();
         if n == 0 {
             return;
         }
-        // (level, node, left child done). The depth is bounded by the 64-bit positions.
-        let mut stack = [(0u32, 0usize, false); 64];
-        let mut top = 1;
-        stack[0] = (self.root_level, (1usize << self.root_level) - 1, false);
-        while top > 0 {
-            top -= 1;
-            let (k, x, left_done) = stack[top];
+        // (level, node, left child done): an explicit stack for the top-down walk.
+        stack.clear();
+        stack.push((self.root_level, (1usize << self.root_level) - 1, false));
+        while let Some((k, x, left_done)) = stack.pop() {
             if k <= 3 {
                 // A small subtree: scan its positions in order.
                 let first = x >> k << k;
@@ -89,20 +87,17 @@ impl IntervalIndex {
                 }
             } else if !left_done {
                 let left = x - (1usize << (k - 1));
-                stack[top] = (k, x, true);
-                top += 1;
+                stack.push((k, x, true));
                 // A left child beyond the array still has a subtree inside it; otherwise skip it
                 // when nothing under it reaches the query.
                 if left >= n || self.max_ends[left] > start {
-                    stack[top] = (k - 1, left, false);
-                    top += 1;
+                    stack.push((k - 1, left, false));
                 }
             } else if x < n && self.starts[x] < end {
                 if start < self.ends[x] {
                     out.push(self.values[x]);
                 }
-                stack[top] = (k - 1, x + (1usize << (k - 1)), false);
-                top += 1;
+                stack.push((k - 1, x + (1usize << (k - 1)), false));
             }
         }
     }
@@ -122,6 +117,14 @@ struct OpIndex {
 pub(crate) struct RuleIndex {
     by_op: [OpIndex; 7],
     by_request: HashMap<u64, Vec<u32>>,
+}
+
+/// Buffers reused from one lookup to the next.
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    /// The candidates of the last lookup, sorted and without duplicates.
+    pub candidates: Vec<u32>,
+    stack: Vec<(u32, usize, bool)>,
 }
 
 /// What the index needs to know about one rule.
@@ -166,9 +169,10 @@ impl RuleIndex {
         RuleIndex { by_op, by_request }
     }
 
-    /// Writes into `out`, sorted and without duplicates, the rules that can concern a request of
-    /// `op` over `[start, end)` at position `request_index` of the stream. `ranged` is false for
-    /// requests without a byte range (flush), which never match a ranged rule.
+    /// Writes into `scratch.candidates`, sorted and without duplicates, the rules that can
+    /// concern a request of `op` over `[start, end)` at position `request_index` of the stream.
+    /// `ranged` is false for requests without a byte range (flush), which never match a ranged
+    /// rule.
     pub(crate) fn candidates(
         &self,
         op: Op,
@@ -176,14 +180,15 @@ impl RuleIndex {
         end: u64,
         ranged: bool,
         request_index: u64,
-        out: &mut Vec<u32>,
+        scratch: &mut Scratch,
     ) {
+        let out = &mut scratch.candidates;
         out.clear();
         let index = &self.by_op[op.index()];
         out.extend_from_slice(&index.everywhere);
         let mut sorted = true;
         if ranged && index.ranged.len() > 0 {
-            index.ranged.overlapping(start, end, out);
+            index.ranged.overlapping(start, end, out, &mut scratch.stack);
             sorted = false;
         }
         if !self.by_request.is_empty()
@@ -214,7 +219,7 @@ mod tests {
     #[test]
     fn an_empty_index_finds_nothing() {
         let mut out = Vec::new();
-        IntervalIndex::new(Vec::new()).overlapping(0, u64::MAX, &mut out);
+        IntervalIndex::new(Vec::new()).overlapping(0, u64::MAX, &mut out, &mut Vec::new());
         assert!(out.is_empty());
     }
 
@@ -222,10 +227,10 @@ mod tests {
     fn touching_intervals_do_not_overlap() {
         let index = IntervalIndex::new(vec![(0, 10, 0), (10, 20, 1), (20, 30, 2)]);
         let mut out = Vec::new();
-        index.overlapping(10, 20, &mut out);
+        index.overlapping(10, 20, &mut out, &mut Vec::new());
         assert_eq!(out, [1]);
         out.clear();
-        index.overlapping(9, 21, &mut out);
+        index.overlapping(9, 21, &mut out, &mut Vec::new());
         out.sort_unstable();
         assert_eq!(out, [0, 1, 2]);
     }
@@ -239,15 +244,15 @@ mod tests {
             IndexEntry { ops: Op::Read.bit(), ranges: &[], requests: None },
             IndexEntry { ops: Op::Write.bit(), ranges: &[], requests: Some(&[7]) },
         ]);
-        let mut out = Vec::new();
-        index.candidates(Op::Write, 60, 70, true, 7, &mut out);
-        assert_eq!(out, [0, 1, 3]);
-        index.candidates(Op::Write, 60, 70, true, 8, &mut out);
-        assert_eq!(out, [0, 1]);
-        index.candidates(Op::Write, 60, 70, false, 8, &mut out);
-        assert_eq!(out, [0]);
-        index.candidates(Op::Read, 60, 70, true, 8, &mut out);
-        assert_eq!(out, [2]);
+        let mut scratch = Scratch::default();
+        index.candidates(Op::Write, 60, 70, true, 7, &mut scratch);
+        assert_eq!(scratch.candidates, [0, 1, 3]);
+        index.candidates(Op::Write, 60, 70, true, 8, &mut scratch);
+        assert_eq!(scratch.candidates, [0, 1]);
+        index.candidates(Op::Write, 60, 70, false, 8, &mut scratch);
+        assert_eq!(scratch.candidates, [0]);
+        index.candidates(Op::Read, 60, 70, true, 8, &mut scratch);
+        assert_eq!(scratch.candidates, [2]);
     }
 
     proptest! {
@@ -261,7 +266,7 @@ mod tests {
             let index = IntervalIndex::new(intervals.clone());
             for (start, length) in queries {
                 let mut found = Vec::new();
-                index.overlapping(start, start + length, &mut found);
+                index.overlapping(start, start + length, &mut found, &mut Vec::new());
                 found.sort_unstable();
                 prop_assert_eq!(found, brute_force(&intervals, start, start + length));
             }
@@ -285,7 +290,7 @@ mod tests {
             for start in queries {
                 let end = start.saturating_add(4096);
                 let mut found = Vec::new();
-                index.overlapping(start, end, &mut found);
+                index.overlapping(start, end, &mut found, &mut Vec::new());
                 found.sort_unstable();
                 prop_assert_eq!(found, brute_force(&intervals, start, end));
             }
