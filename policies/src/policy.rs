@@ -288,7 +288,7 @@ impl Rule {
         };
         let threshold = when.probability.and_then(|probability| {
             // 2^64 * p, except that p = 1 must mean "always", which no u64 threshold expresses.
-            (probability < 1.0).then(|| (probability * 18_446_744_073_709_551_616.0) as u64)
+            (probability < 1.0).then_some((probability * 18_446_744_073_709_551_616.0) as u64)
         });
         let stall = then.stall.map(|(trigger, timeout)| {
             triggers.id(&trigger);
