@@ -1,0 +1,30 @@
+# Installs Debian packages that are missing, with one `apt-get update` first. Sourced by the
+# scripts in scripts/; needs root (or sudo) on Debian 12.
+#
+#   install_packages PACKAGE...
+
+install_packages() {
+    local missing=()
+    local package
+    for package in "$@"; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$package")
+    done
+    ((${#missing[@]} == 0)) && return 0
+    local sudo=()
+    if ((EUID != 0)); then
+        command -v sudo >/dev/null || {
+            echo "installing ${missing[*]} needs root: run as root or install sudo" >&2
+            return 1
+        }
+        sudo=(sudo)
+    fi
+    echo "==> installing ${missing[*]}" >&2
+    "${sudo[@]}" apt-get update -qq
+    # qemu-utils is named with qemu-system-x86 so both come from the same Debian release: a newer
+    # qemu-utils (from backports) would otherwise be removed, taking qemu-img and qemu-io with it.
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# What the server's integration tests drive: libnbd's tools and Python binding, qemu-img/qemu-io,
+# fio's nbd engine, nbdkit for comparisons.
+SERVER_TEST_PACKAGES=(libnbd-bin python3-libnbd qemu-utils fio nbdkit curl)
