@@ -53,8 +53,8 @@ struct RunArgs {
     #[arg(long, env = "NBDFAULT_CONTROL_TOKEN")]
     token: Option<String>,
     /// xfs, ext4, or all.
-    #[arg(long, default_value = "all", value_parser = fs::parse_list)]
-    fs: Vec<fs::Fs>,
+    #[arg(long, default_value = "all")]
+    fs: String,
     /// Only these scenarios (comma-separated; see `scenarios`).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -112,7 +112,7 @@ fn main() -> ExitCode {
 
 fn run(args: RunArgs) -> Result<ExitCode, String> {
     let control = Control::new(&args.control, &args.export, args.token.clone()).map_err(|e| e.to_string())?;
-    let filesystems: Vec<fs::Fs> = args.fs.into_iter().fold(Vec::new(), |mut all, f| {
+    let filesystems: Vec<fs::Fs> = fs::parse_list(&args.fs)?.into_iter().fold(Vec::new(), |mut all, f| {
         if !all.contains(&f) {
             all.push(f);
         }
@@ -184,5 +184,45 @@ fn list_scenarios() {
             let only = check.only.map(|f| format!(" ({f} only)")).unwrap_or_default();
             println!("    {:<45} #{:<2} {:<5} {}{only}", check.id, check.invariant, check.class.short(), check.title);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_accepts_the_documented_invocation() {
+        let cli = Cli::try_parse_from([
+            "nbdfault-client-tests",
+            "run",
+            "--device",
+            "/dev/nbd0",
+            "--control",
+            "http://10.0.2.2:1",
+            "--export",
+            "disk",
+            "--fs",
+            "xfs,ext4",
+            "--only",
+            "views,recovery",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else { panic!("not run") };
+        assert_eq!(fs::parse_list(&args.fs).unwrap(), vec![fs::Fs::Xfs, fs::Fs::Ext4]);
+        assert_eq!(args.only, vec!["views", "recovery"]);
+    }
+
+    #[test]
+    fn vm_needs_a_kernel_or_an_image() {
+        assert!(Cli::try_parse_from(["nbdfault-client-tests", "vm"]).is_err());
+        assert!(Cli::try_parse_from(["nbdfault-client-tests", "vm", "--kernel", "6.1", "--fs", "all"]).is_ok());
+        assert!(Cli::try_parse_from(["nbdfault-client-tests", "vm", "--vmlinuz", "/boot/vmlinuz"]).is_ok());
     }
 }

@@ -87,6 +87,10 @@ impl Apt {
             format!("Dir::State::Lists={d}/lists"),
             format!("Dir::State::status={d}/state/status"),
             format!("Dir::Cache={d}/cache"),
+            // Keep apt's binary package cache (some systems turn it off): lookups then take
+            // a fraction of a second instead of re-reading every list.
+            "Dir::Cache::pkgcache=pkgcache.bin".to_string(),
+            "Dir::Cache::srcpkgcache=srcpkgcache.bin".to_string(),
             "Debug::NoLocking=1".to_string(),
             "APT::Sandbox::User=root".to_string(),
             "Acquire::Languages=none".to_string(),
