@@ -98,7 +98,8 @@ impl FaultLayer {
 
     /// Waits as the decision says. Only this request's task waits.
     async fn wait(&self, wait: &Wait) -> Duration {
-        let started = Instant::now();
+        // tokio's clock, so a paused test clock measures the wait it skipped.
+        let started = tokio::time::Instant::now();
         match wait {
             Wait::None => {}
             Wait::Delay(delay) => tokio::time::sleep(*delay).await,
@@ -358,5 +359,159 @@ impl BlockDevice for FaultLayer {
             self.engine.clear_bad_sectors();
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryDevice;
+    use nbdfault_policies::Policy;
+
+    const CTX: IoContext = IoContext { connection: 1, cookie: 9, flags: 0 };
+    const FUA: IoContext = IoContext { connection: 1, cookie: 10, flags: command_flags::FUA };
+
+    struct Fixture {
+        storage: Arc<MemoryDevice>,
+        layer: Arc<FaultLayer>,
+        log: Arc<FaultLog>,
+    }
+
+    fn fixture(policy: &str) -> Fixture {
+        let storage = Arc::new(MemoryDevice::new(16 << 20));
+        let policy = Policy::from_yaml(policy, "test").unwrap();
+        let engine = Arc::new(Engine::new(Some(policy)));
+        let log = Arc::new(FaultLog::in_memory(64));
+        let layer = Arc::new(FaultLayer::new("disk", storage.clone(), engine, log.clone(), Clock::start()));
+        Fixture { storage, layer, log }
+    }
+
+    async fn stored(storage: &MemoryDevice, offset: u64, length: u32) -> Bytes {
+        storage.read(IoContext::default(), offset, length).await.unwrap()
+    }
+
+    fn block(byte: u8) -> Bytes {
+        Bytes::from(vec![byte; 4096])
+    }
+
+    #[tokio::test]
+    async fn an_injected_error_keeps_the_write_off_storage_and_is_logged() {
+        let f = fixture("rules: [{name: fail, when: {op: write, range: 0..4KiB}, then: {error: ENOSPC}}]");
+        let error = f.layer.write(CTX, 0, block(1), false).await.unwrap_err();
+        assert_eq!(error.errno(), crate::wire::errno::ENOSPC);
+        assert_eq!(stored(&f.storage, 0, 4).await, Bytes::from_static(&[0; 4]));
+        f.layer.write(CTX, 4096, block(2), false).await.unwrap();
+        assert_eq!(stored(&f.storage, 4096, 1).await[0], 2);
+        let records = f.log.since(None, 0);
+        assert_eq!(records.len(), 1);
+        assert_eq!((records[0].rule.as_str(), records[0].offset, records[0].persisted), ("fail", 0, 0));
+    }
+
+    #[tokio::test]
+    async fn persist_then_error_writes_the_data_and_still_fails_the_request() {
+        let f = fixture("rules: [{when: {op: write}, then: {error: EIO, persist: true}}]");
+        assert!(f.layer.write(CTX, 0, block(3), false).await.is_err());
+        assert_eq!(stored(&f.storage, 0, 1).await[0], 3);
+        assert_eq!(f.log.since(None, 0)[0].persisted, 4096);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_write_reports_success_without_reaching_storage() {
+        let f = fixture("rules: [{when: {op: write}, then: {drop: true}}]");
+        f.layer.write(CTX, 0, block(4), false).await.unwrap();
+        assert_eq!(stored(&f.storage, 0, 1).await[0], 0);
+    }
+
+    #[tokio::test]
+    async fn a_torn_write_persists_only_its_first_bytes() {
+        let f = fixture("rules: [{when: {op: write}, then: {torn: 1KiB, error: EIO}}]");
+        assert!(f.layer.write(CTX, 0, block(5), false).await.is_err());
+        let data = stored(&f.storage, 0, 4096).await;
+        assert!(data[..1024].iter().all(|&b| b == 5));
+        assert!(data[1024..].iter().all(|&b| b == 0));
+        assert_eq!(f.log.since(None, 0)[0].persisted, 1024);
+    }
+
+    #[tokio::test]
+    async fn a_corrupted_read_changes_what_the_client_sees_but_not_storage() {
+        let f = fixture("seed: 1\nrules: [{when: {op: read}, then: {corrupt: 8}}]");
+        f.storage.write(IoContext::default(), 0, block(6), false).await.unwrap();
+        let seen = f.layer.read(CTX, 0, 4096).await.unwrap();
+        let changed = seen.iter().filter(|&&b| b != 6).count();
+        assert!((1..=8).contains(&changed), "{changed} bytes changed");
+        assert!(stored(&f.storage, 0, 4096).await.iter().all(|&b| b == 6));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delayed_request_is_overtaken_by_a_later_one() {
+        let f = fixture("rules: [{when: {op: write}, then: {error: EIO, delay: 50ms}}]");
+        let layer = f.layer.clone();
+        let mut delayed = tokio::spawn(async move { layer.write(CTX, 0, block(7), false).await });
+        tokio::task::yield_now().await;
+        // The read goes through while the write still waits: nothing holds it up.
+        f.layer.read(CTX, 0, 16).await.unwrap();
+        assert!(futures_poll_pending(&mut delayed).await);
+        assert!(delayed.await.unwrap().is_err());
+        assert!(f.log.since(None, 0)[0].waited_ns.unwrap() >= 50_000_000);
+    }
+
+    /// True when the task has not finished yet, without waiting for it.
+    async fn futures_poll_pending<T>(task: &mut tokio::task::JoinHandle<T>) -> bool {
+        tokio::select! {
+            biased;
+            _ = task => false,
+            _ = std::future::ready(()) => true,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stalled_request_waits_for_its_release_trigger() {
+        let f = fixture("rules: [{name: hold, when: {op: write}, then: {stall: release, error: EIO}}]");
+        let layer = f.layer.clone();
+        let mut stalled = tokio::spawn(async move { layer.write(CTX, 0, block(8), false).await });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(futures_poll_pending(&mut stalled).await);
+        f.layer.engine().arm("release", Duration::ZERO);
+        assert!(stalled.await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn an_injected_disconnect_asks_to_drop_the_connection() {
+        let f = fixture("rules: [{when: {op: flush}, then: {disconnect: true}}]");
+        assert!(matches!(f.layer.flush(CTX).await, Err(IoError::Disconnect { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_power_cut_undoes_unflushed_writes_and_keeps_flushed_and_fua_ones() {
+        let f = fixture("rules: [{name: cut, when: {op: write, armed_by: cut}, then: {power_cut: true, error: EIO}}]");
+        f.layer.write(CTX, 0, block(1), false).await.unwrap();
+        f.layer.flush(CTX).await.unwrap();
+        f.layer.write(CTX, 0, block(2), false).await.unwrap();
+        f.layer.write(CTX, 8192, block(3), false).await.unwrap();
+        f.layer.write(FUA, 8192, block(4), true).await.unwrap();
+        f.layer.write_zeroes(CTX, 16384, 4096, ZeroFlags::default()).await.unwrap();
+        assert_eq!(f.layer.unflushed_bytes(), 2 * 4096);
+        f.layer.engine().arm("cut", Duration::ZERO);
+        assert!(f.layer.write(CTX, 65536, block(9), false).await.is_err());
+        assert_eq!(stored(&f.storage, 0, 1).await[0], 1, "the flushed write survives");
+        assert_eq!(stored(&f.storage, 8192, 1).await[0], 4, "the FUA write survives");
+        assert_eq!(stored(&f.storage, 65536, 1).await[0], 0, "the cutting write never happened");
+        assert_eq!(f.layer.unflushed_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_sticky_write_error_makes_reads_fail_until_rewritten_and_reset_heals_it() {
+        let f = fixture("rules: [{name: bad, when: {op: write, nth: 1}, then: {error: EIO, sticky: true}}]");
+        assert!(f.layer.write(CTX, 0, block(1), false).await.is_err());
+        assert!(f.layer.read(CTX, 0, 512).await.is_err());
+        f.layer.write(CTX, 0, block(2), false).await.unwrap();
+        assert_eq!(f.layer.read(CTX, 0, 1).await.unwrap()[0], 2);
+
+        let f = fixture("rules: [{name: bad, when: {op: write, nth: 1}, then: {error: EIO, sticky: true}}]");
+        assert!(f.layer.write(CTX, 0, block(1), false).await.is_err());
+        f.layer.reset().await.unwrap();
+        assert!(f.layer.read(CTX, 0, 512).await.is_ok());
     }
 }
