@@ -60,6 +60,9 @@ impl FaultLog {
         persisted: u64,
         elapsed: Duration,
     ) {
+        if decision.rule.is_none() {
+            return;
+        }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let Some(mut record) = FaultRecord::new(seq, elapsed, export, request, decision, persisted) else {
             return;
@@ -196,6 +199,10 @@ mod tests {
         let decision = engine.decide(&request, Duration::ZERO);
         log.record("a", &request, &decision, Duration::ZERO, 0, Duration::ZERO);
         assert!(log.since(None, 0).is_empty());
+        // Nor do they use up a sequence number: the next record is number 1.
+        let (request, decision) = failing_decision();
+        log.record("a", &request, &decision, Duration::ZERO, 0, Duration::ZERO);
+        assert_eq!(log.since(None, 0)[0].seq, 1);
     }
 
     #[test]
