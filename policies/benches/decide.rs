@@ -65,8 +65,9 @@ fn requests(rules: usize) -> Vec<Request> {
 fn decide(c: &mut Criterion) {
     let mut group = c.benchmark_group("decide");
     group.throughput(Throughput::Elements(1));
-    for rules in [10usize, 1_000, 10_000] {
-        let engine = Engine::new(Some(policy(rules)));
+    // 0: no policy at all, the fixed cost of the lock and the request index.
+    for rules in [0usize, 10, 1_000, 10_000] {
+        let engine = Engine::new((rules > 0).then(|| policy(rules)));
         for trigger in 0..7 {
             if trigger % 2 == 0 {
                 engine.arm(&format!("t{trigger}"), Duration::ZERO);

@@ -234,7 +234,8 @@ impl Engine {
             ActionSpec::Perform => Action::Perform,
             ActionSpec::Skip => Action::Skip,
             ActionSpec::Torn(tear) => {
-                let steps = (tear.max - tear.min) / tear.align + 1;
+                // Saturating: `torn: { persist: 0..16EiB, align: 1 }` has 2^64 steps.
+                let steps = ((tear.max - tear.min) / tear.align).saturating_add(1);
                 let persist = tear.min + below(random(Purpose::Tear), steps) * tear.align;
                 Action::Torn { persist: persist.min(request.length) }
             }
@@ -697,6 +698,15 @@ mod tests {
             engine.decide(&request, Duration::ZERO).rule.is_some()
         };
         assert_eq!([on(1, false), on(2, false), on(3, true), on(3, false)], [false, true, false, true]);
+    }
+
+    #[test]
+    fn a_torn_range_as_wide_as_the_address_space_does_not_overflow() {
+        let engine = Engine::new(Some(policy(
+            "rules:\n  - { when: { op: write }, then: { torn: { persist: 0..18446744073709551615, align: 1 } } }\n",
+        )));
+        let decision = engine.decide(&request(Op::Write, 0, 4096), Duration::ZERO);
+        assert!(matches!(decision.action, Action::Torn { persist } if persist <= 4096));
     }
 
     #[test]

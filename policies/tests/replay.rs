@@ -116,6 +116,13 @@ fn a_replayed_fault_log_makes_the_same_decisions() {
     let log: String = original.iter().map(|record| record.to_json_line() + "\n").collect();
     let records = parse_fault_log(&log).unwrap();
     let replay = replay_policy(&records).unwrap();
+    // Editors check replay files with the same schema as hand-written ones.
+    let schema = nbdfault_policies::json_schema();
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&replay).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let errors: Vec<String> =
+        validator.iter_errors(&serde_json::to_value(yaml).unwrap()).map(|error| error.to_string()).collect();
+    assert!(errors.is_empty(), "{errors:?}");
     let replayed = run(&replay, &requests, 1);
     assert_eq!(decision_log(&original), decision_log(&replayed), "replay policy:\n{replay}");
     let outcomes: std::collections::HashSet<_> = original.iter().map(|record| record.outcome).collect();
