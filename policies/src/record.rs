@@ -278,10 +278,28 @@ impl FaultRecord {
         serde_json::to_string(&view).expect("a decision view always serializes")
     }
 
+    /// The field a decision of this record's action and reply needs but the record lacks (a log
+    /// edited by hand, or written by something else).
+    pub(crate) fn missing_field(&self) -> Option<&'static str> {
+        if self.action == ActionRecord::Torn && self.torn_persist.is_none() {
+            Some("torn_persist")
+        } else if self.action == ActionRecord::CorruptRead && self.corrupt.is_none() {
+            Some("corrupt")
+        } else if self.reply == ReplyRecord::Error && self.errno.is_none() {
+            Some("errno")
+        } else {
+            None
+        }
+    }
+
     /// The decision this record logged, rebuilt: what [`crate::Engine::decide`] returned.
-    pub fn decision(&self) -> Decision {
+    /// `None` when the record lacks a field its action or reply needs.
+    pub fn decision(&self) -> Option<Decision> {
+        if self.missing_field().is_some() {
+            return None;
+        }
         let names = |list: &[String]| list.iter().map(|name| std::sync::Arc::from(name.as_str())).collect();
-        Decision {
+        Some(Decision {
             rule: Some(std::sync::Arc::from(self.rule.as_str())),
             request_index: self.request_index,
             wait: match &self.stall {
@@ -296,21 +314,21 @@ impl FaultRecord {
             action: match self.action {
                 ActionRecord::Perform => Action::Perform,
                 ActionRecord::Skip => Action::Skip,
-                ActionRecord::Torn => Action::Torn { persist: self.torn_persist.unwrap_or(0) },
+                ActionRecord::Torn => Action::Torn { persist: self.torn_persist? },
                 ActionRecord::CorruptRead => {
-                    let corrupt = self.corrupt.unwrap_or(CorruptRecord { seed: 0, bytes: 1 });
+                    let corrupt = self.corrupt?;
                     Action::CorruptRead { seed: corrupt.seed, bytes: corrupt.bytes }
                 }
             },
             reply: match self.reply {
                 ReplyRecord::Ok => Reply::Ok,
-                ReplyRecord::Error => Reply::Error(self.errno.unwrap_or(Errno::EIO)),
+                ReplyRecord::Error => Reply::Error(self.errno?),
                 ReplyRecord::Disconnect => Reply::Disconnect,
             },
             bad_sector: self.bad_sector,
             armed: names(&self.armed),
             disarmed: names(&self.disarmed),
-        }
+        })
     }
 }
 
@@ -400,7 +418,10 @@ mod tests {
         assert!(line.contains(r#""errno":"ENOSPC""#), "{line}");
         let parsed = parse_fault_log(&format!("{line}\n\n{line}\n")).unwrap();
         assert_eq!(parsed, [record.clone(), record.clone()]);
-        assert_eq!(record.decision(), original);
+        assert_eq!(record.decision(), Some(original));
+        let incomplete = FaultRecord { torn_persist: None, ..record };
+        assert_eq!(incomplete.missing_field(), Some("torn_persist"));
+        assert!(incomplete.decision().is_none());
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub enum ReplayError {
     MixedExports(String, String),
     #[error("request {0} appears twice in the fault log: a log of one server run has each request index once")]
     DuplicateRequest(u64),
+    #[error("the record of request {request} has no `{field}`, which its action or reply needs")]
+    Incomplete { request: u64, field: &'static str },
 }
 
 /// Writes a policy that makes the logged decisions again for the same request sequence.
@@ -31,6 +33,9 @@ pub fn replay_policy(records: &[FaultRecord]) -> Result<String, ReplayError> {
     }
     let mut sorted: Vec<&FaultRecord> = records.iter().collect();
     sorted.sort_by_key(|record| record.request_index);
+    if let Some((record, field)) = sorted.iter().find_map(|record| Some((record, record.missing_field()?))) {
+        return Err(ReplayError::Incomplete { request: record.request_index, field });
+    }
     let mut seen = HashSet::new();
     if let Some(duplicate) = sorted.iter().find(|record| !seen.insert(record.request_index)) {
         return Err(ReplayError::DuplicateRequest(duplicate.request_index));
@@ -61,7 +66,11 @@ fn then(record: &FaultRecord) -> Vec<String> {
     let mut then = Vec::new();
     match record.reply {
         ReplyRecord::Ok => {}
-        ReplyRecord::Error => then.push(format!("error: {}", record.errno.map_or("EIO", |errno| errno.name()))),
+        ReplyRecord::Error => {
+            if let Some(errno) = record.errno {
+                then.push(format!("error: {errno}"));
+            }
+        }
         ReplyRecord::Disconnect => then.push("disconnect: true".to_string()),
     }
     let failed = record.reply != ReplyRecord::Ok;
@@ -69,7 +78,11 @@ fn then(record: &FaultRecord) -> Vec<String> {
         ActionRecord::Perform if failed => then.push("persist: true".to_string()),
         ActionRecord::Skip if !failed => then.push("drop: true".to_string()),
         ActionRecord::Perform | ActionRecord::Skip => {}
-        ActionRecord::Torn => then.push(format!("torn: {}", record.torn_persist.unwrap_or(0))),
+        ActionRecord::Torn => {
+            if let Some(persist) = record.torn_persist {
+                then.push(format!("torn: {persist}"));
+            }
+        }
         ActionRecord::CorruptRead => {
             if let Some(corrupt) = record.corrupt {
                 then.push(format!("corrupt: {{ bytes: {}, seed: {} }}", corrupt.bytes, corrupt.seed));
