@@ -22,6 +22,8 @@ struct ModelRule {
     limit: Option<u64>,
     arm: Option<usize>,
     disarm: Option<usize>,
+    fua: Option<bool>,
+    connection: Option<u64>,
 }
 
 impl ModelRule {
@@ -32,6 +34,12 @@ impl ModelRule {
         }
         if let Some(trigger) = self.armed_by {
             when.push(format!("armed_by: {}", TRIGGERS[trigger]));
+        }
+        if let Some(fua) = self.fua {
+            when.push(format!("fua: {fua}"));
+        }
+        if let Some(connection) = self.connection {
+            when.push(format!("connection: {connection}"));
         }
         if let Some(trigger) = self.disarmed_by.filter(|&trigger| Some(trigger) != self.armed_by) {
             when.push(format!("disarmed_by: {}", TRIGGERS[trigger]));
@@ -61,6 +69,8 @@ impl ModelRule {
                 || self
                     .range
                     .is_none_or(|(start, end)| start < request.offset + request.length && request.offset < end))
+            && self.fua.is_none_or(|fua| fua == request.flags.fua)
+            && self.connection.is_none_or(|connection| connection == request.connection)
             && self.armed_by.is_none_or(|trigger| armed[trigger])
             && disarmed_by.is_none_or(|trigger| !armed[trigger])
     }
@@ -80,35 +90,46 @@ fn rule_strategy() -> impl Strategy<Value = ModelRule> {
         prop::option::of((0u64..16, 1u64..8).prop_map(|(start, length)| (start * 512, (start + length) * 512))),
         (trigger.clone(), trigger.clone(), trigger.clone(), trigger),
         (0u64..3, 1u64..4, prop::option::of(0u64..4), prop::option::of(1u64..4)),
+        (prop::option::of(any::<bool>()), prop::option::of(0u64..2)),
     )
-        .prop_map(|(op, range, (armed_by, disarmed_by, arm, disarm), (after, every, first_extra, limit))| {
-            ModelRule {
+        .prop_map(
+            |(
                 op,
                 range,
-                armed_by,
-                disarmed_by,
-                after,
-                every,
-                // `first` below `every` is refused by validation, so draw it from there up.
-                first: first_extra.map(|extra| every + extra),
-                limit,
-                arm,
-                disarm,
-            }
-        })
+                (armed_by, disarmed_by, arm, disarm),
+                (after, every, first_extra, limit),
+                (fua, connection),
+            )| {
+                ModelRule {
+                    op,
+                    range,
+                    armed_by,
+                    disarmed_by,
+                    after,
+                    every,
+                    // `first` below `every` is refused by validation, so draw it from there up.
+                    first: first_extra.map(|extra| every + extra),
+                    limit,
+                    arm,
+                    disarm,
+                    fua,
+                    connection,
+                }
+            },
+        )
 }
 
 #[derive(Debug, Clone)]
 enum Step {
-    Request(Op, u64, u64),
+    Request(Op, u64, u64, bool, u64),
     Arm(usize),
     Disarm(usize),
 }
 
 fn step_strategy() -> impl Strategy<Value = Step> {
     prop_oneof![
-        6 => (prop::sample::select(OPS.to_vec()), 0u64..24, 1u64..6)
-            .prop_map(|(op, block, blocks)| Step::Request(op, block * 512, blocks * 512)),
+        6 => (prop::sample::select(OPS.to_vec()), 0u64..24, 1u64..6, any::<bool>(), 0u64..2)
+            .prop_map(|(op, block, blocks, fua, connection)| Step::Request(op, block * 512, blocks * 512, fua, connection)),
         1 => (0usize..2).prop_map(Step::Arm),
         1 => (0usize..2).prop_map(Step::Disarm),
     ]
@@ -142,9 +163,10 @@ proptest! {
                     armed[trigger] = false;
                     continue;
                 }
-                Step::Request(op, offset, length) => {
+                Step::Request(op, offset, length, fua, connection) => {
                     let (offset, length) = if op == Op::Flush { (0, 0) } else { (offset, length) };
-                    Request { op, offset, length, flags: RequestFlags::default(), connection: 0, cookie: 0 }
+                    let flags = RequestFlags { fua, ..RequestFlags::default() };
+                    Request { op, offset, length, flags, connection, cookie: 0 }
                 }
             };
             // The model: every concerned rule counts the request; the first eligible one decides.
