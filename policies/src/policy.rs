@@ -91,6 +91,49 @@ impl Policy {
         self.cuts_power
     }
 
+    /// What is legal but most likely not what the author meant: rules that can never decide,
+    /// stalls that never hold. `nbdfault policy check` prints these after a successful check.
+    pub fn warnings(&self) -> Vec<PolicyWarning> {
+        let rules = &self.rules[self.scheduled..];
+        let mut warnings = Vec::new();
+        let warn = |rule: &Rule, message: String, fix: String| {
+            let (line, column) = locate_rule(&self.source, &rule.name);
+            PolicyWarning { origin: self.origin.clone(), line, column, message, fix }
+        };
+        for (position, rule) in rules.iter().enumerate() {
+            if let Some(earlier) = rules[..position]
+                .iter()
+                .find(|earlier| earlier.always_fires() && earlier.ops & rule.ops == rule.ops && rule.requests.is_none())
+            {
+                warnings.push(warn(
+                    rule,
+                    format!(
+                        "rule `{}` never decides a request: `{}` above it decides every request of the operations it matches",
+                        rule.name, earlier.name
+                    ),
+                    format!("move `{}` above `{}`, or narrow `{}`'s `when`", rule.name, earlier.name, earlier.name),
+                ));
+            }
+            if rule.threshold == Some(0) {
+                warnings.push(warn(
+                    rule,
+                    format!("rule `{}` has probability 0, so it never fires", rule.name),
+                    "raise the probability, or remove the rule".to_string(),
+                ));
+            }
+            if let Some((trigger, _)) = &rule.outcome.stall
+                && rule.armed_by.iter().any(|&id| self.triggers[id] == *trigger)
+            {
+                warnings.push(warn(
+                    rule,
+                    format!("rule `{}` stalls until `{trigger}` is armed, but it is only active while `{trigger}` is armed, so it never holds a request", rule.name),
+                    format!("stall on another trigger than the one in `armed_by`, such as `release-{trigger}`"),
+                ));
+            }
+        }
+        warnings
+    }
+
     fn compile(spec: PolicySpec, source: &str, origin: &str) -> Policy {
         let mut triggers = TriggerTable::default();
         let scheduled = spec.schedule.len();
@@ -123,6 +166,45 @@ impl Policy {
             cuts_power,
         }
     }
+}
+
+/// Something legal in a policy that is probably a mistake. Displays like a [`PolicyError`] with
+/// `warning: ` before the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyWarning {
+    pub origin: String,
+    /// 1-based; the rule's `name:` when it has one, else line 1.
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+    pub fix: String,
+}
+
+impl fmt::Display for PolicyWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: warning: {}\n  fix: {}", self.origin, self.line, self.column, self.message, self.fix)
+    }
+}
+
+/// Where a rule's `name: NAME` is written, found in the text because serde gives checks after
+/// parsing no locations. Names are plain words (see [`check_name`]), so a textual match is exact
+/// enough; a rule with a default name has none, and gets line 1.
+fn locate_rule(source: &str, name: &str) -> (usize, usize) {
+    for (number, line) in source.lines().enumerate() {
+        let mut rest = line;
+        let mut offset = 0;
+        while let Some(found) = rest.find("name:") {
+            let after = rest[found + 5..].trim_start().trim_start_matches(['"', '\'']);
+            let value: String =
+                after.chars().take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).collect();
+            if value == name {
+                return (number + 1, offset + found + 1);
+            }
+            offset += found + 5;
+            rest = &rest[found + 5..];
+        }
+    }
+    (1, 1)
 }
 
 #[derive(Default)]
@@ -265,6 +347,21 @@ pub(crate) struct DeclaredBadSector {
 }
 
 impl Rule {
+    /// True when the rule decides every request of its operations: nothing else narrows it.
+    fn always_fires(&self) -> bool {
+        self.ranges.is_empty()
+            && self.flags_set == 0
+            && self.flags_clear == 0
+            && self.connections.is_none()
+            && self.requests.is_none()
+            && self.armed_by.is_empty()
+            && self.disarmed_by.is_empty()
+            && self.window.is_none()
+            && self.nth == Nth::default()
+            && self.limit.is_none()
+            && self.threshold.is_none()
+    }
+
     fn compile(name: Arc<str>, when: &When, then: Then, triggers: &mut TriggerTable) -> Rule {
         let ops = match &when.ops {
             Some(ops) => ops.iter().fold(0, |bits, op| bits | op.bit()),
@@ -1493,6 +1590,37 @@ mod tests {
             assert!(error.message.contains(wanted), "{text}: wanted {wanted:?}, got {error}");
             assert!(!error.fix.is_empty(), "{text}: no fix in {error}");
         }
+    }
+
+    #[test]
+    fn warnings_point_at_rules_that_can_never_decide() {
+        let policy = Policy::from_yaml(
+            "rules:
+  - name: slow-reads
+    when: { op: read }
+    then: { delay: 1ms }
+  - name: failing-reads
+    when: { op: read, range: 0..4KiB }
+    then: { error: EIO }
+  - name: never
+    when: { op: write, probability: 0 }
+    then: { error: EIO }
+  - { name: held, when: { armed_by: go }, then: { stall: go } }
+",
+            "w.yaml",
+        )
+        .unwrap();
+        let warnings: Vec<String> = policy.warnings().iter().map(|warning| warning.to_string()).collect();
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(warnings[0].starts_with("w.yaml:5:5: warning: rule `failing-reads` never decides"), "{}", warnings[0]);
+        assert!(warnings[1].contains("probability 0"), "{}", warnings[1]);
+        assert!(
+            warnings[2].starts_with("w.yaml:11:7: warning:") && warnings[2].contains("never holds"),
+            "{}",
+            warnings[2]
+        );
+        let clean = Policy::from_yaml(include_str!("../scenarios/issue-example.yaml"), "ok.yaml").unwrap();
+        assert!(clean.warnings().is_empty());
     }
 
     #[test]

@@ -36,12 +36,13 @@ fn request(op: Op, offset: u64, length: u64) -> Request {
 }
 
 #[test]
-fn every_scenario_validates_and_says_what_it_reproduces_and_replaces() {
+fn every_scenario_validates_without_warnings_and_says_what_it_reproduces_and_replaces() {
     let files = scenarios();
     assert!(files.len() >= 10, "only {} scenarios", files.len());
     for (name, text) in &files {
-        if let Err(error) = Policy::from_yaml(text, name) {
-            panic!("{error}");
+        match Policy::from_yaml(text, name) {
+            Ok(policy) => assert!(policy.warnings().is_empty(), "{name}: {:?}", policy.warnings()),
+            Err(error) => panic!("{error}"),
         }
         assert!(text.starts_with('#'), "{name} must start with a comment saying what it reproduces");
         assert!(text.contains("Replaces:"), "{name} must say which tool it replaces");
