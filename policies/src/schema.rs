@@ -25,18 +25,17 @@ pub fn json_schema() -> Value {
     let one_or_more =
         |item: Value| json!({ "oneOf": [item.clone(), { "type": "array", "items": item, "minItems": 1 }] });
     let name = json!({ "$ref": "#/$defs/name" });
-    let flag = |description: &str| json!({ "type": "boolean", "description": description });
-    let when_def = json!({
+    let mut when_def = json!({
         "type": "object",
         "additionalProperties": false,
         "properties": {
             "op": one_or_more(json!({ "$ref": "#/$defs/op" })),
             "range": one_or_more(json!({ "$ref": "#/$defs/range" })),
-            "fua": flag("Match only requests with (true) or without (false) the FUA flag."),
-            "no_hole": flag("NBD_CMD_FLAG_NO_HOLE (write_zeroes)."),
-            "fast_zero": flag("NBD_CMD_FLAG_FAST_ZERO (write_zeroes)."),
-            "df": flag("NBD_CMD_FLAG_DF (read)."),
-            "req_one": flag("NBD_CMD_FLAG_REQ_ONE (block_status)."),
+            "fua": { "type": "boolean" },
+            "no_hole": { "type": "boolean" },
+            "fast_zero": { "type": "boolean" },
+            "df": { "type": "boolean" },
+            "req_one": { "type": "boolean" },
             "connection": one_or_more(json!({ "type": "integer", "minimum": 0 })),
             "request": one_or_more(json!({ "type": "integer", "minimum": 0 })),
             "nth": { "oneOf": [
@@ -73,7 +72,7 @@ pub fn json_schema() -> Value {
             }
         }
     });
-    let then_def = json!({
+    let mut then_def = json!({
         "type": "object",
         "additionalProperties": false,
         "properties": {
@@ -128,6 +127,8 @@ pub fn json_schema() -> Value {
             "disarm": { "$ref": "#/$defs/names" }
         }
     });
+    describe(&mut when_def, WHEN_DESCRIPTIONS);
+    describe(&mut then_def, THEN_DESCRIPTIONS);
     json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://github.com/nbdfault/nbdfault/policy.schema.json",
@@ -207,4 +208,70 @@ pub fn json_schema() -> Value {
             }
         }
     })
+}
+
+/// Hover texts for editors, one per field of `when`.
+const WHEN_DESCRIPTIONS: &[(&str, &str)] = &[
+    ("op", "read, write, flush, trim, write_zeroes, cache, block_status, or a list. Default: every operation."),
+    ("range", "Half-open byte range(s) the request must overlap: 1MiB..2MiB, 1MiB..+4KiB, 1GiB.. (flush has none)."),
+    ("fua", "Match only requests with (true) or without (false) the FUA flag."),
+    ("no_hole", "Match on NBD_CMD_FLAG_NO_HOLE (write_zeroes)."),
+    ("fast_zero", "Match on NBD_CMD_FLAG_FAST_ZERO (write_zeroes)."),
+    ("df", "Match on NBD_CMD_FLAG_DF (read)."),
+    ("req_one", "Match on NBD_CMD_FLAG_REQ_ONE (block_status)."),
+    ("connection", "The server's connection number(s), as in the fault log."),
+    ("request", "Request index(es) in the export's stream, from 0, as in the fault log."),
+    ("nth", "Which occurrences fire: N (exactly the N-th), or { after: N, every: N, first: N }."),
+    ("limit", "Decide at most this many requests."),
+    ("probability", "Seeded chance of firing per occurrence: 0.25 or 25%."),
+    ("armed_by", "Active only while all these triggers are armed."),
+    ("disarmed_by", "Inactive while any of these triggers is armed."),
+    ("from", "Active from this time on (see since)."),
+    ("until", "Active before this time (see since)."),
+    ("since", "What from, until and cycle count from: start (server start) or armed (arming of armed_by)."),
+    ("cycle", "dm-flakey intervals: active only in the down part of each up + down period."),
+];
+
+/// Hover texts for editors, one per field of `then`.
+const THEN_DESCRIPTIONS: &[(&str, &str)] = &[
+    ("error", "Reply with this errno; the I/O is not done unless persist is set. Linux turns every errno into EIO."),
+    ("delay", "Hold only this request, then act and reply: 50ms, or a seeded choice in 10ms..200ms."),
+    ("stall", "Hold this request until the trigger is armed, or the timeout passes."),
+    ("persist", "With error or disconnect: do the write anyway (persisted but reported failed)."),
+    ("drop", "Report success without doing the write (silent loss)."),
+    ("torn", "Write only the first bytes: 4KiB, 8s, or { persist: 0..3584, align: 512 }."),
+    ("corrupt", "Return read data with this many bytes damaged, chosen from the seed."),
+    ("sticky", "With error on a write: the range keeps failing reads until a write succeeds over it."),
+    ("disconnect", "Close the connection without replying."),
+    ("power_cut", "Undo every write not yet flushed before anything else."),
+    ("arm", "Arm these triggers after this decision."),
+    ("disarm", "Disarm these triggers after this decision."),
+];
+
+fn describe(definition: &mut Value, descriptions: &[(&str, &str)]) {
+    let Some(properties) = definition.get_mut("properties").and_then(Value::as_object_mut) else { return };
+    for (field, text) in descriptions {
+        if let Some(Value::Object(property)) = properties.get_mut(*field) {
+            property.insert("description".to_string(), Value::from(*text));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_field_of_when_and_then_has_a_description_for_editors() {
+        let schema = json_schema();
+        for definition in ["when", "then"] {
+            let properties = schema["$defs"][definition]["properties"].as_object().unwrap();
+            for (field, property) in properties {
+                assert!(
+                    property.get("description").is_some_and(Value::is_string),
+                    "{definition}.{field} has no description"
+                );
+            }
+        }
+    }
 }
