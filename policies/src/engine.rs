@@ -196,7 +196,7 @@ impl Engine {
         }
 
         let mut decision = match deciding {
-            Some((rule, occurrence)) => self.outcome(policy.seed, rule, occurrence, request, request_index),
+            Some((rule, occurrence)) => outcome(policy.seed, rule, occurrence, request, request_index),
             None => Decision::pass(request_index, &self.none),
         };
         apply_bad_sectors(bad_sectors, deciding.map(|(rule, _)| rule), request, &mut decision);
@@ -217,43 +217,6 @@ impl Engine {
             self.changes.send_modify(|version| *version += 1);
         }
         decision
-    }
-
-    fn outcome(&self, seed: u64, rule: &Rule, occurrence: u64, request: &Request, request_index: u64) -> Decision {
-        let outcome = &rule.outcome;
-        let random = |purpose| draw(seed, rule.name_hash, occurrence, purpose);
-        let wait = match (&outcome.stall, &outcome.delay) {
-            (Some((trigger, timeout)), _) => Wait::Until { trigger: trigger.clone(), timeout: *timeout },
-            (None, Some(spread)) => match spread.pick(random(Purpose::Delay)) {
-                delay if delay.is_zero() => Wait::None,
-                delay => Wait::Delay(delay),
-            },
-            (None, None) => Wait::None,
-        };
-        let action = match outcome.action {
-            ActionSpec::Perform => Action::Perform,
-            ActionSpec::Skip => Action::Skip,
-            ActionSpec::Torn(tear) => {
-                // Saturating: `torn: { persist: 0..16EiB, align: 1 }` has 2^64 steps.
-                let steps = ((tear.max - tear.min) / tear.align).saturating_add(1);
-                let persist = tear.min + below(random(Purpose::Tear), steps) * tear.align;
-                Action::Torn { persist: persist.min(request.length) }
-            }
-            ActionSpec::Corrupt { bytes, seed: fixed } => {
-                Action::CorruptRead { seed: fixed.unwrap_or_else(|| random(Purpose::Corruption)), bytes }
-            }
-        };
-        Decision {
-            rule: Some(rule.name.clone()),
-            request_index,
-            wait,
-            power_cut: outcome.power_cut,
-            action,
-            reply: outcome.reply,
-            bad_sector: outcome.bad_sector,
-            armed: outcome.arm.clone(),
-            disarmed: outcome.disarm.clone(),
-        }
     }
 
     /// Replaces the policy at once, without draining I/O: requests already decided keep their
@@ -351,6 +314,44 @@ impl Engine {
     /// How many requests have been decided: the index the next one gets.
     pub fn requests_decided(&self) -> u64 {
         self.lock().next_request
+    }
+}
+
+/// The decision of the rule that fired, its random choices drawn for this occurrence.
+fn outcome(seed: u64, rule: &Rule, occurrence: u64, request: &Request, request_index: u64) -> Decision {
+    let outcome = &rule.outcome;
+    let random = |purpose| draw(seed, rule.name_hash, occurrence, purpose);
+    let wait = match (&outcome.stall, &outcome.delay) {
+        (Some((trigger, timeout)), _) => Wait::Until { trigger: trigger.clone(), timeout: *timeout },
+        (None, Some(spread)) => match spread.pick(random(Purpose::Delay)) {
+            delay if delay.is_zero() => Wait::None,
+            delay => Wait::Delay(delay),
+        },
+        (None, None) => Wait::None,
+    };
+    let action = match outcome.action {
+        ActionSpec::Perform => Action::Perform,
+        ActionSpec::Skip => Action::Skip,
+        ActionSpec::Torn(tear) => {
+            // Saturating: `torn: { persist: 0..16EiB, align: 1 }` has 2^64 steps.
+            let steps = ((tear.max - tear.min) / tear.align).saturating_add(1);
+            let persist = tear.min + below(random(Purpose::Tear), steps) * tear.align;
+            Action::Torn { persist: persist.min(request.length) }
+        }
+        ActionSpec::Corrupt { bytes, seed: fixed } => {
+            Action::CorruptRead { seed: fixed.unwrap_or_else(|| random(Purpose::Corruption)), bytes }
+        }
+    };
+    Decision {
+        rule: Some(rule.name.clone()),
+        request_index,
+        wait,
+        power_cut: outcome.power_cut,
+        action,
+        reply: outcome.reply,
+        bad_sector: outcome.bad_sector,
+        armed: outcome.arm.clone(),
+        disarmed: outcome.disarm.clone(),
     }
 }
 
