@@ -84,7 +84,8 @@ fn explain(message: &str) -> Invalid {
         match closest(&wrong, allowed) {
             Some(best) => format!("write `{best}` instead of `{wrong}`"),
             None if allowed.is_empty() => format!("remove `{wrong}`: nothing else belongs here"),
-            None => format!("remove `{wrong}`; what belongs here: {}", allowed.join(", ")),
+            None if message.contains("unknown variant") => format!("write one of: {}", allowed.join(", ")),
+            None => format!("remove `{wrong}`; the fields here are: {}", allowed.join(", ")),
         }
     } else if message.contains("missing field") {
         let field = quoted.first().cloned().unwrap_or_default();
@@ -98,6 +99,8 @@ fn explain(message: &str) -> Invalid {
         "nest the YAML less deeply: a policy needs only a few levels".to_string()
     } else if message.contains("repetition limit") {
         "expand the aliases (`*name`) by hand: this many repetitions are refused".to_string()
+    } else if message.contains("cannot start any token") {
+        "indent with spaces (YAML refuses tabs), and quote values that start with `@`, `` ` `` or `%`".to_string()
     } else if message.contains("more than one document") {
         "keep one YAML document: remove the `---` separators and merge the rules into one `rules:` list".to_string()
     } else {
@@ -147,7 +150,9 @@ mod tests {
         let invalid = explain("unknown variant `eio`, expected one of `EPERM`, `EIO`");
         assert_eq!(invalid.fix, "write `EIO` instead of `eio`");
         let invalid = explain("unknown field `colour`, expected `op` or `range`");
-        assert_eq!(invalid.fix, "remove `colour`; what belongs here: op, range");
+        assert_eq!(invalid.fix, "remove `colour`; the fields here are: op, range");
+        let invalid = explain("unknown variant `EROFS`, expected one of `EPERM`, `EIO`");
+        assert_eq!(invalid.fix, "write one of: EPERM, EIO");
     }
 
     #[test]
