@@ -29,6 +29,8 @@ pub struct Env<'a> {
     log: Vec<KmsgLine>,
     mounted: bool,
     triggers: u32,
+    /// The fault-log records of the last armed window, for error messages.
+    last_records: Vec<Value>,
 }
 
 /// A file the scenario made, with the writer's descriptor kept open (so the inode, and the error
@@ -56,6 +58,13 @@ impl TestFile {
         self.extents = fiemap::extents(&self.writer, 0, len, false).step("FIEMAP")?;
         Ok(())
     }
+}
+
+/// A policy on the export whose trigger is armed.
+pub struct Armed {
+    pub policy: FailPolicy,
+    /// The fault log's last sequence number before arming.
+    since: u64,
 }
 
 /// One byte range as seen through an mmap load, read() and the server's disk.
@@ -122,8 +131,9 @@ impl Views {
     }
 }
 
-/// Turns off periodic background writeback for the suite's lifetime, so no page is written back
-/// before the scenario arms its fault. Restores the old settings on drop.
+/// Pushes periodic background writeback an hour away for the suite's lifetime, so pages are
+/// written back when a scenario says so. (Zero would be worse: the flusher is then kicked at once
+/// whenever an inode is dirtied.) Restores the old settings on drop.
 pub struct QuietWriteback {
     saved: Vec<(&'static str, String)>,
 }
@@ -133,7 +143,7 @@ const WRITEBACK: &str = "/proc/sys/vm/dirty_writeback_centisecs";
 
 pub fn quiet_background_writeback() -> std::io::Result<QuietWriteback> {
     let mut saved = Vec::new();
-    for (path, value) in [(EXPIRE, "360000"), (WRITEBACK, "0")] {
+    for (path, value) in [(EXPIRE, "360000"), (WRITEBACK, "360000")] {
         saved.push((path, std::fs::read_to_string(path)?.trim().to_string()));
         std::fs::write(path, value)?;
     }
@@ -161,6 +171,7 @@ impl<'a> Env<'a> {
             log: Vec::new(),
             mounted: false,
             triggers: 0,
+            last_records: Vec::new(),
         };
         env.heal()?;
         // Memory and overlay exports go back to zeros; a file export may refuse, and mkfs covers it.
@@ -265,9 +276,11 @@ impl<'a> Env<'a> {
         format!("go-{}", self.triggers)
     }
 
-    /// Puts a policy failing `op` requests in `ranges` (everywhere when empty), armed by a fresh
-    /// trigger, which it returns. Nothing fails until [`Env::arm_and_sync`].
-    pub fn fail(&mut self, op: Op, ranges: Vec<(u64, u64)>, name: &str) -> Result<FailPolicy, StepError> {
+    /// Puts a policy failing `op` requests in `ranges` (everywhere when empty) and arms its
+    /// trigger: from now on the server fails them. Arm before dirtying the pages, not just before
+    /// starting writeback: the kernel may write them back on its own within a second (a new
+    /// device's share of the dirty threshold is tiny), and those writes must fail too.
+    pub fn fail(&mut self, op: Op, ranges: Vec<(u64, u64)>, name: &str) -> Result<Armed, StepError> {
         let policy = FailPolicy {
             name: name.to_string(),
             op,
@@ -276,43 +289,40 @@ impl<'a> Env<'a> {
             delay: self.delay,
         };
         self.control.put_policy(&policy.to_yaml()).step("put the policy")?;
-        Ok(policy)
-    }
-
-    /// Arms the policy's trigger, runs `work` (which should start and wait for I/O), disarms, and
-    /// returns the requests the server failed meanwhile. Errors when it failed none in the
-    /// policy's ranges: then the scenario did not test what it meant to.
-    pub fn arm_and<T>(
-        &mut self,
-        policy: &FailPolicy,
-        work: impl FnOnce(&mut Self) -> T,
-    ) -> Result<(T, Vec<FaultRecord>), StepError> {
         let since = self.control.last_fault_seq().step("read the fault log")?;
         self.control.arm(&policy.trigger).step("arm the trigger")?;
-        let value = work(self);
+        Ok(Armed { policy, since })
+    }
+
+    /// Disarms and returns the requests in the policy's ranges the server failed while armed.
+    pub fn disarm(&mut self, armed: &Armed) -> Result<Vec<FaultRecord>, StepError> {
+        let policy = &armed.policy;
         self.control.disarm(&policy.trigger).step("disarm the trigger")?;
-        let failed: Vec<FaultRecord> = self
-            .control
-            .faults_since(since)
-            .step("read the fault log")?
+        let records = self.control.faults_since(armed.since).step("read the fault log")?;
+        self.last_records = records.iter().map(|r| r.raw.clone()).collect();
+        Ok(records
             .into_iter()
             .filter(|r| r.failed)
             .filter(|r| policy.ranges.is_empty() || policy.ranges.iter().any(|(s, e)| r.overlaps(*s, *e)))
-            .collect();
-        Ok((value, failed))
+            .collect())
     }
 
-    /// Arms, runs sync() (starts writeback and waits for it, consuming nobody's error report),
-    /// disarms and heals. Errors when no request in the policy's ranges failed.
-    pub fn arm_and_sync(&mut self, policy: &FailPolicy) -> Result<Vec<FaultRecord>, StepError> {
-        let ((), failed) = self.arm_and(policy, |_| os::sync())?;
+    /// sync() (starts writeback and waits for it, consuming nobody's error report), then disarms
+    /// and heals. Errors when no request in the policy's ranges failed: then the scenario did not
+    /// test what it meant to.
+    pub fn sync_and_heal(&mut self, armed: Armed) -> Result<Vec<FaultRecord>, StepError> {
+        os::sync();
+        let failed = self.disarm(&armed)?;
         self.heal()?;
         if failed.is_empty() {
             return Err(StepError::new(
                 "fail the writeback",
                 format!(
-                    "the server failed no {:?} request in {:?} while the trigger was armed",
-                    policy.op, policy.ranges
+                    "the server failed no {:?} request in {:?} while the trigger was armed; the fault log recorded {} request(s) then: {}",
+                    armed.policy.op,
+                    armed.policy.ranges,
+                    self.last_records.len(),
+                    Value::Array(self.last_records.iter().take(5).cloned().collect())
                 ),
             ));
         }

@@ -236,7 +236,7 @@ fn run(env: &mut Env, f: &mut Findings, call: Call) -> Result<(), StepError> {
         map.store(0, &NEW.bytes(0, 4096)).step("store through the mapping")?.map_err(|b| StepError::new("store", b))?;
     }
     writer.file.write_all_at(&NEW.bytes(4096, 4096), 4096).step("write()")?;
-    let failed = env.arm_and_sync(&policy)?;
+    let failed = env.sync_and_heal(policy)?;
 
     let mut sequence = Vec::new();
     let mut note = |who: &str, what: &str, returned: &str| {

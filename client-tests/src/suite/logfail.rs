@@ -100,8 +100,9 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
     let ranges = log_ranges(env)?;
     f.share("log_ranges", json!(ranges));
 
-    let policy = env.fail(Op::Write, ranges, "fail-log")?;
-    let (first, failed) = env.arm_and(&policy, |env| create_and_fsync(env, "force-the-log"))?;
+    let armed = env.fail(Op::Write, ranges, "fail-log")?;
+    let first = create_and_fsync(env, "force-the-log");
+    let failed = env.disarm(&armed)?;
     env.heal()?;
     if failed.is_empty() {
         return Err(StepError::new("fail the log", "the server failed no write to the log or journal"));

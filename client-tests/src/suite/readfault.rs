@@ -40,21 +40,18 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
     if resident.iter().any(|r| *r) {
         return Err(StepError::new("evict the file", format!("pages stay cached: {resident:?}")));
     }
-    let policy = env.fail(Op::Read, file.device_ranges(0, LEN), "fail-file-reads")?;
-    let (observed, failed) = env.arm_and(&policy, |_| {
-        let load = Mapping::shared(&file.writer, LEN as usize)
-            .and_then(|m| m.load(0, 16))
-            .map(|r| r.map(|b| classify(0, &b).to_string()))
-            .map_err(|e| e.to_string());
-        // read() a page the mapping's readahead did not ask for.
-        let read = read_at(&file.writer, LEN - 4096, 4096);
-        (load, read)
-    })?;
+    let armed = env.fail(Op::Read, file.device_ranges(0, LEN), "fail-file-reads")?;
+    let load = Mapping::shared(&file.writer, LEN as usize)
+        .and_then(|m| m.load(0, 16))
+        .map(|r| r.map(|b| classify(0, &b).to_string()))
+        .map_err(|e| e.to_string());
+    // read() a page the mapping's readahead did not ask for.
+    let read = read_at(&file.writer, LEN - 4096, 4096);
+    let failed = env.disarm(&armed)?;
     env.heal()?;
     if failed.is_empty() {
         return Err(StepError::new("fail the reads", "the server failed no read of the file's blocks"));
     }
-    let (load, read) = observed;
     let load = load.step("mmap and load")?;
     let after = Mapping::shared(&file.writer, LEN as usize)
         .step("mmap after healing")?

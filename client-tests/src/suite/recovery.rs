@@ -61,10 +61,10 @@ fn run_two_errors(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
     let ranges = file.device_ranges(0, LEN);
     let first = env.fail(Op::Write, ranges.clone(), "fail-file-data")?;
     store(&map, 0, &NEW.bytes(0, 4096))?;
-    let failed_first = env.arm_and_sync(&first)?;
+    let failed_first = env.sync_and_heal(first)?;
     let second = env.fail(Op::Write, ranges, "fail-file-data-again")?;
     store(&map, 0, &REDIRTY.bytes(0, 4096))?;
-    let failed_second = env.arm_and_sync(&second)?;
+    let failed_second = env.sync_and_heal(second)?;
     let e1 = outcome(&os::fsync(&file.writer));
     let e2 = outcome(&os::fsync(&file.writer));
     f.judge(
@@ -82,7 +82,7 @@ fn run_recovery(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
     let policy = env.fail(Op::Write, file.device_ranges(0, LEN), "fail-file-data")?;
     store(&map, 0, &NEW.bytes(0, 4096))?;
     file.writer.write_all_at(&NEW.bytes(4096, 4096), 4096).step("write()")?;
-    let failed = env.arm_and_sync(&policy)?;
+    let failed = env.sync_and_heal(policy)?;
     f.share("failed_requests", json!(failed.len()));
 
     // The server is healthy again. The error is reported once, then fsync succeeds, but nothing

@@ -87,17 +87,20 @@ fn page_states(map: &Mapping, pages: usize) -> Value {
 }
 
 fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
-    // A new file written with write(): delayed allocation, no blocks yet.
+    // A new, empty file; then the metadata caches are dropped and every read starts failing.
     let mut file = env.create("submission", NEW, 0)?;
+    env.drop_metadata()?;
+    env.kernel_log();
+    let armed = env.fail(Op::Read, Vec::new(), "fail-every-read")?;
+    // Write it with write(): delayed allocation, no blocks yet, no reads needed. Map it, load
+    // every page (page-table entries now point at them) and store into the first.
     file.writer.write_all_at(&NEW.bytes(0, LEN as usize), 0).step("write()")?;
     let map = Mapping::shared(&file.writer, LEN as usize).step("mmap the file")?;
     map.load(0, LEN as usize).step("load every page")?.map_err(|b| StepError::new("load", b))?;
     map.store(0, &NEW.bytes(0, 64)).step("store")?.map_err(|b| StepError::new("store", b))?;
-    env.drop_metadata()?;
-    env.kernel_log();
-
-    let policy = env.fail(Op::Read, Vec::new(), "fail-every-read")?;
-    let ((), failed) = env.arm_and(&policy, |_| os::sync())?;
+    // Writeback must allocate blocks, and allocation must read metadata: that fails.
+    os::sync();
+    let failed = env.disarm(&armed)?;
     env.heal()?;
     let lines = env.kernel_log();
     let submission_lines = matching(&lines, SUBMISSION_LINES);

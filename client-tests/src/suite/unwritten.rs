@@ -122,7 +122,7 @@ fn run_unwritten(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
     env.seed(&file, 0, &STALE.bytes(0, LEN as usize))?;
     let policy = env.fail(Op::Write, ranges, "fail-unwritten")?;
     file.writer.write_all_at(&NEW.bytes(0, LEN as usize), 0).step("write()")?;
-    let failed = env.arm_and_sync(&policy)?;
+    let failed = env.sync_and_heal(policy)?;
     let cached = env.views(&file, None, 0, LEN)?;
     let resident = env.evict(&file.writer, LEN)?;
     let evicted = env.views(&file, None, 0, LEN)?;
@@ -161,7 +161,7 @@ fn run_append(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
     env.seed(&file, OLD_LEN, &STALE.bytes(OLD_LEN, APPENDED as usize))?;
     let policy = env.fail(Op::Write, ranges, "fail-appended")?;
     file.writer.write_all_at(&NEW.bytes(OLD_LEN, APPENDED as usize), OLD_LEN).step("append with write()")?;
-    let failed = env.arm_and_sync(&policy)?;
+    let failed = env.sync_and_heal(policy)?;
     let size_cached = file.writer.metadata().step("stat")?.len();
     let resident = env.evict(&file.writer, OLD_LEN + APPENDED)?;
     let size_evicted = file.writer.metadata().step("stat")?.len();

@@ -99,7 +99,7 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
         .step("store through the mapping")?
         .map_err(|bus| StepError::new("store through the mapping", bus))?;
     file.writer.write_all_at(&NEW.bytes(STORED, (DIRTY - STORED) as usize), STORED).step("write()")?;
-    let failed = env.arm_and_sync(&policy)?;
+    let failed = env.sync_and_heal(policy)?;
     f.share("failed_requests", json!({ "count": failed.len(), "first": failed[0].raw }));
 
     // While cached.
