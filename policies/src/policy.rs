@@ -486,8 +486,25 @@ where
             let raw = Raw::deserialize(de::value::MapAccessDeserializer::new(map))?;
             (self.check)(raw).map_err(Invalid::into_serde)
         }
+        // A key with nothing after it (`when:`) is most often conditions commented out by
+        // mistake; read as an empty mapping it would silently widen the rule.
+        fn visit_unit<E: de::Error>(self) -> Result<T, E> {
+            Err(Invalid::new(
+                "this key has no value (perhaps its content was commented out)",
+                "write `{}` for an empty mapping, or put the content back",
+            )
+            .into_serde())
+        }
     }
-    deserializer.deserialize_map(MapVisitor { expecting, check })
+    // `deserialize_any`, not `deserialize_map`: serde_yaml would hand an empty value to a map
+    // visitor as an empty mapping.
+    deserializer.deserialize_any(MapVisitor { expecting, check })
+}
+
+/// For optional fields: absent means `None`, but a key with no value (or `~`) is refused, not
+/// read as absent, since it most often means content commented out by mistake.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(deserializer).map(Some)
 }
 
 /// One value or a non-empty list of values: `op: write` or `op: [write, flush]`.
@@ -786,7 +803,7 @@ impl<'de> Deserialize<'de> for PolicySpec {
 struct RawPolicy {
     #[serde(default)]
     seed: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     description: Option<String>,
     #[serde(default)]
     bad_sectors: Vec<DeclaredBadSector>,
@@ -802,11 +819,11 @@ struct RawPolicy {
 #[serde(deny_unknown_fields)]
 struct RawBadSector {
     range: Unit<ByteRange>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     error: Option<Errno>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     write_failures: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     name: Option<Name>,
 }
 
@@ -847,10 +864,10 @@ struct RuleSpec {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRule {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     name: Option<Name>,
-    #[serde(default)]
     #[allow(dead_code)] // Documentation for people reading the policy.
+    #[serde(default, deserialize_with = "present")]
     description: Option<String>,
     #[serde(default)]
     when: When,
@@ -973,23 +990,41 @@ pub(crate) struct When {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawWhen {
+    #[serde(default, deserialize_with = "present")]
     op: Option<ListOf<Op>>,
+    #[serde(default, deserialize_with = "present")]
     range: Option<ListOf<Unit<ByteRange>>>,
+    #[serde(default, deserialize_with = "present")]
     fua: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
     no_hole: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
     fast_zero: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
     df: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
     req_one: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
     connection: Option<ListOf<u64>>,
+    #[serde(default, deserialize_with = "present")]
     request: Option<ListOf<u64>>,
+    #[serde(default, deserialize_with = "present")]
     nth: Option<NthSpec>,
+    #[serde(default, deserialize_with = "present")]
     limit: Option<Count>,
+    #[serde(default, deserialize_with = "present")]
     probability: Option<Probability>,
+    #[serde(default, deserialize_with = "present")]
     armed_by: Option<ListOf<Name>>,
+    #[serde(default, deserialize_with = "present")]
     disarmed_by: Option<ListOf<Name>>,
+    #[serde(default, deserialize_with = "present")]
     from: Option<Unit<HumanDuration>>,
+    #[serde(default, deserialize_with = "present")]
     until: Option<Unit<HumanDuration>>,
+    #[serde(default, deserialize_with = "present")]
     since: Option<Since>,
+    #[serde(default, deserialize_with = "present")]
     cycle: Option<Cycle>,
 }
 
@@ -1082,8 +1117,11 @@ struct NthSpec(Nth);
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNth {
+    #[serde(default, deserialize_with = "present")]
     first: Option<Count>,
+    #[serde(default, deserialize_with = "present")]
     every: Option<Count>,
+    #[serde(default, deserialize_with = "present")]
     after: Option<u64>,
 }
 
@@ -1193,17 +1231,29 @@ pub(crate) struct Then {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawThen {
+    #[serde(default, deserialize_with = "present")]
     error: Option<Errno>,
+    #[serde(default, deserialize_with = "present")]
     delay: Option<Unit<DurationSpread>>,
+    #[serde(default, deserialize_with = "present")]
     stall: Option<StallSpec>,
+    #[serde(default, deserialize_with = "present")]
     persist: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
     drop: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
     torn: Option<TornSpec>,
+    #[serde(default, deserialize_with = "present")]
     corrupt: Option<CorruptSpec>,
+    #[serde(default, deserialize_with = "present")]
     sticky: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
     disconnect: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
     power_cut: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
     arm: Option<ListOf<Name>>,
+    #[serde(default, deserialize_with = "present")]
     disarm: Option<ListOf<Name>>,
 }
 
@@ -1291,6 +1341,7 @@ struct StallSpec {
 #[serde(deny_unknown_fields)]
 struct RawStall {
     until: Name,
+    #[serde(default, deserialize_with = "present")]
     timeout: Option<Unit<HumanDuration>>,
 }
 
@@ -1330,6 +1381,7 @@ struct TornSpec(Tear);
 #[serde(deny_unknown_fields)]
 struct RawTorn {
     persist: Unit<TearSize>,
+    #[serde(default, deserialize_with = "present")]
     align: Option<Unit<Size>>,
 }
 
@@ -1387,7 +1439,9 @@ struct CorruptSpec {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCorrupt {
+    #[serde(default, deserialize_with = "present")]
     bytes: Option<u32>,
+    #[serde(default, deserialize_with = "present")]
     seed: Option<u64>,
 }
 
@@ -1585,6 +1639,10 @@ mod tests {
             ("seed: 1\n", "no rules"),
             ("", "no rules"),
             ("rules: {}", "invalid type"),
+            ("rules:\n  - when:\n    then: { error: EIO }\n", "has no value"),
+            ("rules:\n  - when: { op: write }\n    then:\n", "has no value"),
+            ("rules:\n  - when: { op: write }\n    then: { error: }\n", "unknown variant ``"),
+            ("bad_sectors: [{ range: 0..512, write_failures: ~ }]", "invalid type: unit value"),
         ] {
             let error = refused(text);
             assert!(error.message.contains(wanted), "{text}: wanted {wanted:?}, got {error}");
