@@ -225,7 +225,7 @@ async fn set_policy(
     State(state): State<ControlState>,
     Path(name): Path<String>,
     body: Bytes,
-) -> Result<axum::Json<ExportView>, ApiError> {
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let export = state.export(&name)?;
     let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the policy is not UTF-8 text"))?;
     let origin = format!("PUT /v1/exports/{name}/policy");
@@ -234,9 +234,12 @@ async fn set_policy(
         message: error.to_string(),
         extra: Some(serde_json::json!({ "line": error.line, "column": error.column, "fix": error.fix })),
     })?;
+    let warnings: Vec<String> = policy.warnings().iter().map(ToString::to_string).collect();
     export.engine().set_policy(Some(policy));
-    tracing::info!(export = %export.name, "policy replaced through the control API");
-    Ok(axum::Json(export_view(&state, export)))
+    tracing::info!(export = %export.name, warnings = warnings.len(), "policy replaced through the control API");
+    let mut view = serde_json::to_value(export_view(&state, export)).expect("an export view always serializes");
+    view["warnings"] = serde_json::json!(warnings);
+    Ok(axum::Json(view))
 }
 
 async fn clear_policy(

@@ -78,6 +78,9 @@ fn check_policies(files: &[std::path::PathBuf]) -> ExitCode {
                 let triggers =
                     if triggers.is_empty() { String::new() } else { format!(", triggers: {}", triggers.join(", ")) };
                 println!("{shown}: ok ({rules} rules, seed {}{triggers})", policy.seed());
+                for warning in policy.warnings() {
+                    eprintln!("{warning}");
+                }
             }
             Err(error) => {
                 eprintln!("{error}");
