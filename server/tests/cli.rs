@@ -286,6 +286,20 @@ fn sigint_with_clients_attached_exits_0_within_two_seconds() {
 }
 
 #[test]
+fn a_client_that_never_reads_its_replies_delays_shutdown_by_no_more_than_the_grace_period() {
+    let mut server = Server::builder().export("disk", "memory:64MiB").args(["--shutdown-grace", "500ms"]).start();
+    let (mut stuck, _) = RawClient::attach(server.nbd, "disk", false);
+    // 256 MiB of READ replies: far more than the socket buffers hold, and never read.
+    for i in 0..8 {
+        stuck.send_request(0, CMD_READ, i, 0, 32 << 20);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, took) = server.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_millis(1500), "the server took {took:?} to stop with a 500 ms grace period");
+}
+
+#[test]
 fn writes_answered_before_sigterm_are_in_the_image_file_after_exit() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");

@@ -613,6 +613,33 @@ fn disc_with_requests_in_flight_answers_them_all_before_closing() {
 }
 
 #[test]
+fn a_client_that_half_closes_after_its_requests_still_gets_every_reply() {
+    let server = server();
+    let (mut client, _) = RawClient::attach(server.nbd, "disk", false);
+    let data = common::random_bytes(1 << 20);
+    let mut burst = Vec::new();
+    for i in 0..16u64 {
+        burst.extend(RawClient::request(0, CMD_WRITE, i, i * MIB, 1 << 20));
+        burst.extend_from_slice(&data);
+    }
+    burst.extend(RawClient::request(0, CMD_FLUSH, 16, 0, 0));
+    client.send(&burst);
+    // Done sending, still reading: the TCP connection is half open, as after `shutdown(SHUT_WR)`.
+    client.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let received = client.read_until_closed();
+    assert_eq!(received.len() % 16, 0, "replies arrive whole");
+    let mut answered: Vec<u64> = received
+        .chunks(16)
+        .map(|reply| {
+            assert_eq!((u32_at(reply, 0), u32_at(reply, 4)), (SIMPLE_REPLY_MAGIC, 0));
+            u64_at(reply, 8)
+        })
+        .collect();
+    answered.sort();
+    assert_eq!(answered, (0..=16).collect::<Vec<_>>(), "every request sent before the half-close is answered");
+}
+
+#[test]
 fn pipelined_requests_beyond_the_in_flight_bound_are_not_buffered() {
     let server = server();
     let (mut client, _) = RawClient::attach(server.nbd, "disk", false);
