@@ -169,9 +169,19 @@ where
 
     drop(tx);
     match outcome {
-        // The client asked to leave, or the server is leaving: finish what was asked first.
-        Ok(End::Disconnect | End::Shutdown) => while tasks.join_next().await.is_some() {},
-        // Nobody is left to read the replies.
+        // The client asked to leave, or finished sending (a client that half-closed the
+        // connection still reads its replies), or the server is leaving: finish what was asked
+        // first, unless the replies can no longer be sent.
+        Ok(End::Disconnect | End::Closed | End::Shutdown) => {
+            let finished = tokio::select! {
+                () = join_all(&mut tasks) => true,
+                _ = closed.wait_for(|closed| *closed) => false,
+            };
+            if !finished {
+                tasks.abort_all();
+            }
+        }
+        // The connection is broken, or the device asked to drop it.
         _ => tasks.abort_all(),
     }
     while tasks.join_next().await.is_some() {}
@@ -180,6 +190,10 @@ where
         tracing::debug!(%error, "writing replies failed");
     }
     outcome
+}
+
+async fn join_all(tasks: &mut JoinSet<()>) {
+    while tasks.join_next().await.is_some() {}
 }
 
 fn truncated(error: std::io::Error) -> TransmissionError {
