@@ -81,7 +81,7 @@ where
 {
     let (tx, rx) = mpsc::unbounded_channel();
     let (closed_tx, mut closed) = watch::channel(false);
-    let writer_task = tokio::spawn(write_replies(writer, rx, closed_tx));
+    let writer_task = tokio::spawn(write_replies(writer, rx, closed_tx, shutdown.clone()));
     let budget = Arc::new(Semaphore::new(limits.max_in_flight as usize));
     let export = Arc::clone(&session.export);
     let negotiated = Negotiated {
@@ -231,13 +231,16 @@ async fn drain<R: AsyncRead + Unpin>(reader: &mut R, length: u32) -> Result<(), 
 }
 
 /// Sends replies as they complete. Many small replies share one write; each reply goes out whole.
+/// Gives up when shutdown abandons in-flight work: a client that does not read its replies must
+/// not hold the server past the grace period.
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     closed: watch::Sender<bool>,
+    mut shutdown: Shutdown,
 ) -> std::io::Result<()> {
     let mut writer = BufWriter::with_capacity(WRITE_BUFFER, writer);
-    let result = async {
+    let sending = async {
         while let Some(outgoing) = rx.recv().await {
             match outgoing {
                 Outgoing::Reply { head, data, _permit } => {
@@ -257,8 +260,14 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         }
         writer.flush().await?;
         writer.shutdown().await
-    }
-    .await;
+    };
+    let result = tokio::select! {
+        result = sending => result,
+        () = shutdown.abandoned() => {
+            tracing::info!("the client did not take its replies before the shutdown grace period ended; closing");
+            Ok(())
+        }
+    };
     // Whatever the reason, the reader must stop: nothing more will be sent on this connection.
     closed.send_replace(true);
     result
