@@ -122,6 +122,32 @@ fn flags_override_the_config_file() {
     assert_eq!((keep.size, keep.flags & READ_ONLY != 0), (2 * MIB, true));
 }
 
+#[test]
+fn several_listen_addresses_including_ipv6_serve_the_same_exports() {
+    let server = Server::builder().export("disk", "memory:1MiB").args(["--listen", "[::1]:0"]).start();
+    let ready_v6 = server.ready["nbd"][1].as_str().expect("a second address in the ready line").to_string();
+    let v6: std::net::SocketAddr = ready_v6.parse().unwrap();
+    assert!(v6.is_ipv6() && v6.ip().is_loopback() && v6.port() != 0, "{ready_v6}");
+    let (mut over_v4, _) = RawClient::attach(server.nbd, "disk", false);
+    let (mut over_v6, _) = RawClient::attach(v6, "disk", false);
+    over_v4.write_ok(1, 0, b"one export");
+    assert_eq!(over_v6.read_ok(2, 0, 10), b"one export");
+}
+
+#[test]
+fn quiet_and_verbose_flags_set_how_much_is_logged() {
+    let quiet = Server::builder().export("disk", "memory:1MiB").arg("-q").start();
+    let (client, _) = RawClient::attach(quiet.nbd, "disk", false);
+    client.disconnect();
+    let verbose = Server::builder().export("disk", "memory:1MiB").arg("-v").start();
+    let (client, _) = RawClient::attach(verbose.nbd, "disk", false);
+    client.disconnect();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!quiet.stderr().contains("INFO"), "-q logs warnings only:\n{}", quiet.stderr());
+    let log = verbose.stderr();
+    assert!(log.contains("DEBUG") && log.contains("client attached"), "-v logs debug messages:\n{log}");
+}
+
 /// Runs `nbdfault ARGS` expecting it to refuse them: a non-zero exit, before listening, with
 /// `expected` in its message and no panic.
 #[track_caller]

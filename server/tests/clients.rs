@@ -220,6 +220,53 @@ fn nbdinfo_map_shows_data_where_written_and_holes_elsewhere() {
     );
 }
 
+#[test]
+fn odd_sized_exports_serve_their_last_bytes_to_every_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("odd.img");
+    let original = common::random_bytes(1_000_001);
+    std::fs::write(&image, &original).unwrap();
+    let base = dir.path().join("base.img");
+    std::fs::write(&base, &original).unwrap();
+    let mut overlay = std::ffi::OsString::from("overlay:");
+    overlay.push(&base);
+    let server = Server::builder().export("mem", "memory:1000").export("file", &image).export("cow", overlay).start();
+    for (export, size) in [("mem", 1000u64), ("file", 1_000_001), ("cow", 1_000_001)] {
+        let uri = server.uri(export);
+        assert_eq!(nbdinfo_json(&uri)["export-size"], size);
+        let covered: u64 = map(&uri).iter().map(|e| e.1).sum();
+        assert_eq!(covered, size, "{export}: the map covers the export exactly");
+        let out = dir.path().join(format!("{export}.out"));
+        common::empty_image(&out, size);
+        run_ok(nbdcopy().arg(&uri).arg(&out));
+        let copied = std::fs::read(&out).unwrap();
+        if export == "mem" {
+            assert!(copied.iter().all(|&b| b == 0));
+        } else {
+            assert_same_bytes(&copied, &original, export);
+        }
+        let last = size - 7;
+        qemu_io_commands(&uri, &[&format!("write -P 0x5e {last} 7"), &format!("read -P 0x5e {last} 7")]);
+        let output = run(qemu_io().args(["-f", "raw", "-c", &format!("write -P 0x5e {last} 8")]).arg(&uri));
+        let text = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+        assert!(!text.contains("wrote 8/8"), "{export}: a write past the end must fail:\n{text}");
+    }
+    assert_eq!(std::fs::read(&image).unwrap()[1_000_001 - 7..], [0x5e; 7], "the file export wrote its last bytes");
+    assert_same_bytes(&std::fs::read(&base).unwrap(), &original, "the overlay's base");
+}
+
+#[test]
+fn export_names_with_spaces_and_non_ascii_letters_work_through_uris() {
+    let name = "my disk ü";
+    let server = Server::builder().export(name, "memory:2MiB").start();
+    let uri = server.uri("my%20disk%20%C3%BC");
+    let info = nbdinfo_json(&uri);
+    assert_eq!((info["export-name"].as_str(), info["export-size"].as_u64()), (Some(name), Some(2 * MIB)));
+    qemu_io_commands(&uri, &["write -P 0x21 0 4096", "read -P 0x21 0 4096"]);
+    let listed = json(&run_ok(nbdinfo().args(["--list", "--json"]).arg(server.uri(""))));
+    assert_eq!(listed["exports"][0]["export-name"], name);
+}
+
 // ---- nbdcopy ---------------------------------------------------------------------------------
 
 /// Copies 64 MiB of random data (with a hole in it) into `export` with many connections and

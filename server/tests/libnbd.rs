@@ -99,3 +99,18 @@ fn four_connections_with_128_requests_in_flight_each_read_back_every_byte() {
     let output = run_probe("multi-conn", &[&server.uri("disk"), "4", "64"]);
     assert!(output.contains("blocks checked"), "{output}");
 }
+
+#[test]
+fn zeroes_and_trims_of_nearly_4_gib_succeed_and_leave_a_file_export_sparse() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("huge.img");
+    common::empty_image(&image, 8 << 30);
+    let server = Server::builder().export("mem", "memory:8GiB").export("file", &image).start();
+    run_probe("huge-zero", &[&server.uri("mem")]);
+    run_probe("huge-zero", &[&server.uri("file")]);
+    // Zeroing without NO_HOLE punches holes; writing 4 GiB of zeros would have filled the disk.
+    let allocated = std::fs::metadata(&image).unwrap().blocks() * 512;
+    assert!(allocated < 64 << 20, "the 8 GiB image has {} MiB allocated after zeroing", allocated >> 20);
+    assert!(server.peak_memory() < 256 << 20, "zeroing 4 GiB must not need memory of its size");
+}

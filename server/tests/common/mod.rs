@@ -31,6 +31,8 @@ pub struct Server {
     child: Child,
     pub nbd: SocketAddr,
     pub control: Option<SocketAddr>,
+    /// The whole ready line.
+    pub ready: serde_json::Value,
     stderr: Arc<Mutex<String>>,
     stopped: bool,
 }
@@ -149,7 +151,7 @@ impl ServerBuilder {
         let nbd = nbd.unwrap_or_else(|| panic!("the ready line has no NBD address: {ready}"));
         let control = ready["control"].as_str().map(|a| a.parse().expect("control address"));
         assert!(ready.get("control").is_some(), "the ready line must say where the control API is, or null: {ready}");
-        Server { child, nbd, control, stderr, stopped: false }
+        Server { child, nbd, control, ready, stderr, stopped: false }
     }
 }
 

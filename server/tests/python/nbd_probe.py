@@ -299,6 +299,33 @@ def fast_zero(uri):
     h.shutdown()
 
 
+def huge_zero(uri):
+    """TRIM and WRITE_ZEROES of nearly 4 GiB (what the kernel sends) in one request each."""
+    h = connect(uri)
+    size = h.get_size()
+    check(size >= 8 * 1024 * MIB, f"this scenario needs an export of 8 GiB or more, not {size}")
+    most = 0xFFFFFE00
+    data = os.urandom(MIB)
+    for what, offset, flags, call in [
+        ("TRIM", 0, 0, h.trim),
+        ("WRITE_ZEROES", 0, 0, h.zero),
+        ("WRITE_ZEROES with FAST_ZERO", 4096, nbd.CMD_FLAG_FAST_ZERO, h.zero),
+        ("WRITE_ZEROES with FUA", 4 * 1024 * MIB, nbd.CMD_FLAG_FUA, h.zero),
+    ]:
+        inside = offset + 1024 * MIB
+        h.pwrite(data, inside)
+        try:
+            call(most, offset, flags)
+        except nbd.Error as error:
+            if not (error.errnum == errno.ENOTSUP and flags & nbd.CMD_FLAG_FAST_ZERO):
+                raise Failed(f"{what} of nearly 4 GiB failed: {error}") from error
+            continue
+        if what != "TRIM":  # TRIM is advisory: the data may stay
+            check(bytes(h.pread(MIB, inside)) == bytes(MIB), f"{what} of nearly 4 GiB left data behind")
+    still_works(h, "huge requests")
+    h.shutdown()
+
+
 # ---- the option phase ------------------------------------------------------------------------
 
 
@@ -501,6 +528,7 @@ SCENARIOS = {
     "block-status": block_status,
     "df": df_reads,
     "fast-zero": fast_zero,
+    "huge-zero": huge_zero,
     "options": options,
     "old-clients": old_clients,
     "multi-conn": multi_conn,
