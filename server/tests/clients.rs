@@ -462,13 +462,22 @@ fn fio(uri: &str, args: &[&str]) -> (bool, Value, String) {
 
 #[test]
 fn fio_random_reads_and_writes_verify_with_crc32c() {
-    let server = Server::memory("disk", "64MiB");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    common::empty_image(&image, 64 * MIB);
+    let base = dir.path().join("base.img");
+    common::empty_image(&base, 64 * MIB);
+    let mut overlay = std::ffi::OsString::from("overlay:");
+    overlay.push(&base);
+    let server = Server::builder().export("disk", "memory:64MiB").export("file", &image).export("cow", overlay).start();
+    for export in ["disk", "file", "cow"] {
+        let (ok, job, stderr) = fio(&server.uri(export), &["--rw=randrw", "--size=16M", "--verify=crc32c"]);
+        assert!(ok && job["error"] == 0, "{export}: fio randrw with verify failed: {stderr}\n{job}");
+        let written = job["write"]["io_bytes"].as_u64().unwrap();
+        let read = job["read"]["io_bytes"].as_u64().unwrap();
+        assert!(written > 4 * MIB && read > written, "{export}: fio wrote {written} and read {read} bytes");
+    }
     let uri = server.uri("disk");
-    let (ok, job, stderr) = fio(&uri, &["--rw=randrw", "--size=32M", "--verify=crc32c"]);
-    assert!(ok && job["error"] == 0, "fio randrw with verify failed: {stderr}\n{job}");
-    let written = job["write"]["io_bytes"].as_u64().unwrap();
-    let read = job["read"]["io_bytes"].as_u64().unwrap();
-    assert!(written > 8 * MIB && read > written, "fio wrote {written} and read {read} bytes");
 
     // Write everything, then verify it on a new connection.
     let (ok, job, stderr) = fio(&uri, &["--rw=randwrite", "--size=16M", "--verify=crc32c", "--do_verify=0"]);

@@ -95,9 +95,18 @@ fn old_clients_without_structured_replies_or_fixed_newstyle_work() {
 
 #[test]
 fn four_connections_with_128_requests_in_flight_each_read_back_every_byte() {
-    let server = writable();
-    let output = run_probe("multi-conn", &[&server.uri("disk"), "4", "64"]);
-    assert!(output.contains("blocks checked"), "{output}");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    common::empty_image(&image, 64 << 20);
+    let base = dir.path().join("base.img");
+    std::fs::write(&base, common::random_bytes(64 << 20)).unwrap();
+    let mut overlay = std::ffi::OsString::from("overlay:");
+    overlay.push(&base);
+    let server = Server::builder().export("mem", "memory:64MiB").export("file", &image).export("cow", overlay).start();
+    for export in ["mem", "file", "cow"] {
+        let output = run_probe("multi-conn", &[&server.uri(export), "4", "64"]);
+        assert!(output.contains("blocks checked"), "{export}: {output}");
+    }
 }
 
 #[test]
