@@ -464,3 +464,9 @@ fn an_overlay_never_changes_its_base_image_whatever_is_written_flushed_or_trimme
     assert_same_bytes(&std::fs::read(&base).unwrap(), &original, "the overlay's base image");
     assert_eq!(std::fs::metadata(&base).unwrap().modified().unwrap(), modified, "the base was not written to");
 }
+
+#[test]
+#[should_panic(expected = "needs the Debian package nbd-imaginary-tools")]
+fn a_missing_client_fails_its_test_naming_the_debian_package_to_install() {
+    tool("nbd-imaginary-client", "nbd-imaginary-tools");
+}

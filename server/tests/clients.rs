@@ -272,13 +272,17 @@ fn export_names_with_spaces_and_non_ascii_letters_work_through_uris() {
 /// Copies 64 MiB of random data (with a hole in it) into `export` with many connections and
 /// requests in flight, then back out, and returns what was copied in.
 fn nbdcopy_round_trip(server: &Server, export: &str, dir: &Path) -> Vec<u8> {
+    nbdcopy_round_trip_with(server, export, dir, &["--connections=4", "--requests=64"])
+}
+
+fn nbdcopy_round_trip_with(server: &Server, export: &str, dir: &Path, args: &[&str]) -> Vec<u8> {
     let source = dir.join(format!("{export}-in.img"));
     let data = common::random_image(&source, 64 << 20, true);
     let uri = server.uri(export);
-    run_ok(nbdcopy().args(["--connections=4", "--requests=64", "--flush"]).arg(&source).arg(&uri));
+    run_ok(nbdcopy().args(args).arg("--flush").arg(&source).arg(&uri));
     let out = dir.join(format!("{export}-out.img"));
     common::empty_image(&out, 64 * MIB);
-    run_ok(nbdcopy().args(["--connections=4", "--requests=64"]).arg(&uri).arg(&out));
+    run_ok(nbdcopy().args(args).arg(&uri).arg(&out));
     assert_same_bytes(&std::fs::read(&out).unwrap(), &data, &format!("nbdcopy in and out of {export}"));
     data
 }
@@ -288,6 +292,14 @@ fn nbdcopy_round_trips_64_mib_of_random_data_through_a_memory_export() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::memory("mem", "64MiB");
     nbdcopy_round_trip(&server, "mem", dir.path());
+}
+
+#[test]
+fn nbdcopy_round_trips_64_mib_in_requests_of_the_largest_size_32_mib() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::memory("mem", "64MiB");
+    let args = ["--connections=2", "--requests=2", "--request-size=33554432"];
+    nbdcopy_round_trip_with(&server, "mem", dir.path(), &args);
 }
 
 #[test]
@@ -411,7 +423,8 @@ fn qemu_img_convert_copies_an_image_into_and_out_of_the_export() {
     let data = common::random_image(&source, 16 << 20, true);
     let server = Server::memory("disk", "16MiB");
     let uri = server.uri("disk");
-    run_ok(qemu_img().args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&source).arg(&uri));
+    // Out-of-order writes from 16 coroutines at once.
+    run_ok(qemu_img().args(["convert", "-n", "-W", "-m", "16", "-f", "raw", "-O", "raw"]).arg(&source).arg(&uri));
     run_ok(qemu_img().args(["compare", "-f", "raw", "-F", "raw"]).arg(&source).arg(&uri));
     let out = dir.path().join("out.img");
     run_ok(qemu_img().args(["convert", "-f", "raw", "-O", "raw"]).arg(&uri).arg(&out));
