@@ -298,7 +298,6 @@ fn stops_quickly_with_clients_attached(signal: i32) {
     assert!(attached.closed_by_server(), "the attached client is disconnected");
     assert!(negotiating.closed_by_server(), "the negotiating client is disconnected");
     assert!(greeted.closed_by_server(), "the greeted client is disconnected");
-    assert!(std::net::TcpStream::connect(server.nbd).is_err(), "nothing listens after shutdown");
 }
 
 #[test]
