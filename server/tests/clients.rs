@@ -459,6 +459,21 @@ fn qemu_nbd_list_shows_every_export_with_its_size_flags_and_contexts() {
     }
 }
 
+// ---- nbd-client (the kernel's client; only its device-free listing is safe to run here) -----
+
+#[test]
+fn nbd_client_lists_the_exports_and_leaves_with_abort() {
+    let server = Server::builder().export("", "memory:1MiB").export("disk", "memory:1MiB").start();
+    let port = server.port().to_string();
+    let listing = run_ok(tool("nbd-client", "nbd-client").args(["-l", "127.0.0.1", &port]));
+    let mut names: Vec<&str> = listing.lines().skip_while(|line| !line.starts_with("Negotiation")).skip(1).collect();
+    names.sort();
+    assert_eq!(names, vec!["", "disk"], "nbd-client -l output:\n{listing}");
+    // nbd-client sends ABORT and closes without reading the ACK: that is a normal end.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(!server.stderr().contains("handshake failed"), "{}", server.stderr());
+}
+
 // ---- fio -------------------------------------------------------------------------------------
 
 /// Runs fio's nbd engine; returns fio's exit success and its one job's JSON.
