@@ -613,6 +613,30 @@ fn disc_with_requests_in_flight_answers_them_all_before_closing() {
 }
 
 #[test]
+fn replies_come_in_completion_order_so_a_long_trim_does_not_hold_up_reads() {
+    let server = Server::memory("big", "8GiB");
+    let (mut client, _) = RawClient::attach(server.nbd, "big", false);
+    client.write_ok(1, 0, b"quick");
+    // A TRIM of nearly 4 GiB walks 65536 chunks; the small READs behind it take microseconds.
+    let mut burst = RawClient::request(0, CMD_TRIM, 100, 4 << 30, 0xFFFF_FE00);
+    for i in 0..16 {
+        burst.extend(RawClient::request(0, CMD_READ, 200 + i, 0, 5));
+    }
+    client.send(&burst);
+    let mut order = Vec::new();
+    for _ in 0..17 {
+        let (error, cookie) = client.read_simple_reply();
+        assert_eq!(error, 0);
+        if cookie != 100 {
+            assert_eq!(client.read_exact_vec(5), b"quick");
+        }
+        order.push(cookie);
+    }
+    let trim_at = order.iter().position(|&cookie| cookie == 100).unwrap();
+    assert!(trim_at > 0, "every READ waited for the TRIM sent before it: {order:?}");
+}
+
+#[test]
 fn a_client_that_half_closes_after_its_requests_still_gets_every_reply() {
     let server = server();
     let (mut client, _) = RawClient::attach(server.nbd, "disk", false);
