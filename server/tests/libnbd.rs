@@ -123,3 +123,19 @@ fn zeroes_and_trims_of_nearly_4_gib_succeed_and_leave_a_file_export_sparse() {
     assert!(allocated < 64 << 20, "the 8 GiB image has {} MiB allocated after zeroing", allocated >> 20);
     assert!(server.peak_memory() < 256 << 20, "zeroing 4 GiB must not need memory of its size");
 }
+
+#[test]
+fn connections_writing_neighbouring_blocks_of_the_same_chunks_at_once_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    common::empty_image(&image, 8 << 20);
+    let base = dir.path().join("base.img");
+    std::fs::write(&base, common::random_bytes(8 << 20)).unwrap();
+    let mut overlay = std::ffi::OsString::from("overlay:");
+    overlay.push(&base);
+    let server = Server::builder().export("mem", "memory:8MiB").export("file", &image).export("cow", overlay).start();
+    for export in ["mem", "file", "cow"] {
+        let output = run_probe("interleaved", &[&server.uri(export), "4", "128"]);
+        assert!(output.contains("blocks checked"), "{export}: {output}");
+    }
+}

@@ -518,6 +518,45 @@ def multi_conn(uri, connections="4", depth="64"):
     print(f"{connections} connections, {depth * 2} requests in flight each, {len(expected)} blocks checked")
 
 
+def interleaved(uri, connections="4", depth="128"):
+    """Connections write neighbouring 4 KiB blocks at once, so every 64 KiB chunk of the storage
+    is written by all of them concurrently (copy-on-write from the base, for an overlay)."""
+    connections, depth = int(connections), int(depth)
+    handles = [connect(uri) for _ in range(connections)]
+    block = 4 * KIB
+    expected = {}
+    errors = []
+
+    def writer(n):
+        try:
+            h = handles[n]
+            cookies, buffers = [], []
+            for k in range(depth):
+                offset = (k * connections + n) * block + 512  # unaligned, straddling chunks too
+                data = os.urandom(block)
+                expected[offset] = data
+                buffers.append(nbd.Buffer.from_bytearray(bytearray(data)))
+                cookies.append(h.aio_pwrite(buffers[-1], offset))
+            while h.aio_in_flight() > 0:
+                h.poll(-1)
+            for cookie in cookies:
+                h.aio_command_completed(cookie)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(f"writer {n}: {error!r}")
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    check(not errors, "; ".join(errors))
+    h = handles[0]
+    h.flush()
+    bad = [offset for offset, data in sorted(expected.items()) if bytes(h.pread(block, offset)) != data]
+    check(not bad, f"{len(bad)} of {len(expected)} blocks read back other bytes, first at {bad[:5]}")
+    print(f"{len(expected)} interleaved blocks checked")
+
+
 SCENARIOS = {
     "out-of-range": out_of_range,
     "unknown-flags": unknown_flags,
@@ -532,6 +571,7 @@ SCENARIOS = {
     "options": options,
     "old-clients": old_clients,
     "multi-conn": multi_conn,
+    "interleaved": interleaved,
 }
 
 
