@@ -325,6 +325,21 @@ fn a_client_that_never_reads_its_replies_delays_shutdown_by_no_more_than_the_gra
 }
 
 #[test]
+fn a_client_stalled_in_the_middle_of_a_write_payload_delays_shutdown_by_no_more_than_the_grace_period() {
+    let mut server = Server::builder().export("disk", "memory:64MiB").args(["--shutdown-grace", "500ms"]).start();
+    let (mut stalled, _) = RawClient::attach(server.nbd, "disk", false);
+    stalled.send_request(0, CMD_WRITE, 1, 0, 1 << 20);
+    stalled.send(&[0x55; 1000]);
+    let (mut oversized, _) = RawClient::attach(server.nbd, "disk", false);
+    oversized.send_request(0, CMD_WRITE, 2, 0, 40 << 20);
+    oversized.send(&[0x55; 1000]);
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, took) = server.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_millis(1500), "the server took {took:?} to stop with a 500 ms grace period");
+}
+
+#[test]
 fn writes_answered_before_sigterm_are_in_the_image_file_after_exit() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
