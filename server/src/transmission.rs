@@ -116,7 +116,11 @@ where
                 if header.length > MAX_DRAIN {
                     return Err(TransmissionError::PayloadTooLarge(header.length));
                 }
-                drain(&mut reader, header.length).await?;
+                // A client may finish sending a payload during the shutdown grace period, not after.
+                tokio::select! {
+                    result = drain(&mut reader, header.length) => result?,
+                    _ = shutdown.abandoned() => return Ok(End::Shutdown),
+                }
             }
             let cost = match header.kind {
                 command::WRITE | command::READ => header.length.clamp(MIN_COST, MAX_PAYLOAD),
@@ -131,7 +135,10 @@ where
             };
             let payload = if is_write && header.length <= MAX_PAYLOAD {
                 let mut payload = BytesMut::zeroed(header.length as usize);
-                reader.read_exact(&mut payload).await.map_err(truncated)?;
+                tokio::select! {
+                    result = reader.read_exact(&mut payload) => result.map_err(truncated)?,
+                    _ = shutdown.abandoned() => return Ok(End::Shutdown),
+                };
                 payload.freeze()
             } else {
                 Bytes::new()
