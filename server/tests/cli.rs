@@ -434,6 +434,45 @@ fn a_read_only_file_export_refuses_every_change_and_the_file_stays_the_same() {
     assert_same_bytes(&std::fs::read(&image).unwrap(), &original, "the read-only image");
 }
 
+/// Makes a file immutable (`chattr +i`, so even root cannot open it for writing) until dropped.
+struct Immutable<'a>(&'a std::path::Path);
+
+impl<'a> Immutable<'a> {
+    fn new(path: &'a std::path::Path) -> Immutable<'a> {
+        let output = run(tool("chattr", "e2fsprogs").arg("+i").arg(path));
+        assert!(
+            output.status.success(),
+            "chattr +i needs root and a filesystem with attributes (ext4, xfs): {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Immutable(path)
+    }
+}
+
+impl Drop for Immutable<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(self.0).status();
+    }
+}
+
+#[test]
+fn an_image_that_cannot_be_written_is_refused_unless_exported_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("golden.img");
+    let original = common::random_bytes(MIB as usize);
+    std::fs::write(&image, &original).unwrap();
+    let _immutable = Immutable::new(&image);
+    let spec = format!("golden={}", image.display());
+    let args = ["serve", "--no-control", "--listen", "127.0.0.1:0", "--export", &spec];
+    refused(&args, "export it read-only");
+    let server = Server::builder().export("golden", &image).args(["--read-only", "golden"]).start();
+    let (mut client, attached) = RawClient::attach(server.nbd, "golden", false);
+    assert_ne!(attached.flags & READ_ONLY, 0);
+    assert_eq!(client.read_ok(1, 4096, 4096), original[4096..8192]);
+    client.send_write(0, 2, 0, b"no");
+    assert_eq!(client.read_simple_reply(), (EPERM, 2));
+}
+
 #[test]
 fn an_overlay_never_changes_its_base_image_whatever_is_written_flushed_or_trimmed() {
     let dir = tempfile::tempdir().unwrap();
