@@ -130,6 +130,14 @@ def unknown_flags(uri):
     h.shutdown()
 
 
+def fill(uri, mib):
+    """Writes `mib` MiB of random data from offset 0, one MiB per request."""
+    h = connect(uri)
+    for i in range(int(mib)):
+        h.pwrite(os.urandom(MIB), i * MIB)
+    h.shutdown()
+
+
 def oversized(uri):
     h = connect(uri)
     h.pwrite(b"\x5a" * 4096, 0)
@@ -560,6 +568,7 @@ def interleaved(uri, connections="4", depth="128"):
 SCENARIOS = {
     "out-of-range": out_of_range,
     "unknown-flags": unknown_flags,
+    "fill": fill,
     "oversized": oversized,
     "largest": largest,
     "zero-length": zero_length,
