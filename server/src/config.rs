@@ -280,8 +280,13 @@ impl Config {
                 policy,
             });
         }
+        let mut flag_names: Vec<&str> = Vec::new();
         for text in &overrides.exports {
             let (name, spec) = split_assignment(text, "--export", "disk=memory:1GiB")?;
+            if flag_names.contains(&name) {
+                return Err(invalid(format!("--export {name:?} is given twice; give each export its own name")));
+            }
+            flag_names.push(name);
             let storage =
                 StorageSpec::parse(spec, None).map_err(|message| invalid(format!("--export {text}: {message}")))?;
             if let Some(existing) = exports.iter().position(|e| e.name == name) {
@@ -421,6 +426,8 @@ mod tests {
         assert!(
             error(Overrides { control: Some("127.0.0.1:10809".into()), ..Default::default() }).contains("another port")
         );
+        let twice = Overrides { exports: vec!["a=memory:1MiB".into(), "a=memory:2MiB".into()], ..Default::default() };
+        assert!(error(twice).contains("given twice"));
         let duplicate = load_yaml(
             "exports:\n  - {name: a, storage: 'memory:1MiB'}\n  - {name: a, storage: 'memory:1MiB'}\n",
             &Overrides::default(),

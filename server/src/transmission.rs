@@ -81,7 +81,7 @@ where
 {
     let (tx, rx) = mpsc::unbounded_channel();
     let (closed_tx, mut closed) = watch::channel(false);
-    let writer_task = tokio::spawn(write_replies(writer, rx, closed_tx));
+    let writer_task = tokio::spawn(write_replies(writer, rx, closed_tx, shutdown.clone()));
     let budget = Arc::new(Semaphore::new(limits.max_in_flight as usize));
     let export = Arc::clone(&session.export);
     let negotiated = Negotiated {
@@ -116,7 +116,11 @@ where
                 if header.length > MAX_DRAIN {
                     return Err(TransmissionError::PayloadTooLarge(header.length));
                 }
-                drain(&mut reader, header.length).await?;
+                // A client may finish sending a payload during the shutdown grace period, not after.
+                tokio::select! {
+                    result = drain(&mut reader, header.length) => result?,
+                    _ = shutdown.abandoned() => return Ok(End::Shutdown),
+                }
             }
             let cost = match header.kind {
                 command::WRITE | command::READ => header.length.clamp(MIN_COST, MAX_PAYLOAD),
@@ -131,7 +135,10 @@ where
             };
             let payload = if is_write && header.length <= MAX_PAYLOAD {
                 let mut payload = BytesMut::zeroed(header.length as usize);
-                reader.read_exact(&mut payload).await.map_err(truncated)?;
+                tokio::select! {
+                    result = reader.read_exact(&mut payload) => result.map_err(truncated)?,
+                    _ = shutdown.abandoned() => return Ok(End::Shutdown),
+                };
                 payload.freeze()
             } else {
                 Bytes::new()
@@ -169,9 +176,19 @@ where
 
     drop(tx);
     match outcome {
-        // The client asked to leave, or the server is leaving: finish what was asked first.
-        Ok(End::Disconnect | End::Shutdown) => while tasks.join_next().await.is_some() {},
-        // Nobody is left to read the replies.
+        // The client asked to leave, or finished sending (a client that half-closed the
+        // connection still reads its replies), or the server is leaving: finish what was asked
+        // first, unless the replies can no longer be sent.
+        Ok(End::Disconnect | End::Closed | End::Shutdown) => {
+            let finished = tokio::select! {
+                () = join_all(&mut tasks) => true,
+                _ = closed.wait_for(|closed| *closed) => false,
+            };
+            if !finished {
+                tasks.abort_all();
+            }
+        }
+        // The connection is broken, or the device asked to drop it.
         _ => tasks.abort_all(),
     }
     while tasks.join_next().await.is_some() {}
@@ -180,6 +197,10 @@ where
         tracing::debug!(%error, "writing replies failed");
     }
     outcome
+}
+
+async fn join_all(tasks: &mut JoinSet<()>) {
+    while tasks.join_next().await.is_some() {}
 }
 
 fn truncated(error: std::io::Error) -> TransmissionError {
@@ -217,13 +238,16 @@ async fn drain<R: AsyncRead + Unpin>(reader: &mut R, length: u32) -> Result<(), 
 }
 
 /// Sends replies as they complete. Many small replies share one write; each reply goes out whole.
+/// Gives up when shutdown abandons in-flight work: a client that does not read its replies must
+/// not hold the server past the grace period.
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     closed: watch::Sender<bool>,
+    mut shutdown: Shutdown,
 ) -> std::io::Result<()> {
     let mut writer = BufWriter::with_capacity(WRITE_BUFFER, writer);
-    let result = async {
+    let sending = async {
         while let Some(outgoing) = rx.recv().await {
             match outgoing {
                 Outgoing::Reply { head, data, _permit } => {
@@ -243,8 +267,14 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         }
         writer.flush().await?;
         writer.shutdown().await
-    }
-    .await;
+    };
+    let result = tokio::select! {
+        result = sending => result,
+        () = shutdown.abandoned() => {
+            tracing::info!("the client did not take its replies before the shutdown grace period ended; closing");
+            Ok(())
+        }
+    };
     // Whatever the reason, the reader must stop: nothing more will be sent on this connection.
     closed.send_replace(true);
     result
