@@ -13,11 +13,23 @@ use crate::version::KernelVersion;
 pub const REPORT_BEGIN: &str = "NBDFAULT-REPORT-BEGIN";
 pub const REPORT_END: &str = "NBDFAULT-REPORT-END";
 
-/// Finds the reports between [`REPORT_BEGIN`] and [`REPORT_END`] in what a serial port carried.
+/// Finds the reports between each [`REPORT_BEGIN`] and [`REPORT_END`] in what a serial port
+/// carried (each run of the suite in the guest writes one block).
 pub fn extract_reports(serial: &str) -> Result<Vec<Report>, String> {
-    let start = serial.find(REPORT_BEGIN).ok_or("the guest wrote no report (no begin marker)")? + REPORT_BEGIN.len();
-    let end = serial[start..].find(REPORT_END).ok_or("the report was cut short (no end marker)")? + start;
-    serde_json::from_str(serial[start..end].trim()).map_err(|e| format!("the report is not valid JSON: {e}"))
+    let mut reports = Vec::new();
+    let mut rest = serial;
+    while let Some(at) = rest.find(REPORT_BEGIN) {
+        let start = at + REPORT_BEGIN.len();
+        let end = rest[start..].find(REPORT_END).ok_or("the report was cut short (no end marker)")? + start;
+        let block: Vec<Report> =
+            serde_json::from_str(rest[start..end].trim()).map_err(|e| format!("the report is not valid JSON: {e}"))?;
+        reports.extend(block);
+        rest = &rest[end + REPORT_END.len()..];
+    }
+    if reports.is_empty() && !serial.contains(REPORT_BEGIN) {
+        return Err("the guest wrote no report (no begin marker)".into());
+    }
+    Ok(reports)
 }
 
 /// The outcome of one check.
@@ -228,7 +240,9 @@ mod tests {
             "garbage\r\n{REPORT_BEGIN}\r\n{}\r\n{REPORT_END}\r\n",
             serde_json::to_string(&vec![report.clone()]).unwrap()
         );
-        assert_eq!(extract_reports(&serial).unwrap(), vec![report]);
+        assert_eq!(extract_reports(&serial).unwrap(), vec![report.clone()]);
+        let two = format!("{serial}more noise{serial}");
+        assert_eq!(extract_reports(&two).unwrap(), vec![report.clone(), report]);
         assert!(extract_reports("nothing").unwrap_err().contains("no report"));
         assert!(extract_reports(&format!("{REPORT_BEGIN}[{{")).unwrap_err().contains("cut short"));
     }

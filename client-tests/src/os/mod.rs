@@ -139,6 +139,15 @@ fn cstring(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
 }
 
+/// `BLKFLSBUF`: drops the block device's cached buffers, so nothing read before the export was
+/// reset below the kernel is used again.
+pub fn flush_buffers(device: &Path) -> io::Result<()> {
+    const BLKFLSBUF: libc::c_ulong = 0x1261;
+    let file = File::open(device)?;
+    // SAFETY: BLKFLSBUF takes no argument; the descriptor is open for the call.
+    check(unsafe { libc::ioctl(file.as_raw_fd(), BLKFLSBUF, 0) })
+}
+
 /// The system page size.
 pub fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.

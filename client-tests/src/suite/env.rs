@@ -174,9 +174,17 @@ impl<'a> Env<'a> {
             last_records: Vec::new(),
         };
         env.heal()?;
-        // Memory and overlay exports go back to zeros; a file export may refuse, and mkfs covers it.
-        let _ = env.control.reset();
-        target.fs.make(&env.device).step("make the filesystem")?;
+        // Back to the pristine contents: zeros for a memory export, the base image for an
+        // overlay. A base image that already holds the filesystem (the VM harness makes one per
+        // filesystem) saves an mkfs per scenario; otherwise, or when the export cannot reset
+        // (a file export), make a fresh one.
+        let reset = env.control.reset().is_ok();
+        os::flush_buffers(&env.device).step("flush the device's buffer cache")?;
+        let pristine =
+            reset && env.control.read_data(0, 2048).is_ok_and(|head| super::layout::has_filesystem(target.fs, &head));
+        if !pristine {
+            target.fs.make(&env.device).step("make the filesystem")?;
+        }
         target.fs.mount(&env.device, &env.mnt).step("mount the filesystem")?;
         env.mounted = true;
         Ok(env)

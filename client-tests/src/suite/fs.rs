@@ -53,7 +53,23 @@ impl Fs {
 
     /// Makes a fresh filesystem on `device`.
     pub fn make(self, device: &Path) -> Result<(), String> {
-        let mut cmd = self.mkfs_command(device);
+        self.run_mkfs(self.mkfs_command(device))
+    }
+
+    /// Makes a fresh filesystem in an image file that will be served to a device with 4096-byte
+    /// logical blocks (`nbd-client -b 4096`). On a device mkfs.xfs reads the sector size from
+    /// the device; in a file it would pick 512, which such a device refuses to mount.
+    pub fn make_image(self, image: &Path) -> Result<(), String> {
+        let mut cmd = self.mkfs_command(image);
+        if self == Fs::Xfs {
+            let args: Vec<_> = cmd.get_args().map(|a| a.to_os_string()).collect();
+            cmd = Command::new(cmd.get_program());
+            cmd.args(&args[..args.len() - 1]).args(["-s", "size=4096"]).arg(image);
+        }
+        self.run_mkfs(cmd)
+    }
+
+    fn run_mkfs(self, mut cmd: Command) -> Result<(), String> {
         let out = cmd.output().map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
         if !out.status.success() {
             return Err(format!(
@@ -118,6 +134,19 @@ mod tests {
             assert!(args.iter().any(|a| a == "-K" || a == "nodiscard"), "{args:?}");
             assert_eq!(args.last().unwrap(), "/dev/nbd0");
         }
+    }
+
+    #[test]
+    fn xfs_images_get_4096_byte_sectors_and_mount_as_such() {
+        let image = std::env::temp_dir().join(format!("nbdfault-fs-image-{}", std::process::id()));
+        std::fs::File::create(&image).unwrap().set_len(1 << 30).unwrap();
+        Fs::Xfs.make_image(&image).unwrap();
+        let sb = std::fs::read(&image).unwrap();
+        // sb_sectsize, big-endian u16 at offset 102.
+        assert_eq!(u16::from_be_bytes([sb[102], sb[103]]), 4096);
+        Fs::Ext4.make_image(&image).unwrap();
+        assert!(crate::suite::layout::has_filesystem(Fs::Ext4, &std::fs::read(&image).unwrap()[..2048]));
+        std::fs::remove_file(image).unwrap();
     }
 
     #[test]

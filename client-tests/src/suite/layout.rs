@@ -30,6 +30,14 @@ fn le_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
+/// True when the first 2 KiB of a device hold a superblock of `fs`.
+pub fn has_filesystem(fs: super::Fs, first_2k: &[u8]) -> bool {
+    match fs {
+        super::Fs::Xfs => first_2k.get(0..4) == Some(b"XFSB".as_slice()),
+        super::Fs::Ext4 => first_2k.len() >= 1024 + 0x3A && le_u16(first_2k, 1024 + 0x38) == 0xEF53,
+    }
+}
+
 /// The device byte range of an internal XFS log, from the first 512 bytes of the device.
 pub fn xfs_log_range(sb: &[u8]) -> Result<(u64, u64), LayoutError> {
     if sb.len() < 128 {
@@ -113,6 +121,18 @@ mod tests {
         let (start, end) = xfs_log_range(&sb).unwrap();
         assert_eq!(start, (2 * 16384 + 5) * 4096);
         assert_eq!(end - start, 100 * 4096);
+    }
+
+    #[test]
+    fn superblock_magic_identifies_the_filesystem() {
+        let mut dev = vec![0u8; 2048];
+        assert!(!has_filesystem(super::super::Fs::Xfs, &dev));
+        dev[0..4].copy_from_slice(b"XFSB");
+        assert!(has_filesystem(super::super::Fs::Xfs, &dev));
+        assert!(!has_filesystem(super::super::Fs::Ext4, &dev));
+        dev[1024 + 0x38..1024 + 0x3A].copy_from_slice(&0xEF53u16.to_le_bytes());
+        assert!(has_filesystem(super::super::Fs::Ext4, &dev));
+        assert!(!has_filesystem(super::super::Fs::Ext4, &dev[..1070]));
     }
 
     #[test]

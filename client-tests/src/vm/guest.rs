@@ -12,8 +12,8 @@ pub const PROGRESS_PREFIXES: &[&str] = &["nbdfault: ", "nbdfault-init: "];
 pub struct GuestParams {
     pub nbd_port: u16,
     pub control_port: u16,
-    pub export: String,
-    /// Comma-separated: `xfs,ext4`.
+    /// Comma-separated: `xfs,ext4`. Each is tested on its own device, attached to the export
+    /// of the same name.
     pub filesystems: String,
     /// Comma-separated scenario names, or empty for all.
     pub only: String,
@@ -25,10 +25,9 @@ pub struct GuestParams {
 pub fn kernel_command_line(p: &GuestParams) -> String {
     let safe = |s: &str| s.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.,+:~".contains(*c)).collect::<String>();
     format!(
-        "console=ttyS0 panic=-1 loglevel=4 printk.devkmsg=on NBDFAULT_NBD_PORT={} NBDFAULT_CONTROL_PORT={} NBDFAULT_EXPORT={} NBDFAULT_FS={} NBDFAULT_ONLY={} NBDFAULT_DELAY_MS={} NBDFAULT_PACKAGE={}",
+        "console=ttyS0 panic=-1 loglevel=4 printk.devkmsg=on NBDFAULT_NBD_PORT={} NBDFAULT_CONTROL_PORT={} NBDFAULT_FS={} NBDFAULT_ONLY={} NBDFAULT_DELAY_MS={} NBDFAULT_PACKAGE={}",
         p.nbd_port,
         p.control_port,
-        safe(&p.export),
         safe(&p.filesystems),
         safe(&p.only),
         p.delay_ms,
@@ -36,9 +35,9 @@ pub fn kernel_command_line(p: &GuestParams) -> String {
     )
 }
 
-/// The guest's `/init`: mounts, loads the modules in order, brings up the network, attaches
-/// `/dev/nbd0` with the real nbd-client, runs the suite (report to the second serial port),
-/// detaches and powers off.
+/// The guest's `/init`: mounts, loads the modules in order, brings up the network, and for each
+/// filesystem attaches `/dev/nbdN` to the export of that name with the real nbd-client, runs the
+/// suite (report to the second serial port) and detaches; then powers off.
 pub fn init_script() -> String {
     format!(
         r#"#!/bin/busybox sh
@@ -54,19 +53,24 @@ for m in /lib/modules/*.ko; do
 done
 ip link set lo up
 ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via {host} || say "no network"
-if nbd-client {host} "$NBDFAULT_NBD_PORT" /dev/nbd0 -N "$NBDFAULT_EXPORT" -b 4096 -t 60; then
-    say "attached /dev/nbd0 to {host}:$NBDFAULT_NBD_PORT export $NBDFAULT_EXPORT"
-    only=""
-    [ -n "$NBDFAULT_ONLY" ] && only="--only $NBDFAULT_ONLY"
-    nbdfault-client-tests run --device /dev/nbd0 --control "http://{host}:$NBDFAULT_CONTROL_PORT" \
-        --export "$NBDFAULT_EXPORT" --fs "$NBDFAULT_FS" $only --delay-ms "$NBDFAULT_DELAY_MS" \
-        --kernel-package "$NBDFAULT_PACKAGE" --report /dev/ttyS1
-    say "suite exited with status $?"
-    sync
-    nbd-client -d /dev/nbd0 >/dev/null 2>&1
-else
-    say "nbd-client could not attach /dev/nbd0"
-fi
+only=""
+[ -n "$NBDFAULT_ONLY" ] && only="--only $NBDFAULT_ONLY"
+n=0
+for fs in $(echo "$NBDFAULT_FS" | tr ',' ' '); do
+    dev=/dev/nbd$n
+    n=$((n + 1))
+    if nbd-client {host} "$NBDFAULT_NBD_PORT" $dev -N "$fs" -b 4096 -t 60; then
+        say "attached $dev to {host}:$NBDFAULT_NBD_PORT export $fs"
+        nbdfault-client-tests run --device $dev --control "http://{host}:$NBDFAULT_CONTROL_PORT" \
+            --export "$fs" --fs "$fs" $only --delay-ms "$NBDFAULT_DELAY_MS" \
+            --kernel-package "$NBDFAULT_PACKAGE" --report /dev/ttyS1
+        say "suite on $fs exited with status $?"
+        sync
+        nbd-client -d $dev >/dev/null 2>&1
+    else
+        say "nbd-client could not attach $dev to export $fs"
+    fi
+done
 say "powering off"
 poweroff -f
 "#,
@@ -89,16 +93,14 @@ mod tests {
         let line = kernel_command_line(&GuestParams {
             nbd_port: 40000,
             control_port: 40001,
-            export: "client tests;rm".into(),
-            filesystems: "xfs,ext4".into(),
+            filesystems: "xfs,ext4;rm".into(),
             only: String::new(),
             delay_ms: 50,
             package: "linux-image-6.12.118+deb13-amd64".into(),
         });
         assert!(line.starts_with("console=ttyS0 "));
         assert!(line.contains(" NBDFAULT_NBD_PORT=40000 NBDFAULT_CONTROL_PORT=40001 "));
-        assert!(line.contains(" NBDFAULT_EXPORT=clienttestsrm "), "{line}");
-        assert!(line.contains(" NBDFAULT_FS=xfs,ext4 "));
+        assert!(line.contains(" NBDFAULT_FS=xfs,ext4rm "), "{line}");
         assert!(line.ends_with(" NBDFAULT_PACKAGE=linux-image-6.12.118+deb13-amd64"));
     }
 
@@ -106,7 +108,7 @@ mod tests {
     fn init_attaches_with_nbd_client_and_reports_on_the_second_serial_port() {
         let init = init_script();
         assert!(init.starts_with("#!/bin/busybox sh\n"));
-        assert!(init.contains("nbd-client 10.0.2.2 \"$NBDFAULT_NBD_PORT\" /dev/nbd0"));
+        assert!(init.contains("nbd-client 10.0.2.2 \"$NBDFAULT_NBD_PORT\" $dev -N \"$fs\""));
         assert!(init.contains("--report /dev/ttyS1"));
         assert!(init.trim_end().ends_with("poweroff -f"));
     }

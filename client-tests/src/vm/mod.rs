@@ -290,16 +290,26 @@ pub fn main(args: VmArgs) -> Result<ExitCode, String> {
     std::fs::write(&initrd, &archive).map_err(|e| format!("cannot write the initramfs: {e}"))?;
     progress.say(&format!("initramfs built ({} MiB, guest binary {})", archive.len() >> 20, guest_binary.display()));
 
-    let export = "client-tests";
+    // One export per filesystem, each a copy-on-write overlay over an image the host's mkfs made:
+    // resetting the export restores a fresh filesystem at once, so scenarios skip mkfs.
+    let mut exports = Vec::new();
+    for fs in &filesystems {
+        let image = temp.0.join(format!("{fs}.img"));
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(1 << 30))
+            .map_err(|e| format!("cannot make {}: {e}", image.display()))?;
+        fs.make_image(&image).map_err(|e| format!("cannot make the {fs} base image: {e}"))?;
+        exports.push((fs.name().to_string(), format!("overlay:{}", image.display())));
+    }
+    progress.say(&format!("base images made with the host's mkfs for {fs_list}"));
     let server =
-        server::Server::start(&server_binary, export, "1GiB", &temp.0.join("server.log")).map_err(|e| e.to_string())?;
+        server::Server::start(&server_binary, &exports, &temp.0.join("server.log")).map_err(|e| e.to_string())?;
     progress
         .say(&format!("nbdfault serve ready: NBD on {}, control API on {}", server.ready.nbd, server.ready.control));
 
     let params = guest::GuestParams {
         nbd_port: server.ready.nbd.port(),
         control_port: server.ready.control.port(),
-        export: export.to_string(),
         filesystems: fs_list.clone(),
         only: args.only.clone(),
         delay_ms: args.delay_ms,

@@ -65,14 +65,18 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `binary serve` with one memory export named `export` of `size` (`1GiB`), listening
-    /// and serving the control API on free loopback ports. Its stderr goes to `log`.
-    pub fn start(binary: &Path, export: &str, size: &str, log: &Path) -> Result<Server, ServerError> {
+    /// Starts `binary serve` with `exports` (name and spec, such as `memory:1GiB` or
+    /// `overlay:/path/base.img`), listening and serving the control API on free loopback ports.
+    /// Its stderr goes to `log`.
+    pub fn start(binary: &Path, exports: &[(String, String)], log: &Path) -> Result<Server, ServerError> {
         let stderr =
             std::fs::File::create(log).map_err(|source| ServerError::Spawn { path: log.to_path_buf(), source })?;
-        let mut child = Command::new(binary)
-            .args(["serve", "--listen", "127.0.0.1:0", "--control", "127.0.0.1:0", "--export"])
-            .arg(format!("{export}=memory:{size}"))
+        let mut command = Command::new(binary);
+        command.args(["serve", "--listen", "127.0.0.1:0", "--control", "127.0.0.1:0"]);
+        for (name, spec) in exports {
+            command.arg("--export").arg(format!("{name}={spec}"));
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -174,7 +178,8 @@ mod tests {
     #[test]
     fn a_server_that_exits_at_once_is_reported_with_its_log() {
         let log = std::env::temp_dir().join(format!("nbdfault-server-log-{}", std::process::id()));
-        let err = Server::start(Path::new("/bin/false"), "x", "1GiB", &log).err().expect("false never gets ready");
+        let exports = [("x".to_string(), "memory:1GiB".to_string())];
+        let err = Server::start(Path::new("/bin/false"), &exports, &log).err().expect("false never gets ready");
         assert!(matches!(err, ServerError::Exited { .. }), "{err}");
         let _ = std::fs::remove_file(log);
     }
