@@ -26,5 +26,5 @@ install_packages() {
 }
 
 # What the server's integration tests drive: libnbd's tools and Python binding, qemu-img/qemu-io,
-# fio's nbd engine, nbdkit for comparisons.
-SERVER_TEST_PACKAGES=(libnbd-bin python3-libnbd qemu-utils fio nbdkit curl)
+# fio's nbd engine, nbdkit for comparisons, nbd-client -l, ip and unshare for a network namespace, chattr.
+SERVER_TEST_PACKAGES=(libnbd-bin python3-libnbd qemu-utils fio nbdkit nbd-client iproute2 e2fsprogs util-linux curl)

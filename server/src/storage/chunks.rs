@@ -1,7 +1,7 @@
 //! A sparse, sharded map of fixed-size chunks: the memory backend's contents and the overlay's
 //! copy-on-write layer. Absent chunks cost nothing; what they read as is up to the owner.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 /// Bytes per chunk. Big enough that a 1 GiB disk is at most 16384 entries, small enough that a
@@ -31,11 +31,28 @@ pub struct NeedsContents;
 #[derive(Default)]
 pub struct ChunkStore {
     shards: Vec<Mutex<HashMap<u64, Slot>>>,
+    /// The state of every chunk that holds something, in order, so extent queries jump over
+    /// holes instead of probing each chunk. Updated under the chunk's shard lock (always shard
+    /// first, then this), and read on its own.
+    held: Mutex<BTreeMap<u64, ChunkState>>,
 }
 
 impl ChunkStore {
     pub fn new() -> ChunkStore {
-        ChunkStore { shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
+        ChunkStore {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            held: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn held(&self) -> MutexGuard<'_, BTreeMap<u64, ChunkState>> {
+        self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The chunks from `first` (included) to `end` (excluded) that hold something, in order,
+    /// at most `limit` of them. Chunks not listed are absent.
+    pub fn held_in(&self, first: u64, end: u64, limit: usize) -> Vec<(u64, ChunkState)> {
+        self.held().range(first..end).take(limit).map(|(&index, &state)| (index, state)).collect()
     }
 
     fn shard(&self, index: u64) -> MutexGuard<'_, HashMap<u64, Slot>> {
@@ -81,17 +98,20 @@ impl ChunkStore {
         let mut shard = self.shard(index);
         if data.len() as u64 == CHUNK_SIZE {
             shard.insert(index, Slot::Data(data.into()));
+            self.held().insert(index, ChunkState::Data);
             return Ok(());
         }
         match shard.get(&index) {
             Some(Slot::Data(_)) => {}
             Some(Slot::Zero) => {
                 shard.insert(index, Slot::Data(vec![0; CHUNK_SIZE as usize].into_boxed_slice()));
+                self.held().insert(index, ChunkState::Data);
             }
             None => {
                 let contents = contents.ok_or(NeedsContents)?;
                 debug_assert_eq!(contents.len() as u64, CHUNK_SIZE);
                 shard.insert(index, Slot::Data(contents));
+                self.held().insert(index, ChunkState::Data);
             }
         }
         let Some(Slot::Data(chunk)) = shard.get_mut(&index) else { unreachable!("a data slot was just ensured") };
@@ -114,18 +134,26 @@ impl ChunkStore {
 
     /// Marks a whole chunk as zeros without storing them.
     pub fn set_zero(&self, index: u64) {
-        self.shard(index).insert(index, Slot::Zero);
+        let mut shard = self.shard(index);
+        shard.insert(index, Slot::Zero);
+        self.held().insert(index, ChunkState::Zero);
     }
 
     /// Forgets a whole chunk, so it reads as the owner's default again.
     pub fn remove(&self, index: u64) {
-        self.shard(index).remove(&index);
+        let mut shard = self.shard(index);
+        shard.remove(&index);
+        self.held().remove(&index);
     }
 
     pub fn clear(&self) {
-        for shard in &self.shards {
-            shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
+        // Every shard locked first, so no write lands between clearing the data and the index.
+        let mut shards: Vec<_> =
+            self.shards.iter().map(|shard| shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())).collect();
+        for shard in &mut shards {
+            shard.clear();
         }
+        self.held().clear();
     }
 
     /// Bytes of chunk data held in memory.
@@ -198,6 +226,25 @@ mod tests {
         store.write(1, 2, b"x", None).unwrap();
         assert_eq!(store.read(1, 0, &mut out), ChunkState::Data);
         assert_eq!(&out, b"\0\0x\0");
+    }
+
+    #[test]
+    fn the_index_lists_held_chunks_in_order_with_their_state() {
+        let store = ChunkStore::new();
+        store.write(7, 0, &vec![1; CHUNK_SIZE as usize], None).unwrap();
+        store.set_zero(3);
+        store.write(1_000_000, 5, b"x", Some(vec![0; CHUNK_SIZE as usize].into())).unwrap();
+        assert_eq!(
+            store.held_in(0, u64::MAX, 10),
+            vec![(3, ChunkState::Zero), (7, ChunkState::Data), (1_000_000, ChunkState::Data)]
+        );
+        assert_eq!(store.held_in(4, 1_000_000, 10), vec![(7, ChunkState::Data)]);
+        store.write(3, 0, b"y", None).unwrap();
+        store.remove(7);
+        assert_eq!(store.held_in(0, 100, 10), vec![(3, ChunkState::Data)]);
+        assert_eq!(store.held_in(0, u64::MAX, 1).len(), 1);
+        store.clear();
+        assert!(store.held_in(0, u64::MAX, 10).is_empty());
     }
 
     #[test]

@@ -9,6 +9,8 @@ use crate::wire::allocation;
 
 /// How many chunks a long TRIM or WRITE_ZEROES handles before it lets other tasks run.
 const CHUNKS_PER_YIELD: usize = 1024;
+/// How many held chunks one BLOCK_STATUS answer describes at most.
+const MAX_HELD_PER_REPLY: usize = 16384;
 
 pub struct MemoryDevice {
     size: u64,
@@ -61,17 +63,25 @@ impl MemoryDevice {
     }
 
     fn extents_now(&self, offset: u64, length: u64) -> Vec<Extent> {
-        // Bound the walk: a reply may describe less than asked, and the client asks again.
-        let length = length.min(16384 * CHUNK_SIZE).min(self.size - offset);
-        let mut extents: Vec<Extent> = pieces(offset, length)
-            .map(|(index, _, take, _)| {
-                let flags = match self.chunks.state(index) {
-                    ChunkState::Data => 0,
-                    ChunkState::Absent | ChunkState::Zero => allocation::HOLE | allocation::ZERO,
-                };
-                Extent { length: take as u64, flags }
-            })
-            .collect();
+        const HOLE: u32 = allocation::HOLE | allocation::ZERO;
+        let end = offset.saturating_add(length).min(self.size);
+        let mut extents = Vec::new();
+        let mut position = offset;
+        // Holes cost nothing to describe; held chunks are listed, a bounded number per reply
+        // (a reply may describe less than asked, and the client asks again).
+        for (index, state) in self.chunks.held_in(offset / CHUNK_SIZE, end.div_ceil(CHUNK_SIZE), MAX_HELD_PER_REPLY) {
+            let start = (index * CHUNK_SIZE).max(position);
+            if start > position {
+                extents.push(Extent { length: start - position, flags: HOLE });
+            }
+            let chunk_end = ((index + 1) * CHUNK_SIZE).min(end);
+            let flags = if state == ChunkState::Data { 0 } else { HOLE };
+            extents.push(Extent { length: chunk_end - start, flags });
+            position = chunk_end;
+        }
+        if extents.len() < MAX_HELD_PER_REPLY && position < end {
+            extents.push(Extent { length: end - position, flags: HOLE });
+        }
         super::coalesce(&mut extents);
         extents
     }
@@ -169,6 +179,23 @@ mod tests {
         assert_eq!(device.resident_bytes(), 3 * CHUNK_SIZE);
         device.write_zeroes(CTX, 0, 4 * CHUNK_SIZE, ZeroFlags::default()).await.unwrap();
         assert_eq!(device.resident_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn extents_jump_over_huge_holes_and_stop_at_the_end_of_the_device() {
+        let device = MemoryDevice::new(1 << 42);
+        device.write(CTX, (1 << 41) + 10, Bytes::from_static(b"data"), false).await.unwrap();
+        let extents = device.extents(CTX, 0, u64::MAX).await.unwrap();
+        assert_eq!(
+            extents,
+            vec![
+                Extent { length: 1 << 41, flags: allocation::HOLE | allocation::ZERO },
+                Extent { length: CHUNK_SIZE, flags: 0 },
+                Extent { length: (1 << 41) - CHUNK_SIZE, flags: allocation::HOLE | allocation::ZERO },
+            ]
+        );
+        let from_inside = device.extents(CTX, (1 << 41) + 100, 10).await.unwrap();
+        assert_eq!(from_inside, vec![Extent { length: 10, flags: 0 }]);
     }
 
     #[tokio::test]

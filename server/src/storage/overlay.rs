@@ -116,32 +116,29 @@ impl BlockDevice for OverlayDevice {
 
     fn extents(&self, ctx: IoContext, offset: u64, length: u64) -> IoFuture<'_, Vec<Extent>> {
         Box::pin(async move {
-            let length = length.min(16384 * CHUNK_SIZE).min(self.size() - offset);
+            let end = offset.saturating_add(length).min(self.size());
             let mut extents = Vec::new();
-            let mut base_run: Option<(u64, u64)> = None;
-            for (index, start, take, _) in pieces(offset, length) {
-                let at = index * CHUNK_SIZE + start as u64;
-                let flags = match self.chunks.state(index) {
-                    ChunkState::Absent => {
-                        base_run = Some(match base_run {
-                            Some((run_start, run_len)) => (run_start, run_len + take as u64),
-                            None => (at, take as u64),
-                        });
-                        continue;
-                    }
-                    ChunkState::Zero => allocation::HOLE | allocation::ZERO,
-                    ChunkState::Data => 0,
-                };
-                if let Some((run_start, run_len)) = base_run.take() {
-                    extents.extend(base_extents(&*self.base, ctx, run_start, run_len).await?);
+            let mut position = offset;
+            // Held chunks are the overlay's own; between them the base shows through.
+            let held = self.chunks.held_in(offset / CHUNK_SIZE, end.div_ceil(CHUNK_SIZE), MAX_EXTENTS);
+            for (index, state) in held {
+                let start = (index * CHUNK_SIZE).max(position);
+                if start > position && !base_extents(&*self.base, ctx, position, start - position, &mut extents).await?
+                {
+                    return Ok(finish(extents));
                 }
-                extents.push(Extent { length: take as u64, flags });
+                let chunk_end = ((index + 1) * CHUNK_SIZE).min(end);
+                let flags = if state == ChunkState::Data { 0 } else { allocation::HOLE | allocation::ZERO };
+                extents.push(Extent { length: chunk_end - start, flags });
+                position = chunk_end;
+                if extents.len() >= MAX_EXTENTS {
+                    return Ok(finish(extents));
+                }
             }
-            if let Some((run_start, run_len)) = base_run {
-                extents.extend(base_extents(&*self.base, ctx, run_start, run_len).await?);
+            if position < end {
+                base_extents(&*self.base, ctx, position, end - position, &mut extents).await?;
             }
-            super::coalesce(&mut extents);
-            Ok(extents)
+            Ok(finish(extents))
         })
     }
 
@@ -153,17 +150,28 @@ impl BlockDevice for OverlayDevice {
     }
 }
 
-/// The base's extents for exactly `[offset, offset + length)`: cut at the end, and the base
-/// asked again where its answer stops short.
+/// The most extents one answer carries; the client asks again for the rest.
+const MAX_EXTENTS: usize = 16384;
+
+fn finish(mut extents: Vec<Extent>) -> Vec<Extent> {
+    super::coalesce(&mut extents);
+    extents
+}
+
+/// Appends the base's extents for `[offset, offset + length)`, cut at the end and asking the base
+/// again where its answer stops short. Returns false when it stopped early at [`MAX_EXTENTS`].
 async fn base_extents(
     base: &dyn BlockDevice,
     ctx: IoContext,
     offset: u64,
     length: u64,
-) -> Result<Vec<Extent>, super::IoError> {
-    let mut extents = Vec::new();
+    extents: &mut Vec<Extent>,
+) -> Result<bool, super::IoError> {
     let mut covered = 0;
     while covered < length {
+        if extents.len() >= MAX_EXTENTS {
+            return Ok(false);
+        }
         let answer = base.extents(ctx, offset + covered, length - covered).await?;
         if answer.is_empty() {
             extents.push(Extent { length: length - covered, flags: 0 });
@@ -178,7 +186,7 @@ async fn base_extents(
             }
         }
     }
-    Ok(extents)
+    Ok(true)
 }
 
 #[cfg(test)]
