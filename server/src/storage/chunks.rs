@@ -61,13 +61,6 @@ impl ChunkStore {
         self.shards[(index % SHARDS as u64) as usize].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub fn state(&self, index: u64) -> ChunkState {
-        match self.shard(index).get(&index) {
-            None => ChunkState::Absent,
-            Some(Slot::Zero) => ChunkState::Zero,
-            Some(Slot::Data(_)) => ChunkState::Data,
-        }
-    }
 
     /// Copies bytes `start..start + out.len()` of chunk `index` into `out` when the chunk holds
     /// something, and says what it held.
@@ -212,7 +205,7 @@ mod tests {
     fn whole_chunk_write_needs_no_contents() {
         let store = ChunkStore::new();
         store.write(3, 0, &vec![1; CHUNK_SIZE as usize], None).unwrap();
-        assert_eq!(store.state(3), ChunkState::Data);
+        assert_eq!(store.held_in(3, 4, 1), vec![(3, ChunkState::Data)]);
         assert_eq!(store.resident_bytes(), CHUNK_SIZE);
     }
 
@@ -257,6 +250,6 @@ mod tests {
         store.read(0, 0, &mut out);
         assert_eq!(out, [5, 0, 0, 5]);
         store.clear();
-        assert_eq!(store.state(0), ChunkState::Absent);
+        assert!(store.held_in(0, 1, 1).is_empty());
     }
 }
