@@ -68,14 +68,15 @@ jobs=(
 run_job() {
     # shellcheck disable=SC2086 # the job's arguments are meant to split
     fio --name=bench --ioengine=nbd --uri="nbd://127.0.0.1:$port/disk" --size=1G --time_based \
-        --runtime="$seconds" --ramp_time=1 --output-format=json $2 |
-        python3 -c '
+        --runtime="$seconds" --ramp_time=1 --output-format=json --output="$work/fio.json" $2 >/dev/null
+    # fio's nbd engine prints a line of its own on stdout, so the JSON goes through a file.
+    python3 -c '
 import json, sys
-job = json.load(sys.stdin)["jobs"][0]
+job = json.load(open(sys.argv[1]))["jobs"][0]
 side = job["read"] if job["read"]["io_bytes"] else job["write"]
 iops, mib = side["iops"], side["bw_bytes"] / 2**20
 p99 = side["clat_ns"]["percentile"]["99.000000"] / 1000
-print(f"{iops:.0f} IOPS, {mib:.0f} MiB/s, p99 {p99:.0f} us")'
+print(f"{iops:.0f} IOPS, {mib:.0f} MiB/s, p99 {p99:.0f} us")' "$work/fio.json"
 }
 
 declare -A results
