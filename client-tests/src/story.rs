@@ -98,10 +98,63 @@ pub fn tell(reports: &[Report]) -> String {
             );
         }
     }
+    for report in reports {
+        tell_submission(report, &mut out);
+    }
     if out.is_empty() {
         out.push_str("(no report ran the views scenario: run with --only views to see the story)\n");
     }
     out
+}
+
+/// The submission scenario, when it ran and reached a verdict: the 2020 thread's own state.
+fn tell_submission(report: &Report, out: &mut String) {
+    let Some(agree) = report.checks.iter().find(|c| c.id == "submission.mmap-read-agree") else { return };
+    let ev = Value::Object(agree.evidence.clone());
+    let _ = writeln!(
+        out,
+        "\nWhen writeback fails before the data is even sent ({} on Linux {}):",
+        report.fs,
+        report.kernel.label()
+    );
+    let _ = writeln!(
+        out,
+        "  A new file got \"NEW-DATA|\" with write() and was mapped; then every read the server got failed,"
+    );
+    let _ = writeln!(
+        out,
+        "  so block allocation could not read its metadata and writeback gave up before sending the data."
+    );
+    match agree.verdict {
+        Verdict::Violated => {
+            let _ = writeln!(
+                out,
+                "  The page stayed mapped but stopped being Uptodate: the mmap load shows {}, read() shows {}.",
+                short(&view(&ev, "views", "mmap")),
+                short(&view(&ev, "views", "read"))
+            );
+            if let Some(warn) =
+                report.checks.iter().find(|c| c.id == "submission.store-no-warning" && c.verdict == Verdict::Violated)
+            {
+                let line = warn.evidence.get("warnings").and_then(|w| w.get(0)).and_then(Value::as_str).unwrap_or("");
+                let _ = writeln!(out, "  A store into another such page made the kernel warn: {line}");
+            }
+            let _ = writeln!(
+                out,
+                "  This is the state the 2020 thread \"iomap: Handle I/O errors gracefully in page_mkwrite\" is about."
+            );
+        }
+        Verdict::Holds => {
+            let _ = writeln!(
+                out,
+                "  The page stayed Uptodate, so the mmap load and read() agree ({}).",
+                view(&ev, "views", "read")
+            );
+        }
+        _ => {
+            let _ = writeln!(out, "  Not reached here: {}", agree.reason.as_deref().unwrap_or(""));
+        }
+    }
 }
 
 fn short(s: &str) -> String {

@@ -1,0 +1,19 @@
+# Shared by scripts/demo.sh and scripts/client-tests-matrix.sh: the packages the VM harness needs
+# and the static build it runs. Sourced, not run.
+
+# qemu (TCG), the real nbd-client, busybox and mkfs for the guest's initramfs, cpio for the
+# harness's own tests, and Debian's archive keys for the private apt configuration that fetches
+# kernels. qemu-utils is named with qemu-system-x86 so both come from the same Debian release.
+CLIENT_TEST_PACKAGES=(qemu-system-x86 qemu-utils nbd-client busybox-static xfsprogs e2fsprogs cpio
+    debian-archive-keyring libc6-dev)
+
+# Builds nbdfault and nbdfault-client-tests statically linked (the guest has no C library), for
+# the explicit target so build scripts stay dynamic. The harness finds the server next to itself
+# and puts itself into the guest. Sets CLIENT_TESTS_BIN.
+build_client_tests() {
+    local target_dir=${CARGO_TARGET_DIR:-target}
+    echo "==> building nbdfault and nbdfault-client-tests (static, $target_dir)" >&2
+    RUSTFLAGS='-C target-feature=+crt-static' cargo build --locked \
+        --target x86_64-unknown-linux-gnu -p nbdfault -p nbdfault-client-tests
+    CLIENT_TESTS_BIN=$target_dir/x86_64-unknown-linux-gnu/debug
+}
