@@ -309,6 +309,85 @@ mod tests {
         assert!(!r.overlaps(8192, 9000));
     }
 
+    /// Answers `responses.len()` HTTP requests on loopback with the given status lines and bodies,
+    /// and hands back each request's head (request line and headers).
+    fn responder(responses: Vec<(&'static str, &'static str)>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let handle = std::thread::spawn(move || {
+            let mut heads = Vec::new();
+            for (status, body) in responses {
+                let (stream, _) = listener.accept().unwrap();
+                let mut reader = BufReader::new(stream);
+                let mut head = String::new();
+                let mut length = 0usize;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" || line.is_empty() {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                let mut payload = vec![0u8; length];
+                reader.read_exact(&mut payload).unwrap();
+                heads.push(format!("{head}\n{}", String::from_utf8_lossy(&payload)));
+                let mut stream = reader.into_inner();
+                write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+            }
+            heads
+        });
+        (url, handle)
+    }
+
+    #[test]
+    fn requests_carry_the_token_and_errors_carry_the_servers_message() {
+        let (url, server) = responder(vec![
+            ("200 OK", ""),
+            ("400 Bad Request", "line 3, column 7: unknown field `when2`"),
+            (
+                "200 OK",
+                "{\"seq\":4,\"op\":\"write\",\"offset\":0,\"length\":4096,\"errno\":\"EIO\"}\n{\"seq\":5,\"op\":\"read\",\"outcome\":\"delay\"}\n",
+            ),
+            ("200 OK", "abcd"),
+        ]);
+        let control = Control::new(&url, "", Some("s3cret".into())).unwrap();
+        control.arm("go-1").unwrap();
+        let err = control.put_policy("rules: []").unwrap_err().to_string();
+        assert!(err.contains("400") && err.contains("unknown field `when2`"), "{err}");
+        let faults = control.faults_since(3).unwrap();
+        assert_eq!(faults.iter().map(|f| (f.seq, f.failed)).collect::<Vec<_>>(), vec![(4, true), (5, false)]);
+        assert_eq!(control.read_data(0, 4).unwrap(), b"abcd");
+        let heads = server.join().unwrap();
+        assert!(heads[0].starts_with("POST /v1/exports/@default/triggers/go-1 HTTP/1.1"), "{}", heads[0]);
+        assert!(heads[0].to_ascii_lowercase().contains("authorization: bearer s3cret"), "{}", heads[0]);
+        assert!(
+            heads[1].starts_with("PUT /v1/exports/@default/policy") && heads[1].ends_with("rules: []"),
+            "{}",
+            heads[1]
+        );
+        assert!(heads[2].starts_with("GET /v1/exports/@default/faults?since=3 "), "{}", heads[2]);
+        assert!(heads[3].starts_with("GET /v1/exports/@default/data?offset=0&length=4 "), "{}", heads[3]);
+    }
+
+    #[test]
+    fn a_short_data_answer_is_an_error() {
+        let (url, server) = responder(vec![("200 OK", "ab")]);
+        let control = Control::new(&url, "disk", None).unwrap();
+        let err = control.read_data(0, 4).unwrap_err().to_string();
+        assert!(err.contains("asked for 4 bytes, got 2"), "{err}");
+        server.join().unwrap();
+    }
+
     #[test]
     fn control_url_must_be_plain_http() {
         assert!(matches!(Control::new("https://x:1", "", None), Err(ControlError::BadUrl(_))));

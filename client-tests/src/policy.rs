@@ -106,6 +106,32 @@ mod tests {
     }
 
     #[test]
+    fn the_policy_language_accepts_what_the_suite_writes() {
+        for policy in [
+            FailPolicy {
+                name: "fail-file-data".into(),
+                op: Op::Write,
+                ranges: vec![(98304, 114688), (1 << 20, 2 << 20)],
+                trigger: "go-3".into(),
+                delay: Duration::from_millis(50),
+            },
+            FailPolicy {
+                name: "fail-every-read".into(),
+                op: Op::Read,
+                ranges: vec![],
+                trigger: "go-1".into(),
+                delay: Duration::ZERO,
+            },
+        ] {
+            let yaml = policy.to_yaml();
+            let parsed = nbdfault_policies::Policy::from_yaml(&yaml, "suite");
+            assert!(parsed.is_ok(), "{yaml}\n{:?}", parsed.err());
+            let names: Vec<String> = parsed.unwrap().rule_names().map(str::to_string).collect();
+            assert_eq!(names.len(), policy.ranges.len().max(1));
+        }
+    }
+
+    #[test]
     fn merge_ranges_joins_touching_and_overlapping_runs() {
         assert_eq!(merge_ranges(vec![(8, 12), (0, 4), (4, 6), (10, 20), (30, 30)]), vec![(0, 6), (8, 20)]);
     }
