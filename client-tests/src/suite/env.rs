@@ -14,6 +14,7 @@ use crate::control::{Control, FaultRecord};
 use crate::kmsg::{Kmsg, KmsgLine};
 use crate::os::fiemap::{self, Extent};
 use crate::os::mapping::{Mapping, SigBus, resident_pages};
+use crate::os::pageflags::{PageState, page_state};
 use crate::os::{self, outcome};
 use crate::pattern::{self, Pattern};
 use crate::policy::{FailPolicy, Op, merge_ranges};
@@ -128,6 +129,38 @@ impl Views {
             }
         }
         Value::Object(ev)
+    }
+}
+
+/// The state of the first pages of a mapping, as the kernel reports it at one moment.
+pub struct PageStates(Vec<std::io::Result<PageState>>);
+
+impl PageStates {
+    pub fn of(map: &Mapping, pages: usize) -> Self {
+        PageStates((0..pages).map(|i| page_state(map.address(i * crate::os::page_size()))).collect())
+    }
+
+    /// Whether any page is in the thread's bug state (mapped, not Uptodate); `None` when some
+    /// page's flags could not be read.
+    pub fn any_mapped_but_not_uptodate(&self) -> Option<bool> {
+        self.0
+            .iter()
+            .map(|s| s.as_ref().ok().and_then(PageState::mapped_but_not_uptodate))
+            .collect::<Option<Vec<bool>>>()
+            .map(|states| states.into_iter().any(|b| b))
+    }
+
+    pub fn first(&self) -> Option<&PageState> {
+        self.0.first().and_then(|s| s.as_ref().ok())
+    }
+
+    pub fn evidence(&self) -> Value {
+        json!(
+            self.0
+                .iter()
+                .map(|s| s.as_ref().map(|s| json!(s)).unwrap_or_else(|e| json!({ "error": e.to_string() })))
+                .collect::<Vec<_>>()
+        )
     }
 }
 

@@ -273,17 +273,14 @@ fn run(env: &mut Env, f: &mut Findings, call: Call) -> Result<(), StepError> {
 
     f.share("sequence", json!(sequence));
     f.share("failed_requests", json!(failed.len()));
-    let id = |suffix: &str| -> &'static str {
-        let full = format!("{name}.{suffix}");
-        SCENARIOS.iter().flat_map(|s| s.checks).find(|c| c.id == full).map(|c| c.id).unwrap_or("unknown")
-    };
+    let id = |suffix: &str| format!("{name}.{suffix}");
     let returned = |r: &str| format!("returned {r}");
-    f.judge(id("late-open-unseen"), a1 == "EIO", returned(&a1), json!({ "returned": a1 }));
-    f.judge(id("writer"), w1 == "EIO", returned(&w1), json!({ "returned": w1 }));
-    f.judge(id("writer-once"), w2 == "0", returned(&w2), json!({ "returned": w2 }));
-    f.judge(id("other-fd"), b1 == "EIO", returned(&b1), json!({ "returned": b1 }));
-    f.judge(id("dup-shares"), d1 == "0", returned(&d1), json!({ "returned": d1, "original_returned": b1 }));
-    f.judge(id("late-open-seen"), c1 == "0", returned(&c1), json!({ "returned": c1 }));
+    f.judge(&id("late-open-unseen"), a1 == "EIO", returned(&a1), json!({ "returned": a1 }));
+    f.judge(&id("writer"), w1 == "EIO", returned(&w1), json!({ "returned": w1 }));
+    f.judge(&id("writer-once"), w2 == "0", returned(&w2), json!({ "returned": w2 }));
+    f.judge(&id("other-fd"), b1 == "EIO", returned(&b1), json!({ "returned": b1 }));
+    f.judge(&id("dup-shares"), d1 == "0", returned(&d1), json!({ "returned": d1, "original_returned": b1 }));
+    f.judge(&id("late-open-seen"), c1 == "0", returned(&c1), json!({ "returned": c1 }));
     match call {
         Call::Fsync => {
             f.judge(

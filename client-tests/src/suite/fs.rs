@@ -25,11 +25,17 @@ impl Fs {
     }
 
     /// The mkfs command for `device`: quiet, forced, and without discarding the whole device.
-    pub fn mkfs_command(self, device: &Path) -> Command {
+    /// `sector_4k` gives XFS 4096-byte sectors, for an image that will be served to a device with
+    /// 4096-byte logical blocks (`nbd-client -b 4096`): on a device mkfs.xfs reads the sector
+    /// size from the device, in a file it would pick 512, which such a device refuses to mount.
+    pub fn mkfs_command(self, device: &Path, sector_4k: bool) -> Command {
         let mut cmd = match self {
             Fs::Xfs => {
                 let mut c = Command::new("mkfs.xfs");
                 c.args(["-f", "-q", "-K"]);
+                if sector_4k {
+                    c.args(["-s", "size=4096"]);
+                }
                 c
             }
             Fs::Ext4 => {
@@ -53,20 +59,12 @@ impl Fs {
 
     /// Makes a fresh filesystem on `device`.
     pub fn make(self, device: &Path) -> Result<(), String> {
-        self.run_mkfs(self.mkfs_command(device))
+        self.run_mkfs(self.mkfs_command(device, false))
     }
 
-    /// Makes a fresh filesystem in an image file that will be served to a device with 4096-byte
-    /// logical blocks (`nbd-client -b 4096`). On a device mkfs.xfs reads the sector size from
-    /// the device; in a file it would pick 512, which such a device refuses to mount.
+    /// Makes a fresh filesystem in an image file to be served with 4096-byte logical blocks.
     pub fn make_image(self, image: &Path) -> Result<(), String> {
-        let mut cmd = self.mkfs_command(image);
-        if self == Fs::Xfs {
-            let args: Vec<_> = cmd.get_args().map(|a| a.to_os_string()).collect();
-            cmd = Command::new(cmd.get_program());
-            cmd.args(&args[..args.len() - 1]).args(["-s", "size=4096"]).arg(image);
-        }
-        self.run_mkfs(cmd)
+        self.run_mkfs(self.mkfs_command(image, true))
     }
 
     fn run_mkfs(self, mut cmd: Command) -> Result<(), String> {
@@ -129,7 +127,7 @@ mod tests {
     #[test]
     fn mkfs_never_discards_the_whole_device() {
         for fs in Fs::ALL {
-            let cmd = fs.mkfs_command(Path::new("/dev/nbd0"));
+            let cmd = fs.mkfs_command(Path::new("/dev/nbd0"), true);
             let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
             assert!(args.iter().any(|a| a == "-K" || a == "nodiscard"), "{args:?}");
             assert_eq!(args.last().unwrap(), "/dev/nbd0");

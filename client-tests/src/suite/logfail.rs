@@ -4,9 +4,9 @@
 
 use std::os::unix::fs::FileExt;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::env::{Env, log_texts};
+use super::env::{Env, PageStates, log_texts};
 use super::layout::{ext4_journal_ranges, xfs_log_range};
 use super::submission::submission_fixed;
 use super::views::SHUTDOWN_LINES;
@@ -14,7 +14,6 @@ use super::{CheckSpec, Findings, Fs, Scenario, Step, StepError, Target, always_h
 use crate::invariants::Class::{Guaranteed as G, KnownBug as BUG, SetupDependent as SETUP};
 use crate::kmsg::matching;
 use crate::os::mapping::Mapping;
-use crate::os::pageflags::page_state;
 use crate::os::{self, outcome};
 use crate::pattern::{NEW, OLD, REDIRTY, classify};
 use crate::policy::Op;
@@ -122,18 +121,13 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
     let msync = outcome(&map.msync(true));
     let fsync = outcome(&os::fsync(&file.writer));
     let views = env.views(&file, Some(&map), 0, 8192)?;
-    let states: Vec<_> = (0..2).map(|i| page_state(map.address(i * 4096))).collect();
-    let states_ev: Vec<Value> = states
-        .iter()
-        .map(|s| s.as_ref().map(|s| json!(s)).unwrap_or_else(|e| json!({ "error": e.to_string() })))
-        .collect();
-    let ev = json!({ "msync": msync, "fsync": fsync, "views": views.evidence(), "page_flags": states_ev });
-    let bug =
-        states.iter().map(|s| s.as_ref().ok().and_then(|s| s.mapped_but_not_uptodate())).collect::<Option<Vec<bool>>>();
+    let states = PageStates::of(&map, 2);
+    let ev = json!({ "msync": msync, "fsync": fsync, "views": views.evidence(), "page_flags": states.evidence() });
+    let bug = states.any_mapped_but_not_uptodate();
     match bug {
         Some(b) => f.judge(
             "logfail.mapped-page-uptodate",
-            !b.iter().any(|x| *x),
+            !b,
             "a page is still mapped but no longer Uptodate (the 2020 thread's state)",
             ev.clone(),
         ),
@@ -161,7 +155,7 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
             );
         }
         Fs::Ext4 => {
-            let dirty = states.first().and_then(|s| s.as_ref().ok()).and_then(|s| s.dirty.zip(s.uptodate));
+            let dirty = states.first().and_then(|s| s.dirty.zip(s.uptodate));
             let read = match &views.read {
                 Ok(b) => classify(0, b).to_string(),
                 Err(e) => format!("error {e}"),

@@ -101,23 +101,23 @@ type Found = (Verdict, Option<String>, Map<String, Value>);
 /// The verdicts a scenario has reached so far, and evidence shared by all its checks.
 #[derive(Debug, Default)]
 pub struct Findings {
-    verdicts: BTreeMap<&'static str, Found>,
+    verdicts: BTreeMap<String, Found>,
     shared: Map<String, Value>,
 }
 
 impl Findings {
     /// Records a verdict. `evidence` should be a JSON object; anything else is stored under `value`.
-    pub fn set(&mut self, id: &'static str, verdict: Verdict, reason: Option<String>, evidence: Value) {
+    pub fn set(&mut self, id: &str, verdict: Verdict, reason: Option<String>, evidence: Value) {
         let evidence = match evidence {
             Value::Object(map) => map,
             Value::Null => Map::new(),
             other => Map::from_iter([("value".to_string(), other)]),
         };
-        self.verdicts.insert(id, (verdict, reason, evidence));
+        self.verdicts.insert(id.to_string(), (verdict, reason, evidence));
     }
 
     /// Holds when `held`, else violated with `why`.
-    pub fn judge(&mut self, id: &'static str, held: bool, why: impl Into<String>, evidence: Value) {
+    pub fn judge(&mut self, id: &str, held: bool, why: impl Into<String>, evidence: Value) {
         if held {
             self.set(id, Verdict::Holds, None, evidence);
         } else {

@@ -7,12 +7,11 @@ use std::os::unix::fs::FileExt;
 
 use serde_json::{Value, json};
 
-use super::env::{Env, log_texts, read_at};
+use super::env::{Env, PageStates, log_texts, read_at};
 use super::{CheckSpec, Findings, Fs, Scenario, Step, StepError, Target};
 use crate::invariants::Class::KnownBug as BUG;
 use crate::kmsg::matching;
 use crate::os::mapping::Mapping;
-use crate::os::pageflags::page_state;
 use crate::os::{self, fiemap, outcome};
 use crate::pattern::{NEW, REDIRTY, SECOND, classify};
 use crate::policy::Op;
@@ -76,16 +75,6 @@ const SUBMISSION_LINES: &[&str] = &[
 /// __folio_mark_dirty (ext4).
 const WARNING_LINES: &[&str] = &["WARNING:"];
 
-fn page_states(map: &Mapping, pages: usize) -> Value {
-    json!(
-        (0..pages)
-            .map(|i| page_state(map.address(i * 4096))
-                .map(|s| json!(s))
-                .unwrap_or_else(|e| json!({ "error": e.to_string() })))
-            .collect::<Vec<_>>()
-    )
-}
-
 fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
     // A new, empty file; then the metadata caches are dropped and every read starts failing.
     let mut file = env.create("submission", NEW, 0)?;
@@ -130,10 +119,9 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
 
     // The state of the mapped pages right after the failure, before anything touches them: a
     // read() would re-read a page that is not Uptodate and so hide the state.
-    let states: Vec<_> = (0..4).filter_map(|i| page_state(map.address(i * 4096)).ok()).collect();
-    let flags_after_failure = page_states(&map, 4);
-    let bug_state = states.iter().map(|s| s.mapped_but_not_uptodate()).collect::<Option<Vec<bool>>>();
-    f.share("page_flags_after_failure", flags_after_failure);
+    let states = PageStates::of(&map, 4);
+    let bug_state = states.any_mapped_but_not_uptodate();
+    f.share("page_flags_after_failure", states.evidence());
 
     // Page 1: a store through the mapping.
     env.kernel_log();
@@ -192,7 +180,7 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
             ev,
         ),
         (_, Err(e)) => match bug_state {
-            Some(bug) if bug.iter().any(|b| *b) => f.set(
+            Some(true) => f.set(
                 "submission.mmap-read-agree",
                 Verdict::Violated,
                 Some(format!(
@@ -200,7 +188,7 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
                 )),
                 ev,
             ),
-            Some(_) => f.set(
+            Some(false) => f.set(
                 "submission.mmap-read-agree",
                 Verdict::Holds,
                 Some(format!("read() fails with {e} (filesystem shut down), but the mapped pages are still Uptodate")),
