@@ -12,6 +12,7 @@ pub mod server;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -132,6 +133,23 @@ impl CacheLock {
     }
 }
 
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_sig: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C reaches qemu and the server (same process group) and ends them; this process only
+/// notes it, so it can go on to stop what is left and remove its temporary files. A handler,
+/// not SIG_IGN, so the children (which exec) keep the default action.
+fn catch_interrupts() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_interrupt as *const () as libc::sighandler_t);
+    }
+}
+
 /// Prints progress with the time since start.
 struct Progress(Instant);
 
@@ -248,6 +266,7 @@ pub fn kernel_main(args: KernelArgs) -> Result<ExitCode, String> {
 /// `vm`: everything, start to finish.
 pub fn main(args: VmArgs) -> Result<ExitCode, String> {
     let progress = Progress(Instant::now());
+    catch_interrupts();
     let filesystems = crate::suite::fs::parse_list(&args.fs)?;
     let fs_list = filesystems.iter().map(|f| f.name()).collect::<Vec<_>>().join(",");
     qemu::check_available(&args.qemu)?;
@@ -334,6 +353,9 @@ pub fn main(args: VmArgs) -> Result<ExitCode, String> {
     })
     .map_err(|e| format!("cannot run qemu: {e}"))?;
     let server_exit = server.stop();
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        return Err("interrupted: qemu and the server were stopped and the temporary files removed".into());
+    }
     progress.say(&format!(
         "guest finished in {:.0} s{}",
         outcome.elapsed.as_secs_f64(),
