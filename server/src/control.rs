@@ -106,6 +106,9 @@ pub fn router(state: ControlState) -> Router {
         )
         .route("/v1/exports/{name}/reset", post(reset))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see docs/control-api.md") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this endpoint has no such method; see docs/control-api.md")
+        })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
 }
