@@ -199,9 +199,20 @@ impl Api {
     }
 }
 
-/// `/v1/exports/NAME`, with `@default` for the export named "".
+/// `/v1/exports/NAME`, percent-encoded, with `@default` for the export named "".
 pub fn export_path(export: &str) -> String {
-    if export.is_empty() { "/v1/exports/@default".to_string() } else { format!("/v1/exports/{export}") }
+    if export.is_empty() {
+        return "/v1/exports/@default".to_string();
+    }
+    let mut path = String::from("/v1/exports/");
+    for byte in export.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
+            path.push(byte as char);
+        } else {
+            path.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    path
 }
 
 /// One JSON value per non-empty line.
