@@ -5,6 +5,7 @@
 //! an injected delay) never holds up the requests behind it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -27,6 +28,9 @@ const _: () = assert!(MAX_DRAIN >= MAX_PAYLOAD);
 const MIN_COST: u32 = 4096;
 /// Replies are gathered in a buffer of this size and sent when no more are waiting.
 const WRITE_BUFFER: usize = 256 << 10;
+/// How long the replies to abandoned requests (ESHUTDOWN) may take to go out once the shutdown
+/// grace period is over.
+const LAST_REPLIES: Duration = Duration::from_millis(200);
 
 /// How the transmission phase ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,11 +272,19 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         writer.flush().await?;
         writer.shutdown().await
     };
+    tokio::pin!(sending);
     let result = tokio::select! {
-        result = sending => result,
+        result = &mut sending => result,
         () = shutdown.abandoned() => {
-            tracing::info!("the client did not take its replies before the shutdown grace period ended; closing");
-            Ok(())
+            // The requests still in flight are being answered ESHUTDOWN right now: send those
+            // answers too, but give a client that does not read them only a moment more.
+            match tokio::time::timeout(LAST_REPLIES, &mut sending).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::info!("the client did not take its replies before the shutdown grace period ended; closing");
+                    Ok(())
+                }
+            }
         }
     };
     // Whatever the reason, the reader must stop: nothing more will be sent on this connection.
