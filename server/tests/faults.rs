@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::control::{Api, OpResult, fault_probe, ops};
+use common::control::{Api, OpResult, fault_probe, ops, poll};
 use common::{Server, json, random_image, run, run_ok, tool};
 use serde_json::Value;
 
@@ -213,6 +213,22 @@ fn a_stalled_write_stays_in_flight_while_later_requests_complete_until_its_trigg
         export["triggers"],
         serde_json::json!([{"name": "release", "armed": true, "since_ns": export["triggers"][0]["since_ns"]}])
     );
+}
+
+#[test]
+fn a_write_still_stalled_when_the_shutdown_grace_period_ends_is_answered_eshutdown() {
+    let mut server =
+        Server::builder().export("disk", "memory:16MiB").args(["--shutdown-grace", "100ms"]).with_control().start();
+    let api = Api::new(&server);
+    api.set_policy("disk", "rules: [{name: hold, when: {op: write}, then: {stall: release}}]");
+    let mut client = fault_probe("one-write");
+    client.arg(server.uri("disk")).arg("0");
+    let waiting = std::thread::spawn(move || run_ok(&mut client));
+    poll("the write reaches the server", || (api.export("disk")["requests_decided"] == 1).then_some(()));
+    let (status, _) = server.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{status}");
+    let report = json(&waiting.join().unwrap());
+    assert_eq!(report["errno"], "ESHUTDOWN", "the stalled write gets an answer, not a closed connection");
 }
 
 // ---- each outcome, through a client and the data endpoint --------------------------------------

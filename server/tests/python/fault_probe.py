@@ -166,6 +166,16 @@ def stalled(uri, stalled_offset, others, control, export, trigger):
     h.shutdown()
 
 
+def one_write(uri, offset):
+    """Writes one block asynchronously and waits for its answer, however long the server holds
+    it; reports {"errno": null | "EIO" | ...}."""
+    h = connect(uri)
+    t = Tracker(h)
+    t.write("write", int(offset), 0x77)
+    t.wait_until(lambda: h.aio_in_flight() == 0, "the write is answered")
+    print(json.dumps({"errno": t.errors.get("write")}), flush=True)
+
+
 def busy(uri, offset, stop_file, results_file):
     """Writes the same block again and again until `stop_file` exists, appending each result
     ("ok" or the errno) to `results_file`, one per line, so a test can change the policy while
@@ -191,6 +201,7 @@ SCENARIOS = {
     "overtaken": overtaken,
     "stalled": stalled,
     "busy": busy,
+    "one-write": one_write,
 }
 
 
