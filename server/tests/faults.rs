@@ -188,6 +188,17 @@ fn a_delayed_error_reply_is_overtaken_by_later_requests_on_the_same_handle() {
     assert_all(&api.data("disk", 64 * KIB, 4 * KIB), 1, "a later write in storage");
 }
 
+/// Runs `fault_probe.py stalled` with 8 other requests per batch; returns its report.
+fn stalled(server: &Server, api: &Api, release: &str, between: &[&str]) -> Value {
+    let mut command = fault_probe("stalled");
+    command.arg(server.uri("disk")).args(["0", "8", api.base(), release]).args(between);
+    json(&run_ok(&mut command))
+}
+
+fn completion_order(report: &Value) -> Vec<&str> {
+    report["order"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect()
+}
+
 #[test]
 fn a_stalled_write_stays_in_flight_while_later_requests_complete_until_its_trigger_is_armed_through_the_api() {
     let (server, api) = disk();
@@ -195,24 +206,56 @@ fn a_stalled_write_stays_in_flight_while_later_requests_complete_until_its_trigg
         "disk",
         "rules: [{name: hold, when: {op: write, range: 0..4KiB}, then: {stall: release, error: EIO}}]",
     );
-    let control = api.base().to_string();
-    let report =
-        json(&run_ok(fault_probe("stalled").arg(server.uri("disk")).args(["0", "8", &control, "disk", "release"])));
+    let report = stalled(&server, &api, "POST /v1/exports/disk/triggers/release", &[]);
     assert_eq!(
         report["in_flight_before_release"], 1,
         "8 later requests completed while the stalled one waited: {report}"
     );
-    let order: Vec<&str> = report["order"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let order = completion_order(&report);
     assert_eq!((order.len(), order.last()), (9, Some(&"stalled")), "{report}");
     assert_eq!(report["errors"], serde_json::json!({"stalled": "EIO"}), "released, it fails as the rule says");
     let records = api.faults("disk", 0);
     assert_eq!(records.len(), 1, "{records:#?}");
     assert_eq!(records[0]["stall"]["trigger"], "release", "{}", records[0]);
-    let export = api.export("disk");
-    assert_eq!(
-        export["triggers"],
-        serde_json::json!([{"name": "release", "armed": true, "since_ns": export["triggers"][0]["since_ns"]}])
+    assert_eq!(api.export("disk")["triggers"][0]["armed"], true);
+    assert_all(&api.data("disk", 0, 4 * KIB), 0, "the failed write in storage");
+}
+
+#[test]
+fn a_stall_is_released_by_a_rule_that_arms_its_trigger_and_then_does_its_write() {
+    let (server, api) = disk();
+    api.set_policy(
+        "disk",
+        "rules:\n  - { name: hold, when: { op: write, range: 0..4KiB }, then: { stall: release } }\n  \
+         - { name: release-on-flush, when: { op: flush }, then: { arm: release } }\n",
     );
+    let report = stalled(&server, &api, "flush", &[]);
+    assert_eq!(report["in_flight_before_release"], 1, "{report}");
+    let order = completion_order(&report);
+    assert_eq!(order.len(), 10, "{report}");
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    assert!(order.iter().position(|t| *t == "stalled") > order.iter().position(|t| *t == "release"), "{report}");
+    assert_all(&api.data("disk", 0, 4 * KIB), 0x55, "the released write in storage");
+    let records = api.faults("disk", 0);
+    assert_eq!(record_at(&records, "write", 0)["outcome"], "stall");
+    assert_eq!(record_at(&records, "flush", 0)["armed"], serde_json::json!(["release"]));
+}
+
+#[test]
+fn a_stalled_write_keeps_its_decision_when_the_policy_is_removed_while_it_waits() {
+    let (server, api) = disk();
+    api.set_policy(
+        "disk",
+        "rules:\n  - { name: hold, when: { op: write, range: 0..4KiB }, then: { stall: release, error: ENOSPC } }\n  \
+         - { name: fail-others, when: { op: write }, then: { error: EIO } }\n",
+    );
+    let report = stalled(&server, &api, "POST /v1/exports/disk/triggers/release", &["DELETE /v1/exports/disk/policy"]);
+    assert_eq!(report["in_flight_before_release"], 1, "{report}");
+    let errors = report["errors"].as_object().unwrap();
+    assert_eq!(errors.get("stalled").and_then(Value::as_str), Some("ENOSPC"), "decided before the swap: {report}");
+    let failed: Vec<&String> = errors.keys().filter(|tag| *tag != "stalled").collect();
+    assert!(failed.iter().all(|tag| tag.starts_with("write-0-")), "writes after DELETE pass: {report}");
+    assert_eq!(failed.len(), 4, "the writes before DELETE failed: {report}");
 }
 
 #[test]
@@ -558,6 +601,44 @@ fn nth_and_limit_fail_exactly_the_configured_occurrences() {
         .map(|c| (c["occurrences"].as_u64().unwrap(), c["fired"].as_u64().unwrap()))
         .collect();
     assert_eq!(fired, vec![(10, 2), (10, 2), (10, 1)], "{counters}");
+}
+
+#[test]
+fn connection_and_request_conditions_pick_the_configured_connection_and_request_index() {
+    let (server, api) = disk();
+    api.set_policy(
+        "disk",
+        "rules:\n  - { name: sixth-request, when: { request: 5 }, then: { error: ENOSPC } }\n  \
+         - { name: second-connection, when: { op: write, connection: 2 }, then: { error: EIO } }\n",
+    );
+    let uri = server.uri("disk");
+    let writes = |n: u64| (0..n).map(|i| format!("write {} 512 1", i * 512)).collect::<Vec<_>>();
+    // Each run of fault_probe.py is a new connection: 1, 2, 3. Request indices run 0 to 7.
+    let first = ops(&uri, &writes(3));
+    let second = ops(&uri, &writes(3));
+    let third = ops(&uri, &writes(2));
+    assert!(first.iter().chain(&third).all(OpResult::ok), "{first:?} {third:?}");
+    second[0].expect_errno("EIO");
+    second[1].expect_errno("EIO");
+    second[2].expect_errno("ENOSPC");
+    let records = api.faults("disk", 0);
+    let seen: Vec<(u64, u64)> =
+        records.iter().map(|r| (r["connection"].as_u64().unwrap(), r["request_index"].as_u64().unwrap())).collect();
+    assert_eq!(seen, [(2, 3), (2, 4), (2, 5)]);
+}
+
+#[test]
+fn a_stall_that_times_out_then_acts_as_its_rule_says() {
+    let (server, api) = disk();
+    api.set_policy(
+        "disk",
+        "rules: [{name: hiccup, when: {op: write}, then: {stall: {until: never, timeout: 50ms}, error: EIO}}]",
+    );
+    ops(&server.uri("disk"), &["write 0 4096 1"])[0].expect_errno("EIO");
+    let record = &api.faults("disk", 0)[0];
+    assert_eq!(record["stall"], serde_json::json!({"trigger": "never", "timeout_ns": 50_000_000}));
+    assert!(record["waited_ns"].as_u64().unwrap() >= 50_000_000, "it waited its timeout: {record}");
+    assert_eq!(api.export("disk")["triggers"][0]["armed"], false, "a timeout arms nothing");
 }
 
 /// The indices of the writes a seeded `probability: 0.5` rule fails, on a fresh server.

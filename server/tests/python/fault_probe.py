@@ -108,6 +108,9 @@ class Tracker:
         self.buffers.append(buf)
         self.h.aio_pwrite(buf, offset, completion=self._done(tag))
 
+    def flush(self, tag):
+        self.h.aio_flush(completion=self._done(tag))
+
     def read(self, tag, offset, length=4 * KIB):
         buf = nbd.Buffer(length)
         self.buffers.append(buf)
@@ -142,27 +145,43 @@ def overtaken(uri, delayed_offset, others):
     h.shutdown()
 
 
-def stalled(uri, stalled_offset, others, control, export, trigger):
-    """Writes at `stalled_offset` (which the policy stalls until `trigger`), then `others`
-    requests; once they have all completed, arms `trigger` through the control API and waits for
-    the stalled write. Reports the order and whether the stalled write was still in flight."""
+def control_call(control, call):
+    """`METHOD PATH` against the control API; returns the JSON answer."""
+    method, path = call.split(" ", 1)
+    request = urllib.request.Request(f"{control}{path}", method=method)
+    with urllib.request.urlopen(request, timeout=PATIENCE) as answer:
+        return json.load(answer)
+
+
+def stalled(uri, stalled_offset, others, control, release, *between):
+    """Writes at `stalled_offset` (which the policy stalls), then `others` requests elsewhere;
+    once they have all completed, makes each `between` control call (`METHOD PATH`) followed by
+    `others` more requests, then releases the stall: `release` is a control call, or `flush` (for
+    a rule that arms the trigger). Reports the order, and how many requests were in flight (only
+    the stalled one, if it really waited) just before the release."""
     stalled_offset, others = int(stalled_offset), int(others)
     h = connect(uri)
     t = Tracker(h)
     t.write("stalled", stalled_offset, 0x55)
-    for i in range(others):
-        offset = (i + 1) * 64 * KIB
-        if i % 2 == 0:
-            t.write(f"write-{i}", offset, i + 1)
-        else:
-            t.read(f"read-{i}", offset)
-    t.wait_until(lambda: len([tag for tag in t.order if tag != "stalled"]) == others, "the other requests complete")
+    batches = [None, *between]
+    for batch, call in enumerate(batches):
+        if call:
+            control_call(control, call)
+        for i in range(others):
+            offset = (batch * others + i + 1) * 64 * KIB
+            if i % 2 == 0:
+                t.write(f"write-{batch}-{i}", offset, i + 1)
+            else:
+                t.read(f"read-{batch}-{i}", offset)
+        done = (batch + 1) * others
+        t.wait_until(lambda: len([tag for tag in t.order if tag != "stalled"]) == done, "the other requests complete")
     in_flight = h.aio_in_flight()
-    request = urllib.request.Request(f"{control}/v1/exports/{export}/triggers/{trigger}", method="POST")
-    with urllib.request.urlopen(request, timeout=PATIENCE) as answer:
-        released = json.load(answer)
+    if release == "flush":
+        t.flush("release")
+    else:
+        control_call(control, release)
     t.wait_until(lambda: h.aio_in_flight() == 0, "the stalled write completes once released")
-    t.report(in_flight_before_release=in_flight, release=released)
+    t.report(in_flight_before_release=in_flight)
     h.shutdown()
 
 
