@@ -173,7 +173,15 @@ where
                 shutdown: shutdown.clone(),
             };
             let span = tracing::debug_span!("request", cookie = header.cookie, cmd = cmd.name(), offset = header.offset, length = header.length);
-            tasks.spawn(request.run().instrument(span));
+            // Started here, in the order requests arrive: the device takes its order-dependent
+            // decisions (the fault layer's request index, occurrence counts, seeded draws) before
+            // its first await, and that order must not depend on how the runtime happens to
+            // schedule request tasks. Whatever the request then waits for runs in its own task.
+            let mut task = Box::pin(request.run().instrument(span));
+            if task.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())).is_pending() {
+                // Polled again once spawned, so it wakes through the runtime from then on.
+                tasks.spawn(task);
+            }
         }
     }
     .await;
