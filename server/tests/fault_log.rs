@@ -245,3 +245,30 @@ fn records_from_the_fault_log_file_replay_like_those_from_the_api() {
     let (again, _) = run_workload(&path);
     assert!(original == again, "the replay of the file decides differently:\n{original}\n----\n{again}");
 }
+
+#[test]
+fn request_indices_follow_the_order_requests_arrive_in_even_when_a_client_pipelines_them() {
+    let server = Server::builder().export("disk", "memory:8MiB").with_control().start();
+    let api = Api::new(&server);
+    api.set_policy("disk", "rules: [{name: every-request, then: {}}]");
+    let count = 256;
+    let mut client = common::control::fault_probe("pipelined");
+    run_ok(client.arg(server.uri("disk")).arg(count.to_string()));
+    let records = api.wait_for_faults("disk", count);
+    let mut by_index: Vec<(u64, String, u64)> = records
+        .iter()
+        .map(|r| {
+            (r["request_index"].as_u64().unwrap(), r["op"].as_str().unwrap().to_string(), r["offset"].as_u64().unwrap())
+        })
+        .collect();
+    by_index.sort();
+    let expected: Vec<(u64, String, u64)> = (0..count as u64)
+        .map(|i| match i % 8 {
+            7 => (i, "flush".to_string(), 0),
+            _ if i % 2 == 0 => (i, "write".to_string(), i * 4096),
+            _ => (i, "read".to_string(), i * 4096),
+        })
+        .collect();
+    let wrong: Vec<_> = by_index.iter().zip(&expected).filter(|(got, want)| got != want).take(5).collect();
+    assert!(wrong.is_empty(), "request i on the wire must get request_index i; (got, expected): {wrong:?}");
+}

@@ -185,6 +185,24 @@ def stalled(uri, stalled_offset, others, control, release, *between):
     h.shutdown()
 
 
+def pipelined(uri, count):
+    """Sends `count` requests at once on one handle (writes, reads and flushes in turn, request i
+    at offset i * 4 KiB), then waits for every answer; the client sends them in that order."""
+    count = int(count)
+    h = connect(uri)
+    t = Tracker(h)
+    for i in range(count):
+        if i % 8 == 7:
+            t.flush(f"flush-{i}")
+        elif i % 2 == 0:
+            t.write(f"write-{i}", i * 4 * KIB, i % 256)
+        else:
+            t.read(f"read-{i}", i * 4 * KIB)
+    t.wait_until(lambda: h.aio_in_flight() == 0, "every request is answered")
+    t.report()
+    h.shutdown()
+
+
 def one_write(uri, offset):
     """Writes one block asynchronously and waits for its answer, however long the server holds
     it; reports {"errno": null | "EIO" | ...}."""
@@ -221,6 +239,7 @@ SCENARIOS = {
     "stalled": stalled,
     "busy": busy,
     "one-write": one_write,
+    "pipelined": pipelined,
 }
 
 
