@@ -272,3 +272,24 @@ fn request_indices_follow_the_order_requests_arrive_in_even_when_a_client_pipeli
     let wrong: Vec<_> = by_index.iter().zip(&expected).filter(|(got, want)| got != want).take(5).collect();
     assert!(wrong.is_empty(), "request i on the wire must get request_index i; (got, expected): {wrong:?}");
 }
+
+#[test]
+fn a_pipelined_workload_gives_the_same_decision_log_on_every_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, seeded_policy(5)).unwrap();
+    let run = || {
+        let server = Server::builder()
+            .export("disk", "memory:8MiB")
+            .arg("--policy")
+            .arg(format!("disk={}", policy.display()))
+            .with_control()
+            .start();
+        run_ok(common::control::fault_probe("pipelined").arg(server.uri("disk")).arg("200"));
+        Api::new(&server).decisions("disk")
+    };
+    let first = run();
+    assert!(json_lines(&first).len() > 40, "{first}");
+    let second = run();
+    assert!(first == second, "two runs of the same pipelined requests differ:\n{first}\n----\n{second}");
+}
