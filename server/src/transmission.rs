@@ -4,7 +4,9 @@
 //! replies in the order requests complete, each written whole. A request that waits (a slow disk,
 //! an injected delay) never holds up the requests behind it.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -178,7 +180,7 @@ where
             // its first await, and that order must not depend on how the runtime happens to
             // schedule request tasks. Whatever the request then waits for runs in its own task.
             let mut task = Box::pin(request.run().instrument(span));
-            if task.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())).is_pending() {
+            if start(task.as_mut()).is_pending() {
                 // Polled again once spawned, so it wakes through the runtime from then on.
                 tasks.spawn(task);
             }
@@ -209,6 +211,19 @@ where
         tracing::debug!(%error, "writing replies failed");
     }
     outcome
+}
+
+/// Polls a request once, here and now. Outside the cooperative budget: once the reader has used
+/// its budget up, `tokio::select!` would return before the request even reached the device.
+fn start(task: Pin<&mut impl Future<Output = ()>>) -> Poll<()> {
+    let mut task = Some(task);
+    let mut once = tokio::task::coop::unconstrained(std::future::poll_fn(|cx| {
+        Poll::Ready(task.take().map_or(Poll::Ready(()), |task| task.poll(cx)))
+    }));
+    match Pin::new(&mut once).poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(first) => first,
+        Poll::Pending => unreachable!("poll_fn above is always ready"),
+    }
 }
 
 async fn join_all(tasks: &mut JoinSet<()>) {
