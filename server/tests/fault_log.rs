@@ -251,7 +251,7 @@ fn request_indices_follow_the_order_requests_arrive_in_even_when_a_client_pipeli
     let server = Server::builder().export("disk", "memory:8MiB").with_control().start();
     let api = Api::new(&server);
     api.set_policy("disk", "rules: [{name: every-request, then: {}}]");
-    let count = 256;
+    let count = 1000;
     let mut client = common::control::fault_probe("pipelined");
     run_ok(client.arg(server.uri("disk")).arg(count.to_string()));
     let records = api.wait_for_faults("disk", count);
