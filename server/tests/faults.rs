@@ -641,6 +641,128 @@ fn a_stall_that_times_out_then_acts_as_its_rule_says() {
     assert_eq!(api.export("disk")["triggers"][0]["armed"], false, "a timeout arms nothing");
 }
 
+#[test]
+fn rules_fail_flush_trim_write_zeroes_cache_and_block_status_with_their_errnos() {
+    let (server, api) = disk();
+    api.set_policy(
+        "disk",
+        "rules:\n  - { when: { op: flush }, then: { error: EIO } }\n  \
+         - { when: { op: trim }, then: { error: ENOTSUP } }\n  \
+         - { when: { op: write_zeroes, range: 1MiB..2MiB }, then: { error: ENOSPC } }\n  \
+         - { when: { op: cache }, then: { error: EINVAL } }\n  \
+         - { when: { op: block_status }, then: { error: ENOMEM } }\n",
+    );
+    api.write_data("disk", MIB, &[9; 4096]);
+    let r = ops(
+        &server.uri("disk"),
+        &[
+            "flush",
+            "trim 0 4096",
+            "zero 1048576 4096",
+            "zero 0 4096",
+            "cache 0 4096",
+            "status 0 4096",
+            "read 1048576 4096",
+        ],
+    );
+    let errnos: Vec<Option<&str>> = r.iter().map(|r| r.errno.as_deref()).collect();
+    assert_eq!(
+        errnos,
+        [Some("EIO"), Some("ENOTSUP"), Some("ENOSPC"), None, Some("EINVAL"), Some("ENOMEM"), None],
+        "{r:?}"
+    );
+    assert_all(&r[6].data, 9, "the failed zeroes left the data");
+    let records = api.faults("disk", 0);
+    let ops: Vec<&str> = records.iter().map(|r| r["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["flush", "trim", "write_zeroes", "cache", "block_status"]);
+    assert_eq!(records[0]["rule"], "rule-1", "rules without a name are named by position");
+}
+
+#[test]
+fn a_lying_flush_leaves_its_writes_for_a_power_cut_to_undo() {
+    let (server, api) = disk();
+    api.set_policy(
+        "disk",
+        "rules:\n  - { name: lying-flush, when: { op: flush, armed_by: lie }, then: { drop: true } }\n  \
+         - { name: cut, when: { armed_by: cut, nth: 1 }, then: { power_cut: true, error: EIO } }\n",
+    );
+    let uri = server.uri("disk");
+    let r = ops(&uri, &["write 0 4096 1", "flush"]);
+    assert!(r.iter().all(OpResult::ok));
+    api.arm("disk", "lie");
+    let r = ops(&uri, &["write 0 4096 2", "write 8192 4096 3", "flush"]);
+    assert!(r.iter().all(OpResult::ok), "the lying flush says it worked: {r:?}");
+    assert_eq!(api.export("disk")["unflushed_bytes"], 8192, "nothing was flushed");
+    api.arm("disk", "cut");
+    let r = ops(&uri, &["read 0 4096", "read 0 4096", "read 8192 4096"]);
+    r[0].expect_errno("EIO");
+    assert_all(&r[1].expect_ok().data, 1, "the last real flush is what survives");
+    assert_all(&r[2].expect_ok().data, 0, "the write the lying flush covered is gone");
+}
+
+#[test]
+fn a_bad_sector_under_a_delay_rule_fails_after_the_delay_and_is_logged_under_its_own_name() {
+    let (server, api) = disk();
+    api.set_policy(
+        "disk",
+        "bad_sectors: [{range: 1MiB..+512, name: weak-sector, error: EPERM}]\n\
+         rules: [{name: slow-reads, when: {op: read}, then: {delay: 20ms}}]\n",
+    );
+    let r = ops(&server.uri("disk"), &["read 1048576 4096", "read 0 4096"]);
+    r[0].expect_errno("EPERM");
+    r[1].expect_ok();
+    let records = api.faults("disk", 0);
+    let bad = record_at(&records, "read", MIB);
+    assert_eq!(
+        (bad["rule"].as_str(), bad["outcome"].as_str(), bad["bad_sector"].as_bool()),
+        (Some("weak-sector"), Some("bad_sector"), Some(true))
+    );
+    assert_eq!(bad["delay_ns"], 20_000_000, "the rule's wait still applies: {bad}");
+    assert!(bad["waited_ns"].as_u64().unwrap() >= 20_000_000, "{bad}");
+    assert_eq!(record_at(&records, "read", 0)["outcome"], "delay");
+}
+
+#[test]
+fn time_windows_count_from_arming_and_disarmed_by_turns_a_rule_off() {
+    let (server, api) = disk();
+    api.set_policy(
+        "disk",
+        "rules:\n  - { name: first-hour, when: { op: write, range: 0..1MiB, armed_by: go, since: armed, until: 1h }, then: { error: EIO } }\n  \
+         - { name: after-an-hour, when: { op: write, range: 1MiB..2MiB, armed_by: go, since: armed, from: 1h }, then: { error: EIO } }\n  \
+         - { name: until-stopped, when: { op: write, range: 2MiB..3MiB, disarmed_by: stop }, then: { error: EIO } }\n",
+    );
+    let uri = server.uri("disk");
+    let writes = ["write 0 512 1", "write 1048576 512 1", "write 2097152 512 1"];
+    let failed = || ops(&uri, &writes).iter().map(|r| !r.ok()).collect::<Vec<_>>();
+    assert_eq!(failed(), [false, false, true], "before arming only until-stopped is active");
+    api.arm("disk", "go");
+    assert_eq!(failed(), [true, false, true], "armed: in the first hour, not yet after it");
+    api.arm("disk", "stop");
+    assert_eq!(failed(), [true, false, false], "stop turns until-stopped off");
+    api.disarm("disk", "go");
+    api.disarm("disk", "stop");
+    assert_eq!(failed(), [false, false, true]);
+}
+
+#[test]
+fn a_torn_write_to_a_file_export_leaves_only_its_prefix_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let original = random_image(&image, 4 << 20, false);
+    let server = Server::builder().export("disk", &image).with_control().start();
+    let api = Api::new(&server);
+    api.set_policy(
+        "disk",
+        "seed: 4\nrules: [{name: tear, when: {op: write}, then: {torn: {persist: 512..3584}, error: EIO}}]",
+    );
+    ops(&server.uri("disk"), &["write 1048576 4096 0xee"])[0].expect_errno("EIO");
+    let kept = api.faults("disk", 0)[0]["torn_persist"].as_u64().unwrap() as usize;
+    assert!((512..=3584).contains(&kept) && kept % 512 == 0, "a seeded size in 512-byte steps: {kept}");
+    let mut expected = original;
+    expected[MIB as usize..MIB as usize + kept].fill(0xee);
+    common::assert_same_bytes(&std::fs::read(&image).unwrap(), &expected, "the image file after a torn write");
+}
+
 /// The indices of the writes a seeded `probability: 0.5` rule fails, on a fresh server.
 fn failing_writes(seed: u64) -> Vec<usize> {
     let (server, api) = disk();

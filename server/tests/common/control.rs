@@ -262,7 +262,8 @@ impl OpResult {
 
 /// Runs operations in order on one libnbd connection (`reconnect` opens a new one) and returns
 /// what each did. Operations: `write OFFSET LENGTH BYTE [fua]`, `read OFFSET LENGTH`, `flush`,
-/// `zero OFFSET LENGTH [fua]`, `trim OFFSET LENGTH`, `cache OFFSET LENGTH`, `reconnect`.
+/// `zero OFFSET LENGTH [fua]`, `trim OFFSET LENGTH`, `cache OFFSET LENGTH`, `status OFFSET LENGTH`
+/// (block status), `reconnect`.
 #[track_caller]
 pub fn ops<S: AsRef<str>>(uri: &str, ops: &[S]) -> Vec<OpResult> {
     let mut command = fault_probe("ops");

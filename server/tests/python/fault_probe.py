@@ -25,6 +25,7 @@ PATIENCE = 60.0
 def connect(uri):
     h = nbd.NBD()
     h.set_request_structured_replies(True)
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
     h.connect_uri(uri)
     return h
 
@@ -45,7 +46,7 @@ def ops(uri, *operations):
     {"op": TEXT, "errno": null | "EIO", "data": HEX (reads)}.
 
     write OFFSET LENGTH BYTE [fua] | read OFFSET LENGTH | flush | zero OFFSET LENGTH [fua]
-    trim OFFSET LENGTH | cache OFFSET LENGTH | reconnect
+    trim OFFSET LENGTH | cache OFFSET LENGTH | status OFFSET LENGTH (block status) | reconnect
     """
     h = connect(uri)
     for text in operations:
@@ -72,6 +73,9 @@ def ops(uri, *operations):
             elif name == "cache":
                 offset, length = args
                 h.cache(length, offset)
+            elif name == "status":
+                offset, length = args
+                h.block_status(length, offset, lambda *a: 0)
             elif name == "reconnect":
                 h = connect(uri)
             else:
