@@ -512,6 +512,9 @@ fn ctl_drives_every_endpoint_of_a_running_server() {
 
     let health = common::json(&run_ok(ctl(&api).arg("health")));
     assert_eq!(health["status"], "ok");
+    let mut from_env = Command::new(NBDFAULT);
+    from_env.env("NBDFAULT_CONTROL_URL", api.base()).env_remove("NBDFAULT_CONTROL_TOKEN").args(["ctl", "health"]);
+    assert_eq!(common::json(&run_ok(&mut from_env))["status"], "ok", "NBDFAULT_CONTROL_URL gives the address");
     let all = common::json(&run_ok(ctl(&api).arg("exports")));
     assert_eq!(all.as_array().unwrap().len(), 3);
     assert_eq!(common::json(&run_ok(ctl(&api).args(["exports", name])))["name"], name);
