@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -27,6 +28,8 @@ use crate::wire::{errno, transmission_flags};
 pub const MAX_DATA: u64 = 64 << 20;
 /// Bytes per storage call when serving `data`: one NBD request's worth.
 const DATA_STEP: u64 = 32 << 20;
+/// The largest policy body: axum's default body limit.
+const MAX_POLICY: usize = 2 << 20;
 /// The spelling of the export named `""` in paths.
 pub const DEFAULT_EXPORT: &str = "@default";
 
@@ -91,7 +94,10 @@ pub fn router(state: ControlState) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/exports", get(list_exports))
         .route("/v1/exports/{name}", get(show_export))
-        .route("/v1/exports/{name}/policy", put(set_policy).delete(clear_policy).get(get_policy))
+        .route(
+            "/v1/exports/{name}/policy",
+            put(set_policy).delete(clear_policy).get(get_policy).layer(DefaultBodyLimit::max(MAX_POLICY)),
+        )
         .route("/v1/exports/{name}/triggers/{trigger}", post(arm_trigger).delete(disarm_trigger))
         .route("/v1/exports/{name}/faults", get(faults))
         .route(
@@ -100,6 +106,9 @@ pub fn router(state: ControlState) -> Router {
         )
         .route("/v1/exports/{name}/reset", post(reset))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see docs/control-api.md") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this endpoint has no such method; see docs/control-api.md")
+        })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state)
 }
@@ -224,9 +233,11 @@ async fn get_policy(State(state): State<ControlState>, Path(name): Path<String>)
 async fn set_policy(
     State(state): State<ControlState>,
     Path(name): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let export = state.export(&name)?;
+    let body =
+        body.map_err(|rejection| body_error(rejection, &format!("a policy may have at most {MAX_POLICY} bytes")))?;
     let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the policy is not UTF-8 text"))?;
     let origin = format!("PUT /v1/exports/{name}/policy");
     let policy = Policy::from_yaml(text, &origin).map_err(|error| ApiError {
@@ -352,6 +363,17 @@ fn data_range(export: &Export, offset: u64, length: u64) -> Result<(), ApiError>
     }
 }
 
+/// A request body that could not be read (over the size limit, or cut short), as a JSON error.
+fn body_error(rejection: BytesRejection, too_large: &str) -> ApiError {
+    let status = rejection.status();
+    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        too_large.to_string()
+    } else {
+        format!("cannot read the body: {}", rejection.body_text())
+    };
+    ApiError::new(status, message)
+}
+
 fn storage_error(error: crate::storage::IoError) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("storage: {error}"))
 }
@@ -382,9 +404,12 @@ async fn write_data(
     State(state): State<ControlState>,
     Path(name): Path<String>,
     query: Result<Query<DataQuery>, axum::extract::rejection::QueryRejection>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(format!("{e}; use ?offset=BYTES")))?;
+    let body = body.map_err(|rejection| {
+        body_error(rejection, &format!("the body is over the {MAX_DATA} byte limit of one request; split it"))
+    })?;
     let export = state.export(&name)?;
     let Some(offset) = query.offset else {
         return Err(ApiError::bad_request("give ?offset=BYTES; the body is written there"));

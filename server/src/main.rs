@@ -130,8 +130,13 @@ fn run_ctl(args: &CtlArgs) -> Result<(), ctl::CtlError> {
         CtlCommand::Exports { name: Some(name) } => print(client.json("GET", &export_path(name), None)?),
         CtlCommand::SetPolicy { name, file } => {
             let body = ctl::read_input(file)?;
-            client.text("PUT", &format!("{}/policy", export_path(name)), Some(body))?;
+            let answer = client.text("PUT", &format!("{}/policy", export_path(name)), Some(body))?;
             eprintln!("policy of export {name:?} replaced");
+            // Legal but almost certainly a mistake: show them, as `policy check` does.
+            let answer = serde_json::from_str::<serde_json::Value>(&answer).unwrap_or_default();
+            for warning in answer["warnings"].as_array().into_iter().flatten().filter_map(|w| w.as_str()) {
+                eprintln!("{warning}");
+            }
             Ok(())
         }
         CtlCommand::ShowPolicy { name } => print(client.text("GET", &format!("{}/policy", export_path(name)), None)?),

@@ -4,7 +4,10 @@
 //! replies in the order requests complete, each written whole. A request that waits (a slow disk,
 //! an injected delay) never holds up the requests behind it.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -27,6 +30,9 @@ const _: () = assert!(MAX_DRAIN >= MAX_PAYLOAD);
 const MIN_COST: u32 = 4096;
 /// Replies are gathered in a buffer of this size and sent when no more are waiting.
 const WRITE_BUFFER: usize = 256 << 10;
+/// How long the replies to abandoned requests (ESHUTDOWN) may take to go out once the shutdown
+/// grace period is over.
+const LAST_REPLIES: Duration = Duration::from_millis(200);
 
 /// How the transmission phase ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,7 +175,15 @@ where
                 shutdown: shutdown.clone(),
             };
             let span = tracing::debug_span!("request", cookie = header.cookie, cmd = cmd.name(), offset = header.offset, length = header.length);
-            tasks.spawn(request.run().instrument(span));
+            // Started here, in the order requests arrive: the device takes its order-dependent
+            // decisions (the fault layer's request index, occurrence counts, seeded draws) before
+            // its first await, and that order must not depend on how the runtime happens to
+            // schedule request tasks. Whatever the request then waits for runs in its own task.
+            let mut task = Box::pin(request.run().instrument(span));
+            if start(task.as_mut()).is_pending() {
+                // Polled again once spawned, so it wakes through the runtime from then on.
+                tasks.spawn(task);
+            }
         }
     }
     .await;
@@ -197,6 +211,19 @@ where
         tracing::debug!(%error, "writing replies failed");
     }
     outcome
+}
+
+/// Polls a request once, here and now. Outside the cooperative budget: once the reader has used
+/// its budget up, `tokio::select!` would return before the request even reached the device.
+fn start(task: Pin<&mut impl Future<Output = ()>>) -> Poll<()> {
+    let mut task = Some(task);
+    let mut once = tokio::task::coop::unconstrained(std::future::poll_fn(|cx| {
+        Poll::Ready(task.take().map_or(Poll::Ready(()), |task| task.poll(cx)))
+    }));
+    match Pin::new(&mut once).poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(first) => first,
+        Poll::Pending => unreachable!("poll_fn above is always ready"),
+    }
 }
 
 async fn join_all(tasks: &mut JoinSet<()>) {
@@ -268,11 +295,19 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         writer.flush().await?;
         writer.shutdown().await
     };
+    tokio::pin!(sending);
     let result = tokio::select! {
-        result = sending => result,
+        result = &mut sending => result,
         () = shutdown.abandoned() => {
-            tracing::info!("the client did not take its replies before the shutdown grace period ended; closing");
-            Ok(())
+            // The requests still in flight are being answered ESHUTDOWN right now: send those
+            // answers too, but give a client that does not read them only a moment more.
+            match tokio::time::timeout(LAST_REPLIES, &mut sending).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::info!("the client did not take its replies before the shutdown grace period ended; closing");
+                    Ok(())
+                }
+            }
         }
     };
     // Whatever the reason, the reader must stop: nothing more will be sent on this connection.
