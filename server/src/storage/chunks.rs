@@ -61,7 +61,6 @@ impl ChunkStore {
         self.shards[(index % SHARDS as u64) as usize].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-
     /// Copies bytes `start..start + out.len()` of chunk `index` into `out` when the chunk holds
     /// something, and says what it held.
     pub fn read(&self, index: u64, start: usize, out: &mut [u8]) -> ChunkState {
