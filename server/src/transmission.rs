@@ -10,7 +10,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -30,6 +30,8 @@ const _: () = assert!(MAX_DRAIN >= MAX_PAYLOAD);
 const MIN_COST: u32 = 4096;
 /// Replies are gathered in a buffer of this size and sent when no more are waiting.
 const WRITE_BUFFER: usize = 256 << 10;
+/// Requests are read through a buffer of this size; payloads larger than it bypass it.
+const READ_BUFFER: usize = 64 << 10;
 /// How long the replies to abandoned requests (ESHUTDOWN) may take to go out once the shutdown
 /// grace period is over.
 const LAST_REPLIES: Duration = Duration::from_millis(200);
@@ -74,7 +76,7 @@ enum Outgoing {
 
 /// Serves requests from `reader` until DISC, EOF, shutdown or a protocol violation.
 pub async fn serve<R, W>(
-    mut reader: R,
+    reader: R,
     writer: W,
     session: Session,
     connection: u64,
@@ -85,6 +87,8 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    // A pipelining client sends many headers per packet: read them in one call, not one each.
+    let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
     let (tx, rx) = mpsc::unbounded_channel();
     let (closed_tx, mut closed) = watch::channel(false);
     let writer_task = tokio::spawn(write_replies(writer, rx, closed_tx, shutdown.clone()));

@@ -7,6 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Bytes, BytesMut};
 
@@ -20,12 +21,18 @@ const PIECE: u64 = 256 << 20;
 const ZERO_BUFFER: usize = 1 << 20;
 /// The most extents one BLOCK_STATUS reply lists; the client asks again for the rest.
 const MAX_EXTENTS: usize = 4096;
+/// Reads and writes up to this size try the page cache on the async thread first. Larger ones
+/// go to the blocking pool, where several copy in parallel instead of holding up the connection.
+const NOWAIT_MAX: usize = 256 << 10;
 
 pub struct FileDevice {
     path: PathBuf,
     file: Arc<File>,
     size: u64,
     read_only: bool,
+    /// Whether `RWF_NOWAIT` reads and writes work on this file; cleared on the first refusal.
+    nowait_reads: AtomicBool,
+    nowait_writes: AtomicBool,
 }
 
 /// Why a file could not be used as an export.
@@ -63,7 +70,14 @@ impl FileDevice {
         if size == 0 {
             return Err(OpenError::Empty { path: shown });
         }
-        Ok(FileDevice { path: path.to_path_buf(), file: Arc::new(file), size, read_only })
+        Ok(FileDevice {
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+            size,
+            read_only,
+            nowait_reads: AtomicBool::new(true),
+            nowait_writes: AtomicBool::new(true),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -82,6 +96,65 @@ impl FileDevice {
                 .await
                 .unwrap_or_else(|join| Err(IoError::new(errno::EIO, format!("storage task failed: {join}"))))
         })
+    }
+}
+
+/// What a `RWF_NOWAIT` attempt did.
+enum NoWait {
+    /// All of it was done without blocking.
+    Done,
+    /// The first `n` bytes were done; the rest would block (not in the page cache, or the
+    /// filesystem would have to wait for a lock or an allocation).
+    Partial(usize),
+    /// This file does not take `RWF_NOWAIT` at all.
+    Unsupported,
+}
+
+/// Reads into `buf` only what the page cache holds, without ever blocking the calling thread, so
+/// cached reads are served on the async thread instead of a trip through the blocking pool.
+fn read_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<NoWait> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        let iov = libc::iovec { iov_base: rest.as_mut_ptr().cast(), iov_len: rest.len() };
+        // SAFETY: the iovec points at `rest`, which lives and is writable for the whole call.
+        let result = unsafe {
+            libc::preadv2(file.as_raw_fd(), &iov, 1, (offset + done as u64) as libc::off_t, libc::RWF_NOWAIT)
+        };
+        match result {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => done += n as usize,
+            _ => return nowait_refusal(io::Error::last_os_error(), done),
+        }
+    }
+    Ok(NoWait::Done)
+}
+
+/// Writes `data` at `offset` as far as it can without blocking (see [`read_nowait`]).
+fn write_nowait(file: &File, data: &[u8], offset: u64) -> io::Result<NoWait> {
+    let mut done = 0;
+    while done < data.len() {
+        let rest = &data[done..];
+        let iov = libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() };
+        // SAFETY: the iovec points at `rest`, which lives for the whole call; pwritev2 only reads it.
+        let result = unsafe {
+            libc::pwritev2(file.as_raw_fd(), &iov, 1, (offset + done as u64) as libc::off_t, libc::RWF_NOWAIT)
+        };
+        match result {
+            n if n > 0 => done += n as usize,
+            0 => return Ok(NoWait::Partial(done)),
+            _ => return nowait_refusal(io::Error::last_os_error(), done),
+        }
+    }
+    Ok(NoWait::Done)
+}
+
+fn nowait_refusal(error: io::Error, done: usize) -> io::Result<NoWait> {
+    match error.raw_os_error() {
+        Some(libc::EAGAIN) => Ok(NoWait::Partial(done)),
+        Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS) if done == 0 => Ok(NoWait::Unsupported),
+        Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS) => Ok(NoWait::Partial(done)),
+        _ => Err(error),
     }
 }
 
@@ -179,20 +252,44 @@ impl BlockDevice for FileDevice {
     }
 
     fn read(&self, _ctx: IoContext, offset: u64, length: u32) -> IoFuture<'_, Bytes> {
-        self.blocking(move |file| {
+        Box::pin(async move {
             let mut buffer = BytesMut::zeroed(length as usize);
-            file.read_exact_at(&mut buffer, offset)?;
-            Ok(buffer.freeze())
+            let mut done = 0;
+            if buffer.len() <= NOWAIT_MAX && self.nowait_reads.load(Ordering::Relaxed) {
+                match read_nowait(&self.file, &mut buffer, offset)? {
+                    NoWait::Done => return Ok(buffer.freeze()),
+                    NoWait::Partial(n) => done = n,
+                    NoWait::Unsupported => self.nowait_reads.store(false, Ordering::Relaxed),
+                }
+            }
+            // What the page cache did not hold is read where blocking is allowed.
+            self.blocking(move |file| {
+                file.read_exact_at(&mut buffer[done..], offset + done as u64)?;
+                Ok(buffer.freeze())
+            })
+            .await
         })
     }
 
     fn write(&self, _ctx: IoContext, offset: u64, data: Bytes, fua: bool) -> IoFuture<'_, ()> {
-        self.blocking(move |file| {
-            file.write_all_at(&data, offset)?;
-            if fua {
-                file.sync_data()?;
+        Box::pin(async move {
+            let mut done = 0;
+            // A FUA write waits for the disk anyway; only plain writes try the fast path.
+            if !fua && data.len() <= NOWAIT_MAX && self.nowait_writes.load(Ordering::Relaxed) {
+                match write_nowait(&self.file, &data, offset)? {
+                    NoWait::Done => return Ok(()),
+                    NoWait::Partial(n) => done = n,
+                    NoWait::Unsupported => self.nowait_writes.store(false, Ordering::Relaxed),
+                }
             }
-            Ok(())
+            self.blocking(move |file| {
+                file.write_all_at(&data[done..], offset + done as u64)?;
+                if fua {
+                    file.sync_data()?;
+                }
+                Ok(())
+            })
+            .await
         })
     }
 
@@ -345,6 +442,22 @@ mod tests {
                 position += extent.length;
             }
         }
+    }
+
+    #[tokio::test]
+    async fn cached_and_uncached_ranges_read_back_the_same_bytes() {
+        let (_dir, path) = image(8 << 20);
+        let pattern: Vec<u8> = (0..8u32 << 20).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &pattern).unwrap();
+        let device = FileDevice::open(&path, false).unwrap();
+        // SAFETY: posix_fadvise takes integers only; drops the file's pages so reads must block.
+        unsafe { libc::posix_fadvise(device.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let cold = device.read(CTX, 4096 + 7, 200_000).await.unwrap();
+        let warm = device.read(CTX, 4096 + 7, 200_000).await.unwrap();
+        assert_eq!(&cold[..], &pattern[4103..4103 + 200_000]);
+        assert_eq!(cold, warm);
+        device.write(CTX, 100, Bytes::from_static(b"fast path"), false).await.unwrap();
+        assert_eq!(&device.read(CTX, 100, 9).await.unwrap()[..], b"fast path");
     }
 
     #[tokio::test]
