@@ -277,25 +277,33 @@ fn check_trigger_name(trigger: &str) -> Result<(), ApiError> {
 }
 
 async fn arm_trigger(
-    State(state): State<ControlState>,
-    Path((name, trigger)): Path<(String, String)>,
+    state: State<ControlState>,
+    path: Path<(String, String)>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let export = state.export(&name)?;
-    check_trigger_name(&trigger)?;
-    export.engine().arm(&trigger, state.clock.now());
-    tracing::info!(export = %export.name, %trigger, "trigger armed");
-    Ok(axum::Json(serde_json::json!({ "trigger": trigger, "armed": true })))
+    set_trigger(state, path, true)
 }
 
 async fn disarm_trigger(
+    state: State<ControlState>,
+    path: Path<(String, String)>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    set_trigger(state, path, false)
+}
+
+fn set_trigger(
     State(state): State<ControlState>,
     Path((name, trigger)): Path<(String, String)>,
+    armed: bool,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let export = state.export(&name)?;
     check_trigger_name(&trigger)?;
-    export.engine().disarm(&trigger, state.clock.now());
-    tracing::info!(export = %export.name, %trigger, "trigger disarmed");
-    Ok(axum::Json(serde_json::json!({ "trigger": trigger, "armed": false })))
+    if armed {
+        export.engine().arm(&trigger, state.clock.now());
+    } else {
+        export.engine().disarm(&trigger, state.clock.now());
+    }
+    tracing::info!(export = %export.name, %trigger, armed, "trigger set");
+    Ok(axum::Json(serde_json::json!({ "trigger": trigger, "armed": armed })))
 }
 
 #[derive(Deserialize)]

@@ -260,6 +260,7 @@ mod tests {
     use super::*;
     use crate::export::ExportParts;
     use crate::wire::consts::transmission_flags;
+    use crate::wire::option::{info_request_data, meta_context_request_data};
     use tokio::io::duplex;
 
     fn exports() -> Exports {
@@ -278,14 +279,7 @@ mod tests {
     }
 
     fn go_data(name: &str, requests: &[u16]) -> Vec<u8> {
-        let mut data = BytesMut::new();
-        data.put_u32(name.len() as u32);
-        data.put_slice(name.as_bytes());
-        data.put_u16(requests.len() as u16);
-        for request in requests {
-            data.put_u16(*request);
-        }
-        data.to_vec()
+        info_request_data(name, requests).to_vec()
     }
 
     /// Runs a handshake with the given client bytes; returns the outcome and what the server sent.
@@ -420,13 +414,7 @@ mod tests {
 
     #[tokio::test]
     async fn meta_context_needs_structured_replies_and_binds_to_its_export() {
-        let mut query = BytesMut::new();
-        query.put_u32(4);
-        query.put_slice(b"disk");
-        query.put_u32(1);
-        query.put_u32(BASE_ALLOCATION.len() as u32);
-        query.put_slice(BASE_ALLOCATION.as_bytes());
-        let query = query.to_vec();
+        let query = meta_context_request_data("disk", &[BASE_ALLOCATION]).to_vec();
         let (_, sent) = run(3, &[option_bytes(opt::SET_META_CONTEXT, &query), option_bytes(opt::ABORT, &[])]).await;
         assert_eq!(replies(&sent)[0].reply_type, reply_type::ERR_INVALID);
 

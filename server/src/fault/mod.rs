@@ -206,6 +206,14 @@ impl FaultLayer {
     }
 }
 
+/// How much of a request's range an action lets through: a torn one only its first bytes.
+fn torn_length(action: Action, length: u64) -> u64 {
+    match action {
+        Action::Torn { persist } => persist.min(length),
+        _ => length,
+    }
+}
+
 /// The policy's view of a request's command flags.
 fn request_flags(flags: u16) -> RequestFlags {
     RequestFlags {
@@ -255,13 +263,8 @@ impl BlockDevice for FaultLayer {
                 return self.inner.write(ctx, offset, data, fua).await;
             }
             self.apply(request, decision, |action| async move {
-                match action {
-                    Action::Torn { persist } => {
-                        let keep = persist.min(data.len() as u64) as usize;
-                        self.write_data(offset, data.slice(..keep), fua).await
-                    }
-                    _ => self.write_data(offset, data, fua).await,
-                }
+                let keep = torn_length(action, data.len() as u64) as usize;
+                self.write_data(offset, data.slice(..keep), fua).await
             })
             .await
         })
@@ -294,10 +297,7 @@ impl BlockDevice for FaultLayer {
                 return self.inner.trim(ctx, offset, length, fua).await;
             }
             self.apply(request, decision, |action| async move {
-                let length = match action {
-                    Action::Torn { persist } => persist.min(length),
-                    _ => length,
-                };
+                let length = torn_length(action, length);
                 self.inner.trim(ctx, offset, length, fua).await.map(|()| ((), length))
             })
             .await
@@ -311,10 +311,7 @@ impl BlockDevice for FaultLayer {
                 return self.inner.write_zeroes(ctx, offset, length, flags).await;
             }
             self.apply(request, decision, |action| async move {
-                let length = match action {
-                    Action::Torn { persist } => persist.min(length),
-                    _ => length,
-                };
+                let length = torn_length(action, length);
                 self.journal_before_write(offset, length, flags.fua).await?;
                 self.inner.write_zeroes(ctx, offset, length, flags).await.map(|()| ((), length))
             })

@@ -107,6 +107,31 @@ impl OptionRequest {
     }
 }
 
+/// The data of an INFO or GO request, as a client sends it.
+pub fn info_request_data(name: &str, requests: &[u16]) -> Bytes {
+    let mut data = BytesMut::with_capacity(6 + name.len() + 2 * requests.len());
+    data.put_u32(name.len() as u32);
+    data.put_slice(name.as_bytes());
+    data.put_u16(requests.len() as u16);
+    for request in requests {
+        data.put_u16(*request);
+    }
+    data.freeze()
+}
+
+/// The data of a LIST_META_CONTEXT or SET_META_CONTEXT request, as a client sends it.
+pub fn meta_context_request_data(export: &str, queries: &[&str]) -> Bytes {
+    let mut data = BytesMut::new();
+    data.put_u32(export.len() as u32);
+    data.put_slice(export.as_bytes());
+    data.put_u32(queries.len() as u32);
+    for query in queries {
+        data.put_u32(query.len() as u32);
+        data.put_slice(query.as_bytes());
+    }
+    data.freeze()
+}
+
 fn require_empty(data: &[u8], name: &str) -> Result<(), OptionInvalid> {
     if data.is_empty() { Ok(()) } else { Err(invalid(format!("{name} takes no data, {} bytes sent", data.len()))) }
 }
@@ -276,29 +301,6 @@ mod tests {
     use super::*;
     use crate::wire::consts::{IHAVEOPT, reply_type};
 
-    fn info_data(name: &str, requests: &[u16]) -> Bytes {
-        let mut data = BytesMut::new();
-        data.put_u32(name.len() as u32);
-        data.put_slice(name.as_bytes());
-        data.put_u16(requests.len() as u16);
-        for request in requests {
-            data.put_u16(*request);
-        }
-        data.freeze()
-    }
-
-    fn meta_data(export: &str, queries: &[&str]) -> Bytes {
-        let mut data = BytesMut::new();
-        data.put_u32(export.len() as u32);
-        data.put_slice(export.as_bytes());
-        data.put_u32(queries.len() as u32);
-        for query in queries {
-            data.put_u32(query.len() as u32);
-            data.put_slice(query.as_bytes());
-        }
-        data.freeze()
-    }
-
     #[test]
     fn option_header_round_trips() {
         let header = OptionHeader { magic: IHAVEOPT, code: opt::GO, length: 42 };
@@ -309,16 +311,16 @@ mod tests {
 
     #[test]
     fn go_and_info_parse_name_and_requests() {
-        let parsed = OptionRequest::parse(opt::GO, info_data("disk", &[info::BLOCK_SIZE, info::NAME])).unwrap();
+        let parsed = OptionRequest::parse(opt::GO, info_request_data("disk", &[info::BLOCK_SIZE, info::NAME])).unwrap();
         assert_eq!(parsed, OptionRequest::Go { name: "disk".into(), requests: vec![info::BLOCK_SIZE, info::NAME] });
-        let parsed = OptionRequest::parse(opt::INFO, info_data("", &[])).unwrap();
+        let parsed = OptionRequest::parse(opt::INFO, info_request_data("", &[])).unwrap();
         assert_eq!(parsed, OptionRequest::Info { name: String::new(), requests: vec![] });
     }
 
     #[test]
     fn go_rejects_short_data_and_count_mismatch() {
         assert!(OptionRequest::parse(opt::GO, Bytes::from_static(&[0, 0, 0, 0, 0])).is_err());
-        let mut bad = BytesMut::from(&info_data("disk", &[1])[..]);
+        let mut bad = BytesMut::from(&info_request_data("disk", &[1])[..]);
         bad.put_u8(0);
         assert!(OptionRequest::parse(opt::GO, bad.freeze()).unwrap_err().0.contains("announces 1"));
         // Name length past the end of the data.
@@ -350,18 +352,20 @@ mod tests {
 
     #[test]
     fn meta_context_requests_parse_and_reject_malformed_lengths() {
-        let parsed = OptionRequest::parse(opt::SET_META_CONTEXT, meta_data("disk", &["base:allocation"])).unwrap();
+        let parsed =
+            OptionRequest::parse(opt::SET_META_CONTEXT, meta_context_request_data("disk", &["base:allocation"]))
+                .unwrap();
         assert_eq!(
             parsed,
             OptionRequest::SetMetaContext { export: "disk".into(), queries: vec!["base:allocation".into()] }
         );
-        let parsed = OptionRequest::parse(opt::LIST_META_CONTEXT, meta_data("", &[])).unwrap();
+        let parsed = OptionRequest::parse(opt::LIST_META_CONTEXT, meta_context_request_data("", &[])).unwrap();
         assert_eq!(parsed, OptionRequest::ListMetaContext { export: String::new(), queries: vec![] });
         let mut huge_count = BytesMut::new();
         huge_count.put_u32(0);
         huge_count.put_u32(u32::MAX);
         assert!(OptionRequest::parse(opt::LIST_META_CONTEXT, huge_count.freeze()).is_err());
-        let mut trailing = BytesMut::from(&meta_data("d", &["base:"])[..]);
+        let mut trailing = BytesMut::from(&meta_context_request_data("d", &["base:"])[..]);
         trailing.put_u8(7);
         assert!(OptionRequest::parse(opt::LIST_META_CONTEXT, trailing.freeze()).is_err());
     }
