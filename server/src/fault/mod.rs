@@ -176,18 +176,26 @@ impl FaultLayer {
         Fut: std::future::Future<Output = Result<(T, u64), IoError>>,
         T: Default,
     {
-        let waited = self.wait(&decision.wait).await;
-        if decision.power_cut {
+        let mut pending = Pending {
+            layer: self,
+            request,
+            decision,
+            started: tokio::time::Instant::now(),
+            waited: None,
+            logged: false,
+        };
+        pending.waited = Some(self.wait(&pending.decision.wait).await);
+        if pending.decision.power_cut {
             self.power_cut().await?;
         }
-        let (result, persisted) = match decision.action {
+        let (result, persisted) = match pending.decision.action {
             Action::Skip => (Ok(T::default()), 0),
             action => match perform(action).await {
                 Ok((value, persisted)) => (Ok(value), persisted),
                 Err(error) => (Err(error), 0),
             },
         };
-        self.log.record(&self.export, &request, &decision, waited, persisted, self.clock.now());
+        let decision = pending.finish(persisted);
         let rule = decision.rule.as_deref().unwrap_or("a bad sector");
         match decision.reply {
             Reply::Ok => result,
@@ -203,6 +211,43 @@ impl FaultLayer {
         self.journal_before_write(offset, length, fua).await?;
         self.inner.write(IoContext::default(), offset, data, fua).await?;
         Ok(((), length))
+    }
+}
+
+/// A decided request on its way: logged exactly once, when it finishes, or when its task is
+/// dropped before that (the client went away, the server gave up at shutdown), so that every
+/// decision the engine made is in the fault log and a replay meets the same request sequence.
+struct Pending<'a> {
+    layer: &'a FaultLayer,
+    request: Request,
+    decision: Decision,
+    started: tokio::time::Instant,
+    /// How long the decided wait took, once it is over.
+    waited: Option<Duration>,
+    logged: bool,
+}
+
+impl Pending<'_> {
+    fn record(&self, persisted: u64) {
+        let waited = self.waited.unwrap_or_else(|| self.started.elapsed());
+        let layer = self.layer;
+        layer.log.record(&layer.export, &self.request, &self.decision, waited, persisted, layer.clock.now());
+    }
+
+    /// Logs the finished request and hands its decision back.
+    fn finish(mut self, persisted: u64) -> Decision {
+        self.record(persisted);
+        self.logged = true;
+        self.decision.clone()
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.logged {
+            tracing::debug!(cookie = self.request.cookie, "a decided request was cancelled before it finished");
+            self.record(0);
+        }
     }
 }
 
@@ -472,6 +517,21 @@ mod tests {
         assert!(futures_poll_pending(&mut stalled).await);
         f.layer.engine().arm("release", Duration::ZERO);
         assert!(stalled.await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_decided_request_cancelled_before_it_finishes_is_still_logged() {
+        let f = fixture("rules: [{name: hold, when: {op: write}, then: {stall: never-armed, error: EIO}}]");
+        let layer = f.layer.clone();
+        let stalled = tokio::spawn(async move { layer.write(CTX, 0, block(8), false).await });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(f.log.since(None, 0).is_empty());
+        stalled.abort();
+        assert!(stalled.await.unwrap_err().is_cancelled());
+        let records = f.log.since(None, 0);
+        assert_eq!((records.len(), records[0].rule.as_str(), records[0].persisted), (1, "hold", 0));
     }
 
     #[tokio::test]
