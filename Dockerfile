@@ -18,7 +18,8 @@ ENV CARGO_PROFILE_RELEASE_DEBUG=false \
 
 # Dependencies in their own layer, rebuilt only when a manifest or Cargo.lock changes. Cargo loads
 # the whole workspace, so every member needs its manifest and a placeholder for each target.
-# --locked: exactly the versions in Cargo.lock, or the build fails.
+# --locked: exactly the versions in Cargo.lock, or the build fails. The placeholders' outputs are
+# cleaned afterwards: they would look newer than the real sources copied below, and be kept.
 COPY Cargo.toml Cargo.lock ./
 COPY server/Cargo.toml server/
 COPY policies/Cargo.toml policies/
@@ -30,16 +31,16 @@ RUN set -eux; \
     echo 'fn main() {}' > policies/benches/decide.rs; \
     touch server/src/lib.rs policies/src/lib.rs client-tests/src/lib.rs; \
     cargo build --release --locked -p nbdfault; \
-    # The placeholders' build outputs would look newer than the real sources copied below.
     cargo clean --release -p nbdfault -p nbdfault-policies
 
 # The sources of the two crates the binary is made of (client-tests keeps its placeholders).
+# /rootfs/var/lib/nbdfault becomes the state directory; a named volume mounted there starts with
+# its owner, the runtime's nonroot user.
 COPY policies policies
 COPY server server
 RUN set -eux; \
     cargo build --release --locked -p nbdfault; \
     target/release/nbdfault --version; \
-    # The state directory; a named volume mounted there starts with this owner.
     mkdir -p /rootfs/var/lib/nbdfault
 
 # ---------------------------------------------------------------------------------------------
