@@ -169,6 +169,7 @@ cleanup() {
         tail -15 "$SCRATCH/engine/dockerd.log" >&2 || true
     fi
     printf '\n==> [%4ds] cleaning up\n' "$((SECONDS - STARTED))" >&2
+    local cleanup_started=$SECONDS
     if [[ -n $DOCKERD_PID ]]; then
         "$DOCKER" rm -f "$CONTAINER" >/dev/null 2>&1 || true
     fi
@@ -184,7 +185,8 @@ cleanup() {
             rm -rf --one-file-system "$SCRATCH"
         fi
     fi
-    info "engine stopped, scratch directory removed"
+    info "engine stopped, scratch directory removed in $((SECONDS - cleanup_started)) s"
+    TIMINGS+=("$(printf '%5ds  %s' "$((SECONDS - cleanup_started))" "clean up")")
     if ((status == 0)); then
         printf '\nTimings:\n' >&2
         printf '%s\n' "${TIMINGS[@]}" >&2

@@ -131,7 +131,12 @@ make_rust() {
     root="$WORK/rust-$tag"
     remove_tree "$root"
     log "builder root: Debian $suite + rustc $rustc_version ($host) + vendored crates"
-    cp -a "$base" "$root"
+    # Take the debootstrap root over unless a debian stand-in of the same suite still needs it.
+    if [[ " ${NEED_PLAIN[*]} " == *" $suite "* ]]; then
+        cp -a "$base" "$root"
+    else
+        mv "$base" "$root"
+    fi
     # The official image's layout: toolchains under RUSTUP_HOME, commands in CARGO_HOME/bin.
     toolchain="/usr/local/rustup/toolchains/$rustc_version-$host"
     mkdir -p "$root$toolchain" "$root/usr/local/cargo/bin"
@@ -238,11 +243,18 @@ main() {
     WORK=$(mktemp -d "${workdir:-${TMPDIR:-/tmp}}/standin.XXXXXX")
     trap 'remove_tree "$WORK"' EXIT
 
-    # Suites that need gcc in their debootstrap, known before the first debootstrap runs.
+    # Suites that need gcc in their debootstrap (rust stand-ins), and suites a debian stand-in is
+    # imported from, known before the first debootstrap runs. Debian stand-ins are made first.
     NEED_GCC=()
+    NEED_PLAIN=()
+    local suite
     for image in "${images[@]}"; do
-        if [[ $image == rust:*-* ]]; then NEED_GCC+=("${image##*-}"); fi
+        case $image in
+            rust:*-*) NEED_GCC+=("${image##*-}") ;;
+            debian:*) suite=${image#*:} && NEED_PLAIN+=("${suite%-slim}") ;;
+        esac
     done
+    mapfile -t images < <(printf '%s\n' "${images[@]}" | awk '!seen[$0]++' | awk '/^debian:/ { print; next } { rest[++n] = $0 } END { for (i = 1; i <= n; i++) print rest[i] }')
     for image in "${images[@]}"; do
         case $image in
             rust:*) make_rust "$image" ;;
