@@ -79,9 +79,16 @@ install_packages() {
         printf '#!/bin/sh\nexit 101\n' >"$guard"
         chmod 755 "$guard"
     fi
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    local log="$SCRATCH/apt.log" status=0
+    {
+        apt-get update -qq &&
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    } >"$log" 2>&1 || status=$?
     [[ -z $guard ]] || rm -f "$guard"
+    if ((status != 0)); then
+        tail -20 "$log" >&2
+        fail "installing ${missing[*]} failed (log above)"
+    fi
     ok "installed ${missing[*]}"
 }
 
