@@ -73,23 +73,29 @@ install_packages() {
     info "installing ${missing[*]}"
     # docker.io would start the system's engine, which creates a bridge network: a policy-rc.d
     # that refuses every service start keeps the host's network as it is.
-    local guard=""
     if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        guard=/usr/sbin/policy-rc.d
-        printf '#!/bin/sh\nexit 101\n' >"$guard"
-        chmod 755 "$guard"
+        SERVICE_GUARD=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' >"$SERVICE_GUARD"
+        chmod 755 "$SERVICE_GUARD"
     fi
     local log="$SCRATCH/apt.log" status=0
     {
         apt-get update -qq &&
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
     } >"$log" 2>&1 || status=$?
-    [[ -z $guard ]] || rm -f "$guard"
+    remove_service_guard
     if ((status != 0)); then
         tail -20 "$log" >&2
         fail "installing ${missing[*]} failed (log above)"
     fi
     ok "installed ${missing[*]}"
+}
+
+# The policy-rc.d this script created, if any (removed after the install, or by the clean-up).
+SERVICE_GUARD=""
+remove_service_guard() {
+    [[ -z $SERVICE_GUARD ]] || rm -f "$SERVICE_GUARD"
+    SERVICE_GUARD=""
 }
 
 check_host() {
@@ -177,6 +183,7 @@ cleanup() {
     fi
     printf '\n==> [%4ds] cleaning up\n' "$((SECONDS - STARTED))" >&2
     local cleanup_started=$SECONDS
+    remove_service_guard
     if [[ -n $DOCKERD_PID ]]; then
         "$DOCKER" rm -f "$CONTAINER" >/dev/null 2>&1 || true
     fi
