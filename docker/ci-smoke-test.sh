@@ -135,12 +135,18 @@ start_engine() {
     ok "engine $("$DOCKER" version -f '{{.Server.Version}}') (pid $DOCKERD_PID) on $DOCKER_HOST"
 }
 
-# Every process whose command line names the scratch directory: the engine, its containerd and
-# shims. They were all started by this script.
+# Processes this script started that could outlive it: anything whose command line names the
+# scratch directory (the engine, its containerd and shims) or whose root is inside it (a container,
+# a debootstrap chroot).
 own_processes() {
-    local pid
-    for pid in $(pgrep -f -- "$SCRATCH/engine" || true); do
-        [[ $pid != "$$" && $pid != "$BASHPID" ]] && printf '%s\n' "$pid"
+    local proc pid root
+    for proc in /proc/[0-9]*; do
+        pid=${proc#/proc/}
+        [[ $pid == "$$" || $pid == "$BASHPID" ]] && continue
+        root=$(readlink "$proc/root" 2>/dev/null) || continue
+        if [[ $root == "$SCRATCH"/* ]] || tr '\0' ' ' <"$proc/cmdline" 2>/dev/null | grep -qF -- "$SCRATCH/"; then
+            printf '%s\n' "$pid"
+        fi
     done
 }
 
@@ -171,13 +177,46 @@ unmount_scratch() {
     done
 }
 
+# Unmounts and removes the scratch directory; a process still writing into it (a debootstrap
+# interrupted mid-install) is stopped first, and the removal retried.
+remove_scratch() {
+    if [[ ${SMOKE_KEEP:-0} == 1 ]]; then
+        unmount_scratch
+        info "kept $SCRATCH (SMOKE_KEEP=1)"
+        return
+    fi
+    local tries pid
+    for ((tries = 0; tries < 5; tries++)); do
+        for pid in $(own_processes); do
+            kill -KILL "$pid" 2>/dev/null
+        done
+        unmount_scratch
+        if findmnt -rn -o TARGET | grep -q "^$SCRATCH/"; then
+            sleep 1
+            continue
+        fi
+        # --one-file-system: never follow a mount out of the scratch directory.
+        rm -rf --one-file-system "$SCRATCH" 2>/dev/null && break
+        sleep 1
+    done
+    if [[ -e $SCRATCH ]]; then
+        info "could not remove $SCRATCH; mounts under it: $(findmnt -rn -o TARGET | grep -c "^$SCRATCH/")"
+    else
+        info "engine stopped, scratch directory removed"
+    fi
+}
+
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
+    # Clean up as much as possible: one failing step must not stop the others.
+    set +e
     end_step
     if ((status != 0)) && [[ -n $DOCKERD_PID ]]; then
-        printf '\n---- container log (last 30 lines)\n' >&2
-        "$DOCKER" logs "$CONTAINER" 2>&1 | tail -30 >&2 || true
+        if "$DOCKER" container inspect "$CONTAINER" >/dev/null 2>&1; then
+            printf '\n---- container log (last 30 lines)\n' >&2
+            "$DOCKER" logs "$CONTAINER" 2>&1 | tail -30 >&2
+        fi
         printf -- '---- engine log (last 15 lines)\n' >&2
         tail -15 "$SCRATCH/engine/dockerd.log" >&2 || true
     fi
@@ -189,17 +228,9 @@ cleanup() {
     fi
     stop_engine
     if [[ -n $SCRATCH && -d $SCRATCH ]]; then
-        unmount_scratch
-        if findmnt -rn -o TARGET | grep -q "^$SCRATCH/"; then
-            info "mounts remain under $SCRATCH; leaving it in place"
-        elif [[ ${SMOKE_KEEP:-0} == 1 ]]; then
-            info "kept $SCRATCH (SMOKE_KEEP=1)"
-        else
-            # --one-file-system: never follow a mount out of the scratch directory.
-            rm -rf --one-file-system "$SCRATCH"
-        fi
+        remove_scratch
     fi
-    info "engine stopped, scratch directory removed in $((SECONDS - cleanup_started)) s"
+    info "clean-up took $((SECONDS - cleanup_started)) s"
     TIMINGS+=("$(printf '%5ds  %s' "$((SECONDS - cleanup_started))" "clean up")")
     if ((status == 0)); then
         printf '\nTimings:\n' >&2

@@ -55,6 +55,20 @@ remove_tree() {
     rm -rf --one-file-system "$dir"
 }
 
+# On exit, also after an interruption: a debootstrap stopped mid-install leaves /proc and /sys
+# mounted in its root and may leave processes in it; both are this script's, so they go too.
+remove_work() {
+    local proc root target
+    for proc in /proc/[0-9]*; do
+        root=$(readlink "$proc/root" 2>/dev/null) || continue
+        [[ $root == "$WORK"/* ]] && kill -KILL "${proc#/proc/}" 2>/dev/null && sleep 0.2
+    done
+    findmnt -rn -o TARGET | grep "^$WORK/" | sort -r | while read -r target; do
+        umount "$target" 2>/dev/null || umount -l "$target"
+    done
+    remove_tree "$WORK"
+}
+
 # The FROM images of a Dockerfile, without its own stage names.
 from_images() {
     local dockerfile=$1
@@ -241,7 +255,7 @@ main() {
 
     # A private work directory, removed on exit: roots are hundreds of MB.
     WORK=$(mktemp -d "${workdir:-${TMPDIR:-/tmp}}/standin.XXXXXX")
-    trap 'remove_tree "$WORK"' EXIT
+    trap remove_work EXIT
 
     # Suites that need gcc in their debootstrap (rust stand-ins), and suites a debian stand-in is
     # imported from, known before the first debootstrap runs. Debian stand-ins are made first.
