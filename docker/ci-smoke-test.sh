@@ -172,7 +172,7 @@ stop_engine() {
 # deepest first.
 unmount_scratch() {
     local target
-    findmnt -rn -o TARGET | grep "^$SCRATCH/" | sort -r | while read -r target; do
+    { findmnt -rn -o TARGET | grep "^$SCRATCH/" || true; } | sort -r | while read -r target; do
         umount "$target" 2>/dev/null || umount -l "$target" || true
     done
 }
@@ -246,7 +246,8 @@ cleanup() {
 
 make_standins() {
     local tags
-    tags=$(bash "$REPO/docker/standin-images.sh" --dockerfile "$REPO/Dockerfile" --workdir "$SCRATCH")
+    tags=$(bash "$REPO/docker/standin-images.sh" --dockerfile "$REPO/Dockerfile" --workdir "$SCRATCH") ||
+        fail "making the stand-in images failed (messages above)"
     ok "stand-ins: $(echo "$tags" | paste -sd' ')"
 }
 

@@ -63,7 +63,7 @@ remove_work() {
         root=$(readlink "$proc/root" 2>/dev/null) || continue
         [[ $root == "$WORK"/* ]] && kill -KILL "${proc#/proc/}" 2>/dev/null && sleep 0.2
     done
-    findmnt -rn -o TARGET | grep "^$WORK/" | sort -r | while read -r target; do
+    { findmnt -rn -o TARGET | grep "^$WORK/" || true; } | sort -r | while read -r target; do
         umount "$target" 2>/dev/null || umount -l "$target"
     done
     remove_tree "$WORK"
