@@ -61,19 +61,18 @@ COPY --from=builder --chown=65532:65532 /rootfs/var/lib/nbdfault /var/lib/nbdfau
 # the environment, which wins over the file. Inside a container they listen on every interface, or
 # published ports could not reach them; NBD has no authentication and the control API can rewrite
 # every export, so publish them on trusted addresses only, and set NBDFAULT_CONTROL_TOKEN when the
-# control port is reachable by others (docs/docker.md). NBDFAULT_CONTROL_URL is where
-# `nbdfault ctl` (and so the health check) finds the control API: change it with NBDFAULT_CONTROL.
+# control port is reachable by others (docs/docker.md). `nbdfault ctl` (and so the health check)
+# finds the control API from NBDFAULT_CONTROL too, reading 0.0.0.0 as 127.0.0.1.
 ENV NBDFAULT_CONFIG=/etc/nbdfault/nbdfault.yaml \
     NBDFAULT_LISTEN=0.0.0.0:10809 \
-    NBDFAULT_CONTROL=0.0.0.0:10810 \
-    NBDFAULT_CONTROL_URL=http://127.0.0.1:10810
+    NBDFAULT_CONTROL=0.0.0.0:10810
 
 USER 65532:65532
 WORKDIR /var/lib/nbdfault
 EXPOSE 10809 10810
 
 # `nbdfault ctl health` exits non-zero unless the control API answers; it sends the token from
-# NBDFAULT_CONTROL_TOKEN when there is one. No curl or shell needed.
+# NBDFAULT_CONTROL_TOKEN or NBDFAULT_CONTROL_TOKEN_FILE when there is one. No curl or shell needed.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
     CMD ["/usr/local/bin/nbdfault", "ctl", "health"]
 

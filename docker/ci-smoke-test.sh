@@ -314,11 +314,11 @@ run_container() {
     truncate -s 64M "$DATA/disk.img"
     chown -R 65532:65532 "$DATA"
     # Loopback addresses only (the host network is shared), a health check every second rather
-    # than the image's 10 s so the test does not wait; its command is the image's.
+    # than the image's 10 s so the test does not wait; its command is the image's, and it finds
+    # the moved control API through NBDFAULT_CONTROL alone.
     "$DOCKER" run --detach --name "$CONTAINER" --network host \
         --env "NBDFAULT_LISTEN=127.0.0.1:$NBD_PORT" \
         --env "NBDFAULT_CONTROL=127.0.0.1:$CONTROL_PORT" \
-        --env "NBDFAULT_CONTROL_URL=$CONTROL" \
         --env "NBDFAULT_CONTROL_TOKEN=$TOKEN" \
         --env NBDFAULT_FAULT_LOG=/var/lib/nbdfault/faults.jsonl \
         --volume "$DATA:/var/lib/nbdfault" \

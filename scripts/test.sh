@@ -34,4 +34,7 @@ cargo run --quiet --locked -p nbdfault -- policy check policies/scenarios/*.yaml
 step "the writeback-error oracle on XFS and ext4, kernels 5.10, 6.1, 6.12 in qemu"
 bash scripts/client-tests-matrix.sh
 
+step "the Docker image: built from the Dockerfile, run, attached, faulted, stopped"
+bash docker/ci-smoke-test.sh
+
 step "all tests passed"

@@ -72,12 +72,16 @@ pub struct ReplayArgs {
 
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// Base URL of the control API.
-    #[arg(long, value_name = "URL", env = "NBDFAULT_CONTROL_URL", default_value = "http://127.0.0.1:10810")]
-    pub url: String,
+    /// Base URL of the control API. Default: from NBDFAULT_CONTROL (the address `nbdfault serve`
+    /// uses, with 0.0.0.0 or :: read as loopback), else http://127.0.0.1:10810.
+    #[arg(long, value_name = "URL", env = "NBDFAULT_CONTROL_URL")]
+    pub url: Option<String>,
     /// Bearer token, when the server was started with --control-token.
     #[arg(long, value_name = "TOKEN", env = "NBDFAULT_CONTROL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Read the bearer token from this file (its first line).
+    #[arg(long, value_name = "FILE", env = "NBDFAULT_CONTROL_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -195,13 +199,17 @@ pub struct ServeArgs {
     #[arg(long, value_name = "IP:PORT", env = "NBDFAULT_CONTROL")]
     pub control: Option<String>,
 
-    /// Do not start the control API.
-    #[arg(long, conflicts_with = "control")]
+    /// Do not start the control API (wins over --control and NBDFAULT_CONTROL).
+    #[arg(long)]
     pub no_control: bool,
 
     /// Require `Authorization: Bearer TOKEN` on every control API request.
     #[arg(long, value_name = "TOKEN", env = "NBDFAULT_CONTROL_TOKEN", hide_env_values = true)]
     pub control_token: Option<String>,
+
+    /// Read the control token from this file (a Docker or compose secret, say): its first line.
+    #[arg(long, value_name = "FILE", env = "NBDFAULT_CONTROL_TOKEN_FILE", conflicts_with = "control_token")]
+    pub control_token_file: Option<PathBuf>,
 
     /// Append every injected fault to this file, one JSON object per line.
     #[arg(long, value_name = "FILE", env = "NBDFAULT_FAULT_LOG")]
@@ -225,6 +233,23 @@ pub struct ServeArgs {
     pub shutdown_grace: Option<Duration>,
 }
 
+/// The control API URL for `nbdfault ctl`: `--url` or NBDFAULT_CONTROL_URL; otherwise where
+/// NBDFAULT_CONTROL (the server's own setting) says it listens, an any-address read as loopback.
+pub fn control_url(url: Option<&str>, control_env: Option<&str>) -> String {
+    if let Some(url) = url.filter(|url| !url.is_empty()) {
+        return url.to_string();
+    }
+    let Some(address) = control_env.and_then(|text| text.trim().parse::<std::net::SocketAddr>().ok()) else {
+        return format!("http://{}", crate::config::DEFAULT_CONTROL);
+    };
+    let address = match address.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => std::net::SocketAddr::from(([127, 0, 0, 1], address.port())),
+        ip if ip.is_unspecified() => std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, address.port())),
+        _ => address,
+    };
+    format!("http://{address}")
+}
+
 fn duration(text: &str) -> Result<Duration, String> {
     parse_duration(text).map_err(|e| e.to_string())
 }
@@ -244,6 +269,7 @@ impl ServeArgs {
             control: self.control.clone(),
             no_control: self.no_control,
             control_token: self.control_token.clone(),
+            control_token_file: self.control_token_file.clone(),
             fault_log: self.fault_log.clone(),
             handshake_timeout: self.handshake_timeout,
             max_connections: self.max_connections,
@@ -296,9 +322,19 @@ mod tests {
             "4KiB",
         ]);
         let Command::Ctl(args) = cli.command else { panic!("not ctl") };
-        assert_eq!(args.url, "http://127.0.0.1:1");
+        assert_eq!(args.url.as_deref(), Some("http://127.0.0.1:1"));
         let CtlCommand::Data { offset, length, .. } = args.command else { panic!("not data") };
         assert_eq!((offset, length), (1 << 20, 4096));
+    }
+
+    #[test]
+    fn the_ctl_url_follows_the_servers_control_address() {
+        assert_eq!(control_url(None, None), "http://127.0.0.1:10810");
+        assert_eq!(control_url(None, Some("0.0.0.0:7000")), "http://127.0.0.1:7000");
+        assert_eq!(control_url(None, Some("[::]:7000")), "http://[::1]:7000");
+        assert_eq!(control_url(None, Some("10.1.2.3:7000")), "http://10.1.2.3:7000");
+        assert_eq!(control_url(None, Some("off")), "http://127.0.0.1:10810");
+        assert_eq!(control_url(Some("http://h:1/"), Some("0.0.0.0:7000")), "http://h:1/");
     }
 
     #[test]

@@ -68,6 +68,7 @@ pub struct Overrides {
     pub control: Option<String>,
     pub no_control: bool,
     pub control_token: Option<String>,
+    pub control_token_file: Option<PathBuf>,
     pub fault_log: Option<PathBuf>,
     pub handshake_timeout: Option<Duration>,
     pub max_connections: Option<usize>,
@@ -175,6 +176,28 @@ fn parse_address(text: &str, what: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// The control token: from the flag or env, a file, or the configuration file. An empty token
+/// is refused: it would let a bare `Authorization: Bearer ` through.
+fn control_token(overrides: &Overrides, from_file: Option<String>) -> Result<Option<String>, ConfigError> {
+    let token = match &overrides.control_token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|error| invalid(format!("cannot read the control token file {}: {error}", path.display())))?;
+            Some(text.lines().next().unwrap_or_default().trim().to_string())
+        }
+        None => overrides.control_token.clone().or(from_file),
+    };
+    match token {
+        Some(token) if token.trim().is_empty() => Err(invalid(
+            "the control token is empty: set a token, or leave it out (and NBDFAULT_CONTROL_TOKEN unset) for no token",
+        )),
+        Some(token) if token.chars().any(|c| c.is_control() || c == ' ') => {
+            Err(invalid("the control token has spaces or control characters; use letters, digits and punctuation"))
+        }
+        other => Ok(other),
+    }
+}
+
 /// `NAME=VALUE` from a flag.
 fn split_assignment<'a>(text: &'a str, flag: &str, example: &str) -> Result<(&'a str, &'a str), ConfigError> {
     text.split_once('=').ok_or_else(|| invalid(format!("{flag} `{text}` needs NAME=VALUE, such as {flag} {example}")))
@@ -202,8 +225,10 @@ impl Config {
     }
 
     fn merge(file: ConfigFile, base_dir: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
-        let listen_text: Vec<String> = if !overrides.listen.is_empty() {
-            overrides.listen.clone()
+        // An empty value (`NBDFAULT_LISTEN=` in an env file) means "not set", as for most tools.
+        let given: Vec<String> = overrides.listen.iter().filter(|text| !text.trim().is_empty()).cloned().collect();
+        let listen_text: Vec<String> = if !given.is_empty() {
+            given
         } else {
             file.listen.clone().unwrap_or_else(|| vec![DEFAULT_LISTEN.to_string()])
         };
@@ -222,7 +247,7 @@ impl Config {
         let control_text = if overrides.no_control {
             None
         } else {
-            match overrides.control.clone().or(file.control.clone()) {
+            match overrides.control.clone().filter(|text| !text.trim().is_empty()).or(file.control.clone()) {
                 Some(text) if text == "off" => None,
                 Some(text) => Some(text),
                 None => Some(DEFAULT_CONTROL.to_string()),
@@ -339,7 +364,7 @@ impl Config {
         Ok(Config {
             listen,
             control,
-            control_token: overrides.control_token.clone().or(file.control_token),
+            control_token: control_token(overrides, file.control_token)?,
             fault_log: overrides.fault_log.clone().or(file.fault_log),
             limits,
             exports,
@@ -433,6 +458,27 @@ mod tests {
             &Overrides::default(),
         );
         assert!(duplicate.unwrap_err().to_string().contains("defined twice"));
+    }
+
+    #[test]
+    fn empty_values_mean_unset_but_an_empty_token_is_refused() {
+        let overrides = Overrides { listen: vec![String::new()], control: Some(String::new()), ..Default::default() };
+        let config = Config::load(&overrides).unwrap();
+        assert_eq!(config.listen, vec![DEFAULT_LISTEN.parse().unwrap()]);
+        assert_eq!(config.control, Some(DEFAULT_CONTROL.parse().unwrap()));
+        let empty_token = Overrides { control_token: Some(String::new()), ..Default::default() };
+        assert!(Config::load(&empty_token).unwrap_err().to_string().contains("token is empty"));
+    }
+
+    #[test]
+    fn the_token_can_come_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let overrides = Overrides { control_token_file: Some(path), ..Default::default() };
+        assert_eq!(Config::load(&overrides).unwrap().control_token.as_deref(), Some("s3cret"));
+        let missing = Overrides { control_token_file: Some(dir.path().join("nope")), ..Default::default() };
+        assert!(Config::load(&missing).unwrap_err().to_string().contains("cannot read the control token file"));
     }
 
     #[test]

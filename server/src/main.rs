@@ -118,7 +118,18 @@ fn replay(args: &ReplayArgs) -> ExitCode {
 }
 
 fn run_ctl(args: &CtlArgs) -> Result<(), ctl::CtlError> {
-    let client = Client::new(&args.url, args.token.clone());
+    let control_env = std::env::var("NBDFAULT_CONTROL").ok();
+    let url = nbdfault::cli::control_url(args.url.as_deref(), control_env.as_deref());
+    let token = match &args.token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|error| {
+                ctl::CtlError::Usage(format!("cannot read the token file {}: {error}", path.display()))
+            })?;
+            Some(text.lines().next().unwrap_or_default().trim().to_string())
+        }
+        None => args.token.clone(),
+    };
+    let client = Client::new(&url, token.filter(|token| !token.is_empty()));
     let export_path = |name: &str| format!("/v1/exports/{}", path_segment(name));
     let print = |text: String| {
         println!("{}", text.trim_end());

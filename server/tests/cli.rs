@@ -187,8 +187,17 @@ fn bad_flags_are_refused_before_listening_with_what_to_change() {
     refused(&["serve", "--max-connections", "-1"], "'-1'");
     refused(&["serve", "--max-in-flight", "1MiB"], "32 MiB");
     refused(&["serve", "--read-only", "nope"], "no such export");
-    refused(&["serve", "--control", "127.0.0.1:0", "--no-control"], "cannot be used with");
+    refused(&["serve", "--listen", "127.0.0.1:0", "--control-token", ""], "token is empty");
+    refused(&["serve", "--listen", "127.0.0.1:0", "--control-token-file", "/nonexistent/token"], "token file");
     refused(&["serve", "-v", "-q"], "cannot be used with");
+}
+
+#[test]
+fn no_control_wins_over_the_control_address_from_the_environment() {
+    // A container image sets NBDFAULT_CONTROL; `--no-control` on its command line must still work.
+    // The harness passes --no-control when no control API is asked for.
+    let server = Server::builder().env("NBDFAULT_CONTROL", "127.0.0.1:0").start();
+    assert_eq!(server.control, None);
 }
 
 #[test]

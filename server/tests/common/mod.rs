@@ -47,6 +47,8 @@ pub struct ServerBuilder {
     wrapper: Vec<OsString>,
     /// Leave `--listen` and `--control` out: the test checks the defaults.
     default_addresses: bool,
+    /// Environment variables set for the server, after the harness cleared the usual ones.
+    env: Vec<(OsString, OsString)>,
 }
 
 impl ServerBuilder {
@@ -78,6 +80,11 @@ impl ServerBuilder {
         self
     }
 
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.env.push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
     pub fn default_addresses(mut self) -> Self {
         self.default_addresses = true;
         self
@@ -106,6 +113,7 @@ impl ServerBuilder {
         // Logs at info level, whatever the environment says: they are shown when a test fails.
         command.env_remove("RUST_LOG").env_remove("NBDFAULT_CONFIG").env_remove("NBDFAULT_LISTEN");
         command.env_remove("NBDFAULT_CONTROL");
+        command.envs(self.env.iter().map(|(key, value)| (key, value)));
         command
     }
 
