@@ -448,6 +448,15 @@ def old_clients(uri):
 # ---- many connections, many requests ---------------------------------------------------------
 
 
+def in_threads(target, count):
+    """Runs target(0) ... target(count - 1) in threads at once and waits for all of them."""
+    threads = [threading.Thread(target=target, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def multi_conn(uri, connections="4", depth="64"):
     connections, depth = int(connections), int(depth)
     handles = [connect(uri) for _ in range(connections)]
@@ -486,11 +495,7 @@ def multi_conn(uri, connections="4", depth="64"):
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append(f"writer {n}: {error!r}")
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(writer, connections)
     check(not errors, "; ".join(errors))
 
     # Every write has been replied to, so a FLUSH on any one connection covers them all.
@@ -515,11 +520,7 @@ def multi_conn(uri, connections="4", depth="64"):
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append(f"reader {n}: {error!r}")
 
-    threads = [threading.Thread(target=reader, args=(n,)) for n in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(reader, connections)
     check(not errors, "; ".join(errors[:10]))
     for h in handles:
         h.shutdown()
@@ -552,11 +553,7 @@ def interleaved(uri, connections="4", depth="128"):
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append(f"writer {n}: {error!r}")
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(writer, connections)
     check(not errors, "; ".join(errors))
     h = handles[0]
     h.flush()
