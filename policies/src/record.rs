@@ -335,8 +335,8 @@ impl FaultRecord {
 /// The decision log of a set of records: their decision views sorted by export and request
 /// index, one per line. Completion order varies from run to run (delays overtake each other);
 /// this text does not.
-pub fn decision_log(records: &[FaultRecord]) -> String {
-    let mut sorted: Vec<&FaultRecord> = records.iter().collect();
+pub fn decision_log<'a>(records: impl IntoIterator<Item = &'a FaultRecord>) -> String {
+    let mut sorted: Vec<&FaultRecord> = records.into_iter().collect();
     sorted.sort_by(|a, b| (&a.export, a.request_index).cmp(&(&b.export, b.request_index)));
     sorted.iter().map(|record| record.decision_view() + "\n").collect()
 }

@@ -328,10 +328,7 @@ async fn faults(
     let records = state.log.since(Some(&export.name), query.since);
     let body = match query.view.as_deref() {
         None | Some("records") => records.iter().map(|record| record.to_json_line() + "\n").collect::<String>(),
-        Some("decisions") => {
-            let owned: Vec<_> = records.iter().map(|record| (**record).clone()).collect();
-            nbdfault_policies::decision_log(&owned)
-        }
+        Some("decisions") => nbdfault_policies::decision_log(records.iter().map(|record| &**record)),
         Some(other) => return Err(ApiError::bad_request(format!("view={other}: use records or decisions"))),
     };
     let mut headers = HeaderMap::new();
