@@ -64,7 +64,7 @@ fail() {
 install_packages() {
     local missing=() package
     for package in "${PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$package")
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep '^install ok installed$' >/dev/null || missing+=("$package")
     done
     if ((${#missing[@]} == 0)); then
         ok "already installed: ${PACKAGES[*]}"
@@ -144,7 +144,7 @@ own_processes() {
         pid=${proc#/proc/}
         [[ $pid == "$$" || $pid == "$BASHPID" ]] && continue
         root=$(readlink "$proc/root" 2>/dev/null) || continue
-        if [[ $root == "$SCRATCH"/* ]] || tr '\0' ' ' <"$proc/cmdline" 2>/dev/null | grep -qF -- "$SCRATCH/"; then
+        if [[ $root == "$SCRATCH"/* ]] || tr '\0' ' ' <"$proc/cmdline" 2>/dev/null | grep -F -- "$SCRATCH/" >/dev/null; then
             printf '%s\n' "$pid"
         fi
     done
@@ -191,7 +191,7 @@ remove_scratch() {
             kill -KILL "$pid" 2>/dev/null
         done
         unmount_scratch
-        if findmnt -rn -o TARGET | grep -q "^$SCRATCH/"; then
+        if findmnt -rn -o TARGET | grep "^$SCRATCH/" >/dev/null; then
             sleep 1
             continue
         fi
@@ -349,7 +349,7 @@ check_token() {
     local code
     code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "$CONTROL/v1/health")
     [[ $code == 401 ]] || fail "the control API answered $code without the token, not 401"
-    api "$CONTROL/v1/health" | grep -q '"status":"ok"' || fail "health with the token"
+    api "$CONTROL/v1/health" | grep '"status":"ok"' >/dev/null || fail "health with the token"
     ok "the control API refuses requests without the token (401) and answers with it"
 }
 
@@ -378,7 +378,7 @@ check_fault() {
     qemu-io -f raw "$NBD/disk" -c 'write -P 0x22 1M 4k' >"$SCRATCH/qemu-io.log" 2>&1 ||
         fail "a write before arming failed: $(cat "$SCRATCH/qemu-io.log")"
     ok "before arming, a write to 1 MiB passes"
-    api -X POST "$CONTROL/v1/exports/disk/triggers/$TRIGGER" | grep -q '"armed":true' || fail "arming $TRIGGER"
+    api -X POST "$CONTROL/v1/exports/disk/triggers/$TRIGGER" | grep '"armed":true' >/dev/null || fail "arming $TRIGGER"
     ok "POST trigger $TRIGGER"
     if qemu-io -f raw "$NBD/disk" -c 'write -P 0x33 1M 4k' >"$SCRATCH/qemu-io.log" 2>&1; then
         fail "the write to the armed range succeeded: $(cat "$SCRATCH/qemu-io.log")"
@@ -398,7 +398,7 @@ check_fault() {
         $faults == *"\"rule\":\"$RULE\""* ]] || fail "the fault record does not describe the failed write"
     ok "GET /v1/exports/disk/faults records the failed write (rule $RULE, EIO)"
     # nbdfault ctl in the container: no shell needed, URL and token from the image's environment.
-    "$DOCKER" exec "$CONTAINER" nbdfault ctl faults disk | grep -q "\"rule\":\"$RULE\"" ||
+    "$DOCKER" exec "$CONTAINER" nbdfault ctl faults disk | grep "\"rule\":\"$RULE\"" >/dev/null ||
         fail "docker exec ... nbdfault ctl faults disk"
     ok "docker exec CONTAINER nbdfault ctl faults disk shows it too"
 }
@@ -414,6 +414,8 @@ check_health() {
     ok "HEALTHCHECK: healthy"
 }
 
+# Matches below read their whole input (grep PATTERN >/dev/null, not grep -q): grep -q stops at the
+# first match, and under pipefail the writer's SIGPIPE then fails the pipeline at random.
 check_stop() {
     local started_ns elapsed_ms code
     started_ns=$(date +%s%N)
@@ -424,7 +426,7 @@ check_stop() {
     info "docker stop took $elapsed_ms ms, exit status $code"
     [[ $code == 0 ]] || fail "the server exited with status $code after SIGTERM"
     ((elapsed_ms <= STOP_LIMIT_MS)) || fail "docker stop took $elapsed_ms ms (limit $STOP_LIMIT_MS ms)"
-    "$DOCKER" logs "$CONTAINER" 2>&1 | grep -q 'SIGTERM received' || fail "the server did not log SIGTERM"
+    "$DOCKER" logs "$CONTAINER" 2>&1 | grep 'SIGTERM received' >/dev/null || fail "the server did not log SIGTERM"
     ok "SIGTERM: exit 0 in $elapsed_ms ms"
     grep -q "\"rule\":\"$RULE\"" "$DATA/faults.jsonl" || fail "the fault log file has no record"
     ok "the fault log file (NBDFAULT_FAULT_LOG) on the host directory holds the record"

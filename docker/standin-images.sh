@@ -49,7 +49,7 @@ die() {
 remove_tree() {
     local dir=$1
     [[ -e $dir ]] || return 0
-    if findmnt -rn -o TARGET | grep -q "^$dir\(/\|$\)"; then
+    if findmnt -rn -o TARGET | grep "^$dir\(/\|$\)" >/dev/null; then
         die "$dir has mounts under it; not removing it"
     fi
     rm -rf --one-file-system "$dir"

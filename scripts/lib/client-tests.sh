@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034 # sourced: its variables are used by the scripts that source it
 # Shared by scripts/demo.sh and scripts/client-tests-matrix.sh: the packages the VM harness needs
 # and the static build it runs. Sourced, not run.
 

@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034 # sourced: its variables are used by the scripts that source it
 # Installs Debian packages that are missing, with one `apt-get update` first. Sourced by the
 # scripts in scripts/; needs root (or sudo) on Debian 12.
 #
@@ -7,7 +8,7 @@ install_packages() {
     local missing=()
     local package
     for package in "$@"; do
-        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$package")
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep '^install ok installed$' >/dev/null || missing+=("$package")
     done
     ((${#missing[@]} == 0)) && return 0
     local sudo=()
