@@ -154,6 +154,7 @@ fn lives_in_memory(file: &File) -> bool {
         return false;
     }
     // SAFETY: fstatfs succeeded, so it filled the struct (which started zeroed anyway).
+    #[allow(clippy::unnecessary_cast, reason = "f_type is i64 here but u32 or i32 on other targets")]
     let kind = unsafe { stat.assume_init() }.f_type as i64;
     kind == TMPFS_MAGIC || kind == RAMFS_MAGIC
 }
@@ -339,7 +340,10 @@ impl BlockDevice for FileDevice {
                     match write_nowait(&self.file, &data, offset)? {
                         NoWait::Done => return Ok(()),
                         NoWait::Partial(done) => {
-                            return Ok(self.engine.write(&self.file, offset + done as u64, data.slice(done..), fua).await?);
+                            return Ok(self
+                                .engine
+                                .write(&self.file, offset + done as u64, data.slice(done..), fua)
+                                .await?);
                         }
                         NoWait::Unsupported => self.nowait_writes.store(false, Ordering::Relaxed),
                     }
@@ -524,6 +528,32 @@ mod tests {
         assert_eq!(cold, warm);
         device.write(CTX, 100, Bytes::from_static(b"fast path"), false).await.unwrap();
         assert_eq!(&device.read(CTX, 100, 9).await.unwrap()[..], b"fast path");
+    }
+
+    #[test]
+    fn nowait_refusals_mean_try_elsewhere_and_real_errors_stay_errors() {
+        let refusal = |errno: i32, done: usize| nowait_refusal(io::Error::from_raw_os_error(errno), done);
+        assert!(matches!(refusal(libc::EAGAIN, 0), Ok(NoWait::Partial(0))));
+        assert!(matches!(refusal(libc::EAGAIN, 512), Ok(NoWait::Partial(512))));
+        assert!(matches!(refusal(libc::EOPNOTSUPP, 0), Ok(NoWait::Unsupported)));
+        assert!(matches!(refusal(libc::EOPNOTSUPP, 4096), Ok(NoWait::Partial(4096))));
+        assert_eq!(refusal(libc::EIO, 0).err().and_then(|e| e.raw_os_error()), Some(libc::EIO));
+    }
+
+    #[tokio::test]
+    async fn a_file_in_memory_is_served_inline_in_both_directions() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else { return };
+        let path = dir.path().join("disk.img");
+        File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        let device = FileDevice::open(&path, false).unwrap();
+        if engine::shared().inline() {
+            assert_eq!((device.data_path().reads, device.data_path().writes), ("inline", "inline"));
+        }
+        device.write(CTX, 10, Bytes::from_static(b"in memory"), true).await.unwrap();
+        assert_eq!(&device.read(CTX, 10, 9).await.unwrap()[..], b"in memory");
+        // Larger than the inline limit: the I/O threads take it, with the same result.
+        device.write(CTX, 0, Bytes::from(vec![3; 1 << 20]), false).await.unwrap();
+        assert!(device.read(CTX, 0, 1 << 20).await.unwrap().iter().all(|&b| b == 3));
     }
 
     #[tokio::test]

@@ -25,7 +25,9 @@ pub enum Outgoing {
     /// Replies that were ready together, handed over at once.
     Batch(Vec<Outgoing>),
     /// Close the connection without another reply (an injected disconnect).
-    Disconnect { reason: String },
+    Disconnect {
+        reason: String,
+    },
 }
 
 /// One reply: its header, the data after it (READ), and the in-flight budget it frees once sent.

@@ -116,7 +116,13 @@ pub fn read_exact_into(file: &File, mut buffer: BytesMut, length: usize, offset:
 /// One `preadv2` at `offset + buffer.len()` into `buffer`'s spare room, never past `length`
 /// bytes in all: returns how many bytes it read (0 at the end of the file). `flags` is 0 or
 /// `RWF_NOWAIT`. No zeroing first: the kernel fills the bytes it reports.
-pub fn read_into(file: &File, buffer: &mut BytesMut, length: usize, offset: u64, flags: libc::c_int) -> io::Result<usize> {
+pub fn read_into(
+    file: &File,
+    buffer: &mut BytesMut,
+    length: usize,
+    offset: u64,
+    flags: libc::c_int,
+) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
     let filled = buffer.len();
     buffer.reserve(length - filled);
@@ -131,4 +137,114 @@ pub fn read_into(file: &File, buffer: &mut BytesMut, length: usize, offset: u64,
     // SAFETY: the kernel initialised the first `read` bytes of the spare room, within `length`.
     unsafe { buffer.set_len(filled + read as usize) };
     Ok(read as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    fn engine() -> Engine {
+        Engine { threads: Threads::start(1).unwrap(), inline: true }
+    }
+
+    fn file_with(bytes: &[u8]) -> (tempfile::TempDir, Arc<File>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, bytes).unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        (dir, Arc::new(file))
+    }
+
+    #[tokio::test]
+    async fn reads_continue_where_a_partial_read_stopped_and_writes_land_whole() {
+        let (_dir, file) = file_with(&(0..=255u8).cycle().take(1 << 20).collect::<Vec<_>>());
+        let engine = engine();
+        // A buffer that already holds the first bytes (what a NOWAIT attempt got) is completed.
+        let mut started = BytesMut::with_capacity(10_000);
+        started.extend_from_slice(&[7, 8, 9]);
+        let read = engine.read(&file, 7, started, 10_000).await.unwrap();
+        assert_eq!(&read[..3], &[7, 8, 9]);
+        assert_eq!(read[3], 10, "continues at offset + the bytes already there");
+        assert_eq!(read.len(), 10_000);
+        engine.write(&file, 100, Bytes::from(vec![0xee; 300_000]), true).await.unwrap();
+        let back = engine.read(&file, 99, BytesMut::new(), 300_002).await.unwrap();
+        assert_eq!((back[0], back[1], back[300_000], back[300_001]), (99, 0xee, 0xee, (300_100 % 256) as u8));
+    }
+
+    #[tokio::test]
+    async fn a_read_past_the_end_is_a_short_read_and_then_an_error() {
+        let (_dir, file) = file_with(&[1; 100]);
+        let mut buffer = BytesMut::new();
+        assert_eq!(read_into(&file, &mut buffer, 4096, 50, 0).unwrap(), 50, "one call returns what there is");
+        let error = engine().read(&file, 50, BytesMut::new(), 4096).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn system_call_errors_reach_the_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("read-only");
+        std::fs::write(&path, [0; 4096]).unwrap();
+        let read_only = Arc::new(File::open(&path).unwrap());
+        let error = engine().write(&read_only, 0, Bytes::from_static(b"x"), false).await.unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::EBADF));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_request_still_finishes_with_its_own_buffer_and_nothing_else_waits_for_it() {
+        let (_dir, file) = file_with(&[0; 4096]);
+        let engine = engine();
+        let finished = Arc::new(AtomicUsize::new(0));
+        // The only I/O thread is busy; the next job waits in the queue, then its caller leaves.
+        let busy = engine.run(|| std::thread::sleep(Duration::from_millis(100)));
+        let counted = Arc::clone(&finished);
+        let file_for_job = Arc::clone(&file);
+        let dropped = engine.run(move || {
+            std::os::unix::fs::FileExt::write_all_at(&*file_for_job, b"written after the caller left", 0).unwrap();
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        let (busy, dropped) = (Box::pin(busy), Box::pin(dropped));
+        // Polled once (so it is queued), then dropped: a request cancelled in flight.
+        let mut dropped = dropped;
+        assert!(futures_poll_once(dropped.as_mut()).await.is_none());
+        drop(dropped);
+        busy.await.unwrap();
+        // The queue runs in order on the single thread: a later job sees the dropped one done.
+        engine.run(|| ()).await.unwrap();
+        assert_eq!(finished.load(Ordering::SeqCst), 1);
+        let mut head = [0u8; 7];
+        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut head, 0).unwrap();
+        assert_eq!(&head, b"written");
+    }
+
+    #[test]
+    fn shutting_down_finishes_the_queued_jobs_and_ends_every_thread() {
+        let finished = Arc::new(AtomicUsize::new(0));
+        let threads = Threads::start(2).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        for _ in 0..8 {
+            let counted = Arc::clone(&finished);
+            let job = threads.run(move || {
+                std::thread::sleep(Duration::from_millis(5));
+                counted.fetch_add(1, Ordering::SeqCst);
+            });
+            // Queued, and its caller gone at once.
+            runtime.block_on(async { assert!(futures_poll_once(Box::pin(job).as_mut()).await.is_none()) });
+        }
+        drop(threads);
+        assert_eq!(finished.load(Ordering::SeqCst), 8, "every queued job ran before the threads ended");
+    }
+
+    /// Polls a future once: `Some` if it finished.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(mut future: F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut future).poll(cx) {
+                std::task::Poll::Ready(value) => Some(value),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
 }

@@ -53,7 +53,6 @@ impl Threads {
         queue.send(job).map_err(|_| stopped())?;
         result.await.map_err(|_| stopped())
     }
-
 }
 
 impl Drop for Threads {
