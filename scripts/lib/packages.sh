@@ -27,5 +27,7 @@ install_packages() {
 }
 
 # What the server's integration tests drive: libnbd's tools and Python binding, qemu-img/qemu-io,
-# fio's nbd engine, nbdkit for comparisons, nbd-client -l, ip and unshare for a network namespace, chattr.
-SERVER_TEST_PACKAGES=(libnbd-bin python3-libnbd qemu-utils fio nbdkit nbd-client iproute2 e2fsprogs util-linux curl)
+# fio's nbd engine, nbdkit for comparisons, nbd-client -l, ip and unshare for a network namespace, chattr,
+# and python3-jsonschema/python3-yaml to check policies against the JSON schema.
+SERVER_TEST_PACKAGES=(libnbd-bin python3-libnbd qemu-utils fio nbdkit nbd-client iproute2 e2fsprogs util-linux curl
+    python3-jsonschema python3-yaml)

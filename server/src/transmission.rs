@@ -10,7 +10,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -19,19 +19,26 @@ use crate::export::{Counters, Export};
 use crate::handshake::Session;
 use crate::shutdown::Shutdown;
 use crate::storage::{BlockDevice, Extent, IoContext, IoError, ZeroFlags};
-use crate::wire::request::{Command, MAX_PAYLOAD, Negotiated, REQUEST_HEADER_LEN, RequestHeader, validate};
-use crate::wire::{BASE_ALLOCATION_ID, REQUEST_MAGIC, chunk, command, command_flags, errno, reply};
+use crate::wire::request::{Command, MAX_PAYLOAD, Negotiated, RequestHeader, validate};
+use crate::wire::{BASE_ALLOCATION_ID, chunk, command, command_flags, errno, reply};
 
-/// A WRITE over [`MAX_PAYLOAD`] up to this size is drained and refused; above it the connection
-/// is dropped rather than read (a denial-of-service bound, as in nbdkit).
-pub const MAX_DRAIN: u32 = 64 << 20;
-const _: () = assert!(MAX_DRAIN >= MAX_PAYLOAD);
+mod reader;
+pub use reader::{MAX_DRAIN, RequestReader};
+
 /// What a request without a payload costs against the in-flight budget.
 const MIN_COST: u32 = 4096;
+
+/// What a request holds against the in-flight budget while it is served: its payload or its
+/// read buffer. A WRITE too large to serve is drained, never held.
+fn cost(header: &RequestHeader) -> u32 {
+    match header.kind {
+        command::WRITE if header.length > MAX_PAYLOAD => MIN_COST,
+        command::WRITE | command::READ => header.length.clamp(MIN_COST, MAX_PAYLOAD),
+        _ => MIN_COST,
+    }
+}
 /// Replies are gathered in a buffer of this size and sent when no more are waiting.
 const WRITE_BUFFER: usize = 256 << 10;
-/// Requests are read through a buffer of this size; payloads larger than it bypass it.
-const READ_BUFFER: usize = 64 << 10;
 /// How long the replies to abandoned requests (ESHUTDOWN) may take to go out once the shutdown
 /// grace period is over.
 const LAST_REPLIES: Duration = Duration::from_millis(200);
@@ -87,8 +94,7 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    // A pipelining client sends many headers per packet: read them in one call, not one each.
-    let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
+    let mut requests = RequestReader::new(reader);
     let (tx, rx) = mpsc::unbounded_channel();
     let (closed_tx, mut closed) = watch::channel(false);
     let writer_task = tokio::spawn(write_replies(writer, rx, closed_tx, shutdown.clone()));
@@ -105,55 +111,26 @@ where
     let outcome: Result<End, TransmissionError> = async {
         loop {
             while tasks.try_join_next().is_some() {}
-            let mut header = [0u8; REQUEST_HEADER_LEN];
-            let got_header = tokio::select! {
+            let header = tokio::select! {
                 biased;
                 _ = closed.wait_for(|closed| *closed) => return Ok(End::Dropped),
                 _ = shutdown.stopping() => return Ok(End::Shutdown),
-                result = read_header(&mut reader, &mut header) => result?,
+                header = requests.header() => header?,
             };
-            if !got_header {
-                return Ok(End::Closed);
-            }
-            let header = RequestHeader::decode(&header);
-            if header.magic != REQUEST_MAGIC {
-                return Err(TransmissionError::BadMagic(header.magic));
-            }
+            let Some(header) = header else { return Ok(End::Closed) };
             Counters::add(&export.counters.requests, 1);
-
-            let is_write = header.kind == command::WRITE;
-            if is_write && header.length > MAX_PAYLOAD {
-                if header.length > MAX_DRAIN {
-                    return Err(TransmissionError::PayloadTooLarge(header.length));
-                }
-                // A client may finish sending a payload during the shutdown grace period, not after.
-                tokio::select! {
-                    result = drain(&mut reader, header.length) => result?,
-                    _ = shutdown.abandoned() => return Ok(End::Shutdown),
-                }
-            }
-            let cost = match header.kind {
-                command::WRITE | command::READ => header.length.clamp(MIN_COST, MAX_PAYLOAD),
-                _ => MIN_COST,
-            };
             // Backpressure: at the bound, stop reading requests until replies free the budget.
             let permit = tokio::select! {
                 biased;
                 _ = closed.wait_for(|closed| *closed) => return Ok(End::Dropped),
                 _ = shutdown.stopping() => return Ok(End::Shutdown),
-                permit = Arc::clone(&budget).acquire_many_owned(cost) => permit.expect("the budget is never closed"),
+                permit = Arc::clone(&budget).acquire_many_owned(cost(&header)) => permit.expect("the budget is never closed"),
             };
-            let payload = if is_write && header.length <= MAX_PAYLOAD {
-                let mut payload = BytesMut::zeroed(header.length as usize);
-                tokio::select! {
-                    result = reader.read_exact(&mut payload) => result.map_err(truncated)?,
-                    _ = shutdown.abandoned() => return Ok(End::Shutdown),
-                };
-                payload.freeze()
-            } else {
-                Bytes::new()
+            // A client may finish sending a payload during the shutdown grace period, not after.
+            let payload = tokio::select! {
+                payload = requests.payload(&header) => payload?,
+                _ = shutdown.abandoned() => return Ok(End::Shutdown),
             };
-
             let cmd = match validate(&header, &negotiated) {
                 Ok(Command::Disc) => return Ok(End::Disconnect),
                 Ok(cmd) => cmd,
@@ -165,14 +142,12 @@ where
                     continue;
                 }
             };
-
-            let ctx = IoContext { connection, cookie: header.cookie, flags: header.flags };
             let request = RequestTask {
                 export: Arc::clone(&export),
                 cmd,
                 header,
                 payload,
-                ctx,
+                ctx: IoContext { connection, cookie: header.cookie, flags: header.flags },
                 structured: session.structured_replies,
                 tx: tx.clone(),
                 permit,
@@ -232,40 +207,6 @@ fn start(task: Pin<&mut impl Future<Output = ()>>) -> Poll<()> {
 
 async fn join_all(tasks: &mut JoinSet<()>) {
     while tasks.join_next().await.is_some() {}
-}
-
-fn truncated(error: std::io::Error) -> TransmissionError {
-    if error.kind() == std::io::ErrorKind::UnexpectedEof { TransmissionError::Truncated } else { error.into() }
-}
-
-/// Reads a request header. `Ok(false)` is a clean end of stream between requests.
-async fn read_header<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    header: &mut [u8; REQUEST_HEADER_LEN],
-) -> Result<bool, TransmissionError> {
-    let mut filled = 0;
-    while filled < REQUEST_HEADER_LEN {
-        match reader.read(&mut header[filled..]).await {
-            Ok(0) if filled == 0 => return Ok(false),
-            Ok(0) => return Err(TransmissionError::Truncated),
-            Ok(n) => filled += n,
-            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset && filled == 0 => return Ok(false),
-            Err(error) => return Err(error.into()),
-        }
-    }
-    Ok(true)
-}
-
-/// Reads and discards `length` bytes of a payload that will be refused, without allocating it.
-async fn drain<R: AsyncRead + Unpin>(reader: &mut R, length: u32) -> Result<(), TransmissionError> {
-    let mut scratch = vec![0u8; 64 << 10];
-    let mut left = length as usize;
-    while left > 0 {
-        let take = left.min(scratch.len());
-        reader.read_exact(&mut scratch[..take]).await.map_err(truncated)?;
-        left -= take;
-    }
-    Ok(())
 }
 
 /// Sends replies as they complete. Many small replies share one write; each reply goes out whole.
@@ -466,6 +407,7 @@ fn encode_error(header: &RequestHeader, errno: u32, message: &str, structured: b
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::REQUEST_MAGIC;
 
     #[test]
     fn req_one_gives_exactly_one_extent_no_longer_than_the_request() {
