@@ -30,6 +30,9 @@ enum Command {
     Run(RunArgs),
     /// Boot a Debian kernel in qemu and run the suite in it against a fresh nbdfault server.
     Vm(vm::VmArgs),
+    /// Boot a Debian kernel in qemu and attach its nbd-client over TLS (client certificate) to
+    /// `nbdfault serve --tls require`; a plain attach must be refused.
+    VmTls(vm::tls::TlsArgs),
     /// Fetch and unpack a Debian kernel into the cache, and print where it is.
     Kernel(vm::KernelArgs),
     /// List the Debian kernels `vm --kernel` can boot (version, package, suite), newest first.
@@ -111,6 +114,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Vm(args) => vm::main(args),
+        Command::VmTls(args) => vm::tls::main(args),
         Command::Kernel(args) => vm::kernel_main(args),
         Command::Kernels(args) => vm::kernels_main(args),
         Command::Matrix(args) => write_matrix(args),

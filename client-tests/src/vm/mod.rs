@@ -9,6 +9,7 @@ pub mod kernel;
 pub mod modules;
 pub mod qemu;
 pub mod server;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -132,12 +133,12 @@ pub fn cache_dir(explicit: Option<&Path>) -> PathBuf {
 }
 
 /// Holds an exclusive lock on the cache so two harnesses do not unpack the same kernel at once.
-struct CacheLock {
+pub(crate) struct CacheLock {
     _file: std::fs::File,
 }
 
 impl CacheLock {
-    fn take(cache: &Path) -> std::io::Result<CacheLock> {
+    pub(crate) fn take(cache: &Path) -> std::io::Result<CacheLock> {
         use std::os::unix::io::AsRawFd;
         std::fs::create_dir_all(cache)?;
         let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(cache.join(".lock"))?;
@@ -158,7 +159,7 @@ extern "C" fn on_interrupt(_sig: libc::c_int) {
 /// Ctrl-C reaches qemu and the server (same process group) and ends them; this process only
 /// notes it, so it can go on to stop what is left and remove its temporary files. A handler,
 /// not SIG_IGN, so the children (which exec) keep the default action.
-fn catch_interrupts() {
+pub(crate) fn catch_interrupts() {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
@@ -167,19 +168,19 @@ fn catch_interrupts() {
 }
 
 /// Prints progress with the time since start.
-struct Progress(Instant);
+pub(crate) struct Progress(pub(crate) Instant);
 
 impl Progress {
-    fn say(&self, text: &str) {
+    pub(crate) fn say(&self, text: &str) {
         eprintln!("[{:6.1}s] {text}", self.0.elapsed().as_secs_f64());
     }
 }
 
 /// A directory removed, with everything in it, when dropped.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new() -> std::io::Result<TempDir> {
+    pub(crate) fn new() -> std::io::Result<TempDir> {
         let base = std::env::temp_dir().join(format!(
             "nbdfault-vm-{}-{}",
             std::process::id(),
@@ -234,7 +235,7 @@ fn sibling_dirs() -> Vec<PathBuf> {
     dirs
 }
 
-fn find_server(explicit: Option<&Path>) -> Result<PathBuf, String> {
+pub(crate) fn find_server(explicit: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(p) = explicit {
         return if p.is_file() { Ok(p.to_path_buf()) } else { Err(format!("--server {}: no such file", p.display())) };
     }
@@ -246,7 +247,7 @@ fn find_server(explicit: Option<&Path>) -> Result<PathBuf, String> {
         .ok_or_else(|| "cannot find the nbdfault server: build it in the same target directory (cargo build -p nbdfault) or pass --server PATH".to_string())
 }
 
-fn find_guest_binary(explicit: Option<&Path>) -> Result<PathBuf, String> {
+pub(crate) fn find_guest_binary(explicit: Option<&Path>) -> Result<PathBuf, String> {
     let static_hint = "build it with RUSTFLAGS='-C target-feature=+crt-static' cargo build -p nbdfault-client-tests --target x86_64-unknown-linux-gnu (or pass --guest-binary PATH)";
     if let Some(p) = explicit {
         return match is_static_executable(p) {
