@@ -7,6 +7,7 @@
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
 pub mod control;
+pub mod pki;
 pub mod raw;
 
 use std::ffi::{OsStr, OsString};
