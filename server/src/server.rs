@@ -158,7 +158,8 @@ impl Server {
                     source,
                 })?;
                 let state =
-                    ControlState::new(Arc::clone(&exports), Arc::clone(&log), clock, config.control_token.clone());
+                    ControlState::new(Arc::clone(&exports), Arc::clone(&log), clock, config.control_token.clone())
+                        .map_err(|source| StartError::Control { address, hint: "", source })?;
                 Some((listener, state))
             }
             None => None,
