@@ -17,6 +17,8 @@ use axum::routing::{get, post, put};
 use nbdfault_policies::{BadSector, Policy, RuleCounter, TriggerState};
 use serde::{Deserialize, Serialize};
 
+use crate::storage::file::FileDataPath;
+
 use crate::export::{CounterValues, Export, Exports};
 use crate::fault::Clock;
 use crate::fault::log::FaultLog;
@@ -261,6 +263,9 @@ struct ExportView {
     requests_decided: u64,
     faults_logged: usize,
     unflushed_bytes: u64,
+    /// How a file (or an overlay's base file) is read and written; absent for memory storage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_path: Option<FileDataPath>,
 }
 
 fn export_view(state: &ControlState, export: &Export) -> ExportView {
@@ -287,6 +292,7 @@ fn export_view(state: &ControlState, export: &Export) -> ExportView {
         requests_decided: engine.requests_decided(),
         faults_logged: state.log.count(&export.name),
         unflushed_bytes: export.faults.unflushed_bytes(),
+        data_path: export.storage.data_path(),
     }
 }
 
