@@ -343,11 +343,27 @@ async fn get_policy(State(state): State<ControlState>, Path(name): Path<String>)
 async fn set_policy(
     State(state): State<ControlState>,
     Path(name): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    headers: HeaderMap,
+    body: axum::body::Body,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let export = Arc::clone(state.export(&name)?);
-    let body = body.map_err(|rejection| {
-        body_error(rejection, &format!("a policy may have at most {MAX_POLICY} bytes (the policy limit max_bytes)"))
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("a policy may have at most {MAX_POLICY} bytes (the policy limit max_bytes)"),
+        )
+    };
+    // A declared length over the limit is refused before a byte of the body is read.
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_POLICY as u64) {
+        return Err(too_large());
+    }
+    let body = axum::body::to_bytes(body, MAX_POLICY).await.map_err(|error| {
+        if std::error::Error::source(&error).is_some_and(|source| source.is::<http_body_util::LengthLimitError>()) {
+            too_large()
+        } else {
+            ApiError::bad_request(format!("cannot read the body: {error}"))
+        }
     })?;
     let origin = format!("PUT /v1/exports/{name}/policy");
     let view_state = state.clone();
