@@ -153,3 +153,32 @@ fn an_alias_bomb_is_refused_without_the_server_growing() {
     // Before: from 78 MB to a 2.1 GB peak.
     assert!(growth < 64 << 20, "the server grew by {} MiB refusing an alias bomb", growth >> 20);
 }
+
+#[test]
+fn idle_handshakes_cannot_lock_out_a_client() {
+    let server = Server::builder()
+        .export("disk", "memory:16MiB")
+        .args(["--max-connections", "50", "--max-handshakes", "16"])
+        .start();
+    // Before: 50 sockets that send nothing locked every client out for the 30 s handshake timeout.
+    let idle: Vec<std::net::TcpStream> =
+        (0..200).map(|_| std::net::TcpStream::connect(server.nbd).expect("connect")).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let info = common::run_ok(common::tool("nbdinfo", "libnbd-bin").args(["--size", &server.uri("disk")]));
+    assert_eq!(info.trim(), (16u64 << 20).to_string());
+    assert!(started.elapsed() < Duration::from_secs(10), "the client waited {:?}", started.elapsed());
+    // The idle sockets were closed oldest first to make room: all but the newest 16 at most.
+    let mut closed = 0;
+    for mut socket in idle {
+        socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut greeting = vec![0u8; 18];
+        let _ = socket.read_exact(&mut greeting);
+        let mut more = [0u8; 1];
+        if matches!(socket.read(&mut more), Ok(0) | Err(_)) && socket.peek(&mut more).is_ok_and(|n| n == 0) {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 200 - 16, "only {closed} of 200 idle sockets were closed");
+    assert!(server.stderr().contains("--max-handshakes"), "the eviction is logged");
+}
