@@ -11,6 +11,7 @@
 //! (`shared/research/kernel-writeback-errors.md` §8), listed in [`invariants`].
 
 pub mod control;
+pub mod diff;
 pub mod invariants;
 pub mod kmsg;
 pub mod matrix;
