@@ -59,7 +59,11 @@ pub const INVARIANTS: &[Invariant] = &[
     inv(3, Class::Guaranteed, "dup()ed descriptors share one report; separately opened ones each get one"),
     inv(4, Class::VersionDependent, "a descriptor opened after the error, before anyone saw it, gets EIO once"),
     inv(5, Class::Guaranteed, "a descriptor opened after the error was reported elsewhere gets 0"),
-    inv(6, Class::Guaranteed, "an error can be lost if the inode is evicted before anyone reports it (a documented limitation)"),
+    inv(
+        6,
+        Class::Guaranteed,
+        "an error can be lost if the inode is evicted before anyone reports it (a documented limitation)",
+    ),
     inv(
         7,
         Class::Guaranteed,
@@ -106,7 +110,11 @@ pub const INVARIANTS: &[Invariant] = &[
         "XFS metadata write errors follow /sys/fs/xfs/<dev>/error/metadata/EIO/*; fail_at_unmount=1 lets unmount finish",
     ),
     inv(28, Class::SetupDependent, "after an ext4 journal abort, remaining dirty pages stay dirty and uptodate"),
-    inv(29, Class::VersionDependent, "fanotify FAN_FS_ERROR reports buffered write errors of iomap filesystems (>= 7.0)"),
+    inv(
+        29,
+        Class::VersionDependent,
+        "fanotify FAN_FS_ERROR reports buffered write errors of iomap filesystems (>= 7.0)",
+    ),
     inv(30, Class::Guaranteed, "the kernel logs each writeback error"),
 ];
 

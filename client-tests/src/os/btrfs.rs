@@ -87,7 +87,15 @@ pub fn chunks(any_file: &File) -> io::Result<Vec<Chunk>> {
         let mut args = vec![0u64; 4096 / 8];
         {
             let b = bytes(&mut args);
-            let key: [u64; 7] = [CHUNK_TREE_OBJECTID, FIRST_CHUNK_TREE_OBJECTID, FIRST_CHUNK_TREE_OBJECTID, min_offset, u64::MAX, 0, u64::MAX];
+            let key: [u64; 7] = [
+                CHUNK_TREE_OBJECTID,
+                FIRST_CHUNK_TREE_OBJECTID,
+                FIRST_CHUNK_TREE_OBJECTID,
+                min_offset,
+                u64::MAX,
+                0,
+                u64::MAX,
+            ];
             for (i, v) in key.iter().enumerate() {
                 b[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
             }
@@ -171,7 +179,10 @@ mod tests {
             parse_chunk(30 << 20, &chunk_item(4 << 20, BLOCK_GROUP_METADATA | 32, &[40 << 20, 44 << 20])).unwrap();
         assert_eq!(data.stripes, vec![22 << 20]);
         let chunks = [data, meta];
-        assert_eq!(logical_to_device(&chunks, (13 << 20) + 4096, (13 << 20) + 8192), vec![((22 << 20) + 4096, (22 << 20) + 8192)]);
+        assert_eq!(
+            logical_to_device(&chunks, (13 << 20) + 4096, (13 << 20) + 8192),
+            vec![((22 << 20) + 4096, (22 << 20) + 8192)]
+        );
         assert_eq!(ranges_of_kind(&chunks, BLOCK_GROUP_METADATA), vec![(40 << 20, 44 << 20), (44 << 20, 48 << 20)]);
         assert!(logical_to_device(&chunks, 0, 4096).is_empty());
         assert!(parse_chunk(0, &[0u8; 10]).is_none());

@@ -138,7 +138,13 @@ mod tests {
     /// An FS_ERROR event as the kernel lays it out: metadata, an error record, a FID record.
     fn event(error: i32, count: u32) -> Vec<u8> {
         let mut e = Vec::new();
-        let error_record = [&[libc::FAN_EVENT_INFO_TYPE_ERROR, 0][..], &12u16.to_ne_bytes(), &error.to_ne_bytes(), &count.to_ne_bytes()].concat();
+        let error_record = [
+            &[libc::FAN_EVENT_INFO_TYPE_ERROR, 0][..],
+            &12u16.to_ne_bytes(),
+            &error.to_ne_bytes(),
+            &count.to_ne_bytes(),
+        ]
+        .concat();
         let fid_record = [&[libc::FAN_EVENT_INFO_TYPE_FID, 0][..], &20u16.to_ne_bytes(), &[0u8; 16]].concat();
         let total = (METADATA_LEN + error_record.len() + fid_record.len()) as u32;
         e.extend(total.to_ne_bytes());
@@ -158,7 +164,10 @@ mod tests {
         buf.extend(event(5, 3));
         let events = parse_events(&buf);
         assert_eq!(events.len(), 2);
-        assert_eq!(events[0], FsEvent { mask: libc::FAN_FS_ERROR, error: Some(5), error_count: Some(1), has_fid: true });
+        assert_eq!(
+            events[0],
+            FsEvent { mask: libc::FAN_FS_ERROR, error: Some(5), error_count: Some(1), has_fid: true }
+        );
         assert_eq!(events[1].error_count, Some(3));
     }
 

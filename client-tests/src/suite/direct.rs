@@ -2,7 +2,6 @@
 //! not keep bytes the disk does not have. The range is cached (read) and its first page mapped
 //! before the write, so a stale page would show.
 
-
 use serde_json::json;
 
 use super::env::{Env, read_at};
@@ -17,7 +16,13 @@ pub static SCENARIO: Scenario = Scenario {
     name: "direct",
     about: "an O_DIRECT write over cached (and mapped) pages fails: what the writer, read(), mmap and the disk see",
     checks: &[
-        CheckSpec::new("direct.write-returns-eio", 1, G, "the failed O_DIRECT write returns EIO to its caller", always_holds),
+        CheckSpec::new(
+            "direct.write-returns-eio",
+            1,
+            G,
+            "the failed O_DIRECT write returns EIO to its caller",
+            always_holds,
+        ),
         CheckSpec::new(
             "direct.views-match-disk",
             14,
@@ -66,12 +71,7 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
             format!("the server failed no write of the file's blocks ({write})"),
         ));
     }
-    f.judge(
-        "direct.write-returns-eio",
-        write == "EIO",
-        format!("the O_DIRECT write returned {write}"),
-        ev.clone(),
-    );
+    f.judge("direct.write-returns-eio", write == "EIO", format!("the O_DIRECT write returned {write}"), ev.clone());
     let agree = match (&whole, &disk, views.mmap_bytes()) {
         (Ok(r), Ok(d), Some(m)) => r == d && m == &d[..4096],
         _ => false,

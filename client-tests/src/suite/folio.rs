@@ -80,14 +80,17 @@ fn folio_sizes(states: &Value) -> Vec<usize> {
 
 fn per_block(data: &Result<Vec<u8>, String>) -> Value {
     match data {
-        Ok(b) => json!(b.chunks(BLOCK as usize).enumerate().map(|(i, c)| classify(i as u64 * BLOCK, c)).collect::<Vec<_>>()),
+        Ok(b) => {
+            json!(b.chunks(BLOCK as usize).enumerate().map(|(i, c)| classify(i as u64 * BLOCK, c)).collect::<Vec<_>>())
+        }
         Err(e) => json!({ "error": e }),
     }
 }
 
 fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
     if env.fs() == Fs::Btrfs {
-        let why = "copy-on-write sends the new blocks somewhere new, so one block of them cannot be singled out to fail";
+        let why =
+            "copy-on-write sends the new blocks somewhere new, so one block of them cannot be singled out to fail";
         for id in ["large-folio.cached-read-new", "large-folio.only-failed-block-lost"] {
             f.set(id, Verdict::NotApplicable, Some(why.into()), json!({}));
         }
@@ -136,13 +139,17 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
         ev.clone(),
     );
     if resident.iter().any(|r| *r) {
-        f.set("large-folio.only-failed-block-lost", Verdict::Error, Some("pages stayed cached after eviction".into()), ev);
+        f.set(
+            "large-folio.only-failed-block-lost",
+            Verdict::Error,
+            Some("pages stayed cached after eviction".into()),
+            ev,
+        );
         return Ok(());
     }
     let expected = |i: u64, b: &[u8]| if i == FAILED { OLD.matches(i * BLOCK, b) } else { NEW.matches(i * BLOCK, b) };
-    let only_failed = evicted.as_ref().is_ok_and(|b| {
-        b.chunks(BLOCK as usize).enumerate().all(|(i, c)| expected(i as u64, c))
-    });
+    let only_failed =
+        evicted.as_ref().is_ok_and(|b| b.chunks(BLOCK as usize).enumerate().all(|(i, c)| expected(i as u64, c)));
     f.judge(
         "large-folio.only-failed-block-lost",
         only_failed,

@@ -8,16 +8,16 @@ use std::os::unix::fs::FileExt;
 use serde_json::json;
 
 use super::env::{Env, PageStates, log_texts};
+use super::logfail::page_kept;
 use super::views::SHUTDOWN_LINES;
 use super::{CheckSpec, Findings, Scenario, Step, StepError, always_holds, unknown};
-use super::logfail::page_kept;
 use crate::invariants::Class::{Guaranteed as G, KnownBug as BUG, SetupDependent as SETUP};
-use crate::report::Verdict;
 use crate::kmsg::matching;
 use crate::os::mapping::Mapping;
 use crate::os::{self, outcome};
 use crate::pattern::{NEW, OLD, classify};
 use crate::policy::Op;
+use crate::report::Verdict;
 
 pub static FLUSH: Scenario = Scenario {
     name: "flush-failure",
@@ -46,7 +46,13 @@ pub static FUA: Scenario = Scenario {
     name: "fua-failure",
     about: "every write with FUA fails (journal commit blocks, log writes): fsync, shutdown or abort, mmap and read()",
     checks: &[
-        CheckSpec::new("fua.fsync-reports", 1, G, "fsync returns an error when the journal's FUA write fails", always_holds),
+        CheckSpec::new(
+            "fua.fsync-reports",
+            1,
+            G,
+            "fsync returns an error when the journal's FUA write fails",
+            always_holds,
+        ),
         CheckSpec::new(
             "fua.shuts-down",
             26,
@@ -97,7 +103,10 @@ fn run(env: &mut Env, f: &mut Findings, kind: Kind) -> Result<(), StepError> {
     if failed.is_empty() {
         return Err(StepError::new(
             "fail the journal's requests",
-            format!("the server failed no {} request (fsync returned {first})", if kind == Kind::Flush { "flush" } else { "FUA write" }),
+            format!(
+                "the server failed no {} request (fsync returned {first})",
+                if kind == Kind::Flush { "flush" } else { "FUA write" }
+            ),
         ));
     }
     let second = outcome(&os::fsync(&file.writer));
@@ -143,7 +152,9 @@ fn run(env: &mut Env, f: &mut Findings, kind: Kind) -> Result<(), StepError> {
         // A shut-down XFS refuses read(): what matters then is whether the mapped pages are
         // still Uptodate (the mapping shows what the page cache holds) or the thread's state.
         (_, Err(_)) => match states.any_mapped_but_not_uptodate() {
-            Some(true) => f.set(&id, Verdict::Violated, Some(format!("{what}; a mapped page is no longer Uptodate")), ev),
+            Some(true) => {
+                f.set(&id, Verdict::Violated, Some(format!("{what}; a mapped page is no longer Uptodate")), ev)
+            }
             Some(false) => f.set(&id, Verdict::Holds, Some(format!("{what}; the mapped pages are still Uptodate")), ev),
             None => f.set(&id, Verdict::NotApplicable, Some(format!("{what}; the page flags are unreadable")), ev),
         },

@@ -104,11 +104,6 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
         );
     }
     let agree = matches!((&mapped, &read_mapped), (Ok(m), Ok(r)) if m == r);
-    f.judge(
-        "pressure.mmap-read-agree",
-        agree,
-        "the mapping and read() show different bytes after reclaim",
-        ev,
-    );
+    f.judge("pressure.mmap-read-agree", agree, "the mapping and read() show different bytes after reclaim", ev);
     Ok(())
 }

@@ -132,7 +132,9 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
     file.refresh_extents(LEN)?;
     let located = file.extents.iter().any(fiemap::Extent::located);
     let disk = if located { env.disk(&file, 0, LEN).ok() } else { None };
+    let whole = fiemap::extents(&file.writer, 0, 1 << 30, false).map(|e| e.len()).map_err(|e| e.to_string());
     let context = json!({
+        "file_extents_in_all": whole,
         "failed_reads": failed.len(),
         "first_failed_read": failed.first().map(|r| r.raw.clone()),
         "extents_after": file.extents.iter().map(|e| json!({ "logical": e.logical, "physical": e.physical, "length": e.length, "flags": e.flags })).collect::<Vec<_>>(),

@@ -222,7 +222,10 @@ fn run(env: &mut Env, f: &mut Findings, mode: Mode) -> Result<(), StepError> {
         "metadata_error_lines": log_texts(&errors.into_iter().take(6).collect::<Vec<_>>()),
     });
     if failed.is_empty() {
-        return Err(StepError::new("fail metadata writes", format!("no metadata write reached the server in {failing_for:?}: {ev}")));
+        return Err(StepError::new(
+            "fail metadata writes",
+            format!("no metadata write reached the server in {failing_for:?}: {ev}"),
+        ));
     }
     match mode {
         Mode::RetryForever => {
@@ -296,7 +299,12 @@ mod tests {
 
     #[test]
     fn failures_are_counted_per_offset_most_first() {
-        let rec = |seq, offset| FaultRecord::parse(&format!(r#"{{"seq":{seq},"op":"write","offset":{offset},"length":4096,"errno":"EIO"}}"#)).unwrap();
+        let rec = |seq, offset| {
+            FaultRecord::parse(&format!(
+                r#"{{"seq":{seq},"op":"write","offset":{offset},"length":4096,"errno":"EIO"}}"#
+            ))
+            .unwrap()
+        };
         let v = failures_by_offset(&[rec(1, 8192), rec(2, 4096), rec(3, 8192), rec(4, 8192)]);
         assert_eq!(v, vec![(8192, 3), (4096, 1)]);
     }
