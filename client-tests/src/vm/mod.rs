@@ -33,11 +33,11 @@ pub struct VmArgs {
     /// Boot this kernel image instead of a Debian package (see --modules).
     #[arg(long)]
     pub vmlinuz: Option<PathBuf>,
-    /// With --vmlinuz: the lib/modules/RELEASE directory holding nbd, xfs, ext4 and virtio_net
+    /// With --vmlinuz: the lib/modules/RELEASE directory holding nbd, xfs, ext4, virtio_net (and btrfs)
     /// (leave out when they are built in).
     #[arg(long, requires = "vmlinuz")]
     pub modules: Option<PathBuf>,
-    /// xfs, ext4, or all.
+    /// xfs, ext4, btrfs, a comma-separated list of them, or all.
     #[arg(long, default_value = "all")]
     pub fs: String,
     /// Only these scenarios (comma-separated; see `scenarios`).
