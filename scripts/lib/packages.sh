@@ -31,3 +31,7 @@ install_packages() {
 # and python3-jsonschema/python3-yaml to check policies against the JSON schema.
 SERVER_TEST_PACKAGES=(libnbd-bin python3-libnbd qemu-utils fio nbdkit nbd-client iproute2 e2fsprogs util-linux curl
     python3-jsonschema python3-yaml)
+
+# What scripts/bench-servers.sh drives and compares against: fio's nbd engine, nbdinfo, nbdkit
+# (file and memory plugins, cow filter), qemu-nbd; linux-perf for the profiles in docs/.
+BENCH_PACKAGES=(fio libnbd-bin nbdkit qemu-utils python3 linux-perf)

@@ -376,6 +376,10 @@ impl BlockDevice for FaultLayer {
         }))
     }
 
+    fn data_path(&self) -> Option<crate::storage::file::FileDataPath> {
+        self.inner.data_path()
+    }
+
     fn reset(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
             self.inner.reset().await?;

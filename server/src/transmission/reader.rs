@@ -81,10 +81,13 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
         Ok(self.buffer.split_to(length).freeze())
     }
 
-    /// Whether a whole request header is already received, so the next [`RequestReader::header`]
-    /// will not wait for the client.
-    pub fn has_header(&self) -> bool {
-        self.buffer.len() >= REQUEST_HEADER_LEN
+    /// Whether the next request (its header, and a WRITE's payload) is already received, so
+    /// reading it will not wait for the client.
+    pub fn has_request(&self) -> bool {
+        let Some(bytes) = self.buffer.get(..REQUEST_HEADER_LEN) else { return false };
+        let header = RequestHeader::decode(bytes.try_into().expect("length checked"));
+        let payload = if header.kind == command::WRITE { header.length as usize } else { 0 };
+        self.buffer.len() >= REQUEST_HEADER_LEN + payload
     }
 
     /// Reads and discards `length` bytes, never holding more than one read's worth.

@@ -2,6 +2,14 @@
 //! log and the bytes as stored, reset exports, while clients keep doing I/O.
 //!
 //! The export named `""` is written `@default` in paths. docs/control-api.md is the reference.
+//!
+//! Handlers run on the runtime that also serves NBD, so anything that costs more than a few
+//! microseconds per request (reading a policy, its warnings, swapping it in) goes to the
+//! [`ControlWorker`].
+
+mod worker;
+
+pub use worker::{ControlWorker, Refused};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,8 +22,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use nbdfault_policies::{BadSector, Policy, RuleCounter, TriggerState};
+use nbdfault_policies::{BadSector, Policy, PolicyLimits, RuleCounter, TriggerState};
 use serde::{Deserialize, Serialize};
+
+use crate::storage::file::FileDataPath;
 
 use crate::export::{CounterValues, Export, Exports};
 use crate::fault::Clock;
@@ -29,8 +39,10 @@ use crate::wire::{errno, transmission_flags};
 pub const MAX_DATA: u64 = 64 << 20;
 /// Bytes per storage call when serving `data`: one NBD request's worth.
 const DATA_STEP: u64 = 32 << 20;
-/// The largest policy body: axum's default body limit.
-const MAX_POLICY: usize = 2 << 20;
+/// The largest policy body: the policy size limit.
+const MAX_POLICY: usize = PolicyLimits::DEFAULT.max_bytes;
+/// How long a control request waits for the control worker.
+const WORKER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 /// The spelling of the export named `""` in paths.
 pub const DEFAULT_EXPORT: &str = "@default";
 
@@ -40,11 +52,19 @@ pub struct ControlState {
     log: Arc<FaultLog>,
     clock: Clock,
     token: Option<Arc<str>>,
+    worker: ControlWorker,
 }
 
 impl ControlState {
-    pub fn new(exports: Arc<Exports>, log: Arc<FaultLog>, clock: Clock, token: Option<String>) -> ControlState {
-        ControlState { exports, log, clock, token: token.map(Arc::from) }
+    /// Also starts the control worker thread, which fails only when no thread can be made.
+    pub fn new(
+        exports: Arc<Exports>,
+        log: Arc<FaultLog>,
+        clock: Clock,
+        token: Option<String>,
+    ) -> std::io::Result<ControlState> {
+        let worker = ControlWorker::start(WORKER_DEADLINE)?;
+        Ok(ControlState { exports, log, clock, token: token.map(Arc::from), worker })
     }
 
     fn export(&self, name: &str) -> Result<&Arc<Export>, ApiError> {
@@ -76,6 +96,12 @@ impl ApiError {
 
     fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<Refused> for ApiError {
+    fn from(refused: Refused) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, refused.to_string())
     }
 }
 
@@ -261,6 +287,9 @@ struct ExportView {
     requests_decided: u64,
     faults_logged: usize,
     unflushed_bytes: u64,
+    /// How a file (or an overlay's base file) is read and written; absent for memory storage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_path: Option<FileDataPath>,
 }
 
 fn export_view(state: &ControlState, export: &Export) -> ExportView {
@@ -287,6 +316,7 @@ fn export_view(state: &ControlState, export: &Export) -> ExportView {
         requests_decided: engine.requests_decided(),
         faults_logged: state.log.count(&export.name),
         unflushed_bytes: export.faults.unflushed_bytes(),
+        data_path: export.storage.data_path(),
     }
 }
 
@@ -313,24 +343,51 @@ async fn get_policy(State(state): State<ControlState>, Path(name): Path<String>)
 async fn set_policy(
     State(state): State<ControlState>,
     Path(name): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    headers: HeaderMap,
+    body: axum::body::Body,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let export = state.export(&name)?;
-    let body =
-        body.map_err(|rejection| body_error(rejection, &format!("a policy may have at most {MAX_POLICY} bytes")))?;
-    let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the policy is not UTF-8 text"))?;
-    let origin = format!("PUT /v1/exports/{name}/policy");
-    let policy = Policy::from_yaml(text, &origin).map_err(|error| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        message: error.to_string(),
-        extra: Some(serde_json::json!({ "line": error.line, "column": error.column, "fix": error.fix })),
+    let export = Arc::clone(state.export(&name)?);
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("a policy may have at most {MAX_POLICY} bytes (the policy limit max_bytes)"),
+        )
+    };
+    // A declared length over the limit is refused before a byte of the body is read.
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_POLICY as u64) {
+        return Err(too_large());
+    }
+    let body = axum::body::to_bytes(body, MAX_POLICY).await.map_err(|error| {
+        if std::error::Error::source(&error).is_some_and(|source| source.is::<http_body_util::LengthLimitError>()) {
+            too_large()
+        } else {
+            ApiError::bad_request(format!("cannot read the body: {error}"))
+        }
     })?;
-    let warnings: Vec<String> = policy.warnings().iter().map(ToString::to_string).collect();
-    export.engine().set_policy(Some(policy));
-    tracing::info!(export = %export.name, warnings = warnings.len(), "policy replaced through the control API");
-    let mut view = serde_json::to_value(export_view(&state, export)).expect("an export view always serializes");
-    view["warnings"] = serde_json::json!(warnings);
-    Ok(axum::Json(view))
+    let origin = format!("PUT /v1/exports/{name}/policy");
+    let view_state = state.clone();
+    // Reading, checking, the warnings, the swap (and dropping the old policy) and the view all
+    // cost time in proportion to the policy: none of it runs on the runtime.
+    let answer = state
+        .worker
+        .run(move || {
+            let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the policy is not UTF-8 text"))?;
+            let policy = Policy::from_yaml_within(text, &origin, &PolicyLimits::DEFAULT).map_err(|error| ApiError {
+                status: StatusCode::BAD_REQUEST,
+                message: error.to_string(),
+                extra: Some(serde_json::json!({ "line": error.line, "column": error.column, "fix": error.fix })),
+            })?;
+            let warnings: Vec<String> = policy.warnings().iter().map(ToString::to_string).collect();
+            export.engine().set_policy(Some(policy));
+            tracing::info!(export = %export.name, warnings = warnings.len(), "policy replaced through the control API");
+            let mut view =
+                serde_json::to_value(export_view(&view_state, &export)).expect("an export view always serializes");
+            view["warnings"] = serde_json::json!(warnings);
+            Ok::<_, ApiError>(view)
+        })
+        .await??;
+    Ok(axum::Json(answer))
 }
 
 async fn clear_policy(
