@@ -182,3 +182,32 @@ fn idle_handshakes_cannot_lock_out_a_client() {
     assert!(closed >= 200 - 16, "only {closed} of 200 idle sockets were closed");
     assert!(server.stderr().contains("--max-handshakes"), "the eviction is logged");
 }
+
+#[test]
+fn idle_control_sockets_cannot_exhaust_descriptors_and_half_sent_headers_time_out() {
+    common::tool("prlimit", "util-linux");
+    let server = Server::builder()
+        .export("disk", "memory:16MiB")
+        .with_control()
+        .wrapped_in(["prlimit", "--nofile=64:64", "--"])
+        .start();
+    // Before: with `ulimit -n 64`, 80 idle control sockets used up the descriptors, NBD accept
+    // failed with EMFILE and nbdinfo hung.
+    let mut idle: Vec<std::net::TcpStream> =
+        (0..80).map(|_| std::net::TcpStream::connect(server.control.unwrap()).expect("connect")).collect();
+    idle[0].write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    for _ in 0..3 {
+        let info = common::run_ok(common::tool("nbdinfo", "libnbd-bin").args(["--size", &server.uri("disk")]));
+        assert_eq!(info.trim(), (16u64 << 20).to_string());
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "NBD clients waited {:?}", started.elapsed());
+    assert!(!server.stderr().contains("Too many open files"), "{}", server.stderr());
+    // Before: still open after 330 s. Now closed after the 10 s header timeout.
+    idle[0].set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let waited = Instant::now();
+    let mut rest = Vec::new();
+    let _ = idle[0].read_to_end(&mut rest);
+    assert!(waited.elapsed() < Duration::from_secs(25), "a half-sent header was kept {:?}", waited.elapsed());
+}

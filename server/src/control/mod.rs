@@ -161,22 +161,64 @@ async fn authorize(State(state): State<ControlState>, request: Request, next: Ne
 pub async fn serve(listener: tokio::net::TcpListener, state: ControlState, tls: Option<Arc<Tls>>, shutdown: Shutdown) {
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let app = router(state);
-    let mut stopping = shutdown.clone();
-    let stopping = async move { stopping.stopping().await };
-    let served = match tls {
+    match tls {
         Some(tls) => {
             tracing::info!(verify_peer = tls.verify_peer, "control API on https://{address}/v1/");
-            let listener = TlsListener::new(listener, tls, shutdown);
-            axum::serve(listener, app).with_graceful_shutdown(stopping).await
+            let listener = TlsListener::new(listener, tls, shutdown.clone());
+            serve_connections(listener, app, shutdown).await;
         }
         None => {
             tracing::info!("control API on http://{address}/v1/");
-            axum::serve(listener, app).with_graceful_shutdown(stopping).await
+            serve_connections(listener, app, shutdown).await;
         }
-    };
-    if let Err(error) = served {
-        tracing::error!(%error, "the control API stopped");
     }
+}
+
+/// Control connections served at once. More wait in the listen backlog, where they hold no file
+/// descriptor of this process: idle control sockets cannot starve NBD of descriptors.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Time a client has to send the headers of a request, also the next one on a kept-alive
+/// connection: idle or half-sent requests are closed after it.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Time one request may take to be read and answered, body included (not the streaming of a
+/// `data` answer, which is bounded by its size and the client's pace).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Serves HTTP/1.1 on every connection `listener` yields, at most [`MAX_CONNECTIONS`] at once,
+/// until shutdown begins; then lets the requests in progress finish.
+async fn serve_connections<L: axum::serve::Listener>(mut listener: L, app: Router, mut shutdown: Shutdown) {
+    let app =
+        app.layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT));
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(64 << 10);
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.stopping() => break,
+            permit = Arc::clone(&connections).acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let (io, _) = tokio::select! {
+            _ = shutdown.stopping() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = http.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+        let mut stopping = shutdown.clone();
+        tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stopping.stopping() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    // Connections still open finish their request (see the shutdown branch above); the caller
+    // waits for the control task a short while only.
+    let _ = Arc::clone(&connections).acquire_many_owned(MAX_CONNECTIONS as u32).await;
 }
 
 /// TLS handshakes in progress on the control listener at once; more wait in the backlog.
