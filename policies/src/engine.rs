@@ -241,17 +241,18 @@ impl Engine {
         self.lock().policy.clone()
     }
 
-    /// Arms a trigger (a no-op if it is armed already). Any name may be armed, also one no rule
-    /// mentions yet: a policy installed later sees it armed.
-    pub fn arm(&self, trigger: &str, now: Duration) {
-        self.set_trigger(trigger, true, now);
+    /// Arms a trigger (a no-op if it is armed already); returns whether it changed. Any name may
+    /// be armed, also one no rule mentions yet: a policy installed later sees it armed.
+    pub fn arm(&self, trigger: &str, now: Duration) -> bool {
+        self.set_trigger(trigger, true, now)
     }
 
-    pub fn disarm(&self, trigger: &str, now: Duration) {
-        self.set_trigger(trigger, false, now);
+    /// Disarms a trigger; returns whether it changed.
+    pub fn disarm(&self, trigger: &str, now: Duration) -> bool {
+        self.set_trigger(trigger, false, now)
     }
 
-    fn set_trigger(&self, trigger: &str, armed: bool, now: Duration) {
+    fn set_trigger(&self, trigger: &str, armed: bool, now: Duration) -> bool {
         let changed = {
             let mut state = self.lock();
             let slot = state.trigger_slot(trigger);
@@ -260,6 +261,7 @@ impl Engine {
         if changed {
             self.changes.send_modify(|version| *version += 1);
         }
+        changed
     }
 
     pub fn is_armed(&self, trigger: &str) -> bool {

@@ -22,7 +22,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use nbdfault_policies::{BadSector, Policy, PolicyLimits, RuleCounter, TriggerState};
+use nbdfault_policies::{BadSector, Policy, PolicyLimits, PolicyWarning, RuleCounter, TriggerState};
 use serde::{Deserialize, Serialize};
 
 use crate::storage::file::FileDataPath;
@@ -382,9 +382,21 @@ async fn get_policy(State(state): State<ControlState>, Path(name): Path<String>)
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyQuery {
+    /// What errors and warnings name the policy by (`nbdfault ctl set-policy` sends the file
+    /// name); the export view shows it as the policy's `origin`.
+    origin: Option<String>,
+}
+
+/// The longest `origin=` label.
+const MAX_ORIGIN: usize = 1024;
+
 async fn set_policy(
     State(state): State<ControlState>,
     Path(name): Path<String>,
+    query: Result<Query<PolicyQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
@@ -407,7 +419,15 @@ async fn set_policy(
             ApiError::bad_request(format!("cannot read the body: {error}"))
         }
     })?;
-    let origin = format!("PUT /v1/exports/{name}/policy");
+    let origin = match query.map_err(|e| ApiError::bad_request(format!("{e}; use ?origin=NAME")))?.0.origin {
+        Some(origin) if origin.is_empty() || origin.len() > MAX_ORIGIN || origin.chars().any(char::is_control) => {
+            return Err(ApiError::bad_request(format!(
+                "origin={origin:?}: give 1 to {MAX_ORIGIN} printable characters, such as the policy's file name"
+            )));
+        }
+        Some(origin) => origin,
+        None => format!("PUT /v1/exports/{name}/policy"),
+    };
     let view_state = state.clone();
     // Reading, checking, the warnings, the swap (and dropping the old policy) and the view all
     // cost time in proportion to the policy: none of it runs on the runtime.
@@ -476,13 +496,17 @@ fn set_trigger(
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let export = state.export(&name)?;
     check_trigger_name(&trigger)?;
-    if armed {
-        export.engine().arm(&trigger, state.clock.now());
-    } else {
-        export.engine().disarm(&trigger, state.clock.now());
-    }
-    tracing::info!(export = %export.name, %trigger, armed, "trigger set");
-    Ok(axum::Json(serde_json::json!({ "trigger": trigger, "armed": armed })))
+    let engine = export.engine();
+    let changed =
+        if armed { engine.arm(&trigger, state.clock.now()) } else { engine.disarm(&trigger, state.clock.now()) };
+    // A trigger no rule names cannot change any decision: most often a typo, which would make a
+    // test pass for the wrong reason. Said in the answer, like the warnings of `PUT policy`.
+    let warnings: Vec<String> = PolicyWarning::for_trigger(engine.policy().as_deref(), &trigger, armed)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    tracing::info!(export = %export.name, %trigger, armed, changed, warnings = warnings.len(), "trigger set");
+    Ok(axum::Json(serde_json::json!({ "trigger": trigger, "armed": armed, "changed": changed, "warnings": warnings })))
 }
 
 #[derive(Deserialize)]
