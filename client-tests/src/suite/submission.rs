@@ -115,6 +115,12 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
         deepen_extent_tree(env, &file)?;
     }
     env.drop_metadata()?;
+    if env.fs() == Fs::Ext4 {
+        // ext4's metadata lives in the block device's page cache: drop that too.
+        os::flush_buffers(&env.device).step("BLKFLSBUF")?;
+        let device = std::fs::File::open(&env.device).step("open the device")?;
+        os::fadvise_dontneed(&device).step("POSIX_FADV_DONTNEED on the device")?;
+    }
     env.kernel_log();
     let armed = env.fail(Op::Read, Vec::new(), "fail-every-read")?;
     // Write it with write(): delayed allocation, no blocks yet, no reads needed. Map it, load
