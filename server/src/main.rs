@@ -35,6 +35,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Ok(config) => config,
         Err(error) => return fail(&error),
     };
+    for warning in config.exposure_warnings() {
+        tracing::warn!("WARNING: {warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => return fail(&format!("cannot start the async runtime: {error}")),

@@ -42,7 +42,7 @@ const DATA_STEP: u64 = 32 << 20;
 /// The largest policy body: the policy size limit.
 const MAX_POLICY: usize = PolicyLimits::DEFAULT.max_bytes;
 /// How long a control request waits for the control worker.
-const WORKER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+const WORKER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 /// The spelling of the export named `""` in paths.
 pub const DEFAULT_EXPORT: &str = "@default";
 
@@ -142,9 +142,10 @@ pub fn router(state: ControlState) -> Router {
 
 async fn authorize(State(state): State<ControlState>, request: Request, next: Next) -> Response {
     if let Some(token) = &state.token {
-        let given = request.headers().get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
+        let given = request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes).unwrap_or_default();
         let expected = format!("Bearer {token}");
-        if given != Some(expected.as_str()) {
+        // In constant time: how much of a guess was right must not show in the time to refuse it.
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(given, expected.as_bytes())) {
             let mut response = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "this server needs `Authorization: Bearer TOKEN` (--control-token)",
@@ -221,8 +222,9 @@ async fn serve_connections<L: axum::serve::Listener>(mut listener: L, app: Route
     let _ = Arc::clone(&connections).acquire_many_owned(MAX_CONNECTIONS as u32).await;
 }
 
-/// TLS handshakes in progress on the control listener at once; more wait in the backlog.
-const MAX_TLS_HANDSHAKES: usize = 64;
+/// TLS handshakes in progress, or done and waiting for a connection slot, at once; more wait in
+/// the backlog, holding no descriptor of this process.
+const MAX_TLS_HANDSHAKES: usize = 16;
 /// Time a control client has to finish its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -236,7 +238,9 @@ struct TlsListener {
 impl TlsListener {
     fn new(listener: tokio::net::TcpListener, tls: Arc<Tls>, mut shutdown: Shutdown) -> TlsListener {
         let address = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let (sender, accepted) = tokio::sync::mpsc::channel(MAX_TLS_HANDSHAKES);
+        // A handshake's permit is held until its stream is taken: with the one buffered slot,
+        // this listener holds at most MAX_TLS_HANDSHAKES + 1 sockets.
+        let (sender, accepted) = tokio::sync::mpsc::channel(1);
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_TLS_HANDSHAKES));
         tokio::spawn(async move {
             loop {
@@ -433,7 +437,7 @@ async fn set_policy(
     // cost time in proportion to the policy: none of it runs on the runtime.
     let answer = state
         .worker
-        .run(move || {
+        .run(move |caller| {
             let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the policy is not UTF-8 text"))?;
             let policy = Policy::from_yaml_within(text, &origin, &PolicyLimits::DEFAULT).map_err(|error| ApiError {
                 status: StatusCode::BAD_REQUEST,
@@ -441,6 +445,10 @@ async fn set_policy(
                 extra: Some(serde_json::json!({ "line": error.line, "column": error.column, "fix": error.fix })),
             })?;
             let warnings: Vec<String> = policy.warnings().iter().map(ToString::to_string).collect();
+            if caller.gone() {
+                // Answered 503 already: the policy must not change unannounced.
+                return Err(Refused::TimedOut(WORKER_DEADLINE).into());
+            }
             export.engine().set_policy(Some(policy));
             tracing::info!(export = %export.name, warnings = warnings.len(), "policy replaced through the control API");
             let mut view =
