@@ -226,8 +226,8 @@ fn check_replies(sent: &Requests, structured: bool, out: &[u8]) -> Result<(), St
         let Some(&(kind, length)) = sent.0.get(&cookie) else {
             return Err(format!("a reply at {at} for cookie {cookie:#x}, which no request had"));
         };
-        if !finished.insert(cookie) && !(structured && magic == STRUCTURED_REPLY_MAGIC) {
-            return Err(format!("a second reply for cookie {cookie:#x} at {at}"));
+        if finished.contains(&cookie) {
+            return Err(format!("a reply for cookie {cookie:#x} at {at}, after its last one"));
         }
         match magic {
             SIMPLE_REPLY_MAGIC => {
@@ -235,6 +235,7 @@ fn check_replies(sent: &Requests, structured: bool, out: &[u8]) -> Result<(), St
                     return Err(format!("a simple reply to READ {cookie:#x} with structured replies on"));
                 }
                 let error = be32(at + 4);
+                finished.insert(cookie);
                 at += 16;
                 if kind == command::READ && error == 0 {
                     at += length as usize;
@@ -247,8 +248,8 @@ fn check_replies(sent: &Requests, structured: bool, out: &[u8]) -> Result<(), St
                 let flags = u16::from_be_bytes([out[at + 4], out[at + 5]]);
                 at += 20 + be32(at + 16) as usize;
                 // Chunks of one reply share the cookie; DONE ends it.
-                if flags & 1 == 0 {
-                    finished.remove(&cookie);
+                if flags & 1 != 0 {
+                    finished.insert(cookie);
                 }
             }
             other => return Err(format!("reply magic {other:#x} at {at}")),
