@@ -162,7 +162,8 @@ async fn serve(session: Session, requests: Vec<u8>) {
     let sent = Requests::parse(&requests);
     let reader = Memory { input: requests, at: 0, output: Vec::new() };
     let output = Arc::new(std::sync::Mutex::new(Memory { input: Vec::new(), at: 0, output: Vec::new() }));
-    let limits = ConnectionLimits { max_in_flight: 64 << 20 };
+    let memory = Arc::new(tokio::sync::Semaphore::new(crate::config::DEFAULT_MEMORY_BUDGET as usize));
+    let limits = ConnectionLimits { max_in_flight: 64 << 20, memory };
     let _ = transmission::serve(reader, Sink(Arc::clone(&output)), session, 1, limits, controller.handle()).await;
     let replies = std::mem::take(&mut output.lock().expect("the sink is not poisoned").output);
     if let Some(sent) = sent
