@@ -33,8 +33,8 @@ pub const MAX_DATA: u64 = 64 << 20;
 const DATA_STEP: u64 = 32 << 20;
 /// The largest policy body: axum's default body limit.
 const MAX_POLICY: usize = 2 << 20;
-/// The spelling of the export named `""` in paths.
-pub const DEFAULT_EXPORT: &str = "@default";
+/// The spelling of the export named `""` in paths, shared with every client.
+pub use nbdfault_control_client::DEFAULT_EXPORT;
 
 #[derive(Clone)]
 pub struct ControlState {

@@ -130,7 +130,7 @@ fn run_ctl(args: &CtlArgs) -> Result<(), ctl::CtlError> {
         }
         None => args.token.clone(),
     };
-    let client = Client::new(&url, token.filter(|token| !token.is_empty()), tls);
+    let client = Client::new(&url, token.filter(|token| !token.is_empty()), tls)?;
     let export_path = |name: &str| format!("/v1/exports/{}", path_segment(name));
     let print = |text: String| {
         println!("{}", text.trim_end());
