@@ -225,9 +225,15 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", value_parser = duration)]
     pub handshake_timeout: Option<Duration>,
 
-    /// Connections served at once; more are refused. Default 256.
+    /// Connections past the handshake (in transmission) at once; more are closed when their
+    /// handshake ends. Connections still in the handshake do not count. Default 256.
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+
+    /// Connections still in the handshake at once; a new one over this closes the oldest, so idle
+    /// sockets cannot lock clients out. Default 64.
+    #[arg(long, value_name = "N")]
+    pub max_handshakes: Option<usize>,
 
     /// Bytes of requests in flight per connection before the server stops reading more
     /// (backpressure). Default 64MiB; at least 33MiB.
@@ -295,6 +301,7 @@ impl ServeArgs {
             fault_log: self.fault_log.clone(),
             handshake_timeout: self.handshake_timeout,
             max_connections: self.max_connections,
+            max_handshakes: self.max_handshakes,
             max_in_flight: self.max_in_flight,
             shutdown_grace: self.shutdown_grace,
             tls: self.tls,

@@ -1,5 +1,6 @@
 //! What is legal in a policy but most likely not what its author meant.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use super::Policy;
@@ -8,19 +9,25 @@ use super::compiled::Rule;
 impl Policy {
     /// What is legal but most likely not what the author meant: rules that can never decide,
     /// stalls that never hold. `nbdfault policy check` prints these after a successful check.
+    ///
+    /// Linear in the number of rules (operations are a 7-bit set, so "an earlier rule that
+    /// decides every request of these operations" is a lookup in a table of 128 entries), plus
+    /// one pass over the source to place the warnings.
     pub fn warnings(&self) -> Vec<PolicyWarning> {
         let rules = &self.compiled.rules[self.compiled.scheduled..];
-        let mut warnings = Vec::new();
-        let warn = |rule: &Rule, message: String, fix: String| {
-            let (line, column) = locate_rule(&self.source, &rule.name);
-            PolicyWarning { origin: self.origin.clone(), line, column, message, fix }
-        };
+        let mut found: Vec<(&Rule, String, String)> = Vec::new();
+        // For each set of operations, the first rule that decides every request of exactly them.
+        let mut first_always: [Option<usize>; 128] = [None; 128];
         for (position, rule) in rules.iter().enumerate() {
-            if let Some(earlier) = rules[..position]
-                .iter()
-                .find(|earlier| earlier.always_fires() && earlier.ops & rule.ops == rule.ops && rule.requests.is_none())
+            let earlier = (0..128usize)
+                .filter(|&ops| ops as u8 & rule.ops == rule.ops)
+                .filter_map(|ops| first_always[ops])
+                .min()
+                .map(|earlier| &rules[earlier]);
+            if let Some(earlier) = earlier
+                && rule.requests.is_none()
             {
-                warnings.push(warn(
+                found.push((
                     rule,
                     format!(
                         "rule `{}` never decides a request: `{}` above it decides every request of the operations it matches",
@@ -29,8 +36,11 @@ impl Policy {
                     format!("move `{}` above `{}`, or narrow `{}`'s `when`", rule.name, earlier.name, earlier.name),
                 ));
             }
+            if rule.always_fires() && first_always[usize::from(rule.ops & 127)].is_none() {
+                first_always[usize::from(rule.ops & 127)] = Some(position);
+            }
             if rule.threshold == Some(0) {
-                warnings.push(warn(
+                found.push((
                     rule,
                     format!("rule `{}` has probability 0, so it never fires", rule.name),
                     "raise the probability, or remove the rule".to_string(),
@@ -39,14 +49,24 @@ impl Policy {
             if let Some((trigger, _)) = &rule.outcome.stall
                 && rule.armed_by.iter().any(|&id| self.compiled.triggers[id] == *trigger)
             {
-                warnings.push(warn(
+                found.push((
                     rule,
                     format!("rule `{}` stalls until `{trigger}` is armed, but it is only active while `{trigger}` is armed, so it never holds a request", rule.name),
                     format!("stall on another trigger than the one in `armed_by`, such as `release-{trigger}`"),
                 ));
             }
         }
-        warnings
+        if found.is_empty() {
+            return Vec::new();
+        }
+        let places = name_places(&self.source);
+        found
+            .into_iter()
+            .map(|(rule, message, fix)| {
+                let (line, column) = places.get(&*rule.name).copied().unwrap_or((1, 1));
+                PolicyWarning { origin: self.origin.clone(), line, column, message, fix }
+            })
+            .collect()
     }
 }
 
@@ -68,25 +88,25 @@ impl fmt::Display for PolicyWarning {
     }
 }
 
-/// Where a rule's `name: NAME` is written, found in the text because serde gives checks after
-/// parsing no locations. Names are plain words (see [`super::values::check_name`]), so a textual match is exact
-/// enough; a rule with a default name has none, and gets line 1.
-fn locate_rule(source: &str, name: &str) -> (usize, usize) {
+/// Where each `name: NAME` is first written, found in the text because serde gives checks
+/// after parsing no locations. Names are plain words (see [`super::values::check_name`]), so a
+/// textual match is exact enough; a rule with a default name has none, and gets line 1.
+fn name_places(source: &str) -> HashMap<&str, (usize, usize)> {
+    let mut places = HashMap::new();
     for (number, line) in source.lines().enumerate() {
         let mut rest = line;
         let mut offset = 0;
         while let Some(found) = rest.find("name:") {
             let after = rest[found + 5..].trim_start().trim_start_matches(['"', '\'']);
-            let value: String =
-                after.chars().take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).collect();
-            if value == name {
-                return (number + 1, offset + found + 1);
-            }
+            let end = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+                .unwrap_or(after.len());
+            places.entry(&after[..end]).or_insert((number + 1, offset + found + 1));
             offset += found + 5;
             rest = &rest[found + 5..];
         }
     }
-    (1, 1)
+    places
 }
 
 #[cfg(test)]
