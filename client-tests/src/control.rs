@@ -88,6 +88,16 @@ pub fn record_json(record: &FaultRecord) -> serde_json::Value {
     serde_json::to_value(record).unwrap_or_default()
 }
 
+/// A fault record of a failed (`EIO`) or passed request, for unit tests.
+#[cfg(test)]
+pub fn test_record(seq: u64, offset: u64, length: u64, failed: bool) -> FaultRecord {
+    let (outcome, reply, errno) = if failed { ("error", "error", r#","errno":"EIO""#) } else { ("pass", "ok", "") };
+    let line = format!(
+        r#"{{"seq":{seq},"time_ns":{seq},"export":"xfs","connection":1,"cookie":{seq},"request_index":{seq},"op":"write","offset":{offset},"length":{length},"flags":[],"rule":"fail-data","outcome":"{outcome}","action":"skip","reply":"{reply}"{errno},"delay_ns":0,"persisted":0}}"#
+    );
+    nbdfault_policies::parse_fault_log(&line).expect("a valid record").remove(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,17 +110,7 @@ mod tests {
 
     #[test]
     fn a_record_fails_when_its_reply_is_an_error() {
-        let line = |outcome: &str, reply: &str, errno: &str| {
-            format!(
-                r#"{{"seq":7,"time_ns":1,"export":"xfs","connection":1,"cookie":2,"request_index":3,"op":"write","offset":4096,"length":8192,"flags":[],"rule":"fail-data","outcome":"{outcome}","action":"skip","reply":"{reply}"{errno},"delay_ns":0,"persisted":0}}"#
-            )
-        };
-        let records = nbdfault_policies::parse_fault_log(&format!(
-            "{}\n{}\n",
-            line("error", "error", r#","errno":"EIO""#),
-            line("silent_loss", "ok", "")
-        ))
-        .unwrap();
+        let records = [test_record(7, 4096, 8192, true), test_record(8, 4096, 8192, false)];
         assert!(records[0].failed() && records[0].overlaps(0, 4097) && !records[0].overlaps(0, 4096));
         assert!(!records[1].failed());
         assert_eq!(record_json(&records[0])["errno"], "EIO");

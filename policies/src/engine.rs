@@ -241,17 +241,18 @@ impl Engine {
         self.lock().policy.clone()
     }
 
-    /// Arms a trigger (a no-op if it is armed already). Any name may be armed, also one no rule
-    /// mentions yet: a policy installed later sees it armed.
-    pub fn arm(&self, trigger: &str, now: Duration) {
-        self.set_trigger(trigger, true, now);
+    /// Arms a trigger (a no-op if it is armed already); returns whether it changed. Any name may
+    /// be armed, also one no rule mentions yet: a policy installed later sees it armed.
+    pub fn arm(&self, trigger: &str, now: Duration) -> bool {
+        self.set_trigger(trigger, true, now)
     }
 
-    pub fn disarm(&self, trigger: &str, now: Duration) {
-        self.set_trigger(trigger, false, now);
+    /// Disarms a trigger; returns whether it changed.
+    pub fn disarm(&self, trigger: &str, now: Duration) -> bool {
+        self.set_trigger(trigger, false, now)
     }
 
-    fn set_trigger(&self, trigger: &str, armed: bool, now: Duration) {
+    fn set_trigger(&self, trigger: &str, armed: bool, now: Duration) -> bool {
         let changed = {
             let mut state = self.lock();
             let slot = state.trigger_slot(trigger);
@@ -260,6 +261,7 @@ impl Engine {
         if changed {
             self.changes.send_modify(|version| *version += 1);
         }
+        changed
     }
 
     pub fn is_armed(&self, trigger: &str) -> bool {
@@ -387,6 +389,7 @@ fn conditions_hold(
         || flags & rule.flags_set != rule.flags_set
         || flags & rule.flags_clear != 0
         || rule.connections.as_ref().is_some_and(|connections| !connections.contains(&request.connection))
+        || (!rule.lengths.is_empty() && !rule.lengths.iter().any(|&(min, max)| (min..=max).contains(&request.length)))
         || !rule.armed_by.iter().all(|&id| armed(id))
         || rule.disarmed_by.iter().any(|&id| armed(id))
     {
@@ -706,6 +709,42 @@ mod tests {
             engine.decide(&request, Duration::ZERO).rule.is_some()
         };
         assert_eq!([on(1, false), on(2, false), on(3, true), on(3, false)], [false, true, false, true]);
+    }
+
+    #[test]
+    fn length_conditions_match_exact_lengths_inclusive_ranges_and_comparisons() {
+        let engine = Engine::new(Some(policy(
+            "rules:
+  - { name: exact, when: { op: write, length: 64KiB }, then: { error: EIO } }
+  - { name: range, when: { op: read, length: 4KiB..8KiB }, then: { error: EIO } }
+  - { name: large, when: { op: trim, length: '>=1MiB' }, then: { error: EIO } }
+  - { name: small, when: { op: write_zeroes, length: [ '<4KiB', 1MiB.. ] }, then: { error: EIO } }
+",
+        )));
+        let rule = |op, length| engine.decide(&request(op, 0, length), Duration::ZERO).rule;
+        let named = |name: &str| Some(Arc::from(name));
+        assert_eq!(
+            [rule(Op::Write, 65536), rule(Op::Write, 65535), rule(Op::Write, 65537)],
+            [named("exact"), None, None]
+        );
+        assert_eq!(
+            [rule(Op::Read, 4095), rule(Op::Read, 4096), rule(Op::Read, 8192), rule(Op::Read, 8193)],
+            [None, named("range"), named("range"), None],
+            "both ends of a length range are included"
+        );
+        assert_eq!(
+            [rule(Op::Trim, MIB - 1), rule(Op::Trim, MIB), rule(Op::Trim, 1 << 31)],
+            [None, named("large"), named("large")]
+        );
+        assert_eq!(
+            [rule(Op::WriteZeroes, 4095), rule(Op::WriteZeroes, 4096), rule(Op::WriteZeroes, 2 * MIB)],
+            [named("small"), None, named("small")]
+        );
+        // A length condition narrows a rule, so a rule below it is not hidden.
+        let policy = policy(
+            "rules:\n  - { name: big, when: { op: write, length: '>64KiB' }, then: { delay: 1ms } }\n  - { name: all, when: { op: write }, then: { error: EIO } }\n",
+        );
+        assert!(policy.warnings().is_empty(), "{:?}", policy.warnings());
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub fn json_schema() -> Value {
     let duration_pattern = anchored(&format!("(0|{DURATION})"));
     let spread_pattern = anchored(&format!(r"(0|{DURATION})(\s*\.\.\s*(0|{DURATION}))?"));
     let tear_pattern = anchored(&format!(r"{SIZE}(\s*\.\.\s*{SIZE})?"));
+    let length_pattern = anchored(&format!(r"((>=|>|<=|<)\s*{SIZE}|({SIZE})?\s*\.\.\s*({SIZE})?|{SIZE})"));
     let ops: Vec<&str> = Op::ALL.iter().map(|op| op.name()).collect();
     let errnos: Vec<&str> = Errno::ALL.iter().map(|errno| errno.name()).collect();
     let one_or_more =
@@ -34,6 +35,10 @@ pub fn json_schema() -> Value {
         "properties": {
             "op": one_or_more(json!({ "$ref": "#/$defs/op" })),
             "range": one_or_more(json!({ "$ref": "#/$defs/range" })),
+            "length": one_or_more(json!({ "oneOf": [
+                { "type": "integer", "minimum": 1, "maximum": 4_294_967_295u64 },
+                { "type": "string", "pattern": length_pattern }
+            ] })),
             "fua": { "type": "boolean" },
             "no_hole": { "type": "boolean" },
             "fast_zero": { "type": "boolean" },
@@ -219,6 +224,10 @@ pub fn json_schema() -> Value {
 /// Hover texts for editors, one per field of `when` (`op`'s lists the operations, so it is built).
 const WHEN_DESCRIPTIONS: &[(&str, &str)] = &[
     ("range", "Half-open byte range(s) the request must overlap: 1MiB..2MiB, 1MiB..+4KiB, 1GiB.. (flush has none)."),
+    (
+        "length",
+        "The request's length: 64KiB exactly, 4KiB..64KiB (both included), 1MiB.., \">=1MiB\" (quoted), or a list. Flush has none.",
+    ),
     ("fua", "Match only requests with (true) or without (false) the FUA flag."),
     ("no_hole", "Match on NBD_CMD_FLAG_NO_HOLE (write_zeroes)."),
     ("fast_zero", "Match on NBD_CMD_FLAG_FAST_ZERO (write_zeroes)."),

@@ -40,7 +40,11 @@ pub enum Command {
     /// Check policy files, or print the JSON Schema of the policy language.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Talk to a running server's control API: policies, triggers, the fault log, stored data.
+    /// Talk to a running server's control API: policies, triggers, power, the fault log, stored data.
+    ///
+    /// The API's answer goes to stdout (JSON); its warnings (a trigger no rule names, a rule that
+    /// can never decide) and errors go to stderr. Exit status: 0 done, 1 done but warned (with
+    /// --strict), 2 refused or unreachable.
     Ctl(CtlArgs),
     /// Turn a fault log into a policy that makes the same decisions again for the same requests.
     Replay(ReplayArgs),
@@ -88,6 +92,10 @@ pub struct CtlArgs {
     /// The default URL becomes https://.
     #[arg(long, value_name = "DIR", env = "NBDFAULT_CONTROL_TLS_CERTIFICATES")]
     pub tls_certificates: Option<PathBuf>,
+    /// Exit with status 1 when the server warns (arming a trigger no rule names, a policy with a
+    /// rule that can never decide). The change is made all the same; the warning is on stderr.
+    #[arg(long)]
+    pub strict: bool,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -103,6 +111,7 @@ pub enum CtlCommand {
         name: Option<String>,
     },
     /// Replace an export's policy (validated first; a bad one changes nothing). FILE `-` is stdin.
+    /// Errors and warnings name FILE, with line, column and a fix.
     SetPolicy {
         #[arg(value_name = "NAME")]
         name: String,
@@ -119,14 +128,14 @@ pub enum CtlCommand {
         #[arg(value_name = "NAME")]
         name: String,
     },
-    /// Arm a trigger.
+    /// Arm a trigger (warns when no rule of the export's policy names it).
     Arm {
         #[arg(value_name = "NAME")]
         name: String,
         #[arg(value_name = "TRIGGER")]
         trigger: String,
     },
-    /// Disarm a trigger.
+    /// Disarm a trigger (warns when no rule of the export's policy names it).
     Disarm {
         #[arg(value_name = "NAME")]
         name: String,

@@ -436,6 +436,34 @@ impl Config {
     }
 }
 
+impl Config {
+    /// What anyone who can reach the server could do because a listener is beyond loopback and
+    /// nothing authenticates its clients: one loud line each, logged at start.
+    pub fn exposure_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let authenticated_by_tls = self.tls.as_ref().is_some_and(|tls| tls.mode == TlsMode::Require && tls.verify_peer);
+        for address in self.listen.iter().filter(|address| !address.ip().is_loopback()) {
+            if !authenticated_by_tls {
+                warnings.push(format!(
+                    "NBD listens on {address}, beyond loopback, and any client that reaches it can read and overwrite \
+                     every export: use --tls require --tls-verify-peer (client certificates), or listen on 127.0.0.1"
+                ));
+            }
+        }
+        if let Some(address) = self.control.filter(|address| !address.ip().is_loopback())
+            && self.control_token.is_none()
+            && !self.tls.as_ref().is_some_and(|tls| tls.verify_peer)
+        {
+            warnings.push(format!(
+                "the control API listens on {address}, beyond loopback, with no token: anyone who reaches it can \
+                 change policies and read and write every export; set --control-token (or --control-token-file), \
+                 or --control 127.0.0.1:PORT"
+            ));
+        }
+        warnings
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,6 +472,24 @@ mod tests {
         let file: ConfigFile = serde_yaml::from_str(yaml)
             .map_err(|e| ConfigError::Syntax { path: "test".into(), message: e.to_string() })?;
         Config::merge(file, Some(Path::new("/etc/nbdfault")), overrides)
+    }
+
+    #[test]
+    fn listeners_beyond_loopback_without_authentication_are_warned_about() {
+        assert!(Config::load(&Overrides::default()).unwrap().exposure_warnings().is_empty());
+        let open = Overrides {
+            listen: vec!["0.0.0.0:10809".into()],
+            control: Some("0.0.0.0:10810".into()),
+            ..Default::default()
+        };
+        let warnings = Config::load(&open).unwrap().exposure_warnings();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("NBD listens on 0.0.0.0:10809") && warnings[0].contains("--tls require"));
+        assert!(
+            warnings[1].contains("control API listens on 0.0.0.0:10810") && warnings[1].contains("--control-token")
+        );
+        let tokened = Overrides { control_token: Some("s3cret".into()), listen: vec!["127.0.0.1:0".into()], ..open };
+        assert!(Config::load(&tokened).unwrap().exposure_warnings().is_empty());
     }
 
     #[test]

@@ -13,6 +13,10 @@ pub enum CtlError {
     Unreachable { url: String, source: Box<ureq::Error>, hint: &'static str },
     #[error("{method} {path}: HTTP {status}: {message}")]
     Refused { method: String, path: String, status: u16, message: String },
+    /// `set-policy` with a policy the server refused: its errors, each with the file name, line,
+    /// column and a fix, as `nbdfault policy check` prints them.
+    #[error("{errors}\nthe policy was refused; export {export:?} keeps the policy it had")]
+    PolicyRefused { export: String, errors: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
@@ -105,15 +109,6 @@ impl Client {
     pub fn copy_to(&self, path: &str, out: &mut dyn Write) -> Result<u64, CtlError> {
         Ok(self.api.copy(path, out)?)
     }
-
-    /// Calls the API and pretty-prints its JSON answer.
-    pub fn json(&self, method: &'static str, path: &str, body: Option<Vec<u8>>) -> Result<String, CtlError> {
-        let text = self.text(method, path, body)?;
-        Ok(match serde_json::from_str::<serde_json::Value>(&text) {
-            Ok(value) => serde_json::to_string_pretty(&value).unwrap_or(text),
-            Err(_) => text,
-        })
-    }
 }
 
 /// Reads a file, or stdin for `-`.
@@ -136,6 +131,7 @@ mod tests {
         assert_eq!(path_segment(""), "@default");
         assert_eq!(path_segment("disk"), "disk");
         assert_eq!(path_segment("a b/c"), "a%20b%2Fc");
+        assert_eq!(query_value("dir/p q&r.yaml"), "dir/p%20q%26r.yaml");
     }
 
     #[test]

@@ -113,6 +113,37 @@ fn qemu_io_pattern_writes_into_failing_ranges_get_their_errors_while_writes_else
 }
 
 #[test]
+fn a_length_condition_fails_only_writes_of_those_lengths_from_qemu_io() {
+    let (server, api) = disk();
+    api.set_policy(
+        "disk",
+        "rules:\n  - name: large-writes\n    when: { op: write, length: \">=64KiB\" }\n    then: { error: EIO }\n  \
+         - name: exactly-8k-reads\n    when: { op: read, length: 8KiB }\n    then: { error: ENOSPC }\n",
+    );
+    let uri = server.uri("disk");
+    for (command, fails) in [
+        ("write -P 0x11 0 4k", false),
+        ("write -P 0x22 1M 60k", false),
+        ("write -P 0x33 2M 64k", true),
+        ("write -P 0x44 4M 1M", true),
+        ("read 0 4k", false),
+        ("read 0 8k", true),
+        ("read 0 12k", false),
+    ] {
+        let output = qemu_io(&uri, &[command]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(stdout.contains("failed"), fails, "`{command}`:\n{stdout}");
+    }
+    assert_all(&api.data("disk", MIB, 60 * KIB), 0x22, "the 60 KiB write");
+    assert_all(&api.data("disk", 2 * MIB, 64 * KIB), 0, "the failed 64 KiB write");
+    assert_all(&api.data("disk", 4 * MIB, MIB), 0, "the failed 1 MiB write");
+    let records = api.faults("disk", 0);
+    let lengths: Vec<(u64, &str)> =
+        records.iter().map(|r| (r["length"].as_u64().unwrap(), r["rule"].as_str().unwrap())).collect();
+    assert_eq!(lengths, [(64 * KIB, "large-writes"), (MIB, "large-writes"), (8 * KIB, "exactly-8k-reads")]);
+}
+
+#[test]
 fn nbdcopy_over_a_failing_range_fails_and_succeeds_once_the_policy_is_removed() {
     let (server, api) = disk();
     let dir = tempfile::tempdir().unwrap();

@@ -101,6 +101,7 @@ impl Rule {
             name,
             ops,
             ranges: when.ranges.iter().map(|range| (range.start, range.end_or_max())).collect(),
+            lengths: when.lengths.clone(),
             flags_set: when.flags_set,
             flags_clear: when.flags_clear,
             connections: when.connections.clone(),

@@ -35,6 +35,8 @@ pub(crate) struct Rule {
     pub ops: u8,
     /// Half-open ranges; empty means every offset.
     pub ranges: Vec<(u64, u64)>,
+    /// Request lengths admitted, both bounds included; empty means every length.
+    pub lengths: Vec<(u64, u64)>,
     /// Flags that must be set, and flags that must be clear ([`crate::RequestFlags::bits`]).
     pub flags_set: u8,
     pub flags_clear: u8,
@@ -149,6 +151,7 @@ impl Rule {
     /// True when the rule decides every request of its operations: nothing else narrows it.
     pub(crate) fn always_fires(&self) -> bool {
         self.ranges.is_empty()
+            && self.lengths.is_empty()
             && self.flags_set == 0
             && self.flags_clear == 0
             && self.connections.is_none()

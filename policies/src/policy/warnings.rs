@@ -74,8 +74,10 @@ impl Policy {
 /// `warning: ` before the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyWarning {
+    /// The policy's origin; empty for a warning about an export without a policy.
     pub origin: String,
-    /// 1-based; the rule's `name:` when it has one, else line 1.
+    /// 1-based; the rule's `name:` when it has one, else line 1. 0 when the warning is about the
+    /// policy as a whole (a trigger it never names): no line, no column.
     pub line: usize,
     pub column: usize,
     pub message: String,
@@ -84,7 +86,60 @@ pub struct PolicyWarning {
 
 impl fmt::Display for PolicyWarning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: warning: {}\n  fix: {}", self.origin, self.line, self.column, self.message, self.fix)
+        match (self.origin.is_empty(), self.line) {
+            (true, _) => write!(f, "warning: {}", self.message)?,
+            (false, 0) => write!(f, "{}: warning: {}", self.origin, self.message)?,
+            (false, line) => write!(f, "{}:{line}:{}: warning: {}", self.origin, self.column, self.message)?,
+        }
+        write!(f, "\n  fix: {}", self.fix)
+    }
+}
+
+impl PolicyWarning {
+    /// The warning for arming (`armed: true`) or disarming a trigger through the control API when
+    /// no rule of the export's policy names it: the change cannot alter any decision, which most
+    /// often means a typo. `None` when a rule names the trigger.
+    pub fn for_trigger(policy: Option<&Policy>, trigger: &str, armed: bool) -> Option<PolicyWarning> {
+        let verb = if armed { "arming" } else { "disarming" };
+        let Some(policy) = policy else {
+            return Some(PolicyWarning {
+                origin: String::new(),
+                line: 0,
+                column: 0,
+                message: format!(
+                    "the export has no policy, so no rule names the trigger `{trigger}`: {verb} it changes nothing until a policy that names it is installed"
+                ),
+                fix: "install the policy first (`nbdfault ctl set-policy`), or ignore this if you set the trigger ahead of the policy on purpose".to_string(),
+            });
+        };
+        if policy.compiled.triggers.iter().any(|name| **name == *trigger) {
+            return None;
+        }
+        // Bounded work: the API answers this on the runtime, and a policy may name many triggers.
+        const SHOWN: usize = 16;
+        const SEARCHED: usize = 1024;
+        let names = policy.trigger_names();
+        let known: Vec<String> = names.iter().take(SEARCHED).map(|name| name.to_string()).collect();
+        let listed = match names.len() {
+            n if n > SHOWN => format!("{}, and {} more", known[..SHOWN].join(", "), n - SHOWN),
+            _ => known.join(", "),
+        };
+        let fix = match crate::error::closest(trigger, &known) {
+            Some(best) => format!("write `{best}` instead of `{trigger}` (the policy's triggers: {listed})"),
+            None if known.is_empty() => {
+                format!("this policy names no trigger; add `armed_by: {trigger}` to the rule that should wait for it")
+            }
+            None => format!(
+                "the policy's triggers are: {listed}; or name `{trigger}` in a rule (`armed_by`, `disarmed_by`, `stall`)"
+            ),
+        };
+        Some(PolicyWarning {
+            origin: policy.origin.clone(),
+            line: 0,
+            column: 0,
+            message: format!("no rule of this policy names the trigger `{trigger}`, so {verb} it changes nothing"),
+            fix,
+        })
     }
 }
 
@@ -142,5 +197,29 @@ mod tests {
         );
         let clean = Policy::from_yaml(include_str!("../../scenarios/issue-example.yaml"), "ok.yaml").unwrap();
         assert!(clean.warnings().is_empty());
+    }
+
+    #[test]
+    fn setting_a_trigger_no_rule_names_warns_with_the_nearest_name() {
+        let policy = Policy::from_yaml(
+            "rules:\n  - { name: a, when: { armed_by: file-bad }, then: { error: EIO } }\n  - { name: b, when: { disarmed_by: go }, then: {} }\n",
+            "p.yaml",
+        )
+        .unwrap();
+        assert_eq!(PolicyWarning::for_trigger(Some(&policy), "file-bad", true), None);
+        assert_eq!(PolicyWarning::for_trigger(Some(&policy), "go", false), None);
+        let typo = PolicyWarning::for_trigger(Some(&policy), "fil-bad", true).unwrap().to_string();
+        assert_eq!(
+            typo,
+            "p.yaml: warning: no rule of this policy names the trigger `fil-bad`, so arming it changes nothing\n  \
+             fix: write `file-bad` instead of `fil-bad` (the policy's triggers: file-bad, go)"
+        );
+        let other = PolicyWarning::for_trigger(Some(&policy), "release", false).unwrap().to_string();
+        assert!(
+            other.contains("disarming it changes nothing") && other.contains("triggers are: file-bad, go"),
+            "{other}"
+        );
+        let none = PolicyWarning::for_trigger(None, "go", true).unwrap().to_string();
+        assert!(none.starts_with("warning: the export has no policy"), "{none}");
     }
 }

@@ -22,7 +22,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use nbdfault_policies::{BadSector, Policy, PolicyLimits, RuleCounter, TriggerState};
+use nbdfault_policies::{BadSector, Policy, PolicyLimits, PolicyWarning, RuleCounter, TriggerState};
 use serde::{Deserialize, Serialize};
 
 use crate::storage::file::FileDataPath;
@@ -42,7 +42,7 @@ const DATA_STEP: u64 = 32 << 20;
 /// The largest policy body: the policy size limit.
 const MAX_POLICY: usize = PolicyLimits::DEFAULT.max_bytes;
 /// How long a control request waits for the control worker.
-const WORKER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+const WORKER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 /// The spelling of the export named `""` in paths, shared with every client.
 pub use nbdfault_control_client::DEFAULT_EXPORT;
 
@@ -142,9 +142,10 @@ pub fn router(state: ControlState) -> Router {
 
 async fn authorize(State(state): State<ControlState>, request: Request, next: Next) -> Response {
     if let Some(token) = &state.token {
-        let given = request.headers().get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
+        let given = request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes).unwrap_or_default();
         let expected = format!("Bearer {token}");
-        if given != Some(expected.as_str()) {
+        // In constant time: how much of a guess was right must not show in the time to refuse it.
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(given, expected.as_bytes())) {
             let mut response = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "this server needs `Authorization: Bearer TOKEN` (--control-token)",
@@ -382,9 +383,21 @@ async fn get_policy(State(state): State<ControlState>, Path(name): Path<String>)
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyQuery {
+    /// What errors and warnings name the policy by (`nbdfault ctl set-policy` sends the file
+    /// name); the export view shows it as the policy's `origin`.
+    origin: Option<String>,
+}
+
+/// The longest `origin=` label.
+const MAX_ORIGIN: usize = 1024;
+
 async fn set_policy(
     State(state): State<ControlState>,
     Path(name): Path<String>,
+    query: Result<Query<PolicyQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
@@ -407,13 +420,21 @@ async fn set_policy(
             ApiError::bad_request(format!("cannot read the body: {error}"))
         }
     })?;
-    let origin = format!("PUT /v1/exports/{name}/policy");
+    let origin = match query.map_err(|e| ApiError::bad_request(format!("{e}; use ?origin=NAME")))?.0.origin {
+        Some(origin) if origin.is_empty() || origin.len() > MAX_ORIGIN || origin.chars().any(char::is_control) => {
+            return Err(ApiError::bad_request(format!(
+                "origin={origin:?}: give 1 to {MAX_ORIGIN} printable characters, such as the policy's file name"
+            )));
+        }
+        Some(origin) => origin,
+        None => format!("PUT /v1/exports/{name}/policy"),
+    };
     let view_state = state.clone();
     // Reading, checking, the warnings, the swap (and dropping the old policy) and the view all
     // cost time in proportion to the policy: none of it runs on the runtime.
     let answer = state
         .worker
-        .run(move || {
+        .run(move |caller| {
             let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the policy is not UTF-8 text"))?;
             let policy = Policy::from_yaml_within(text, &origin, &PolicyLimits::DEFAULT).map_err(|error| ApiError {
                 status: StatusCode::BAD_REQUEST,
@@ -421,6 +442,10 @@ async fn set_policy(
                 extra: Some(serde_json::json!({ "line": error.line, "column": error.column, "fix": error.fix })),
             })?;
             let warnings: Vec<String> = policy.warnings().iter().map(ToString::to_string).collect();
+            if caller.gone() {
+                // Answered 503 already: the policy must not change unannounced.
+                return Err(Refused::TimedOut(WORKER_DEADLINE).into());
+            }
             export.engine().set_policy(Some(policy));
             tracing::info!(export = %export.name, warnings = warnings.len(), "policy replaced through the control API");
             let mut view =
@@ -476,13 +501,17 @@ fn set_trigger(
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let export = state.export(&name)?;
     check_trigger_name(&trigger)?;
-    if armed {
-        export.engine().arm(&trigger, state.clock.now());
-    } else {
-        export.engine().disarm(&trigger, state.clock.now());
-    }
-    tracing::info!(export = %export.name, %trigger, armed, "trigger set");
-    Ok(axum::Json(serde_json::json!({ "trigger": trigger, "armed": armed })))
+    let engine = export.engine();
+    let changed =
+        if armed { engine.arm(&trigger, state.clock.now()) } else { engine.disarm(&trigger, state.clock.now()) };
+    // A trigger no rule names cannot change any decision: most often a typo, which would make a
+    // test pass for the wrong reason. Said in the answer, like the warnings of `PUT policy`.
+    let warnings: Vec<String> = PolicyWarning::for_trigger(engine.policy().as_deref(), &trigger, armed)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    tracing::info!(export = %export.name, %trigger, armed, changed, warnings = warnings.len(), "trigger set");
+    Ok(axum::Json(serde_json::json!({ "trigger": trigger, "armed": armed, "changed": changed, "warnings": warnings })))
 }
 
 #[derive(Deserialize)]

@@ -10,7 +10,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use crate::error::Invalid;
 use crate::policy::compiled::Nth;
 use crate::policy::de::{ListOf, checked_map, present};
-use crate::policy::values::{Count, Name, Probability, Unit, names};
+use crate::policy::values::{Count, LengthRange, Name, Probability, Unit, names};
 use crate::request::Op;
 use crate::units::{ByteRange, HumanDuration, format_duration};
 
@@ -19,6 +19,8 @@ use crate::units::{ByteRange, HumanDuration, format_duration};
 pub(crate) struct When {
     pub ops: Option<Vec<Op>>,
     pub ranges: Vec<ByteRange>,
+    /// Request lengths admitted, both bounds included; empty means every length.
+    pub lengths: Vec<(u64, u64)>,
     pub flags_set: u8,
     pub flags_clear: u8,
     pub connections: Option<Vec<u64>>,
@@ -41,6 +43,8 @@ pub(super) struct RawWhen {
     op: Option<ListOf<Op>>,
     #[serde(default, deserialize_with = "present")]
     range: Option<ListOf<Unit<ByteRange>>>,
+    #[serde(default, deserialize_with = "present")]
+    length: Option<ListOf<Unit<LengthRange>>>,
     #[serde(default, deserialize_with = "present")]
     fua: Option<bool>,
     #[serde(default, deserialize_with = "present")]
@@ -142,6 +146,10 @@ fn check_when(raw: RawWhen) -> Result<When, Invalid> {
     Ok(When {
         ops,
         ranges: raw.range.map(|list| list.0.into_iter().map(|range| range.0).collect()).unwrap_or_default(),
+        lengths: raw
+            .length
+            .map(|list| list.0.into_iter().map(|length| (length.0.min, length.0.max)).collect())
+            .unwrap_or_default(),
         flags_set,
         flags_clear,
         connections: raw.connection.map(|list| list.0),
