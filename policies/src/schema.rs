@@ -6,7 +6,7 @@
 
 use serde_json::{Value, json};
 
-use crate::policy::since_values;
+use crate::policy::{count_values, since_values};
 use crate::request::{Errno, Op};
 
 const SIZE: &str = r"[0-9][0-9_]*\s*(B|K|KiB|M|MiB|G|GiB|T|TiB|P|PiB|s|sectors)?";
@@ -60,6 +60,7 @@ pub fn json_schema() -> Value {
                 }
             ] },
             "limit": { "$ref": "#/$defs/count" },
+            "count": { "enum": count_values() },
             "probability": { "oneOf": [
                 { "type": "number", "minimum": 0, "maximum": 1 },
                 { "type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*%\s*$" }
@@ -238,6 +239,10 @@ const WHEN_DESCRIPTIONS: &[(&str, &str)] = &[
     ("nth", "Which occurrences fire: N (exactly the N-th), or { after: N, every: N, first: N }."),
     ("limit", "Decide at most this many requests."),
     ("probability", "Seeded chance of firing per occurrence: 0.25 or 25%."),
+    (
+        "count",
+        "What nth, limit and the probability draws count over: per_arming (restart at each arming of armed_by; the default with armed_by) or lifetime.",
+    ),
     ("armed_by", "Active only while all these triggers are armed."),
     ("disarmed_by", "Inactive while any of these triggers is armed."),
     ("from", "Active from this time on (see since)."),
@@ -320,6 +325,7 @@ mod tests {
         let errnos: Vec<&str> = Errno::ALL.iter().map(|errno| errno.name()).collect();
         assert_eq!(schema["$defs"]["errno"]["enum"], json!(errnos));
         assert_eq!(schema["$defs"]["when"]["properties"]["since"]["enum"], json!(["start", "armed"]));
+        assert_eq!(schema["$defs"]["when"]["properties"]["count"]["enum"], json!(["per_arming", "lifetime"]));
     }
 
     #[test]

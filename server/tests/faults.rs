@@ -144,6 +144,31 @@ fn a_length_condition_fails_only_writes_of_those_lengths_from_qemu_io() {
 }
 
 #[test]
+fn nth_with_armed_by_fails_the_first_flush_after_each_arming_and_lifetime_counts_across_armings() {
+    let (server, api) = disk();
+    api.set_policy(
+        "disk",
+        "rules:\n  - name: first-flush-per-arming\n    when: { op: flush, armed_by: go, nth: 1 }\n    then: { error: EIO }\n  \
+         - name: second-write-ever\n    when: { op: write, armed_by: go, nth: 2, count: lifetime }\n    then: { error: ENOSPC }\n",
+    );
+    let uri = server.uri("disk");
+    let mut flushes = Vec::new();
+    let mut writes = Vec::new();
+    for _ in 0..3 {
+        api.arm("disk", "go");
+        let r = ops(&uri, &["flush", "flush", "write 0 512 1"]);
+        flushes.push([r[0].errno.clone(), r[1].errno.clone()]);
+        writes.push(r[2].errno.clone());
+        api.disarm("disk", "go");
+    }
+    let eio = Some("EIO".to_string());
+    assert_eq!(flushes, [[eio.clone(), None], [eio.clone(), None], [eio, None]], "once per arming");
+    assert_eq!(writes, [None, Some("ENOSPC".to_string()), None], "count: lifetime counts across armings");
+    let counters = &api.export("disk")["policy"]["rules"];
+    assert_eq!(counters[0], serde_json::json!({"rule": "first-flush-per-arming", "occurrences": 6, "fired": 3}));
+}
+
+#[test]
 fn nbdcopy_over_a_failing_range_fails_and_succeeds_once_the_policy_is_removed() {
     let (server, api) = disk();
     let dir = tempfile::tempdir().unwrap();

@@ -132,6 +132,13 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
         "resident_after_eviction": resident,
         "evicted_read_blocks": per_block(&evicted),
     });
+    if !sizes.iter().any(|n| *n > 1) {
+        let why = "the kernel cached the file in single pages, not in a large folio";
+        for id in ["large-folio.cached-read-new", "large-folio.only-failed-block-lost"] {
+            f.set(id, Verdict::NotApplicable, Some(why.into()), ev.clone());
+        }
+        return Ok(());
+    }
     f.judge(
         "large-folio.cached-read-new",
         cached.as_ref().is_ok_and(|b| NEW.matches(0, b)),

@@ -47,6 +47,7 @@ pub(crate) struct Rule {
     pub disarmed_by: Vec<usize>,
     pub window: Option<Window>,
     pub nth: Nth,
+    pub counting: Counting,
     pub limit: Option<u64>,
     /// Fires when a draw is below this; `None` means always.
     pub threshold: Option<u64>,
@@ -78,6 +79,16 @@ impl Window {
             }
         }
     }
+}
+
+/// What the occurrence counts (`nth`, `limit`, the draws of `probability`) count over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Counting {
+    /// Restart at each new arming of the `armed_by` triggers (`count: per_arming`, the default
+    /// with `armed_by`); otherwise count from the policy's installation (`count: lifetime`).
+    pub per_arming: bool,
+    /// `count:` was written, so the author chose; warnings about ambiguity stay quiet.
+    pub explicit: bool,
 }
 
 /// Which occurrences may fire, counting the requests that met every other condition (1-based).

@@ -26,7 +26,7 @@ use grammar::PolicySpec;
 
 #[cfg(test)]
 pub(crate) use grammar::mapping_keys;
-pub(crate) use grammar::since_values;
+pub(crate) use grammar::{count_values, since_values};
 pub use limits::PolicyLimits;
 pub use warnings::PolicyWarning;
 
@@ -185,6 +185,8 @@ mod tests {
             ("rules: [{ then: { delay: 50 } }]", "no unit"),
             ("rules: [{ when: { range: 0..1MB }, then: {} }]", "ambiguous"),
             ("rules: [{ when: { length: 64KiB..4KiB }, then: {} }]", "inverted"),
+            ("rules: [{ when: { nth: 1, count: per_arming }, then: {} }]", "there are none"),
+            ("rules: [{ when: { armed_by: go, count: per_armng }, then: {} }]", "unknown variant"),
             ("rules: [{ when: { length: 0 }, then: {} }]", "never reach the rules"),
             ("rules: [{ when: { length: '<1' }, then: {} }]", "only admits length 0"),
             ("rules: [{ when: { length: '<0' }, then: {} }]", "admits no length"),

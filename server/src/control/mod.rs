@@ -222,8 +222,9 @@ async fn serve_connections<L: axum::serve::Listener>(mut listener: L, app: Route
     let _ = Arc::clone(&connections).acquire_many_owned(MAX_CONNECTIONS as u32).await;
 }
 
-/// TLS handshakes in progress on the control listener at once; more wait in the backlog.
-const MAX_TLS_HANDSHAKES: usize = 64;
+/// TLS handshakes in progress, or done and waiting for a connection slot, at once; more wait in
+/// the backlog, holding no descriptor of this process.
+const MAX_TLS_HANDSHAKES: usize = 16;
 /// Time a control client has to finish its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -237,7 +238,9 @@ struct TlsListener {
 impl TlsListener {
     fn new(listener: tokio::net::TcpListener, tls: Arc<Tls>, mut shutdown: Shutdown) -> TlsListener {
         let address = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let (sender, accepted) = tokio::sync::mpsc::channel(MAX_TLS_HANDSHAKES);
+        // A handshake's permit is held until its stream is taken: with the one buffered slot,
+        // this listener holds at most MAX_TLS_HANDSHAKES + 1 sockets.
+        let (sender, accepted) = tokio::sync::mpsc::channel(1);
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_TLS_HANDSHAKES));
         tokio::spawn(async move {
             loop {

@@ -34,6 +34,18 @@ pub(crate) struct When {
     pub until: Option<Duration>,
     pub since_armed: bool,
     pub cycle: Option<(Duration, Duration)>,
+    /// `count:` as written, if it was.
+    pub count: Option<CountScope>,
+}
+
+/// What occurrence counts (`nth`, `limit`, the draws of `probability`) count over.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum CountScope {
+    /// From 0 again each time the rule's `armed_by` triggers are armed again.
+    PerArming,
+    /// From the moment the policy is installed, across armings.
+    Lifetime,
 }
 
 #[derive(Deserialize)]
@@ -65,6 +77,8 @@ pub(super) struct RawWhen {
     limit: Option<Count>,
     #[serde(default, deserialize_with = "present")]
     probability: Option<Probability>,
+    #[serde(default, deserialize_with = "present")]
+    count: Option<CountScope>,
     #[serde(default, deserialize_with = "present")]
     armed_by: Option<ListOf<Name>>,
     #[serde(default, deserialize_with = "present")]
@@ -136,6 +150,12 @@ fn check_when(raw: RawWhen) -> Result<When, Invalid> {
             "add `armed_by: TRIGGER`, or write `since: start`",
         ));
     }
+    if raw.count == Some(CountScope::PerArming) && armed_by.is_empty() {
+        return Err(Invalid::new(
+            "`count: per_arming` restarts the counts at each arming of the `armed_by` triggers, but there are none",
+            "add `armed_by: TRIGGER`, or write `count: lifetime`",
+        ));
+    }
     if raw.since.is_some() && from.is_none() && until.is_none() && raw.cycle.is_none() {
         return Err(Invalid::new(
             "`since` says where `from`, `until` and `cycle` count from, but none of them is set",
@@ -163,6 +183,7 @@ fn check_when(raw: RawWhen) -> Result<When, Invalid> {
         until,
         since_armed,
         cycle: raw.cycle.map(|cycle| (cycle.up, cycle.down)),
+        count: raw.count,
     })
 }
 
