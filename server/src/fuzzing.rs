@@ -137,7 +137,8 @@ async fn serve(session: Session, requests: Vec<u8>) {
     let controller = ShutdownController::new();
     let reader = Memory { input: requests, at: 0, output: Vec::new() };
     let writer = Memory { input: Vec::new(), at: 0, output: Vec::new() };
-    let limits = ConnectionLimits { max_in_flight: 64 << 20 };
+    let memory = Arc::new(tokio::sync::Semaphore::new(crate::config::DEFAULT_MEMORY_BUDGET as usize));
+    let limits = ConnectionLimits { max_in_flight: 64 << 20, memory };
     let _ = transmission::serve(reader, writer, session, 1, limits, controller.handle()).await;
 }
 

@@ -86,23 +86,8 @@ const TIMEOUT_SECS: u64 = 3;
 const MAX_RETRIES_VALUE: i64 = 2;
 
 /// A sysfs or procfs value set for the scenario and put back afterwards.
-struct Setting {
-    path: PathBuf,
-    saved: String,
-}
-
-impl Setting {
-    fn set(path: PathBuf, value: &str) -> Result<Setting, StepError> {
-        let saved = std::fs::read_to_string(&path).step(&format!("read {}", path.display()))?.trim().to_string();
-        std::fs::write(&path, value).step(&format!("write {value} to {}", path.display()))?;
-        Ok(Setting { path, saved })
-    }
-}
-
-impl Drop for Setting {
-    fn drop(&mut self) {
-        let _ = std::fs::write(&self.path, &self.saved);
-    }
+fn setting(path: PathBuf, value: &str) -> Result<os::Setting, StepError> {
+    os::Setting::set(path, value).step("configure XFS")
 }
 
 /// Makes dirty metadata: a directory of empty files, committed to the log by syncfs.
@@ -180,11 +165,11 @@ fn run(env: &mut Env, f: &mut Findings, mode: Mode) -> Result<(), StepError> {
     };
     // The log worker is queued at mount with the interval in force then, and the error
     // configuration is made per mount: shorten the interval, mount again, then configure.
-    let _syncd = Setting::set(PathBuf::from("/proc/sys/fs/xfs/xfssyncd_centisecs"), "100")?;
+    let _syncd = setting(PathBuf::from("/proc/sys/fs/xfs/xfssyncd_centisecs"), "100")?;
     env.remount()?;
-    let _retries = Setting::set(cfg.join("metadata/EIO/max_retries"), &retries)?;
-    let _timeout = Setting::set(cfg.join("metadata/EIO/retry_timeout_seconds"), &timeout)?;
-    let _unmount = Setting::set(cfg.join("fail_at_unmount"), "1")?;
+    let _retries = setting(cfg.join("metadata/EIO/max_retries"), &retries)?;
+    let _timeout = setting(cfg.join("metadata/EIO/retry_timeout_seconds"), &timeout)?;
+    let _unmount = setting(cfg.join("fail_at_unmount"), "1")?;
     let config = json!({ "max_retries": retries, "retry_timeout_seconds": timeout, "fail_at_unmount": 1, "xfssyncd_centisecs": 100 });
     let sb = env.control.read_data(0, 512).step("read the XFS superblock")?;
     let (log_start, log_end) = xfs_log_range(&sb).step("find the XFS log")?;
