@@ -42,8 +42,8 @@ const DATA_STEP: u64 = 1 << 20;
 const MAX_POLICY: usize = PolicyLimits::DEFAULT.max_bytes;
 /// How long a control request waits for the control worker.
 const WORKER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
-/// The spelling of the export named `""` in paths.
-pub const DEFAULT_EXPORT: &str = "@default";
+/// The spelling of the export named `""` in paths, shared with every client.
+pub use nbdfault_control_client::DEFAULT_EXPORT;
 
 #[derive(Clone)]
 pub struct ControlState {
