@@ -35,3 +35,6 @@ SERVER_TEST_PACKAGES=(libnbd-bin python3-libnbd qemu-utils fio nbdkit nbd-client
 # What scripts/bench-servers.sh drives and compares against: fio's nbd engine, nbdinfo, nbdkit
 # (file and memory plugins, cow filter), qemu-nbd; linux-perf for the profiles in docs/.
 BENCH_PACKAGES=(fio libnbd-bin nbdkit qemu-utils python3 linux-perf)
+
+# scripts/fuzz.sh: libfuzzer-sys compiles libFuzzer, which is C++.
+FUZZ_PACKAGES=(g++)

@@ -14,6 +14,8 @@ use crate::wire::request::MAX_PAYLOAD;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 pub const DEFAULT_CONTROL: &str = "127.0.0.1:10810";
 pub const DEFAULT_MEMORY_SIZE: u64 = 1 << 30;
+/// In-flight bytes across the whole server: fits a VM of 1 GiB with room for memory exports.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 256 << 20;
 
 /// The configuration file, as written.
 #[derive(Debug, Default, Deserialize)]
@@ -53,6 +55,7 @@ pub struct LimitsFile {
     pub max_handshakes: Option<usize>,
     pub max_connections: Option<usize>,
     pub max_in_flight: Option<ByteSize>,
+    pub memory_budget: Option<ByteSize>,
     pub shutdown_grace: Option<HumanDuration>,
 }
 
@@ -87,6 +90,7 @@ pub struct Overrides {
     pub max_handshakes: Option<usize>,
     pub max_connections: Option<usize>,
     pub max_in_flight: Option<u64>,
+    pub memory_budget: Option<u64>,
     pub shutdown_grace: Option<Duration>,
     pub tls: Option<TlsMode>,
     pub tls_certificates: Option<PathBuf>,
@@ -151,6 +155,9 @@ pub struct Limits {
     /// Connections in transmission (past the handshake).
     pub max_connections: usize,
     pub max_in_flight: u32,
+    /// Bytes of request payloads, read buffers and control `data` transfers in flight across the
+    /// whole server.
+    pub memory_budget: u64,
     pub shutdown_grace: Duration,
 }
 
@@ -161,6 +168,7 @@ impl Default for Limits {
             max_handshakes: 64,
             max_connections: 256,
             max_in_flight: 64 << 20,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
             shutdown_grace: Duration::from_secs(5),
         }
     }
@@ -341,6 +349,16 @@ impl Config {
                 )));
             }
             limits.max_in_flight = value as u32;
+        }
+        if let Some(value) = overrides.memory_budget.or(file.limits.memory_budget.map(|s| s.0)) {
+            let floor = u64::from(MAX_PAYLOAD) + (1 << 20);
+            if value < floor || value > 1 << 48 {
+                return Err(invalid(format!(
+                    "memory budget {value} is outside {floor}..{}: a 32 MiB request must fit",
+                    1u64 << 48
+                )));
+            }
+            limits.memory_budget = value;
         }
         if limits.handshake_timeout.is_zero() {
             return Err(invalid("the handshake timeout must be above 0, such as 30s"));
@@ -558,6 +576,8 @@ mod tests {
         assert!(error(Overrides { exports: vec!["d=memory:0".into()], ..Default::default() }).contains("above 0"));
         assert!(error(Overrides { read_only: vec!["nope".into()], ..Default::default() }).contains("no such export"));
         assert!(error(Overrides { max_in_flight: Some(1 << 20), ..Default::default() }).contains("32 MiB"));
+        assert!(error(Overrides { memory_budget: Some(1 << 20), ..Default::default() }).contains("memory budget"));
+        assert!(error(Overrides { max_handshakes: Some(0), ..Default::default() }).contains("at least 1"));
         assert!(
             error(Overrides { control: Some("127.0.0.1:10809".into()), ..Default::default() }).contains("another port")
         );

@@ -9,6 +9,10 @@ pub mod control;
 pub mod ctl;
 pub mod export;
 pub mod fault;
+/// Entry points for the fuzz targets in `fuzz/` (the handshake and the transmission phase over
+/// in-memory streams); not an API for anything else.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 pub mod logging;
 pub mod server;

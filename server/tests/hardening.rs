@@ -246,3 +246,45 @@ fn listeners_beyond_loopback_without_a_token_or_client_certificates_are_warned_a
         common::control::poll("the start-up log", || Some(guarded.stderr()).filter(|log| log.contains("serving")));
     assert!(!log.contains("WARNING"), "{log}");
 }
+
+/// What the server may hold beyond its memory budget: the allocator's slack, per-connection
+/// buffers, the runtime. docs/configuration.md gives the same margin.
+const BUDGET_MARGIN: u64 = 64 << 20;
+
+#[test]
+fn clients_that_never_read_replies_and_large_data_transfers_stay_within_the_memory_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, common::random_bytes(64 << 20)).unwrap();
+    let budget: u64 = 128 << 20;
+    let server = Server::builder().export("disk", &image).args(["--memory-budget", "128MiB"]).with_control().start();
+    let before = server.peak_memory();
+    // Before: each such client held 64 MiB of read buffers (16 of them: +988 MiB).
+    let mut silent = Vec::new();
+    for _ in 0..16 {
+        let (mut client, _) = common::raw::RawClient::attach(server.nbd, "disk", false);
+        for cookie in 0..8u64 {
+            client.send_request(0, common::raw::CMD_READ, cookie, (cookie % 2) * (32 << 20), 32 << 20);
+        }
+        silent.push(client);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let growth = server.peak_memory().saturating_sub(before);
+    eprintln!("16 clients that never read: the server grew by {} MiB", growth >> 20);
+    assert!(growth < budget + BUDGET_MARGIN, "the server grew by {} MiB, over the budget", growth >> 20);
+    drop(silent);
+
+    // Before: 20 concurrent 64 MiB `data` GETs peaked at 1.4 GB.
+    let api = Api::new(&server);
+    std::thread::scope(|scope| {
+        for _ in 0..20 {
+            scope.spawn(|| {
+                let answer = api.get(&format!("/v1/exports/disk/data?offset=0&length={}", 64 << 20)).expect(200);
+                assert_eq!(answer.body.len(), 64 << 20);
+            });
+        }
+    });
+    let growth = server.peak_memory().saturating_sub(before);
+    eprintln!("and 20 data GETs of 64 MiB: {} MiB", growth >> 20);
+    assert!(growth < budget + BUDGET_MARGIN, "the server grew by {} MiB, over the budget", growth >> 20);
+}
