@@ -169,7 +169,7 @@ fn run_ctl(args: &CtlArgs) -> Result<Vec<String>, ctl::CtlError> {
         }
         None => args.token.clone(),
     };
-    let client = Client::new(&url, token.filter(|token| !token.is_empty()), tls);
+    let client = Client::new(&url, token.filter(|token| !token.is_empty()), tls)?;
     let export_path = |name: &str| format!("/v1/exports/{}", path_segment(name));
     let trigger_path = |name: &str, trigger: &str| format!("{}/triggers/{}", export_path(name), path_segment(trigger));
     match &args.command {

@@ -247,7 +247,7 @@ impl<'a> Env<'a> {
         match self.control.delete_policy() {
             Ok(()) => Ok(()),
             // No policy to remove is fine.
-            Err(crate::control::ControlError::Status { status: 404, .. }) => Ok(()),
+            Err(error) if error.status() == Some(404) => Ok(()),
             Err(e) => Err(StepError::new("remove the policy", e)),
         }
     }
@@ -372,10 +372,10 @@ impl<'a> Env<'a> {
         let policy = &armed.policy;
         self.control.disarm(&policy.trigger).step("disarm the trigger")?;
         let records = self.control.faults_since(armed.since).step("read the fault log")?;
-        self.last_records = records.iter().map(|r| r.raw.clone()).collect();
+        self.last_records = records.iter().map(crate::control::record_json).collect();
         Ok(records
             .into_iter()
-            .filter(|r| r.failed)
+            .filter(|r| r.failed())
             .filter(|r| policy.ranges.is_empty() || policy.ranges.iter().any(|(s, e)| r.overlaps(*s, *e)))
             .collect())
     }

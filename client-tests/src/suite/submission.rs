@@ -165,7 +165,7 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
     let context = json!({
         "file_extents_in_all": whole,
         "failed_reads": failed.len(),
-        "first_failed_read": failed.first().map(|r| r.raw.clone()),
+        "first_failed_read": failed.first().map(crate::control::record_json),
         "extents_after": file.extents.iter().map(|e| json!({ "logical": e.logical, "physical": e.physical, "length": e.length, "flags": e.flags })).collect::<Vec<_>>(),
         "kernel_lines": log_texts(&submission_lines),
     });

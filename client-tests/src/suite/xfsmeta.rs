@@ -104,7 +104,7 @@ fn dirty_metadata(env: &Env, dir: &str, files: usize) -> Result<(), StepError> {
 /// Failed requests per device offset, most failed first.
 fn failures_by_offset(records: &[FaultRecord]) -> Vec<(u64, usize)> {
     let mut by: BTreeMap<u64, usize> = BTreeMap::new();
-    for r in records.iter().filter(|r| r.failed) {
+    for r in records.iter().filter(|r| r.failed()) {
         *by.entry(r.offset).or_default() += 1;
     }
     let mut v: Vec<(u64, usize)> = by.into_iter().collect();
@@ -191,7 +191,7 @@ fn run(env: &mut Env, f: &mut Findings, mode: Mode) -> Result<(), StepError> {
     let by_offset = failures_by_offset(&failed);
     let most_retried = by_offset.first().map(|(_, n)| *n).unwrap_or(0);
     let first_last = {
-        let times: Vec<u64> = failed.iter().filter_map(|r| r.raw["time_ns"].as_u64()).collect();
+        let times: Vec<u64> = failed.iter().map(|r| r.time_ns).collect();
         json!({ "first_ns": times.iter().min(), "last_ns": times.iter().max() })
     };
     let lines = env.whole_log().to_vec();
@@ -284,12 +284,7 @@ mod tests {
 
     #[test]
     fn failures_are_counted_per_offset_most_first() {
-        let rec = |seq, offset| {
-            FaultRecord::parse(&format!(
-                r#"{{"seq":{seq},"op":"write","offset":{offset},"length":4096,"errno":"EIO"}}"#
-            ))
-            .unwrap()
-        };
+        let rec = |seq, offset| crate::control::test_record(seq, offset, 4096, true);
         let v = failures_by_offset(&[rec(1, 8192), rec(2, 4096), rec(3, 8192), rec(4, 8192)]);
         assert_eq!(v, vec![(8192, 3), (4096, 1)]);
     }
