@@ -9,6 +9,7 @@
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
 pub mod control;
+pub mod in_process;
 pub mod raw;
 
 pub use nbdfault_testing::*;
