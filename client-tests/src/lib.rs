@@ -10,6 +10,7 @@
 //! Every check names an invariant from the research table
 //! (`shared/research/kernel-writeback-errors.md` §8), listed in [`invariants`].
 
+pub mod compare;
 pub mod control;
 pub mod invariants;
 pub mod kmsg;
