@@ -84,7 +84,7 @@ struct MatrixArgs {
     #[arg(long)]
     output: Option<PathBuf>,
     /// The command that produced the reports, quoted in the document.
-    #[arg(long, default_value = "bash scripts/client-tests-matrix.sh --refresh")]
+    #[arg(long, default_value = matrix::MADE_BY)]
     made_by: String,
 }
 
