@@ -336,9 +336,7 @@ impl Config {
             });
         }
         for (i, export) in exports.iter().enumerate() {
-            if export.name.len() > 4096 || export.name.contains('\0') {
-                return Err(invalid(format!("export name {:?} is too long or has a NUL byte", export.name)));
-            }
+            crate::export::check_export_name(&export.name).map_err(invalid)?;
             if exports[..i].iter().any(|other| other.name == export.name) {
                 return Err(invalid(format!(
                     "export {:?} is defined twice; give each export its own name",

@@ -31,7 +31,7 @@ const DATA_STEP: u64 = 32 << 20;
 /// The largest policy body: axum's default body limit.
 const MAX_POLICY: usize = 2 << 20;
 /// The spelling of the export named `""` in paths.
-pub const DEFAULT_EXPORT: &str = "@default";
+pub const DEFAULT_EXPORT: &str = crate::export::DEFAULT_EXPORT_IN_PATHS;
 
 #[derive(Clone)]
 pub struct ControlState {
@@ -48,6 +48,7 @@ impl ControlState {
 
     fn export(&self, name: &str) -> Result<&Arc<Export>, ApiError> {
         let name = if name == DEFAULT_EXPORT { "" } else { name };
+        crate::export::check_export_name(name).map_err(|message| ApiError::new(StatusCode::NOT_FOUND, message))?;
         self.exports.get(name).ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,

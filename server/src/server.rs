@@ -40,17 +40,28 @@ pub enum StartError {
     FaultLog { path: String, source: std::io::Error },
 }
 
-fn listen_hint(error: &std::io::Error) -> &'static str {
-    match error.kind() {
-        std::io::ErrorKind::AddrInUse => {
+/// What to do about a socket that cannot be bound; `flag` is the option that sets its address.
+fn listen_hint(error: &std::io::Error, flag: Flag) -> &'static str {
+    match (error.kind(), flag) {
+        (std::io::ErrorKind::AddrInUse, Flag::Listen) => {
             " (another process uses that port: stop it, or choose another port with --listen)"
         }
-        std::io::ErrorKind::AddrNotAvailable => {
+        (std::io::ErrorKind::AddrInUse, Flag::Control) => {
+            " (another process uses that port: stop it, choose another port with --control, or turn the control API off with --no-control)"
+        }
+        (std::io::ErrorKind::AddrNotAvailable, _) => {
             " (no interface has that address: use 127.0.0.1 or an address of this machine)"
         }
-        std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges: choose a port above 1024)",
+        (std::io::ErrorKind::PermissionDenied, _) => " (ports below 1024 need privileges: choose a port above 1024)",
         _ => "",
     }
+}
+
+/// Which flag sets the address a bind error is about.
+#[derive(Clone, Copy)]
+enum Flag {
+    Listen,
+    Control,
 }
 
 /// Opens the storage of one export.
@@ -140,7 +151,7 @@ impl Server {
         for &address in &config.listen {
             let listener = TcpListener::bind(address).await.map_err(|source| StartError::Listen {
                 address,
-                hint: listen_hint(&source),
+                hint: listen_hint(&source, Flag::Listen),
                 source,
             })?;
             listeners.push(listener);
@@ -149,7 +160,7 @@ impl Server {
             Some(address) => {
                 let listener = control::bind(address).await.map_err(|source| StartError::Control {
                     address,
-                    hint: listen_hint(&source),
+                    hint: listen_hint(&source, Flag::Control),
                     source,
                 })?;
                 let state =

@@ -178,6 +178,7 @@ fn bad_flags_are_refused_before_listening_with_what_to_change() {
     refused(&["serve", "--export", "disk=memory"], "memory:1GiB");
     refused(&["serve", "--export", "disk=memory:0"], "above 0");
     refused(&["serve", "--export", "disk=overlay:"], "base image");
+    refused(&["serve", "--export", "@default=memory:1MiB"], "starts with @, which the control API keeps");
     refused(&["serve", "--listen", "localhost"], "IP:PORT");
     refused(&["serve", "--listen", "127.0.0.1:0", "--control", "nowhere"], "IP:PORT");
     refused(&["serve", "--listen", "127.0.0.1:10999", "--control", "127.0.0.1:10999"], "another port");
@@ -210,6 +211,16 @@ fn a_listen_address_in_use_is_refused_with_a_hint() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = taken.local_addr().unwrap().to_string();
     refused(&["serve", "--no-control", "--listen", &address], "another process uses that port");
+    refused(&["serve", "--no-control", "--listen", &address], "choose another port with --listen");
+}
+
+#[test]
+fn a_control_address_in_use_is_refused_with_a_hint_naming_the_control_flag() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let args = ["serve", "--listen", "127.0.0.1:0", "--control", &address];
+    refused(&args, "cannot start the control API");
+    refused(&args, "choose another port with --control, or turn the control API off with --no-control");
 }
 
 #[test]
@@ -248,6 +259,7 @@ fn bad_config_files_are_refused_with_their_location_and_what_to_change() {
         ("limit.yaml", "limits:\n  handshake_timeout: 0s\n", "above 0"),
         ("type.yaml", "limits:\n  max_connections: many\n", "max_connections"),
         ("missing-image.yaml", "exports:\n  - {name: a, storage: nothere.img}\n", "truncate -s"),
+        ("at.yaml", "exports:\n  - {name: '@default', storage: 'memory:1MiB'}\n", "starts with @"),
     ];
     for (name, text, expected) in cases {
         let path = dir.path().join(name);

@@ -108,6 +108,9 @@ fn an_unknown_export_or_endpoint_gets_404_with_a_json_error_on_every_route() {
         let error = error_of(&answer);
         assert!(error.contains("\"disk\""), "{method} {path}: the error lists the exports there are: {error}");
     }
+    // No export can be named with a leading @, so such a name is refused saying why.
+    let error = error_of(&api.call("GET", "/v1/exports/@disk", None));
+    assert!(error.contains("starts with @"), "{error}");
     for (method, path) in [("GET", "/v1/nope"), ("GET", "/"), ("POST", "/v1/exports/disk/nope")] {
         let answer = api.call(method, path, None);
         assert_eq!(answer.status, 404, "{method} {path}");
