@@ -222,20 +222,41 @@ fn current_test() -> String {
 }
 
 /// Prints a skip line where the person running the tests sees it. libtest does not capture a
-/// direct write to stderr; nextest captures each test's output and shows it only on failure, so
-/// under nextest the line goes to nextest's own stderr (the test's parent process).
+/// direct write to stderr. nextest captures each test's output and shows it only on failure, so
+/// under nextest the line goes to nextest's own stderr (the test's parent process): through a
+/// duplicate of its descriptor, which shares its file offset (so a log file is appended to, not
+/// overwritten), else by opening it again, else to the test's own stderr.
 fn report_skip(line: &str) {
     let line = format!("{line}\n");
     if std::env::var_os("NEXTEST").is_some() {
         let parent = std::os::unix::process::parent_id();
-        let nextest_stderr = std::fs::OpenOptions::new().append(true).open(format!("/proc/{parent}/fd/2"));
-        if let Ok(mut stderr) = nextest_stderr {
+        let nextest_stderr = duplicate_parent_stderr(parent)
+            .or_else(|| std::fs::OpenOptions::new().append(true).open(format!("/proc/{parent}/fd/2")).ok());
+        if let Some(mut stderr) = nextest_stderr {
             if stderr.write_all(line.as_bytes()).is_ok() {
                 return;
             }
         }
     }
     let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
+/// A duplicate of the parent's stderr descriptor (pidfd_getfd, Linux 5.6; needs the right to
+/// ptrace the parent, which root has).
+fn duplicate_parent_stderr(parent: u32) -> Option<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, parent as libc::pid_t, 0) };
+    if pidfd < 0 {
+        return None;
+    }
+    // SAFETY: pidfd_getfd takes the pidfd just opened, a descriptor number in the parent and
+    // flags; it returns a new descriptor of ours or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd as libc::c_int, 2, 0) };
+    // SAFETY: pidfd is ours and not used after this.
+    unsafe { libc::close(pidfd as libc::c_int) };
+    // SAFETY: fd is a new descriptor that nothing else owns.
+    (fd >= 0).then(|| unsafe { std::fs::File::from_raw_fd(fd as libc::c_int) })
 }
 
 #[cfg(test)]
