@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# The kernel matrix CI runs: Debian kernels 5.10 (bullseye), 6.1 (bookworm) and 6.12 (trixie),
-# each booted in qemu with XFS and ext4 tested on nbdfault.
+# The kernel matrix CI runs: Debian kernels 5.10 (bullseye), 6.1 (bookworm), 6.12 (trixie) and the
+# newest one Debian ships in unstable (sid, 7.x), each booted in qemu with XFS and ext4 tested on
+# nbdfault. Then boots sid's kernel once more the way a kernel developer boots their own build
+# (--vmlinuz and --modules of an unpacked tree), to prove that path.
 #
-# The run's JSON reports and its Markdown matrix go to target/client-tests/ (ignored by git),
+# The run's JSON reports and its Markdown matrix go to target/client-tests/ (ignored by git);
 # then its verdicts are compared with the committed ones (client-tests/results/*.json, which
 # docs/results.md shows): a verdict that changed, or a kernel or check on one side only, fails
 # the run naming each cell (kernel, filesystem, check, old -> new). Timings and evidence do not
 # count. Also exits non-zero when a guaranteed invariant was violated or a check could not be
 # carried out.
 #
-# With --refresh, the run's reports replace the committed ones (for the kernels it ran) and
-# docs/results.md is regenerated from them: commit both. That is the only way they change.
+# With --refresh, the run's reports replace the committed ones (of the kernels it ran) and
+# docs/results.md is regenerated from them: commit both. Nothing else changes them.
 #
 #   bash scripts/client-tests-matrix.sh                 # run and compare (CI)
-#   bash scripts/client-tests-matrix.sh --refresh       # run and rewrite the committed matrix
-#   KERNELS="6.1 6.16" bash scripts/client-tests-matrix.sh
+#   bash scripts/client-tests-matrix.sh --refresh       # run, then rewrite the committed matrix
+#   KERNELS="6.1 7.2" bash scripts/client-tests-matrix.sh
+#   CUSTOM_KERNEL="" bash scripts/client-tests-matrix.sh   # skip the --vmlinuz/--modules run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/packages.sh
@@ -26,47 +29,76 @@ refresh=false
 case ${1:-} in
 "") ;;
 --refresh) refresh=true ;;
-*) echo "usage: bash scripts/client-tests-matrix.sh [--refresh]" >&2; exit 2 ;;
+*)
+    echo "usage: bash scripts/client-tests-matrix.sh [--refresh]" >&2
+    exit 2
+    ;;
 esac
+# A run of chosen kernels leaves the other committed columns alone.
 partial=()
 [[ -n ${KERNELS:-} ]] && partial=(--partial)
-read -r -a kernels <<<"${KERNELS:-5.10 6.1 6.12}"
+read -r -a kernels <<<"${KERNELS:-5.10 6.1 6.12 sid}"
+custom_kernel=${CUSTOM_KERNEL-sid}
 committed=client-tests/results
 out=${CARGO_TARGET_DIR:-target}/client-tests
 results=$out/results
 started=$SECONDS
 install_packages "${CLIENT_TEST_PACKAGES[@]}"
 build_client_tests
+bin=$CLIENT_TESTS_BIN/nbdfault-client-tests
 rm -rf "$results"
 mkdir -p "$results"
 status=0
+times=()
 for kernel in "${kernels[@]}"; do
     echo "==> kernel $kernel" >&2
     t0=$SECONDS
-    "$CLIENT_TESTS_BIN/nbdfault-client-tests" vm --kernel "$kernel" --fs all --out "$results" || status=1
+    "$bin" vm --kernel "$kernel" --fs all --out "$results" || status=1
+    times+=("$kernel $((SECONDS - t0)) s")
     echo "==> kernel $kernel took $((SECONDS - t0)) s" >&2
 done
-"$CLIENT_TESTS_BIN/nbdfault-client-tests" matrix --results "$results" --output "$out/results.md" \
-    --made-by "bash scripts/client-tests-matrix.sh"
+"$bin" matrix --results "$results" --output "$out/results.md" --made-by "bash scripts/client-tests-matrix.sh"
+
+if [[ -n $custom_kernel ]]; then
+    echo "==> kernel $custom_kernel as a developer's build: vm --vmlinuz --modules" >&2
+    t0=$SECONDS
+    tree=$(mktemp -d)
+    trap 'rm -rf "$tree"' EXIT
+    listing=$("$bin" kernel --kernel "$custom_kernel" --extract "$tree/root")
+    vmlinuz=$(sed -n 's/^vmlinuz //p' <<<"$listing")
+    modules=$(sed -n 's/^modules-dir //p' <<<"$listing")
+    if "$bin" vm --vmlinuz "$vmlinuz" --modules "$modules" --fs xfs --only views --out "$tree/out"; then
+        release=$(basename "$modules")
+        # The report must come from the kernel we handed over, by its own uname -r.
+        if ! grep -q "\"release\": \"$release\"" "$tree"/out/*-xfs.json; then
+            echo "==> the --vmlinuz run reported another kernel than $release" >&2
+            status=1
+        fi
+    else
+        status=1
+    fi
+    times+=("$custom_kernel via --vmlinuz/--modules (views, xfs) $((SECONDS - t0)) s")
+fi
+printf '==> time per kernel: %s\n' "${times[@]}" >&2
 
 if $refresh; then
-    "$CLIENT_TESTS_BIN/nbdfault-client-tests" compare --committed "$committed" --run "$results" "${partial[@]}" || true
+    "$bin" compare --committed "$committed" --run "$results" "${partial[@]}" || true
     # A full run shows the current kernels only: reports of older builds go. A partial run
     # replaces the reports of the kernel series it ran (same major.minor and filesystem).
     if ((${#partial[@]})); then
         for report in "$results"/*.json; do
-            name=$(basename "$report")            # 6.1.193-xfs.json
-            series=$(cut -d. -f1-2 <<<"$name")   # 6.1
+            name=$(basename "$report")          # 6.1.193-xfs.json
+            series=$(cut -d. -f1-2 <<<"$name") # 6.1
             rm -f "$committed/$series".[0-9]*-"${name##*-}"
         done
     else
         rm -f "$committed"/*.json
     fi
     cp "$results"/*.json "$committed/"
-    "$CLIENT_TESTS_BIN/nbdfault-client-tests" matrix --results "$committed" --output docs/results.md
-    echo "==> matrix done in $((SECONDS - started)) s (status $status); $committed and docs/results.md refreshed: commit them" >&2
+    "$bin" matrix --results "$committed" --output docs/results.md
+    echo "==> matrix done in $((SECONDS - started)) s (status $status); $committed/ and docs/results.md refreshed: commit them" >&2
 else
-    "$CLIENT_TESTS_BIN/nbdfault-client-tests" compare --committed "$committed" --run "$results" "${partial[@]}" || status=1
+    "$bin" compare --committed "$committed" --run "$results" "${partial[@]}" || status=1
     echo "==> matrix done in $((SECONDS - started)) s (status $status); this run's matrix: $out/results.md" >&2
 fi
 exit $status

@@ -36,8 +36,12 @@ bash scripts/clean-root.sh
 step "every scenario in the library is a valid policy"
 cargo run --quiet --locked -p nbdfault -- policy check policies/scenarios/*.yaml
 
-step "the writeback-error oracle on XFS and ext4, kernels 5.10, 6.1, 6.12 in qemu, compared with the committed matrix"
+step "the writeback-error oracle on XFS and ext4, kernels 5.10, 6.1, 6.12 and sid (7.x) in qemu, and a --vmlinuz/--modules boot; verdicts compared with the committed matrix"
 bash scripts/client-tests-matrix.sh
+
+step "the kernel's nbd-client over TLS with a client certificate, kernel 6.1 in qemu (about 35 s)"
+build_client_tests
+"$CLIENT_TESTS_BIN/nbdfault-client-tests" vm-tls --kernel 6.1
 
 step "the Docker image: built from the Dockerfile, run, attached, faulted, stopped"
 bash docker/ci-smoke-test.sh

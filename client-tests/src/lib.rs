@@ -12,6 +12,7 @@
 
 pub mod compare;
 pub mod control;
+pub mod diff;
 pub mod invariants;
 pub mod kmsg;
 pub mod matrix;

@@ -30,13 +30,25 @@ enum Command {
     Run(RunArgs),
     /// Boot a Debian kernel in qemu and run the suite in it against a fresh nbdfault server.
     Vm(vm::VmArgs),
+    /// Boot a Debian kernel in qemu and attach its nbd-client over TLS (client certificate) to
+    /// `nbdfault serve --tls require`; a plain attach must be refused.
+    VmTls(vm::tls::TlsArgs),
     /// Fetch and unpack a Debian kernel into the cache, and print where it is.
     Kernel(vm::KernelArgs),
+    /// List the Debian kernels `vm --kernel` can boot (version, package, suite), newest first.
+    Kernels(vm::KernelsArgs),
     /// Write the results matrix (Markdown) from a directory of JSON reports.
     Matrix(MatrixArgs),
     /// Compare the verdicts of a run with the committed ones, cell by cell (kernel series,
     /// filesystem, check); timings and evidence do not count. Exits 1 naming each difference.
     Compare(CompareArgs),
+    /// Print only the checks whose verdict differs between two runs, both evidences side by side.
+    ///
+    /// Each side is a JSON report (`vm` writes one per kernel and filesystem, such as
+    /// 6.12.118-xfs.json) or a directory of them holding one kernel. Exits 0 when every verdict is
+    /// the same, 1 when some differ. To boot two kernels and compare them in one go:
+    /// `vm --kernel 6.12 --kernel 7.2`.
+    Diff(DiffArgs),
     /// List the scenarios and their checks.
     Scenarios,
 }
@@ -76,6 +88,14 @@ struct RunArgs {
 }
 
 #[derive(Args)]
+struct DiffArgs {
+    /// The earlier run (a report or a directory of reports).
+    before: PathBuf,
+    /// The later run.
+    after: PathBuf,
+}
+
+#[derive(Args)]
 struct MatrixArgs {
     /// Directory holding the JSON reports (`*.json`).
     #[arg(long, default_value = "client-tests/results")]
@@ -111,9 +131,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Vm(args) => vm::main(args),
+        Command::VmTls(args) => vm::tls::main(args),
         Command::Kernel(args) => vm::kernel_main(args),
+        Command::Kernels(args) => vm::kernels_main(args),
         Command::Matrix(args) => write_matrix(args),
         Command::Compare(args) => compare_results(args),
+        Command::Diff(args) => diff(args),
         Command::Scenarios => {
             list_scenarios();
             Ok(ExitCode::SUCCESS)
@@ -230,6 +253,17 @@ fn compare_results(args: CompareArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::from(1))
 }
 
+fn diff(args: DiffArgs) -> Result<ExitCode, String> {
+    let before = nbdfault_client_tests::diff::load(&args.before)?;
+    let after = nbdfault_client_tests::diff::load(&args.after)?;
+    let changes = nbdfault_client_tests::diff::changes(&before, &after)?;
+    print!(
+        "{}",
+        nbdfault_client_tests::diff::render(&before, &after, &changes, nbdfault_client_tests::diff::columns())
+    );
+    Ok(if changes.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
 fn list_scenarios() {
     for scenario in suite::scenarios() {
         println!("{}: {}", scenario.name, scenario.about);
@@ -277,5 +311,18 @@ mod tests {
         assert!(Cli::try_parse_from(["nbdfault-client-tests", "vm"]).is_err());
         assert!(Cli::try_parse_from(["nbdfault-client-tests", "vm", "--kernel", "6.1", "--fs", "all"]).is_ok());
         assert!(Cli::try_parse_from(["nbdfault-client-tests", "vm", "--vmlinuz", "/boot/vmlinuz"]).is_ok());
+        let cli = Cli::try_parse_from(["nbdfault-client-tests", "vm", "--kernel", "6.12", "--kernel", "7.2"]).unwrap();
+        let Command::Vm(args) = cli.command else { panic!("not vm") };
+        assert_eq!(args.kernel, ["6.12", "7.2"]);
+        assert!(
+            Cli::try_parse_from(["nbdfault-client-tests", "vm", "--kernel", "6.12", "--vmlinuz", "/boot/vmlinuz"])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn diff_takes_two_reports() {
+        assert!(Cli::try_parse_from(["nbdfault-client-tests", "diff", "a.json", "b.json"]).is_ok());
+        assert!(Cli::try_parse_from(["nbdfault-client-tests", "diff", "a.json"]).is_err());
     }
 }

@@ -25,7 +25,8 @@ use tokio::sync::watch;
 use crate::bad_sectors::{BadSector, BadSectors};
 use crate::decision::{Action, Decision, Reply, Wait};
 use crate::index::Scratch;
-use crate::policy::{ActionSpec, Policy, Rule};
+use crate::policy::Policy;
+use crate::policy::compiled::{ActionSpec, Rule};
 use crate::random::{Purpose, below, draw};
 use crate::request::{Op, Request};
 
@@ -105,6 +106,7 @@ impl State {
         self.bad_sectors.forget_declared();
         match &policy {
             Some(policy) => {
+                let policy = policy.compiled();
                 self.counters = vec![Counter::default(); policy.rules.len()];
                 self.policy_triggers = policy.triggers.iter().map(|name| self.trigger_slot(name)).collect();
                 for declared in &policy.bad_sectors {
@@ -166,7 +168,7 @@ impl Engine {
         let State { policy, counters, triggers, policy_triggers, next_request, bad_sectors, scratch, .. } = &mut *guard;
         let request_index = *next_request;
         *next_request += 1;
-        let Some(policy) = policy.as_deref() else {
+        let Some(policy) = policy.as_deref().map(Policy::compiled) else {
             return Decision::pass(request_index, &self.none);
         };
         let armed = |id: usize| triggers[policy_triggers[id]].armed;
@@ -300,6 +302,7 @@ impl Engine {
         let state = self.lock();
         let Some(policy) = &state.policy else { return Vec::new() };
         policy
+            .compiled()
             .rules
             .iter()
             .zip(&state.counters)

@@ -6,6 +6,9 @@
 
 use serde_json::{Value, json};
 
+use crate::policy::since_values;
+use crate::request::{Errno, Op};
+
 const SIZE: &str = r"[0-9][0-9_]*\s*(B|K|KiB|M|MiB|G|GiB|T|TiB|P|PiB|s|sectors)?";
 const DURATION: &str = r"[0-9_]*\.?[0-9_]+\s*(ns|us|µs|ms|s|m|min|h)";
 
@@ -20,8 +23,8 @@ pub fn json_schema() -> Value {
     let duration_pattern = anchored(&format!("(0|{DURATION})"));
     let spread_pattern = anchored(&format!(r"(0|{DURATION})(\s*\.\.\s*(0|{DURATION}))?"));
     let tear_pattern = anchored(&format!(r"{SIZE}(\s*\.\.\s*{SIZE})?"));
-    let ops = ["read", "write", "flush", "trim", "write_zeroes", "cache", "block_status"];
-    let errnos = ["EPERM", "EIO", "ENOMEM", "EINVAL", "ENOSPC", "EOVERFLOW", "ENOTSUP", "ESHUTDOWN"];
+    let ops: Vec<&str> = Op::ALL.iter().map(|op| op.name()).collect();
+    let errnos: Vec<&str> = Errno::ALL.iter().map(|errno| errno.name()).collect();
     let one_or_more =
         |item: Value| json!({ "oneOf": [item.clone(), { "type": "array", "items": item, "minItems": 1 }] });
     let name = json!({ "$ref": "#/$defs/name" });
@@ -60,7 +63,7 @@ pub fn json_schema() -> Value {
             "disarmed_by": { "$ref": "#/$defs/names" },
             "from": { "$ref": "#/$defs/duration" },
             "until": { "$ref": "#/$defs/duration" },
-            "since": { "enum": ["start", "armed"] },
+            "since": { "enum": since_values() },
             "cycle": {
                 "type": "object",
                 "additionalProperties": false,
@@ -128,6 +131,9 @@ pub fn json_schema() -> Value {
         }
     });
     describe(&mut when_def, WHEN_DESCRIPTIONS);
+    let every_op = ops.join(", ");
+    when_def["properties"]["op"]["description"] =
+        Value::from(format!("{every_op}, or a list. Default: every operation."));
     describe(&mut then_def, THEN_DESCRIPTIONS);
     json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -210,9 +216,8 @@ pub fn json_schema() -> Value {
     })
 }
 
-/// Hover texts for editors, one per field of `when`.
+/// Hover texts for editors, one per field of `when` (`op`'s lists the operations, so it is built).
 const WHEN_DESCRIPTIONS: &[(&str, &str)] = &[
-    ("op", "read, write, flush, trim, write_zeroes, cache, block_status, or a list. Default: every operation."),
     ("range", "Half-open byte range(s) the request must overlap: 1MiB..2MiB, 1MiB..+4KiB, 1GiB.. (flush has none)."),
     ("fua", "Match only requests with (true) or without (false) the FUA flag."),
     ("no_hole", "Match on NBD_CMD_FLAG_NO_HOLE (write_zeroes)."),
@@ -260,6 +265,53 @@ fn describe(definition: &mut Value, descriptions: &[(&str, &str)]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::mapping_keys;
+
+    /// Where each mapping of the grammar has its `properties` in the schema.
+    const MAPPINGS: &[(&str, &str)] = &[
+        ("policy", ""),
+        ("bad_sector", "/$defs/bad_sector/oneOf/1"),
+        ("rule", "/$defs/rule"),
+        ("when", "/$defs/when"),
+        ("nth", "/$defs/when/properties/nth/oneOf/1"),
+        ("cycle", "/$defs/when/properties/cycle"),
+        ("then", "/$defs/then"),
+        ("stall", "/$defs/then/properties/stall/oneOf/1"),
+        ("torn", "/$defs/then/properties/torn/oneOf/2"),
+        ("corrupt", "/$defs/then/properties/corrupt/oneOf/2"),
+        ("schedule_entry", "/$defs/schedule_entry"),
+    ];
+
+    #[test]
+    fn every_mapping_of_the_schema_has_exactly_the_keys_the_parser_reads() {
+        let schema = json_schema();
+        let keys = mapping_keys();
+        assert_eq!(keys.len(), MAPPINGS.len());
+        for (mapping, fields) in keys {
+            let pointer = MAPPINGS.iter().find(|(name, _)| *name == mapping).map(|(_, pointer)| *pointer);
+            let pointer = pointer.unwrap_or_else(|| panic!("no schema location for `{mapping}`"));
+            let properties = schema
+                .pointer(&format!("{pointer}/properties"))
+                .and_then(Value::as_object)
+                .unwrap_or_else(|| panic!("no properties at {pointer}"));
+            let mut in_schema: Vec<&str> = properties.keys().map(String::as_str).collect();
+            let mut read: Vec<&str> = fields.to_vec();
+            in_schema.sort_unstable();
+            read.sort_unstable();
+            assert!(!read.is_empty(), "no fields read for `{mapping}`");
+            assert_eq!(in_schema, read, "the schema's `{mapping}` differs from what the parser reads");
+        }
+    }
+
+    #[test]
+    fn the_schema_enumerates_every_operation_errno_and_since_value() {
+        let schema = json_schema();
+        let ops: Vec<&str> = Op::ALL.iter().map(|op| op.name()).collect();
+        assert_eq!(schema["$defs"]["op"]["enum"], json!(ops));
+        let errnos: Vec<&str> = Errno::ALL.iter().map(|errno| errno.name()).collect();
+        assert_eq!(schema["$defs"]["errno"]["enum"], json!(errnos));
+        assert_eq!(schema["$defs"]["when"]["properties"]["since"]["enum"], json!(["start", "armed"]));
+    }
 
     #[test]
     fn every_field_of_when_and_then_has_a_description_for_editors() {

@@ -5,8 +5,9 @@
 # qemu (TCG), the real nbd-client, busybox and mkfs for the guest's initramfs, cpio for the
 # harness's own tests, and Debian's archive keys for the private apt configuration that fetches
 # kernels. qemu-utils is named with qemu-system-x86 so both come from the same Debian release.
+# openssl makes the certificates of `vm-tls`.
 CLIENT_TEST_PACKAGES=(qemu-system-x86 qemu-utils nbd-client busybox-static xfsprogs e2fsprogs cpio
-    debian-archive-keyring libc6-dev)
+    debian-archive-keyring libc6-dev openssl)
 
 # Builds nbdfault and nbdfault-client-tests statically linked (the guest has no C library), for
 # the explicit target so build scripts stay dynamic. The harness finds the server next to itself

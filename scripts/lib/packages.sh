@@ -45,3 +45,7 @@ CLIENT_UNIT_TEST_PACKAGES=(xfsprogs e2fsprogs cpio busybox-static)
 # needs is also named, with its package, in the test helper (testing/src/lib.rs), which checks
 # that the package is in this list.
 TEST_PACKAGES=("${BUILD_PACKAGES[@]}" "${SERVER_TEST_PACKAGES[@]}" "${CLIENT_UNIT_TEST_PACKAGES[@]}")
+
+# What scripts/bench-servers.sh drives and compares against: fio's nbd engine, nbdinfo, nbdkit
+# (file and memory plugins, cow filter), qemu-nbd; linux-perf for the profiles in docs/.
+BENCH_PACKAGES=(fio libnbd-bin nbdkit qemu-utils python3 linux-perf)

@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use nbdfault_policies::units::{parse_duration, parse_size};
 
 use crate::config::Overrides;
+use crate::tls::TlsMode;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -82,6 +83,11 @@ pub struct CtlArgs {
     /// Read the bearer token from this file (its first line).
     #[arg(long, value_name = "FILE", env = "NBDFAULT_CONTROL_TOKEN_FILE", conflicts_with = "token")]
     pub token_file: Option<PathBuf>,
+    /// For a server started with --tls: a directory with ca-cert.pem (the CA of the server's
+    /// certificate) and, when the server verifies clients, client-cert.pem and client-key.pem.
+    /// The default URL becomes https://.
+    #[arg(long, value_name = "DIR", env = "NBDFAULT_CONTROL_TLS_CERTIFICATES")]
+    pub tls_certificates: Option<PathBuf>,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -231,23 +237,39 @@ pub struct ServeArgs {
     /// Time in-flight requests get to finish at shutdown before they are answered ESHUTDOWN. Default 5s.
     #[arg(long, value_name = "DURATION", value_parser = duration)]
     pub shutdown_grace: Option<Duration>,
+
+    /// TLS for NBD (STARTTLS) and the control API (HTTPS). `on`: clients choose; `require`:
+    /// every option before STARTTLS is refused (ERR_TLS_REQD), so plain clients cannot attach.
+    /// Default off.
+    #[arg(long, value_name = "MODE", env = "NBDFAULT_TLS")]
+    pub tls: Option<TlsMode>,
+
+    /// Directory with server-cert.pem, server-key.pem and ca-cert.pem (nbdkit's layout); read at
+    /// start. See docs/security.md.
+    #[arg(long, value_name = "DIR", env = "NBDFAULT_TLS_CERTIFICATES")]
+    pub tls_certificates: Option<PathBuf>,
+
+    /// Clients must present a certificate signed by ca-cert.pem (NBD and the control API).
+    #[arg(long, env = "NBDFAULT_TLS_VERIFY_PEER")]
+    pub tls_verify_peer: bool,
 }
 
 /// The control API URL for `nbdfault ctl`: `--url` or NBDFAULT_CONTROL_URL; otherwise where
 /// NBDFAULT_CONTROL (the server's own setting) says it listens, an any-address read as loopback.
-pub fn control_url(url: Option<&str>, control_env: Option<&str>) -> String {
+pub fn control_url(url: Option<&str>, control_env: Option<&str>, https: bool) -> String {
     if let Some(url) = url.filter(|url| !url.is_empty()) {
         return url.to_string();
     }
+    let scheme = if https { "https" } else { "http" };
     let Some(address) = control_env.and_then(|text| text.trim().parse::<std::net::SocketAddr>().ok()) else {
-        return format!("http://{}", crate::config::DEFAULT_CONTROL);
+        return format!("{scheme}://{}", crate::config::DEFAULT_CONTROL);
     };
     let address = match address.ip() {
         ip if ip.is_unspecified() && ip.is_ipv4() => std::net::SocketAddr::from(([127, 0, 0, 1], address.port())),
         ip if ip.is_unspecified() => std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, address.port())),
         _ => address,
     };
-    format!("http://{address}")
+    format!("{scheme}://{address}")
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -275,6 +297,9 @@ impl ServeArgs {
             max_connections: self.max_connections,
             max_in_flight: self.max_in_flight,
             shutdown_grace: self.shutdown_grace,
+            tls: self.tls,
+            tls_certificates: self.tls_certificates.clone(),
+            tls_verify_peer: self.tls_verify_peer,
         }
     }
 }
@@ -329,12 +354,13 @@ mod tests {
 
     #[test]
     fn the_ctl_url_follows_the_servers_control_address() {
-        assert_eq!(control_url(None, None), "http://127.0.0.1:10810");
-        assert_eq!(control_url(None, Some("0.0.0.0:7000")), "http://127.0.0.1:7000");
-        assert_eq!(control_url(None, Some("[::]:7000")), "http://[::1]:7000");
-        assert_eq!(control_url(None, Some("10.1.2.3:7000")), "http://10.1.2.3:7000");
-        assert_eq!(control_url(None, Some("off")), "http://127.0.0.1:10810");
-        assert_eq!(control_url(Some("http://h:1/"), Some("0.0.0.0:7000")), "http://h:1/");
+        assert_eq!(control_url(None, None, false), "http://127.0.0.1:10810");
+        assert_eq!(control_url(None, Some("0.0.0.0:7000"), false), "http://127.0.0.1:7000");
+        assert_eq!(control_url(None, Some("[::]:7000"), false), "http://[::1]:7000");
+        assert_eq!(control_url(None, Some("10.1.2.3:7000"), false), "http://10.1.2.3:7000");
+        assert_eq!(control_url(None, Some("off"), false), "http://127.0.0.1:10810");
+        assert_eq!(control_url(Some("http://h:1/"), Some("0.0.0.0:7000"), false), "http://h:1/");
+        assert_eq!(control_url(None, Some("0.0.0.0:7000"), true), "https://127.0.0.1:7000");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use nbdfault_policies::units::{ByteSize, HumanDuration, parse_size};
 use serde::Deserialize;
 
+use crate::tls::{TlsMode, TlsSettings};
 use crate::wire::request::MAX_PAYLOAD;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -31,7 +32,18 @@ pub struct ConfigFile {
     #[serde(default)]
     pub limits: LimitsFile,
     #[serde(default)]
+    pub tls: TlsFile,
+    #[serde(default)]
     pub exports: Vec<ExportFile>,
+}
+
+/// `tls:` in the configuration file; a relative `certificates` is relative to the file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub mode: Option<TlsMode>,
+    pub certificates: Option<PathBuf>,
+    pub verify_peer: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -74,6 +86,9 @@ pub struct Overrides {
     pub max_connections: Option<usize>,
     pub max_in_flight: Option<u64>,
     pub shutdown_grace: Option<Duration>,
+    pub tls: Option<TlsMode>,
+    pub tls_certificates: Option<PathBuf>,
+    pub tls_verify_peer: bool,
 }
 
 /// Where an export's bytes live.
@@ -153,6 +168,8 @@ pub struct Config {
     pub control_token: Option<String>,
     pub fault_log: Option<PathBuf>,
     pub limits: Limits,
+    /// TLS for NBD and the control API; `None` when TLS is off.
+    pub tls: Option<TlsSettings>,
     pub exports: Vec<ExportConfig>,
 }
 
@@ -195,6 +212,40 @@ fn control_token(overrides: &Overrides, from_file: Option<String>) -> Result<Opt
             Err(invalid("the control token has spaces or control characters; use letters, digits and punctuation"))
         }
         other => Ok(other),
+    }
+}
+
+/// The TLS settings: flags over the file. Certificates without a mode are refused rather than
+/// silently unused, and a mode that needs certificates says where they go.
+fn tls_settings(
+    overrides: &Overrides,
+    file: TlsFile,
+    base_dir: Option<&Path>,
+) -> Result<Option<TlsSettings>, ConfigError> {
+    let explicit_mode = overrides.tls.or(file.mode);
+    let certificates = match (&overrides.tls_certificates, file.certificates) {
+        (Some(dir), _) if !dir.as_os_str().is_empty() => Some(dir.clone()),
+        (_, Some(dir)) => Some(match base_dir {
+            Some(base) if dir.is_relative() => base.join(dir),
+            _ => dir,
+        }),
+        _ => None,
+    };
+    let verify_peer = overrides.tls_verify_peer || file.verify_peer.unwrap_or(false);
+    match explicit_mode {
+        None if certificates.is_some() || verify_peer => Err(invalid(
+            "TLS certificates or --tls-verify-peer are given but TLS is not turned on: add --tls on \
+             (clients choose) or --tls require (plain clients are refused)",
+        )),
+        None | Some(TlsMode::Off) => Ok(None),
+        Some(mode) => match certificates {
+            Some(certificates) => Ok(Some(TlsSettings { mode, certificates, verify_peer })),
+            None => Err(invalid(format!(
+                "--tls {} needs --tls-certificates DIR: a directory with server-cert.pem, server-key.pem \
+                 and ca-cert.pem (see docs/security.md)",
+                mode.name()
+            ))),
+        },
     }
 }
 
@@ -363,6 +414,7 @@ impl Config {
             listen,
             control,
             control_token: control_token(overrides, file.control_token)?,
+            tls: tls_settings(overrides, file.tls, base_dir)?,
             fault_log: overrides.fault_log.clone().or(file.fault_log),
             limits,
             exports,
@@ -477,6 +529,29 @@ mod tests {
         assert_eq!(Config::load(&overrides).unwrap().control_token.as_deref(), Some("s3cret"));
         let missing = Overrides { control_token_file: Some(dir.path().join("nope")), ..Default::default() };
         assert!(Config::load(&missing).unwrap_err().to_string().contains("cannot read the control token file"));
+    }
+
+    #[test]
+    fn tls_comes_from_flags_or_the_file_and_needs_certificates() {
+        let overrides =
+            Overrides { tls: Some(TlsMode::Require), tls_certificates: Some("/pki".into()), ..Default::default() };
+        let tls = Config::load(&overrides).unwrap().tls.unwrap();
+        assert_eq!(tls, TlsSettings { mode: TlsMode::Require, certificates: "/pki".into(), verify_peer: false });
+
+        let config = load_yaml("tls:\n  mode: on\n  certificates: pki\n  verify_peer: true\n", &Overrides::default());
+        let tls = config.unwrap().tls.unwrap();
+        assert_eq!(tls, TlsSettings { mode: TlsMode::On, certificates: "/etc/nbdfault/pki".into(), verify_peer: true });
+        // The flag wins over the file, also to turn TLS off.
+        let off = Overrides { tls: Some(TlsMode::Off), ..Default::default() };
+        assert!(load_yaml("tls: {mode: require, certificates: pki}\n", &off).unwrap().tls.is_none());
+
+        let error = |overrides: Overrides| Config::load(&overrides).unwrap_err().to_string();
+        assert!(error(Overrides { tls: Some(TlsMode::On), ..Default::default() }).contains("--tls-certificates DIR"));
+        let unused = Overrides { tls_certificates: Some("/pki".into()), ..Default::default() };
+        assert!(error(unused).contains("--tls require"));
+        assert!(error(Overrides { tls_verify_peer: true, ..Default::default() }).contains("--tls on"));
+        let bad_mode = load_yaml("tls: {mode: yes}\n", &Overrides::default()).unwrap_err().to_string();
+        assert!(bad_mode.contains("off") && bad_mode.contains("require"), "{bad_mode}");
     }
 
     #[test]

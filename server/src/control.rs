@@ -17,11 +17,14 @@ use axum::routing::{get, post, put};
 use nbdfault_policies::{BadSector, Policy, RuleCounter, TriggerState};
 use serde::{Deserialize, Serialize};
 
+use crate::storage::file::FileDataPath;
+
 use crate::export::{CounterValues, Export, Exports};
 use crate::fault::Clock;
 use crate::fault::log::FaultLog;
 use crate::shutdown::Shutdown;
 use crate::storage::IoContext;
+use crate::tls::Tls;
 use crate::wire::{errno, transmission_flags};
 
 /// The most bytes one `data` request reads or writes.
@@ -131,13 +134,92 @@ async fn authorize(State(state): State<ControlState>, request: Request, next: Ne
     next.run(request).await
 }
 
-/// Serves the API on `listener` until shutdown begins.
-pub async fn serve(listener: tokio::net::TcpListener, state: ControlState, mut shutdown: Shutdown) {
+/// Serves the API on `listener` until shutdown begins: over HTTPS when `tls` is given.
+pub async fn serve(listener: tokio::net::TcpListener, state: ControlState, tls: Option<Arc<Tls>>, shutdown: Shutdown) {
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!("control API on http://{address}/v1/");
-    let served = axum::serve(listener, router(state)).with_graceful_shutdown(async move { shutdown.stopping().await });
-    if let Err(error) = served.await {
+    let app = router(state);
+    let mut stopping = shutdown.clone();
+    let stopping = async move { stopping.stopping().await };
+    let served = match tls {
+        Some(tls) => {
+            tracing::info!(verify_peer = tls.verify_peer, "control API on https://{address}/v1/");
+            let listener = TlsListener::new(listener, tls, shutdown);
+            axum::serve(listener, app).with_graceful_shutdown(stopping).await
+        }
+        None => {
+            tracing::info!("control API on http://{address}/v1/");
+            axum::serve(listener, app).with_graceful_shutdown(stopping).await
+        }
+    };
+    if let Err(error) = served {
         tracing::error!(%error, "the control API stopped");
+    }
+}
+
+/// TLS handshakes in progress on the control listener at once; more wait in the backlog.
+const MAX_TLS_HANDSHAKES: usize = 64;
+/// Time a control client has to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Accepts TCP connections and yields them once their TLS handshake is done. Handshakes run in
+/// their own tasks, bounded in number and time, so a slow client delays nobody else.
+struct TlsListener {
+    accepted: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, SocketAddr)>,
+    address: SocketAddr,
+}
+
+impl TlsListener {
+    fn new(listener: tokio::net::TcpListener, tls: Arc<Tls>, mut shutdown: Shutdown) -> TlsListener {
+        let address = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let (sender, accepted) = tokio::sync::mpsc::channel(MAX_TLS_HANDSHAKES);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_TLS_HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else { return };
+                let (stream, peer) = tokio::select! {
+                    _ = shutdown.stopping() => return,
+                    _ = sender.closed() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(error) => {
+                            tracing::warn!(%error, "accepting a control connection failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                };
+                let acceptor = tls.http().clone();
+                let sender = sender.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = sender.send((stream, peer)).await;
+                        }
+                        Ok(Err(error)) => tracing::info!(%peer, %error, "control API: TLS handshake failed"),
+                        Err(_) => tracing::info!(%peer, "control API: TLS handshake timed out"),
+                    }
+                    drop(permit);
+                });
+            }
+        });
+        TlsListener { accepted, address }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.accepted.recv().await {
+            Some(accepted) => accepted,
+            // The accepting task ended (shutdown): wait for the graceful shutdown to end serve.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.address)
     }
 }
 
@@ -182,6 +264,9 @@ struct ExportView {
     requests_decided: u64,
     faults_logged: usize,
     unflushed_bytes: u64,
+    /// How a file (or an overlay's base file) is read and written; absent for memory storage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_path: Option<FileDataPath>,
 }
 
 fn export_view(state: &ControlState, export: &Export) -> ExportView {
@@ -208,6 +293,7 @@ fn export_view(state: &ControlState, export: &Export) -> ExportView {
         requests_decided: engine.requests_decided(),
         faults_logged: state.log.count(&export.name),
         unflushed_bytes: export.faults.unflushed_bytes(),
+        data_path: export.storage.data_path(),
     }
 }
 

@@ -7,6 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::export::{Export, Exports};
+use crate::tls::TlsMode;
 use crate::wire::option::{OPTION_HEADER_LEN, OptionHeader, OptionReply, OptionRequest};
 use crate::wire::request::MAX_PAYLOAD;
 use crate::wire::{
@@ -45,16 +46,32 @@ pub enum HandshakeError {
     NotFixedNewstyle(u32),
     #[error("EXPORT_NAME asked for {0:?}, which does not exist (this option cannot report errors)")]
     UnknownExport(String),
+    #[error("TLS handshake after STARTTLS failed: {0}")]
+    Tls(std::io::Error),
+    #[error("EXPORT_NAME before STARTTLS, and this server requires TLS (this option cannot report errors)")]
+    TlsRequired,
 }
 
-/// Ended: the client chose an export, or left with ABORT.
+/// Ended: the client chose an export, left with ABORT, or asked for TLS.
 pub enum Outcome {
     Transmission(Session),
     Aborted,
+    /// STARTTLS was acknowledged in plain text: the caller runs the TLS handshake on the same
+    /// socket, then continues with [`resume`] on the TLS stream.
+    StartTls(Resume),
 }
 
-/// Runs the handshake on `stream` against `exports`.
-pub async fn negotiate<S>(stream: &mut S, exports: &Exports) -> Result<Outcome, HandshakeError>
+/// What survives STARTTLS: everything else negotiated before it is discarded, as the protocol
+/// demands.
+#[derive(Debug, Clone, Copy)]
+pub struct Resume {
+    no_zeroes: bool,
+    /// Options the client has sent so far, counted against [`MAX_OPTIONS`].
+    options: usize,
+}
+
+/// Runs the handshake on `stream` against `exports`, offering TLS as `tls` says.
+pub async fn negotiate<S>(stream: &mut S, exports: &Exports, tls: TlsMode) -> Result<Outcome, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -68,16 +85,32 @@ where
     if client & !(client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES) != 0 {
         return Err(HandshakeError::BadClientFlags(client));
     }
-    let mut state = Negotiation {
+    let state = Negotiation::new(
         exports,
-        fixed: client & client_flags::FIXED_NEWSTYLE != 0,
-        no_zeroes: client & client_flags::NO_ZEROES != 0,
-        structured_replies: false,
-        meta_context_export: None,
-        listed: false,
-    };
+        tls,
+        client & client_flags::FIXED_NEWSTYLE != 0,
+        client & client_flags::NO_ZEROES != 0,
+        false,
+    );
+    options(stream, state, 0).await
+}
 
-    for _ in 0..MAX_OPTIONS {
+/// Continues the handshake on the TLS stream after STARTTLS, with nothing negotiated yet but
+/// the client flags.
+pub async fn resume<S>(stream: &mut S, exports: &Exports, resume: Resume) -> Result<Outcome, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let state = Negotiation::new(exports, TlsMode::Require, true, resume.no_zeroes, true);
+    options(stream, state, resume.options).await
+}
+
+/// Reads and answers options until one ends the handshake.
+async fn options<S>(stream: &mut S, mut state: Negotiation<'_>, sent: usize) -> Result<Outcome, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    for count in sent..MAX_OPTIONS {
         let mut header = [0u8; OPTION_HEADER_LEN];
         stream.read_exact(&mut header).await?;
         let header = OptionHeader::decode(&header);
@@ -92,7 +125,7 @@ where
         if !state.fixed && header.code != opt::EXPORT_NAME {
             return Err(HandshakeError::NotFixedNewstyle(header.code));
         }
-        tracing::debug!(option = opt::name(header.code), length = header.length, "option");
+        tracing::debug!(option = opt::name(header.code), length = header.length, tls = state.tls_active, "option");
         let mut out = BytesMut::new();
         let step = state.handle(header.code, Bytes::from(data), &mut out)?;
         if !out.is_empty() {
@@ -107,6 +140,10 @@ where
             Step::Continue => {}
             Step::Abort => return Ok(Outcome::Aborted),
             Step::Transmission(session) => return Ok(Outcome::Transmission(session)),
+            Step::StartTls => {
+                stream.flush().await?;
+                return Ok(Outcome::StartTls(Resume { no_zeroes: state.no_zeroes, options: count + 1 }));
+            }
         }
     }
     Err(HandshakeError::TooManyOptions)
@@ -116,10 +153,14 @@ enum Step {
     Continue,
     Abort,
     Transmission(Session),
+    StartTls,
 }
 
 struct Negotiation<'a> {
     exports: &'a Exports,
+    tls: TlsMode,
+    /// STARTTLS has happened: this is the TLS stream.
+    tls_active: bool,
     fixed: bool,
     no_zeroes: bool,
     structured_replies: bool,
@@ -128,10 +169,34 @@ struct Negotiation<'a> {
     listed: bool,
 }
 
-impl Negotiation<'_> {
+impl<'a> Negotiation<'a> {
+    fn new(exports: &'a Exports, tls: TlsMode, fixed: bool, no_zeroes: bool, tls_active: bool) -> Self {
+        Negotiation {
+            exports,
+            tls,
+            tls_active,
+            fixed,
+            no_zeroes,
+            structured_replies: false,
+            meta_context_export: None,
+            listed: false,
+        }
+    }
+
     /// Handles one option, appending its replies to `out`.
     fn handle(&mut self, code: u32, data: Bytes, out: &mut BytesMut) -> Result<Step, HandshakeError> {
         let reply = |out: &mut BytesMut, reply: OptionReply| reply.encode(out);
+        // FORCEDTLS: before STARTTLS, only STARTTLS and ABORT are answered; the rest, whatever
+        // their data, get ERR_TLS_REQD, and EXPORT_NAME (which cannot fail) ends the connection.
+        if self.tls == TlsMode::Require && !self.tls_active && code != opt::STARTTLS && code != opt::ABORT {
+            if code == opt::EXPORT_NAME {
+                return Err(HandshakeError::TlsRequired);
+            }
+            let message = "this server requires TLS: send STARTTLS first (nbds:// URIs for libnbd, \
+                           tls-creds for qemu, -enable-tls for nbd-client)";
+            reply(out, OptionReply::error(code, reply_type::ERR_TLS_REQD, message));
+            return Ok(Step::Continue);
+        }
         let request = match OptionRequest::parse(code, data) {
             Ok(request) => request,
             Err(invalid) => {
@@ -155,6 +220,17 @@ impl Negotiation<'_> {
             OptionRequest::Abort => {
                 reply(out, OptionReply::ack(code));
                 return Ok(Step::Abort);
+            }
+            OptionRequest::StartTls => {
+                if self.tls_active {
+                    reply(out, OptionReply::error(code, reply_type::ERR_INVALID, "TLS is already on"));
+                } else if self.tls == TlsMode::Off {
+                    let message = "TLS is off on this server (it is started with --tls on or --tls require)";
+                    reply(out, OptionReply::error(code, reply_type::ERR_POLICY, message));
+                } else {
+                    reply(out, OptionReply::ack(code));
+                    return Ok(Step::StartTls);
+                }
             }
             OptionRequest::List => {
                 if self.listed {
@@ -284,6 +360,14 @@ mod tests {
 
     /// Runs a handshake with the given client bytes; returns the outcome and what the server sent.
     async fn run(client_flags: u32, options: &[Vec<u8>]) -> (Result<Outcome, HandshakeError>, Vec<u8>) {
+        run_with(TlsMode::Off, client_flags, options).await
+    }
+
+    async fn run_with(
+        tls: TlsMode,
+        client_flags: u32,
+        options: &[Vec<u8>],
+    ) -> (Result<Outcome, HandshakeError>, Vec<u8>) {
         let (mut client, mut server) = duplex(1 << 20);
         let mut input = client_flags.to_be_bytes().to_vec();
         for option in options {
@@ -291,7 +375,7 @@ mod tests {
         }
         client.write_all(&input).await.unwrap();
         let exports = exports();
-        let outcome = negotiate(&mut server, &exports).await;
+        let outcome = negotiate(&mut server, &exports, tls).await;
         drop(server);
         let mut sent = Vec::new();
         client.read_to_end(&mut sent).await.unwrap();
@@ -387,8 +471,120 @@ mod tests {
         let replies = replies(&sent);
         assert_eq!(replies[0].reply_type, reply_type::ERR_UNSUP);
         assert_eq!(replies[0].option, 0x0765_4321);
-        assert_eq!(replies[1].reply_type, reply_type::ERR_UNSUP);
+        // NOTLS: STARTTLS is refused by policy, never with ERR_TLS_REQD.
+        assert_eq!(replies[1].reply_type, reply_type::ERR_POLICY);
         assert_eq!(replies[2].reply_type, reply_type::ACK);
+    }
+
+    #[tokio::test]
+    async fn require_refuses_every_option_but_starttls_and_abort_with_err_tls_reqd() {
+        let options = [
+            option_bytes(opt::LIST, &[]),
+            option_bytes(opt::INFO, &go_data("disk", &[info::NAME])),
+            option_bytes(opt::GO, &go_data("disk", &[])),
+            option_bytes(opt::GO, &[0, 0, 0, 9, 1]),
+            option_bytes(opt::STRUCTURED_REPLY, &[]),
+            option_bytes(opt::SET_META_CONTEXT, &meta_context_request_data("disk", &[BASE_ALLOCATION])),
+            option_bytes(0x0765_4321, b"four"),
+            option_bytes(opt::ABORT, &[]),
+        ];
+        let (outcome, sent) = run_with(TlsMode::Require, 3, &options).await;
+        assert!(matches!(outcome, Ok(Outcome::Aborted)));
+        let replies = replies(&sent);
+        assert_eq!(replies.len(), options.len());
+        for reply in &replies[..options.len() - 1] {
+            assert_eq!(reply.reply_type, reply_type::ERR_TLS_REQD, "option {}", reply.option);
+        }
+        assert_eq!(replies.last().unwrap().reply_type, reply_type::ACK);
+    }
+
+    #[tokio::test]
+    async fn require_disconnects_export_name_before_starttls() {
+        let (outcome, _) = run_with(TlsMode::Require, 3, &[option_bytes(opt::EXPORT_NAME, b"disk")]).await;
+        assert!(matches!(outcome, Err(HandshakeError::TlsRequired)));
+        let (outcome, _) = run_with(TlsMode::Require, 0, &[option_bytes(opt::EXPORT_NAME, b"disk")]).await;
+        assert!(matches!(outcome, Err(HandshakeError::TlsRequired)));
+    }
+
+    #[tokio::test]
+    async fn on_serves_plain_clients_and_acks_starttls() {
+        let (outcome, _) = run_with(TlsMode::On, 3, &[option_bytes(opt::GO, &go_data("disk", &[]))]).await;
+        assert!(matches!(outcome, Ok(Outcome::Transmission(_))));
+        let (outcome, sent) = run_with(
+            TlsMode::On,
+            3,
+            &[option_bytes(opt::STRUCTURED_REPLY, &[]), option_bytes(opt::STARTTLS, &[]), option_bytes(opt::LIST, &[])],
+        )
+        .await;
+        let Ok(Outcome::StartTls(resume)) = outcome else { panic!("no STARTTLS") };
+        assert_eq!(resume.options, 2);
+        let replies = replies(&sent);
+        // Nothing after the ACK was read or answered: the rest of the stream belongs to TLS.
+        assert_eq!(replies.len(), 2);
+        assert_eq!(replies[1].reply_type, reply_type::ACK);
+        assert_eq!(replies[1].option, opt::STARTTLS);
+        let (_, sent) =
+            run_with(TlsMode::On, 3, &[option_bytes(opt::STARTTLS, b"x"), option_bytes(opt::ABORT, &[])]).await;
+        assert_eq!(self::replies(&sent)[0].reply_type, reply_type::ERR_INVALID);
+    }
+
+    /// Runs [`resume`] on a plain stream: the state after STARTTLS does not depend on the cipher.
+    async fn run_resumed(resume_from: Resume, options: &[Vec<u8>]) -> (Result<Outcome, HandshakeError>, Vec<u8>) {
+        let (mut client, mut server) = duplex(1 << 20);
+        client.write_all(&options.concat()).await.unwrap();
+        let exports = exports();
+        let outcome = resume(&mut server, &exports, resume_from).await;
+        drop(server);
+        let mut sent = Vec::new();
+        client.read_to_end(&mut sent).await.unwrap();
+        (outcome, sent)
+    }
+
+    fn replies_after_tls(sent: &[u8]) -> Vec<OptionReply> {
+        let mut rest = sent;
+        let mut replies = Vec::new();
+        while let Some((reply, used)) = OptionReply::decode(rest) {
+            replies.push(reply);
+            rest = &rest[used..];
+        }
+        replies
+    }
+
+    #[tokio::test]
+    async fn after_starttls_state_starts_over_and_a_second_starttls_is_invalid() {
+        let (outcome, _) = run_with(
+            TlsMode::Require,
+            3,
+            &[option_bytes(opt::STRUCTURED_REPLY, &[]), option_bytes(opt::STARTTLS, &[])],
+        )
+        .await;
+        let Ok(Outcome::StartTls(resumed)) = outcome else { panic!("no STARTTLS") };
+        let (outcome, sent) = run_resumed(
+            resumed,
+            &[
+                option_bytes(opt::STARTTLS, &[]),
+                option_bytes(opt::LIST, &[]),
+                option_bytes(opt::GO, &go_data("disk", &[])),
+            ],
+        )
+        .await;
+        let Ok(Outcome::Transmission(session)) = outcome else { panic!("no transmission") };
+        // STRUCTURED_REPLY was negotiated in plain text: it does not survive STARTTLS.
+        assert!(!session.structured_replies);
+        let replies = replies_after_tls(&sent);
+        assert_eq!(replies[0].reply_type, reply_type::ERR_INVALID);
+        assert!(replies.iter().all(|r| r.reply_type != reply_type::ERR_TLS_REQD));
+        assert_eq!(replies.iter().filter(|r| r.reply_type == reply_type::SERVER).count(), 2);
+        let (outcome, _) = run_resumed(resumed, &[option_bytes(opt::EXPORT_NAME, b"disk")]).await;
+        assert!(matches!(outcome, Ok(Outcome::Transmission(_))));
+    }
+
+    #[tokio::test]
+    async fn options_before_starttls_count_against_the_limit() {
+        let resumed = Resume { no_zeroes: true, options: MAX_OPTIONS - 1 };
+        let options = [option_bytes(0x1234, &[]), option_bytes(0x1234, &[])];
+        let (outcome, _) = run_resumed(resumed, &options).await;
+        assert!(matches!(outcome, Err(HandshakeError::TooManyOptions)));
     }
 
     #[tokio::test]

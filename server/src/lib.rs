@@ -14,5 +14,6 @@ pub mod logging;
 pub mod server;
 pub mod shutdown;
 pub mod storage;
+pub mod tls;
 pub mod transmission;
 pub mod wire;

@@ -119,7 +119,8 @@ fn replay(args: &ReplayArgs) -> ExitCode {
 
 fn run_ctl(args: &CtlArgs) -> Result<(), ctl::CtlError> {
     let control_env = std::env::var("NBDFAULT_CONTROL").ok();
-    let url = nbdfault::cli::control_url(args.url.as_deref(), control_env.as_deref());
+    let url = nbdfault::cli::control_url(args.url.as_deref(), control_env.as_deref(), args.tls_certificates.is_some());
+    let tls = args.tls_certificates.as_deref().map(ctl::client_tls).transpose()?;
     let token = match &args.token_file {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|error| {
@@ -129,7 +130,7 @@ fn run_ctl(args: &CtlArgs) -> Result<(), ctl::CtlError> {
         }
         None => args.token.clone(),
     };
-    let client = Client::new(&url, token.filter(|token| !token.is_empty()));
+    let client = Client::new(&url, token.filter(|token| !token.is_empty()), tls);
     let export_path = |name: &str| format!("/v1/exports/{}", path_segment(name));
     let print = |text: String| {
         println!("{}", text.trim_end());

@@ -21,6 +21,7 @@ use crate::fault::log::{self as fault_log, FaultLog};
 use crate::handshake::{self, Outcome};
 use crate::shutdown::{Shutdown, ShutdownController};
 use crate::storage::{BlockDevice, FileDevice, IoContext, MemoryDevice, OverlayDevice, file::OpenError};
+use crate::tls::{Tls, TlsError, TlsMode};
 use crate::transmission::{self, ConnectionLimits};
 
 /// Why the server could not start.
@@ -38,6 +39,8 @@ pub enum StartError {
     Policy { export: String, message: String },
     #[error("cannot open the fault log {path}: {source}")]
     FaultLog { path: String, source: std::io::Error },
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// What to do about a socket that cannot be bound; `flag` is the option that sets its address.
@@ -137,6 +140,7 @@ pub struct Server {
     control: Option<(TcpListener, ControlState)>,
     log: Arc<FaultLog>,
     limits: Limits,
+    tls: Option<Arc<Tls>>,
     controller: ShutdownController,
 }
 
@@ -145,6 +149,7 @@ impl Server {
     /// reported before the server says it is ready.
     pub async fn start(config: &Config) -> Result<Server, StartError> {
         let clock = Clock::start();
+        let tls = config.tls.as_ref().map(Tls::load).transpose()?.map(Arc::new);
         let log = open_fault_log(config)?;
         let exports = Arc::new(build_exports(config, &log, clock)?);
         let mut listeners = Vec::new();
@@ -169,7 +174,15 @@ impl Server {
             }
             None => None,
         };
-        Ok(Server { exports, listeners, control, log, limits: config.limits, controller: ShutdownController::new() })
+        Ok(Server {
+            exports,
+            listeners,
+            control,
+            log,
+            limits: config.limits,
+            tls,
+            controller: ShutdownController::new(),
+        })
     }
 
     pub fn local_addresses(&self) -> Vec<SocketAddr> {
@@ -191,9 +204,9 @@ impl Server {
     /// Serves until `stop` resolves, then shuts down: stop accepting, let in-flight requests
     /// finish within the grace period, answer the rest with ESHUTDOWN, flush every export.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
-        let Server { exports, listeners, control, log, limits, controller } = self;
-        let control_task =
-            control.map(|(listener, state)| tokio::spawn(control::serve(listener, state, controller.handle())));
+        let Server { exports, listeners, control, log, limits, tls, controller } = self;
+        let control_task = control
+            .map(|(listener, state)| tokio::spawn(control::serve(listener, state, tls.clone(), controller.handle())));
         let slots = Arc::new(Semaphore::new(limits.max_connections));
         let next_id = Arc::new(AtomicU64::new(1));
         // Every connection holds a sender; when all are dropped, every connection has ended.
@@ -203,6 +216,7 @@ impl Server {
                 listener,
                 exports: Arc::clone(&exports),
                 limits,
+                tls: tls.clone(),
                 slots: Arc::clone(&slots),
                 next_id: Arc::clone(&next_id),
                 shutdown: controller.handle(),
@@ -242,6 +256,7 @@ struct Acceptor {
     listener: TcpListener,
     exports: Arc<Exports>,
     limits: Limits,
+    tls: Option<Arc<Tls>>,
     slots: Arc<Semaphore>,
     next_id: Arc<AtomicU64>,
     shutdown: Shutdown,
@@ -271,12 +286,13 @@ impl Acceptor {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let exports = Arc::clone(&self.exports);
             let limits = self.limits;
+            let tls = self.tls.clone();
             let shutdown = self.shutdown.clone();
             let alive = self.alive.clone();
             let span = tracing::info_span!("connection", id, %peer);
             tokio::spawn(
                 async move {
-                    handle_connection(stream, id, &exports, limits, shutdown).await;
+                    handle_connection(stream, id, &exports, limits, tls.as_deref(), shutdown).await;
                     drop(slot);
                     drop(alive);
                 }
@@ -286,15 +302,51 @@ impl Acceptor {
     }
 }
 
-async fn handle_connection(mut stream: TcpStream, id: u64, exports: &Exports, limits: Limits, mut shutdown: Shutdown) {
+/// A connection at the end of its handshake: still plain, or upgraded by STARTTLS.
+enum Negotiated {
+    Plain(TcpStream, Outcome),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, Outcome),
+}
+
+/// The handshake, with the TLS upgrade when the client asks for it.
+async fn negotiate(
+    mut stream: TcpStream,
+    exports: &Exports,
+    tls: Option<&Tls>,
+) -> Result<Negotiated, handshake::HandshakeError> {
+    let mode = tls.map_or(TlsMode::Off, |tls| tls.mode);
+    match handshake::negotiate(&mut stream, exports, mode).await? {
+        Outcome::StartTls(resume) => {
+            let tls = tls.expect("STARTTLS is only acknowledged when TLS is configured");
+            let mut stream = tls.nbd().accept(stream).await.map_err(handshake::HandshakeError::Tls)?;
+            tracing::debug!(
+                version = ?stream.get_ref().1.protocol_version(),
+                cipher = ?stream.get_ref().1.negotiated_cipher_suite().map(|suite| suite.suite()),
+                "TLS is on"
+            );
+            let outcome = handshake::resume(&mut stream, exports, resume).await?;
+            Ok(Negotiated::Tls(Box::new(stream), outcome))
+        }
+        outcome => Ok(Negotiated::Plain(stream, outcome)),
+    }
+}
+
+async fn handle_connection(
+    stream: TcpStream,
+    id: u64,
+    exports: &Exports,
+    limits: Limits,
+    tls: Option<&Tls>,
+    mut shutdown: Shutdown,
+) {
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "cannot set TCP_NODELAY");
     }
     let negotiated = tokio::select! {
         _ = shutdown.stopping() => return,
-        result = tokio::time::timeout(limits.handshake_timeout, handshake::negotiate(&mut stream, exports)) => result,
+        result = tokio::time::timeout(limits.handshake_timeout, negotiate(stream, exports, tls)) => result,
     };
-    let session = match negotiated {
+    let negotiated = match negotiated {
         Err(_) => {
             tracing::info!(timeout = ?limits.handshake_timeout, "handshake timed out; closing");
             return;
@@ -303,18 +355,35 @@ async fn handle_connection(mut stream: TcpStream, id: u64, exports: &Exports, li
             tracing::info!(%error, "handshake failed; closing");
             return;
         }
-        Ok(Ok(Outcome::Aborted)) => {
+        Ok(Ok(negotiated)) => negotiated,
+    };
+    let (outcome, encrypted) = match &negotiated {
+        Negotiated::Plain(_, outcome) => (outcome, false),
+        Negotiated::Tls(_, outcome) => (outcome, true),
+    };
+    let session = match outcome {
+        Outcome::Aborted => {
             tracing::debug!("client ended the handshake");
             return;
         }
-        Ok(Ok(Outcome::Transmission(session))) => session,
+        Outcome::StartTls(_) => unreachable!("STARTTLS is handled by negotiate"),
+        Outcome::Transmission(session) => session.clone(),
     };
     let export = Arc::clone(&session.export);
     Counters::add(&export.counters.connections, 1);
-    tracing::info!(export = %export.name, structured_replies = session.structured_replies, flags = format!("{:#x}", session.flags), "client attached");
-    let (reader, writer) = stream.into_split();
+    tracing::info!(export = %export.name, structured_replies = session.structured_replies, tls = encrypted, flags = format!("{:#x}", session.flags), "client attached");
     let limits = ConnectionLimits { max_in_flight: limits.max_in_flight };
-    match transmission::serve(reader, writer, session, id, limits, shutdown).await {
+    let served = match negotiated {
+        Negotiated::Plain(stream, _) => {
+            let (reader, writer) = stream.into_split();
+            transmission::serve(reader, writer, session, id, limits, shutdown).await
+        }
+        Negotiated::Tls(stream, _) => {
+            let (reader, writer) = tokio::io::split(*stream);
+            transmission::serve(reader, writer, session, id, limits, shutdown).await
+        }
+    };
+    match served {
         Ok(end) => tracing::info!(export = %export.name, ?end, "client detached"),
         Err(error) => tracing::warn!(export = %export.name, %error, "connection closed"),
     }

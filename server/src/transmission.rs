@@ -7,10 +7,9 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -19,22 +18,28 @@ use crate::export::{Counters, Export};
 use crate::handshake::Session;
 use crate::shutdown::Shutdown;
 use crate::storage::{BlockDevice, Extent, IoContext, IoError, ZeroFlags};
-use crate::wire::request::{Command, MAX_PAYLOAD, Negotiated, REQUEST_HEADER_LEN, RequestHeader, validate};
-use crate::wire::{BASE_ALLOCATION_ID, REQUEST_MAGIC, chunk, command, command_flags, errno, reply};
+use crate::wire::request::{Command, MAX_PAYLOAD, Negotiated, RequestHeader, validate};
+use crate::wire::{BASE_ALLOCATION_ID, chunk, command, command_flags, errno, reply};
 
-/// A WRITE over [`MAX_PAYLOAD`] up to this size is drained and refused; above it the connection
-/// is dropped rather than read (a denial-of-service bound, as in nbdkit).
-pub const MAX_DRAIN: u32 = 64 << 20;
-const _: () = assert!(MAX_DRAIN >= MAX_PAYLOAD);
+mod reader;
+mod replies;
+pub use reader::{MAX_DRAIN, RequestReader};
+use replies::{Head, Outgoing, Reply, write_replies};
+
 /// What a request without a payload costs against the in-flight budget.
 const MIN_COST: u32 = 4096;
-/// Replies are gathered in a buffer of this size and sent when no more are waiting.
-const WRITE_BUFFER: usize = 256 << 10;
-/// Requests are read through a buffer of this size; payloads larger than it bypass it.
-const READ_BUFFER: usize = 64 << 10;
-/// How long the replies to abandoned requests (ESHUTDOWN) may take to go out once the shutdown
-/// grace period is over.
-const LAST_REPLIES: Duration = Duration::from_millis(200);
+
+/// What a request holds against the in-flight budget while it is served: its payload or its
+/// read buffer. A WRITE too large to serve is drained, never held.
+fn cost(header: &RequestHeader) -> u32 {
+    match header.kind {
+        command::WRITE if header.length > MAX_PAYLOAD => MIN_COST,
+        command::WRITE | command::READ => header.length.clamp(MIN_COST, MAX_PAYLOAD),
+        _ => MIN_COST,
+    }
+}
+/// The most replies the reader gathers from requests done at once before handing them over.
+const MAX_READY: usize = 64;
 
 /// How the transmission phase ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,12 +73,6 @@ pub struct ConnectionLimits {
     pub max_in_flight: u32,
 }
 
-/// One reply on its way to the writer.
-enum Outgoing {
-    Reply { head: Bytes, data: Option<Bytes>, _permit: Option<OwnedSemaphorePermit> },
-    Disconnect { reason: String },
-}
-
 /// Serves requests from `reader` until DISC, EOF, shutdown or a protocol violation.
 pub async fn serve<R, W>(
     reader: R,
@@ -87,8 +86,7 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    // A pipelining client sends many headers per packet: read them in one call, not one each.
-    let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
+    let mut requests = RequestReader::new(reader);
     let (tx, rx) = mpsc::unbounded_channel();
     let (closed_tx, mut closed) = watch::channel(false);
     let writer_task = tokio::spawn(write_replies(writer, rx, closed_tx, shutdown.clone()));
@@ -101,59 +99,45 @@ where
         meta_context: session.meta_context,
     };
     let mut tasks = JoinSet::new();
+    // Replies of requests that were done at once, handed to the writer together when the reader
+    // is about to wait (or has gathered enough): one wake-up and one write for all of them.
+    let mut ready: Vec<Outgoing> = Vec::new();
+    let hand_over = |ready: &mut Vec<Outgoing>| {
+        if !ready.is_empty() {
+            let _ = tx.send(Outgoing::Batch(std::mem::replace(ready, Vec::with_capacity(MAX_READY))));
+        }
+    };
 
     let outcome: Result<End, TransmissionError> = async {
         loop {
             while tasks.try_join_next().is_some() {}
-            let mut header = [0u8; REQUEST_HEADER_LEN];
-            let got_header = tokio::select! {
+            let header = tokio::select! {
                 biased;
                 _ = closed.wait_for(|closed| *closed) => return Ok(End::Dropped),
                 _ = shutdown.stopping() => return Ok(End::Shutdown),
-                result = read_header(&mut reader, &mut header) => result?,
+                header = requests.header() => header?,
             };
-            if !got_header {
-                return Ok(End::Closed);
-            }
-            let header = RequestHeader::decode(&header);
-            if header.magic != REQUEST_MAGIC {
-                return Err(TransmissionError::BadMagic(header.magic));
-            }
+            let Some(header) = header else { return Ok(End::Closed) };
             Counters::add(&export.counters.requests, 1);
-
-            let is_write = header.kind == command::WRITE;
-            if is_write && header.length > MAX_PAYLOAD {
-                if header.length > MAX_DRAIN {
-                    return Err(TransmissionError::PayloadTooLarge(header.length));
-                }
-                // A client may finish sending a payload during the shutdown grace period, not after.
-                tokio::select! {
-                    result = drain(&mut reader, header.length) => result?,
-                    _ = shutdown.abandoned() => return Ok(End::Shutdown),
-                }
-            }
-            let cost = match header.kind {
-                command::WRITE | command::READ => header.length.clamp(MIN_COST, MAX_PAYLOAD),
-                _ => MIN_COST,
-            };
             // Backpressure: at the bound, stop reading requests until replies free the budget.
-            let permit = tokio::select! {
-                biased;
-                _ = closed.wait_for(|closed| *closed) => return Ok(End::Dropped),
-                _ = shutdown.stopping() => return Ok(End::Shutdown),
-                permit = Arc::clone(&budget).acquire_many_owned(cost) => permit.expect("the budget is never closed"),
+            let permit = match Arc::clone(&budget).try_acquire_many_owned(cost(&header)) {
+                Ok(permit) => permit,
+                Err(_) => {
+                    // The replies gathered here hold budget too: they must go before waiting.
+                    hand_over(&mut ready);
+                    tokio::select! {
+                        biased;
+                        _ = closed.wait_for(|closed| *closed) => return Ok(End::Dropped),
+                        _ = shutdown.stopping() => return Ok(End::Shutdown),
+                        permit = Arc::clone(&budget).acquire_many_owned(cost(&header)) => permit.expect("the budget is never closed"),
+                    }
+                }
             };
-            let payload = if is_write && header.length <= MAX_PAYLOAD {
-                let mut payload = BytesMut::zeroed(header.length as usize);
-                tokio::select! {
-                    result = reader.read_exact(&mut payload) => result.map_err(truncated)?,
-                    _ = shutdown.abandoned() => return Ok(End::Shutdown),
-                };
-                payload.freeze()
-            } else {
-                Bytes::new()
+            // A client may finish sending a payload during the shutdown grace period, not after.
+            let payload = tokio::select! {
+                payload = requests.payload(&header) => payload?,
+                _ = shutdown.abandoned() => return Ok(End::Shutdown),
             };
-
             let cmd = match validate(&header, &negotiated) {
                 Ok(Command::Disc) => return Ok(End::Disconnect),
                 Ok(cmd) => cmd,
@@ -161,20 +145,20 @@ where
                     tracing::debug!(cookie = header.cookie, kind = header.kind, errno = rejection.errno, reason = %rejection.reason, "request refused");
                     Counters::add(&export.counters.errors, 1);
                     let (head, data) = encode_error(&header, rejection.errno, &rejection.reason, session.structured_replies);
-                    let _ = tx.send(Outgoing::Reply { head, data, _permit: Some(permit) });
+                    ready.push(Outgoing::Reply(Reply { head, data, _permit: Some(permit) }));
+                    if !requests.has_request() || ready.len() >= MAX_READY {
+                        hand_over(&mut ready);
+                    }
                     continue;
                 }
             };
-
-            let ctx = IoContext { connection, cookie: header.cookie, flags: header.flags };
             let request = RequestTask {
                 export: Arc::clone(&export),
                 cmd,
                 header,
                 payload,
-                ctx,
+                ctx: IoContext { connection, cookie: header.cookie, flags: header.flags },
                 structured: session.structured_replies,
-                tx: tx.clone(),
                 permit,
                 shutdown: shutdown.clone(),
             };
@@ -184,13 +168,26 @@ where
             // its first await, and that order must not depend on how the runtime happens to
             // schedule request tasks. Whatever the request then waits for runs in its own task.
             let mut task = Box::pin(request.run().instrument(span));
-            if start(task.as_mut()).is_pending() {
-                // Polled again once spawned, so it wakes through the runtime from then on.
-                tasks.spawn(task);
+            match start(task.as_mut()) {
+                Poll::Ready(outgoing) => ready.push(outgoing),
+                Poll::Pending => {
+                    // Polled again once spawned, so it wakes through the runtime from then on.
+                    let tx = tx.clone();
+                    tasks.spawn(async move {
+                        // The writer is gone only when the connection is; the reply has nobody
+                        // to go to then.
+                        let _ = tx.send(task.await);
+                    });
+                }
+            }
+            // Before the reader may wait for the client, the replies it holds go out.
+            if !requests.has_request() || ready.len() >= MAX_READY {
+                hand_over(&mut ready);
             }
         }
     }
     .await;
+    hand_over(&mut ready);
 
     drop(tx);
     match outcome {
@@ -219,10 +216,10 @@ where
 
 /// Polls a request once, here and now. Outside the cooperative budget: once the reader has used
 /// its budget up, `tokio::select!` would return before the request even reached the device.
-fn start(task: Pin<&mut impl Future<Output = ()>>) -> Poll<()> {
+fn start<T>(task: Pin<&mut impl Future<Output = T>>) -> Poll<T> {
     let mut task = Some(task);
     let mut once = tokio::task::coop::unconstrained(std::future::poll_fn(|cx| {
-        Poll::Ready(task.take().map_or(Poll::Ready(()), |task| task.poll(cx)))
+        Poll::Ready(task.take().expect("poll_fn is polled once").poll(cx))
     }));
     match Pin::new(&mut once).poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(first) => first,
@@ -234,91 +231,6 @@ async fn join_all(tasks: &mut JoinSet<()>) {
     while tasks.join_next().await.is_some() {}
 }
 
-fn truncated(error: std::io::Error) -> TransmissionError {
-    if error.kind() == std::io::ErrorKind::UnexpectedEof { TransmissionError::Truncated } else { error.into() }
-}
-
-/// Reads a request header. `Ok(false)` is a clean end of stream between requests.
-async fn read_header<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    header: &mut [u8; REQUEST_HEADER_LEN],
-) -> Result<bool, TransmissionError> {
-    let mut filled = 0;
-    while filled < REQUEST_HEADER_LEN {
-        match reader.read(&mut header[filled..]).await {
-            Ok(0) if filled == 0 => return Ok(false),
-            Ok(0) => return Err(TransmissionError::Truncated),
-            Ok(n) => filled += n,
-            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset && filled == 0 => return Ok(false),
-            Err(error) => return Err(error.into()),
-        }
-    }
-    Ok(true)
-}
-
-/// Reads and discards `length` bytes of a payload that will be refused, without allocating it.
-async fn drain<R: AsyncRead + Unpin>(reader: &mut R, length: u32) -> Result<(), TransmissionError> {
-    let mut scratch = vec![0u8; 64 << 10];
-    let mut left = length as usize;
-    while left > 0 {
-        let take = left.min(scratch.len());
-        reader.read_exact(&mut scratch[..take]).await.map_err(truncated)?;
-        left -= take;
-    }
-    Ok(())
-}
-
-/// Sends replies as they complete. Many small replies share one write; each reply goes out whole.
-/// Gives up when shutdown abandons in-flight work: a client that does not read its replies must
-/// not hold the server past the grace period.
-async fn write_replies<W: AsyncWrite + Unpin>(
-    writer: W,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    closed: watch::Sender<bool>,
-    mut shutdown: Shutdown,
-) -> std::io::Result<()> {
-    let mut writer = BufWriter::with_capacity(WRITE_BUFFER, writer);
-    let sending = async {
-        while let Some(outgoing) = rx.recv().await {
-            match outgoing {
-                Outgoing::Reply { head, data, _permit } => {
-                    writer.write_all(&head).await?;
-                    if let Some(data) = data {
-                        writer.write_all(&data).await?;
-                    }
-                    if rx.is_empty() {
-                        writer.flush().await?;
-                    }
-                }
-                Outgoing::Disconnect { reason } => {
-                    tracing::info!(%reason, "dropping the connection");
-                    return Ok(());
-                }
-            }
-        }
-        writer.flush().await?;
-        writer.shutdown().await
-    };
-    tokio::pin!(sending);
-    let result = tokio::select! {
-        result = &mut sending => result,
-        () = shutdown.abandoned() => {
-            // The requests still in flight are being answered ESHUTDOWN right now: send those
-            // answers too, but give a client that does not read them only a moment more.
-            match tokio::time::timeout(LAST_REPLIES, &mut sending).await {
-                Ok(result) => result,
-                Err(_) => {
-                    tracing::info!("the client did not take its replies before the shutdown grace period ended; closing");
-                    Ok(())
-                }
-            }
-        }
-    };
-    // Whatever the reason, the reader must stop: nothing more will be sent on this connection.
-    closed.send_replace(true);
-    result
-}
-
 /// One request on its way through the device.
 struct RequestTask {
     export: Arc<Export>,
@@ -327,7 +239,6 @@ struct RequestTask {
     payload: Bytes,
     ctx: IoContext,
     structured: bool,
-    tx: mpsc::UnboundedSender<Outgoing>,
     permit: OwnedSemaphorePermit,
     shutdown: Shutdown,
 }
@@ -340,14 +251,15 @@ enum Done {
 }
 
 impl RequestTask {
-    async fn run(mut self) {
+    /// Serves the request and returns its reply.
+    async fn run(mut self) -> Outgoing {
         let device = Arc::clone(&self.export.device);
         let result = tokio::select! {
             result = execute(&*device, self.cmd, &self.header, std::mem::take(&mut self.payload), self.ctx) => result,
             _ = self.shutdown.abandoned() => Err(IoError::new(errno::ESHUTDOWN, "the server is shutting down")),
         };
         let counters = &self.export.counters;
-        let outgoing = match result {
+        match result {
             Ok(done) => {
                 match self.cmd {
                     Command::Read => Counters::add(&counters.bytes_read, u64::from(self.header.length)),
@@ -355,18 +267,16 @@ impl RequestTask {
                     _ => {}
                 }
                 let (head, data) = encode_success(&self.header, done, self.structured);
-                Outgoing::Reply { head, data, _permit: Some(self.permit) }
+                Outgoing::Reply(Reply { head, data, _permit: Some(self.permit) })
             }
             Err(IoError::Disconnect { reason }) => Outgoing::Disconnect { reason },
             Err(IoError::Failed { errno, message }) => {
                 Counters::add(&counters.errors, 1);
                 tracing::debug!(errno = errno::name(errno), %message, "request failed");
                 let (head, data) = encode_error(&self.header, errno, &message, self.structured);
-                Outgoing::Reply { head, data, _permit: Some(self.permit) }
+                Outgoing::Reply(Reply { head, data, _permit: Some(self.permit) })
             }
-        };
-        // The writer is gone only when the connection is; the reply has nobody to go to then.
-        let _ = self.tx.send(outgoing);
+        }
     }
 }
 
@@ -422,50 +332,44 @@ fn fit_extents(extents: Vec<Extent>, length: u32, req_one: bool) -> Vec<(u32, u3
     fitted
 }
 
-fn encode_success(header: &RequestHeader, done: Done, structured: bool) -> (Bytes, Option<Bytes>) {
-    let mut head = BytesMut::with_capacity(32);
-    let data = match done {
-        Done::Data(data) if structured && data.is_empty() => {
-            reply::none_chunk(&mut head, header.cookie);
-            None
-        }
+fn encode_success(header: &RequestHeader, done: Done, structured: bool) -> (Head, Option<Bytes>) {
+    let cookie = header.cookie;
+    match done {
+        Done::Data(data) if structured && data.is_empty() => (Head::inline(|out| reply::none_chunk(out, cookie)), None),
         Done::Data(data) if structured => {
-            reply::offset_data_header(&mut head, chunk::FLAG_DONE, header.cookie, header.offset, data.len() as u32);
-            Some(data)
+            let length = data.len() as u32;
+            let head =
+                Head::inline(|out| reply::offset_data_header(out, chunk::FLAG_DONE, cookie, header.offset, length));
+            (head, Some(data))
         }
-        Done::Data(data) => {
-            reply::simple(&mut head, 0, header.cookie);
-            Some(data)
-        }
+        Done::Data(data) => (Head::inline(|out| reply::simple(out, 0, cookie)), Some(data)),
         Done::Extents(extents) => {
             let req_one = header.flags & command_flags::REQ_ONE != 0;
             let fitted = fit_extents(extents, header.length, req_one);
-            reply::block_status_chunk(&mut head, chunk::FLAG_DONE, header.cookie, BASE_ALLOCATION_ID, &fitted);
-            None
+            let mut head = BytesMut::with_capacity(reply::CHUNK_HEADER_LEN + 4 + 8 * fitted.len());
+            reply::block_status_chunk(&mut head, chunk::FLAG_DONE, cookie, BASE_ALLOCATION_ID, &fitted);
+            (Head::Heap(head.freeze()), None)
         }
-        Done::Nothing => {
-            reply::simple(&mut head, 0, header.cookie);
-            None
-        }
-    };
-    (head.freeze(), data)
+        Done::Nothing => (Head::inline(|out| reply::simple(out, 0, cookie)), None),
+    }
 }
 
 /// An error reply. With structured replies, READ and BLOCK_STATUS must answer in chunks.
-fn encode_error(header: &RequestHeader, errno: u32, message: &str, structured: bool) -> (Bytes, Option<Bytes>) {
-    let mut head = BytesMut::with_capacity(64);
+fn encode_error(header: &RequestHeader, errno: u32, message: &str, structured: bool) -> (Head, Option<Bytes>) {
     let chunked = structured && matches!(header.kind, command::READ | command::BLOCK_STATUS);
     if chunked {
+        let mut head = BytesMut::with_capacity(64);
         reply::error_chunk(&mut head, chunk::FLAG_DONE, header.cookie, errno, message);
+        (Head::Heap(head.freeze()), None)
     } else {
-        reply::simple(&mut head, errno, header.cookie);
+        (Head::inline(|out| reply::simple(out, errno, header.cookie)), None)
     }
-    (head.freeze(), None)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::REQUEST_MAGIC;
 
     #[test]
     fn req_one_gives_exactly_one_extent_no_longer_than_the_request() {

@@ -62,6 +62,7 @@ pub const IP: Tool = Tool::program("ip", "iproute2");
 pub const UNSHARE: Tool = Tool::program("unshare", "util-linux");
 pub const NSENTER: Tool = Tool::program("nsenter", "util-linux");
 pub const CHATTR: Tool = Tool::program("chattr", "e2fsprogs");
+pub const CURL: Tool = Tool::program("curl", "curl");
 pub const MKFS_XFS: Tool = Tool::program("mkfs.xfs", "xfsprogs");
 pub const XFS_DB: Tool = Tool::program("xfs_db", "xfsprogs");
 pub const MKFS_EXT4: Tool = Tool::program("mkfs.ext4", "e2fsprogs");
@@ -86,6 +87,7 @@ pub const ALL: &[Tool] = &[
     UNSHARE,
     NSENTER,
     CHATTR,
+    CURL,
     MKFS_XFS,
     XFS_DB,
     MKFS_EXT4,

@@ -1,7 +1,14 @@
 //! Debian kernel packages through a private apt configuration: its own sources list, lists and
 //! package cache under the harness's cache directory, so the system's apt sources and state are
-//! never read or changed. Any kernel in bullseye, bookworm, trixie or sid (and their updates,
-//! security and backports suites) can be picked by version.
+//! never read or changed. Any kernel in bullseye, bookworm, trixie, forky or sid (and their
+//! updates, security and backports suites) can be picked by version.
+//!
+//! Debian has packaged kernels two ways. Up to 6.x one `linux-image-ABI` package holds the image
+//! (`boot/vmlinuz-*`) and the modules. From 7.x `linux-image-ABI` is a meta package whose Depends
+//! name `linux-binary-ABI` (the image, `usr/lib/modules/RELEASE/vmlinuz`), `linux-modules-ABI`
+//! (the modules) and `linux-base-ABI` (`modules.builtin`, the config); the unsigned image is
+//! `linux-binary-unsigned-ABI`. [`companions`] follows those Depends, so either way the same
+//! files end up unpacked in one tree.
 
 use std::cmp::Ordering;
 use std::path::{Path, PathBuf};
@@ -21,17 +28,27 @@ pub enum AptError {
     },
     #[error("`{command}` failed: {stderr}")]
     Failed { command: String, stderr: String },
-    #[error("no Debian kernel matches `{spec}` (amd64, not cloud/rt). Available versions: {available}")]
+    #[error(
+        "no Debian kernel matches `{spec}` (amd64, not cloud/rt). Available versions: {available} (`nbdfault-client-tests kernels` lists every package and suite)"
+    )]
     NoMatch { spec: String, available: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
 /// A kernel image package and the version picked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KernelPackage {
     pub name: String,
     pub version: String,
+}
+
+/// A kernel package on offer, with the suites that carry this version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    pub package: KernelPackage,
+    /// `sid`, `bookworm-security`, ...
+    pub suites: Vec<String>,
 }
 
 impl KernelPackage {
@@ -41,9 +58,11 @@ impl KernelPackage {
     }
 }
 
-/// The suites searched, newest last. Security suites live on a separate archive.
+/// The suites searched, newest last. Security suites live on a separate archive. (bullseye's
+/// backports have moved to Debian's archive of old releases and are not on the mirrors.)
 const SUITES: &[(&str, &str)] = &[
     ("debian", "bullseye"),
+    ("debian", "bullseye-updates"),
     ("debian-security", "bullseye-security"),
     ("debian", "bookworm"),
     ("debian", "bookworm-updates"),
@@ -52,6 +71,10 @@ const SUITES: &[(&str, &str)] = &[
     ("debian", "trixie"),
     ("debian", "trixie-updates"),
     ("debian-security", "trixie-security"),
+    ("debian", "trixie-backports"),
+    ("debian", "forky"),
+    ("debian", "forky-updates"),
+    ("debian-security", "forky-security"),
     ("debian", "sid"),
 ];
 
@@ -146,31 +169,68 @@ impl Apt {
         if fresh && !refresh && !changed {
             return Ok(false);
         }
-        self.run("apt-get", &["update", "-q"], None)?;
+        // A suite the mirror no longer carries (or does not carry yet) fails `apt-get update`
+        // while every other list arrives: go on with what came, unless nothing did.
+        if let Err(e) = self.run("apt-get", &["update", "-q"], None) {
+            let lists = std::fs::read_dir(self.dir.join("lists"))?
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with("_Packages"))
+                .count();
+            if lists == 0 {
+                return Err(e);
+            }
+            tracing::warn!("some Debian suites could not be read, going on with {lists} package lists: {e}");
+        }
         std::fs::write(stamp, "")?;
         Ok(true)
     }
 
-    /// Every amd64 kernel image package (not cloud, rt or debug) with each version on offer.
-    pub fn kernel_packages(&self) -> Result<Vec<KernelPackage>, AptError> {
-        let names = self.run("apt-cache", &["search", "--names-only", "^linux-image-[0-9]"], None)?;
-        let names: Vec<&str> =
-            names.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| is_plain_amd64_image(n)).collect();
+    /// Every bootable amd64 kernel package (not cloud, rt or debug) with each version on offer:
+    /// `linux-image-*` (signed or `-unsigned`) and `linux-binary-unsigned-*`.
+    pub fn kernel_packages(&self) -> Result<Vec<Offer>, AptError> {
+        let mut names = Vec::new();
+        for pattern in ["^linux-image-[0-9]", "^linux-binary-unsigned-[0-9]"] {
+            let found = self.run("apt-cache", &["search", "--names-only", pattern], None)?;
+            names.extend(
+                found
+                    .lines()
+                    .filter_map(|l| l.split_whitespace().next())
+                    .filter(|n| is_plain_amd64_image(n))
+                    .map(str::to_string),
+            );
+        }
+        self.madison(&names)
+    }
+
+    /// `apt-cache madison` of `names`: every version of each, with its suites.
+    fn madison(&self, names: &[String]) -> Result<Vec<Offer>, AptError> {
         if names.is_empty() {
             return Ok(Vec::new());
         }
         let mut args = vec!["madison"];
-        args.extend(&names);
+        args.extend(names.iter().map(String::as_str));
         Ok(parse_madison(&self.run("apt-cache", &args, None)?))
     }
 
+    /// The newest version of exactly `name`, for packages outside the listing (`linux-binary-*`,
+    /// `linux-modules-*`) or a pinned companion.
+    pub fn offer(&self, name: &str) -> Result<Vec<Offer>, AptError> {
+        self.madison(&[name.to_string()])
+    }
+
     /// Picks the package for `spec`: an exact package name, or a version prefix such as `6.1`,
-    /// `5.10.223` or `6.12`, taking the newest match.
-    pub fn resolve(&self, spec: &str) -> Result<KernelPackage, AptError> {
-        let all = self.kernel_packages()?;
+    /// `5.10.223` or `7`, taking the newest match.
+    pub fn resolve(&self, spec: &str) -> Result<Offer, AptError> {
+        let mut all = self.kernel_packages()?;
+        if spec.starts_with("linux-")
+            && !all.iter().any(|o| o.package.name == spec)
+            && let Ok(exact) = self.offer(spec)
+        {
+            all.extend(exact);
+        }
         pick(&all, spec).ok_or_else(|| {
             let mut versions: Vec<String> =
-                all.iter().filter_map(|p| p.upstream()).map(|v| format!("{}.{}", v.major, v.minor)).collect();
+                all.iter().filter_map(|o| o.package.upstream()).map(|v| format!("{}.{}", v.major, v.minor)).collect();
             versions.sort_by(|a, b| KernelVersion::parse_leading(a).cmp(&KernelVersion::parse_leading(b)));
             versions.dedup();
             AptError::NoMatch { spec: spec.to_string(), available: versions.join(", ") }
@@ -181,47 +241,119 @@ impl Apt {
     pub fn download(&self, package: &KernelPackage) -> Result<PathBuf, AptError> {
         let debs = self.dir.join("debs");
         std::fs::create_dir_all(&debs)?;
-        let prefix = format!("{}_{}_", package.name, package.version.replace(':', "%3a"));
-        let find = || -> Option<PathBuf> {
-            std::fs::read_dir(&debs).ok()?.flatten().map(|e| e.path()).find(|p| {
-                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
-            })
-        };
-        if let Some(found) = find() {
+        if let Some(found) = find_deb(&debs, package) {
             return Ok(found);
         }
         self.run("apt-get", &["download", "-q", &format!("{}={}", package.name, package.version)], Some(&debs))?;
-        find().ok_or_else(|| AptError::Failed {
+        find_deb(&debs, package).ok_or_else(|| AptError::Failed {
             command: format!("apt-get download {}", package.name),
-            stderr: format!("no {prefix}*.deb appeared in {}", debs.display()),
+            stderr: format!("no {}_{}_*.deb appeared in {}", package.name, package.version, debs.display()),
         })
     }
 }
 
-/// `linux-image-6.1.0-56-amd64`, `linux-image-6.12.117+deb12-amd64-unsigned`: yes.
-/// `linux-image-6.1.0-56-cloud-amd64`, `-rt-`, `-dbg`: no.
+/// The `.deb` of `package` in `dir`, named as apt and dpkg name them (`NAME_VERSION_ARCH.deb`,
+/// an epoch's colon written `%3a`).
+pub fn find_deb(dir: &Path, package: &KernelPackage) -> Option<PathBuf> {
+    let prefix = format!("{}_{}_", package.name, package.version.replace(':', "%3a"));
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb")))
+}
+
+/// `linux-image-6.1.0-56-amd64`, `linux-image-6.12.117+deb12-amd64-unsigned`,
+/// `linux-binary-unsigned-7.2.13+deb14-amd64`: yes.
+/// `linux-image-6.1.0-56-cloud-amd64`, `-rt-`, `-dbg`, the meta `linux-image-amd64`: no.
 pub fn is_plain_amd64_image(name: &str) -> bool {
     let base = name.strip_suffix("-unsigned").unwrap_or(name);
-    base.strip_prefix("linux-image-").is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit()))
+    ["linux-image-", "linux-binary-unsigned-"]
+        .iter()
+        .filter_map(|prefix| base.strip_prefix(prefix))
+        .any(|v| v.starts_with(|c: char| c.is_ascii_digit()))
         && base.ends_with("-amd64")
         && !base.contains("-cloud-")
         && !base.contains("-rt-")
         && !name.contains("dbg")
 }
 
-/// Parses `apt-cache madison` lines: `NAME | VERSION | SOURCE`.
-pub fn parse_madison(text: &str) -> Vec<KernelPackage> {
-    let mut out: Vec<KernelPackage> = text
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.split('|').map(str::trim);
-            let name = parts.next()?.to_string();
-            let version = parts.next()?.to_string();
-            (!name.is_empty() && !version.is_empty()).then_some(KernelPackage { name, version })
-        })
-        .collect();
-    out.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
-    out.dedup();
+/// True for an image Debian did not sign for Secure Boot (it boots all the same under qemu).
+pub fn is_unsigned(name: &str) -> bool {
+    name.ends_with("-unsigned") || name.starts_with("linux-binary-unsigned-")
+}
+
+/// The suite of a madison source column: `http://deb.debian.org/debian sid/main amd64 Packages`
+/// is `sid`.
+fn madison_suite(source: &str) -> Option<String> {
+    let component = source.split_whitespace().nth(1)?;
+    Some(component.split('/').next()?.to_string())
+}
+
+/// Parses `apt-cache madison` lines: `NAME | VERSION | SOURCE`, one offer per name and version
+/// with every suite that carries it.
+pub fn parse_madison(text: &str) -> Vec<Offer> {
+    let mut out: Vec<Offer> = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.split('|').map(str::trim);
+        let (Some(name), Some(version)) = (parts.next(), parts.next()) else { continue };
+        if name.is_empty() || version.is_empty() {
+            continue;
+        }
+        let package = KernelPackage { name: name.to_string(), version: version.to_string() };
+        let suite = parts.next().and_then(madison_suite);
+        let offer = match out.iter_mut().find(|o| o.package == package) {
+            Some(o) => o,
+            None => {
+                out.push(Offer { package, suites: Vec::new() });
+                out.last_mut().expect("just pushed")
+            }
+        };
+        if let Some(suite) = suite.filter(|s| !offer.suites.contains(s)) {
+            offer.suites.push(suite);
+        }
+    }
+    out.sort_by(|a, b| a.package.cmp(&b.package));
+    out
+}
+
+/// Newest first: upstream version, then Debian version; signed `linux-image-*` before unsigned
+/// twins of the same build.
+pub fn newest_first(a: &Offer, b: &Offer) -> Ordering {
+    let (a, b) = (&a.package, &b.package);
+    b.upstream()
+        .cmp(&a.upstream())
+        .then_with(|| deb_version_cmp(&b.version, &a.version))
+        .then_with(|| is_unsigned(&a.name).cmp(&is_unsigned(&b.name)))
+        .then_with(|| a.name.cmp(&b.name))
+}
+
+/// The packages that complete `package` into a bootable kernel, from its `Depends` field: every
+/// dependency on a `linux-*` package pinned to this very version (`linux-binary-ABI (= V)`,
+/// `linux-modules-ABI (= V)`, `linux-base-ABI (= V)`). A `linux-binary-*` image without such a
+/// modules dependency (the unsigned one) gets `linux-modules-ABI` of its version. Old
+/// single-package kernels pin nothing and need no companion.
+pub fn companions(package: &KernelPackage, depends: &str) -> Vec<KernelPackage> {
+    let mut out: Vec<KernelPackage> = Vec::new();
+    for clause in depends.split(',') {
+        // Alternatives (`dracut | initramfs-tools`) are never part of the kernel itself.
+        if clause.contains('|') {
+            continue;
+        }
+        let clause = clause.trim();
+        let (name, rest) = clause.split_once(' ').unwrap_or((clause, ""));
+        let name = name.split(':').next().unwrap_or(name);
+        let pinned = rest.trim().trim_start_matches('(').trim_end_matches(')').trim();
+        if name.starts_with("linux-") && pinned.strip_prefix('=').map(str::trim) == Some(package.version.as_str()) {
+            out.push(KernelPackage { name: name.to_string(), version: package.version.clone() });
+        }
+    }
+    let abi = ["linux-binary-unsigned-", "linux-binary-"].iter().find_map(|p| package.name.strip_prefix(p));
+    if let Some(abi) = abi
+        && !out.iter().any(|p| p.name.starts_with("linux-modules-"))
+    {
+        out.push(KernelPackage { name: format!("linux-modules-{abi}"), version: package.version.clone() });
+    }
     out
 }
 
@@ -236,18 +368,17 @@ pub fn version_matches(spec: &str, version: KernelVersion) -> bool {
     !parts.is_empty() && parts.len() <= 3 && parts.iter().zip(have.iter()).all(|(a, b)| a == b)
 }
 
-/// The package `spec` names: an exact package name (newest version), or the newest package
-/// whose upstream version starts with `spec`. Signed images win over `-unsigned` twins.
-pub fn pick(all: &[KernelPackage], spec: &str) -> Option<KernelPackage> {
-    let candidates = all.iter().filter(|p| p.name == spec || p.upstream().is_some_and(|v| version_matches(spec, v)));
-    candidates
-        .max_by(|a, b| {
-            a.upstream()
-                .cmp(&b.upstream())
-                .then_with(|| deb_version_cmp(&a.version, &b.version))
-                .then_with(|| b.name.ends_with("-unsigned").cmp(&a.name.ends_with("-unsigned")))
-                .then_with(|| b.name.cmp(&a.name))
+/// The package `spec` names: an exact package name (newest version), the newest package whose
+/// upstream version starts with `spec`, or the newest package of the suite `spec` (`sid`,
+/// `trixie-backports`). Signed images win over unsigned twins.
+pub fn pick(all: &[Offer], spec: &str) -> Option<Offer> {
+    all.iter()
+        .filter(|o| {
+            o.package.name == spec
+                || o.package.upstream().is_some_and(|v| version_matches(spec, v))
+                || o.suites.iter().any(|s| s == spec)
         })
+        .min_by(|a, b| newest_first(a, b))
         .cloned()
 }
 
@@ -316,52 +447,118 @@ mod tests {
         KernelPackage { name: name.into(), version: version.into() }
     }
 
+    fn offer(name: &str, version: &str) -> Offer {
+        Offer { package: pkg(name, version), suites: vec!["sid".into()] }
+    }
+
     #[test]
     fn sources_list_names_every_suite_signed_by_the_archive_keyring() {
         let list = sources_list("http://deb.debian.org/");
         assert_eq!(list.lines().count(), SUITES.len());
         assert!(list.contains("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bullseye main\n"));
         assert!(list.contains("http://deb.debian.org/debian-security bookworm-security main"));
+        for suite in ["bullseye", "bookworm-backports", "trixie-backports", "forky", "sid"] {
+            assert!(list.contains(&format!(" {suite} main")), "{suite} missing from\n{list}");
+        }
     }
 
     #[test]
     fn only_plain_amd64_images_are_candidates() {
         assert!(is_plain_amd64_image("linux-image-6.1.0-56-amd64"));
         assert!(is_plain_amd64_image("linux-image-6.12.117+deb12-amd64-unsigned"));
+        assert!(is_plain_amd64_image("linux-image-7.2.13+deb14-amd64"));
+        assert!(is_plain_amd64_image("linux-binary-unsigned-7.2.13+deb14-amd64"));
+        assert!(!is_plain_amd64_image("linux-binary-unsigned-7.2.13+deb14-cloud-amd64"));
         assert!(!is_plain_amd64_image("linux-image-6.1.0-56-cloud-amd64"));
         assert!(!is_plain_amd64_image("linux-image-6.12.113+deb13-rt-amd64"));
         assert!(!is_plain_amd64_image("linux-image-6.1.0-56-amd64-dbg"));
         assert!(!is_plain_amd64_image("linux-image-amd64"));
+        assert!(is_unsigned("linux-binary-unsigned-7.2.13+deb14-amd64"));
+        assert!(is_unsigned("linux-image-5.10.0-46-amd64-unsigned"));
+        assert!(!is_unsigned("linux-image-7.2.13+deb14-amd64"));
     }
 
     #[test]
-    fn madison_lines_are_parsed_and_deduplicated() {
+    fn madison_lines_are_parsed_with_their_suites_and_merged() {
         let text = " linux-image-6.12.117+deb13-amd64 | 6.12.117-1 | http://deb.debian.org/debian trixie/main amd64 Packages\n\
-                    linux-image-6.12.117+deb13-amd64 | 6.12.117-1 | http://deb.debian.org/debian trixie/main amd64 Packages\n\
+                    linux-image-6.12.117+deb13-amd64 | 6.12.117-1 | http://deb.debian.org/debian-security trixie-security/main amd64 Packages\n\
                     linux-image-6.1.0-56-amd64 |  6.1.192-2 | http://deb.debian.org/debian-security bookworm-security/main amd64 Packages\n";
         assert_eq!(
             parse_madison(text),
-            vec![pkg("linux-image-6.1.0-56-amd64", "6.1.192-2"), pkg("linux-image-6.12.117+deb13-amd64", "6.12.117-1")]
+            vec![
+                Offer {
+                    package: pkg("linux-image-6.1.0-56-amd64", "6.1.192-2"),
+                    suites: vec!["bookworm-security".into()]
+                },
+                Offer {
+                    package: pkg("linux-image-6.12.117+deb13-amd64", "6.12.117-1"),
+                    suites: vec!["trixie".into(), "trixie-security".into()]
+                },
+            ]
         );
     }
 
     #[test]
     fn a_version_prefix_picks_the_newest_matching_kernel_and_6_1_is_not_6_12() {
         let all = vec![
-            pkg("linux-image-6.1.0-55-amd64", "6.1.192-1"),
-            pkg("linux-image-6.1.0-56-amd64", "6.1.192-2"),
-            pkg("linux-image-6.1.0-56-amd64-unsigned", "6.1.192-2"),
-            pkg("linux-image-6.12.117+deb12-amd64", "6.12.117-1~deb12u1"),
-            pkg("linux-image-6.12.118+deb13-amd64", "6.12.118-1"),
-            pkg("linux-image-5.10.0-46-amd64-unsigned", "5.10.262-1"),
+            offer("linux-image-6.1.0-55-amd64", "6.1.192-1"),
+            offer("linux-image-6.1.0-56-amd64", "6.1.192-2"),
+            offer("linux-image-6.1.0-56-amd64-unsigned", "6.1.192-2"),
+            offer("linux-image-6.12.117+deb12-amd64", "6.12.117-1~deb12u1"),
+            offer("linux-image-6.12.118+deb13-amd64", "6.12.118-1"),
+            offer("linux-image-5.10.0-46-amd64-unsigned", "5.10.262-1"),
+            offer("linux-binary-unsigned-7.2.13+deb14-amd64", "7.2.13-1"),
+            offer("linux-image-7.2.13+deb14-amd64", "7.2.13-1"),
         ];
-        assert_eq!(pick(&all, "6.1").unwrap().name, "linux-image-6.1.0-56-amd64");
-        assert_eq!(pick(&all, "6.12").unwrap().name, "linux-image-6.12.118+deb13-amd64");
-        assert_eq!(pick(&all, "6.12.117").unwrap().version, "6.12.117-1~deb12u1");
-        assert_eq!(pick(&all, "5.10").unwrap().name, "linux-image-5.10.0-46-amd64-unsigned");
-        assert_eq!(pick(&all, "linux-image-6.1.0-55-amd64").unwrap().version, "6.1.192-1");
+        let name = |spec| pick(&all, spec).unwrap().package.name;
+        assert_eq!(name("6.1"), "linux-image-6.1.0-56-amd64");
+        assert_eq!(name("6.12"), "linux-image-6.12.118+deb13-amd64");
+        assert_eq!(pick(&all, "6.12.117").unwrap().package.version, "6.12.117-1~deb12u1");
+        assert_eq!(name("5.10"), "linux-image-5.10.0-46-amd64-unsigned");
+        assert_eq!(name("7"), "linux-image-7.2.13+deb14-amd64");
+        assert_eq!(name("7.2"), "linux-image-7.2.13+deb14-amd64");
+        assert_eq!(name("linux-binary-unsigned-7.2.13+deb14-amd64"), "linux-binary-unsigned-7.2.13+deb14-amd64");
+        assert_eq!(pick(&all, "linux-image-6.1.0-55-amd64").unwrap().package.version, "6.1.192-1");
         assert!(pick(&all, "4.19").is_none());
         assert!(pick(&all, "six").is_none());
+        let mut suites = all.clone();
+        suites[3].suites = vec!["bookworm-backports".into()];
+        assert_eq!(pick(&suites, "sid").unwrap().package.name, "linux-image-7.2.13+deb14-amd64");
+        assert_eq!(pick(&suites, "bookworm-backports").unwrap().package.name, "linux-image-6.12.117+deb12-amd64");
+        let mut sorted = all.clone();
+        sorted.sort_by(newest_first);
+        assert_eq!(sorted[0].package.name, "linux-image-7.2.13+deb14-amd64");
+        assert_eq!(sorted[1].package.name, "linux-binary-unsigned-7.2.13+deb14-amd64");
+        assert_eq!(sorted.last().unwrap().package.name, "linux-image-5.10.0-46-amd64-unsigned");
+    }
+
+    #[test]
+    fn the_split_7x_packaging_is_completed_from_its_depends() {
+        // Debian's own Depends fields (sid, 7.2.13-1).
+        let meta = pkg("linux-image-7.2.13+deb14-amd64", "7.2.13-1");
+        let depends = "dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool, linux-base-7.2.13+deb14-amd64 (= 7.2.13-1), linux-binary-7.2.13+deb14-amd64 (= 7.2.13-1), linux-modules-7.2.13+deb14-amd64 (= 7.2.13-1)";
+        let names: Vec<String> = companions(&meta, depends).into_iter().map(|p| p.name).collect();
+        assert_eq!(
+            names,
+            ["linux-base-7.2.13+deb14-amd64", "linux-binary-7.2.13+deb14-amd64", "linux-modules-7.2.13+deb14-amd64"]
+        );
+        let unsigned = pkg("linux-binary-unsigned-7.2.13+deb14-amd64", "7.2.13-1");
+        let got = companions(&unsigned, "linux-base-7.2.13+deb14-amd64 (= 7.2.13-1)");
+        assert_eq!(
+            got,
+            vec![pkg("linux-base-7.2.13+deb14-amd64", "7.2.13-1"), pkg("linux-modules-7.2.13+deb14-amd64", "7.2.13-1")]
+        );
+        // The modules depend on kmod and linux-base; the old single package pins nothing.
+        let modules = pkg("linux-modules-7.2.13+deb14-amd64", "7.2.13-1");
+        assert_eq!(
+            companions(&modules, "kmod, linux-base-7.2.13+deb14-amd64 (= 7.2.13-1)"),
+            vec![pkg("linux-base-7.2.13+deb14-amd64", "7.2.13-1")]
+        );
+        let old = pkg("linux-image-6.1.0-56-amd64", "6.1.192-2");
+        assert!(
+            companions(&old, "kmod, linux-base (>= 4.3~), initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool")
+                .is_empty()
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! A bootable kernel for the guest: a Debian package fetched through [`super::debian`] (or a
-//! `.deb` the user built), unpacked once into the cache and reduced to the kernel image and the
-//! modules the guest loads, in load order. A kernel built by hand is taken as `--vmlinuz` plus an
+//! `.deb` the user built) with the packages it is split into, unpacked once into the cache and
+//! reduced to the kernel image and the modules the guest loads, in load order. A kernel built by hand is taken as `--vmlinuz` plus an
 //! optional modules directory.
 
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 
-use super::debian::{Apt, AptError, KernelPackage};
+use super::debian::{Apt, AptError, KernelPackage, companions, find_deb};
 use super::modules::{Module, ModuleError, ModuleTree};
 
 /// The modules the guest needs: the NBD driver, both filesystems, and the network card.
@@ -35,6 +35,9 @@ struct Manifest {
     release: String,
     /// Module file names in `modules/`, in load order.
     modules: Vec<String>,
+    /// The packages unpacked, `NAME=VERSION` (several for the split 7.x packaging).
+    #[serde(default)]
+    parts: Vec<String>,
 }
 
 /// A kernel ready to boot.
@@ -59,8 +62,8 @@ impl PreparedKernel {
     }
 }
 
-/// Fetches (or finds in the cache) the kernel `spec` names: a version prefix (`6.1`), a Debian
-/// package name, or the path of a `.deb`.
+/// Fetches (or finds in the cache) the kernel `spec` names: a version prefix (`6.1`, `7`), a
+/// Debian package name, or the path of a `.deb`.
 pub fn prepare(
     cache: &Path,
     mirror: &str,
@@ -68,34 +71,117 @@ pub fn prepare(
     refresh: bool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<PreparedKernel, KernelError> {
-    let (package, deb) = if spec.ends_with(".deb") && Path::new(spec).is_file() {
-        let deb = PathBuf::from(spec);
-        (deb_identity(&deb)?, deb)
-    } else {
-        let apt = Apt::new(&cache.join("apt"), mirror);
-        progress("reading Debian's package lists (private apt configuration)");
-        if apt.update(refresh)? {
-            progress("package lists downloaded");
-        }
-        let package = apt.resolve(spec)?;
-        progress(&format!("kernel {spec} is {} {}", package.name, package.version));
-        let dir = kernel_dir(cache, &package);
-        if let Some(kernel) = load_cached(&dir, &package)? {
-            progress("kernel found in the cache");
-            return Ok(kernel);
-        }
-        progress(&format!("downloading {}", package.name));
-        let deb = apt.download(&package)?;
-        (package, deb)
-    };
+    let apt = Apt::new(&cache.join("apt"), mirror);
+    let package = identify(&apt, spec, refresh, progress)?;
     let dir = kernel_dir(cache, &package);
     if let Some(kernel) = load_cached(&dir, &package)? {
+        progress("kernel found in the cache");
         return Ok(kernel);
     }
-    progress(&format!("unpacking {}", deb.display()));
-    unpack(&deb, &package, &dir)?;
+    let parts = fetch_parts(&apt, &package, spec, refresh, progress)?;
+    progress(&format!("unpacking {}", parts.iter().map(|(p, _)| p.name.as_str()).collect::<Vec<_>>().join(", ")));
+    unpack(&parts, &package, &dir)?;
     load_cached(&dir, &package)?
         .ok_or_else(|| KernelError::Package { path: dir, message: "unpacked, but the manifest is unreadable".into() })
+}
+
+/// The package `spec` stands for: the `.deb` itself, or what apt resolves the name or version to.
+fn identify(
+    apt: &Apt,
+    spec: &str,
+    refresh: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<KernelPackage, KernelError> {
+    if let Some(deb) = local_deb(spec) {
+        return deb_identity(deb);
+    }
+    progress("reading Debian's package lists (private apt configuration)");
+    if apt.update(refresh)? {
+        progress("package lists downloaded");
+    }
+    let offer = apt.resolve(spec)?;
+    progress(&format!(
+        "kernel {spec} is {} {} ({})",
+        offer.package.name,
+        offer.package.version,
+        offer.suites.join(", ")
+    ));
+    Ok(offer.package)
+}
+
+fn local_deb(spec: &str) -> Option<&Path> {
+    let path = Path::new(spec);
+    (spec.ends_with(".deb") && path.is_file()).then_some(path)
+}
+
+/// Every `.deb` that makes up the kernel: the package itself and, following [`companions`], the
+/// image, modules and base packages its Depends pin to the same version (7.x splits them). A
+/// companion of a local `.deb` is taken from the same directory when it is there, else from
+/// Debian.
+pub fn fetch_parts(
+    apt: &Apt,
+    package: &KernelPackage,
+    spec: &str,
+    refresh: bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<(KernelPackage, PathBuf)>, KernelError> {
+    let local = local_deb(spec);
+    let beside = local.and_then(Path::parent);
+    let mut lists_read = local.is_none();
+    let mut queue = vec![(package.clone(), local.map(Path::to_path_buf))];
+    let mut parts: Vec<(KernelPackage, PathBuf)> = Vec::new();
+    while let Some((part, deb)) = queue.pop() {
+        if parts.iter().any(|(p, _)| *p == part) {
+            continue;
+        }
+        if parts.len() >= 8 {
+            return Err(KernelError::Package {
+                path: PathBuf::from(&package.name),
+                message: format!("more than 8 packages make up this kernel: {parts:?}"),
+            });
+        }
+        let deb = match deb.or_else(|| beside.and_then(|d| find_deb(d, &part))) {
+            Some(deb) => deb,
+            None => {
+                if !lists_read {
+                    apt.update(refresh)?;
+                    lists_read = true;
+                }
+                progress(&format!("downloading {} {}", part.name, part.version));
+                apt.download(&part)?
+            }
+        };
+        let depends = deb_field(&deb, "Depends")?;
+        queue.extend(companions(&part, &depends).into_iter().map(|c| (c, None)));
+        parts.push((part, deb));
+    }
+    Ok(parts)
+}
+
+/// Unpacks every part into `dest` as Debian would install them, and returns the kernel image and
+/// the `lib/modules/RELEASE` directory: the tree a kernel developer has after `make
+/// modules_install INSTALL_MOD_PATH=`, ready for `vm --vmlinuz --modules`.
+pub fn extract(parts: &[(KernelPackage, PathBuf)], dest: &Path) -> Result<(PathBuf, PathBuf), KernelError> {
+    std::fs::create_dir_all(dest)?;
+    for (_, deb) in parts {
+        let out = Command::new("dpkg-deb").arg("-x").arg(deb).arg(dest).output()?;
+        if !out.status.success() {
+            return Err(KernelError::Package {
+                path: deb.clone(),
+                message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+    }
+    let names = || parts.iter().map(|(p, _)| p.name.as_str()).collect::<Vec<_>>().join(", ");
+    let vmlinuz = find_vmlinuz(dest).ok_or_else(|| KernelError::Package {
+        path: dest.to_path_buf(),
+        message: format!("no kernel image (boot/vmlinuz-* or lib/modules/RELEASE/vmlinuz) in {}", names()),
+    })?;
+    let modules = modules_root(dest).ok_or_else(|| KernelError::Package {
+        path: dest.to_path_buf(),
+        message: format!("no lib/modules/RELEASE in {}", names()),
+    })?;
+    Ok((vmlinuz, modules))
 }
 
 /// A kernel built by hand: its image and, unless everything is built in, its
@@ -141,46 +227,34 @@ fn load_cached(dir: &Path, package: &KernelPackage) -> Result<Option<PreparedKer
     }))
 }
 
-fn deb_identity(deb: &Path) -> Result<KernelPackage, KernelError> {
-    let out = Command::new("dpkg-deb").args(["-f"]).arg(deb).args(["Package", "Version"]).output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).map(str::to_string);
-    match (out.status.success(), field("Package"), field("Version")) {
-        (true, Some(name), Some(version)) => Ok(KernelPackage { name, version }),
-        _ => Err(KernelError::Package {
+/// One control field of a `.deb` (empty when the package has none).
+fn deb_field(deb: &Path, field: &str) -> Result<String, KernelError> {
+    let out = Command::new("dpkg-deb").arg("-f").arg(deb).arg(field).output()?;
+    if !out.status.success() {
+        return Err(KernelError::Package {
             path: deb.to_path_buf(),
             message: format!("not a Debian package: {}", String::from_utf8_lossy(&out.stderr).trim()),
-        }),
+        });
     }
+    Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" "))
 }
 
-/// Unpacks `deb` into a scratch directory, keeps the kernel image and the needed modules
+fn deb_identity(deb: &Path) -> Result<KernelPackage, KernelError> {
+    let name = deb_field(deb, "Package")?;
+    let version = deb_field(deb, "Version")?;
+    if name.is_empty() || version.is_empty() {
+        return Err(KernelError::Package { path: deb.to_path_buf(), message: "no Package or Version field".into() });
+    }
+    Ok(KernelPackage { name, version })
+}
+
+/// Unpacks the parts into a scratch directory, keeps the kernel image and the needed modules
 /// (decompressed, in load order) in `dir`, and removes the scratch directory.
-fn unpack(deb: &Path, package: &KernelPackage, dir: &Path) -> Result<(), KernelError> {
+fn unpack(parts: &[(KernelPackage, PathBuf)], package: &KernelPackage, dir: &Path) -> Result<(), KernelError> {
     let scratch = dir.with_extension(format!("unpack-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
-    std::fs::create_dir_all(&scratch)?;
     let result = (|| {
-        let out = Command::new("dpkg-deb").arg("-x").arg(deb).arg(&scratch).output()?;
-        if !out.status.success() {
-            return Err(KernelError::Package {
-                path: deb.to_path_buf(),
-                message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-        let vmlinuz = find_vmlinuz(&scratch.join("boot")).ok_or_else(|| KernelError::Package {
-            path: deb.to_path_buf(),
-            message: "no boot/vmlinuz-* inside".into(),
-        })?;
-        let modules_root = ["lib/modules", "usr/lib/modules"]
-            .iter()
-            .map(|p| scratch.join(p))
-            .find(|p| p.is_dir())
-            .and_then(|p| std::fs::read_dir(p).ok()?.flatten().map(|e| e.path()).find(|p| p.is_dir()))
-            .ok_or_else(|| KernelError::Package {
-                path: deb.to_path_buf(),
-                message: "no lib/modules/RELEASE inside".into(),
-            })?;
+        let (vmlinuz, modules_root) = extract(parts, &scratch)?;
         let release = modules_root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let mods = ModuleTree::open(&modules_root)?.resolve(WANTED_MODULES, &[])?;
         let staging = dir.with_extension(format!("staging-{}", std::process::id()));
@@ -193,8 +267,13 @@ fn unpack(deb: &Path, package: &KernelPackage, dir: &Path) -> Result<(), KernelE
             std::fs::write(staging.join("modules").join(&name), &m.data)?;
             names.push(name);
         }
-        let manifest =
-            Manifest { package: package.name.clone(), version: package.version.clone(), release, modules: names };
+        let manifest = Manifest {
+            package: package.name.clone(),
+            version: package.version.clone(),
+            release,
+            modules: names,
+            parts: parts.iter().map(|(p, _)| format!("{}={}", p.name, p.version)).collect(),
+        };
         std::fs::write(
             staging.join("kernel.json"),
             serde_json::to_string_pretty(&manifest).map_err(std::io::Error::other)?,
@@ -208,12 +287,24 @@ fn unpack(deb: &Path, package: &KernelPackage, dir: &Path) -> Result<(), KernelE
     result
 }
 
-fn find_vmlinuz(boot: &Path) -> Option<PathBuf> {
-    std::fs::read_dir(boot)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz")))
+/// The `lib/modules/RELEASE` (or `usr/lib/modules/RELEASE`) directory of an unpacked tree.
+fn modules_root(tree: &Path) -> Option<PathBuf> {
+    ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|p| tree.join(p))
+        .filter(|p| p.is_dir())
+        .find_map(|p| std::fs::read_dir(p).ok()?.flatten().map(|e| e.path()).find(|p| p.is_dir()))
+}
+
+/// The kernel image: `boot/vmlinuz-*` (up to 6.x) or `usr/lib/modules/RELEASE/vmlinuz` (7.x).
+fn find_vmlinuz(tree: &Path) -> Option<PathBuf> {
+    let in_boot = std::fs::read_dir(tree.join("boot")).ok().and_then(|entries| {
+        entries
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz")))
+    });
+    in_boot.or_else(|| modules_root(tree).map(|m| m.join("vmlinuz")).filter(|p| p.is_file()))
 }
 
 #[cfg(test)]
@@ -251,6 +342,7 @@ mod tests {
             version: package.version.clone(),
             release: "6.1.0-test".into(),
             modules: vec!["nbd.ko".into()],
+            parts: vec![],
         };
         std::fs::write(dir.join("kernel.json"), serde_json::to_string(&manifest).unwrap()).unwrap();
         let k = load_cached(&dir, &package).unwrap().unwrap();

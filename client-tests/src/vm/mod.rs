@@ -9,6 +9,7 @@ pub mod kernel;
 pub mod modules;
 pub mod qemu;
 pub mod server;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -23,10 +24,12 @@ use crate::story;
 /// Arguments of `vm`.
 #[derive(Args, Debug)]
 pub struct VmArgs {
-    /// The client kernel: a version prefix such as 5.10, 6.1 or 6.12 (the newest Debian build
-    /// wins), a Debian package name, or the path of a kernel .deb you built.
-    #[arg(long, required_unless_present = "vmlinuz")]
-    pub kernel: Option<String>,
+    /// The client kernel: a version prefix such as 5.10, 6.1, 6.12 or 7 (the newest Debian build
+    /// wins), a suite (sid: its newest kernel), a Debian package name, or the path of a kernel
+    /// .deb you built. Repeat it to run several kernels one after the other and print what
+    /// changed between each and the next (see `diff`).
+    #[arg(long, required_unless_present = "vmlinuz", conflicts_with = "vmlinuz")]
+    pub kernel: Vec<String>,
     /// Boot this kernel image instead of a Debian package (see --modules).
     #[arg(long)]
     pub vmlinuz: Option<PathBuf>,
@@ -93,9 +96,23 @@ pub struct Common {
 /// Arguments of `kernel`.
 #[derive(Args, Debug)]
 pub struct KernelArgs {
-    /// A version prefix (5.10, 6.1, 6.12), a Debian package name, or a .deb path.
+    /// A version prefix (5.10, 6.1, 6.12, 7), a Debian package name, or a .deb path.
     #[arg(long)]
     pub kernel: String,
+    /// Also unpack every package of the kernel into this directory, as installed, and print the
+    /// image and modules directory to give `vm --vmlinuz --modules`.
+    #[arg(long)]
+    pub extract: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// Arguments of `kernels`.
+#[derive(Args, Debug)]
+pub struct KernelsArgs {
+    /// Only versions starting with this prefix (6.12, 7).
+    #[arg(long)]
+    pub version: Option<String>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -116,12 +133,12 @@ pub fn cache_dir(explicit: Option<&Path>) -> PathBuf {
 }
 
 /// Holds an exclusive lock on the cache so two harnesses do not unpack the same kernel at once.
-struct CacheLock {
+pub(crate) struct CacheLock {
     _file: std::fs::File,
 }
 
 impl CacheLock {
-    fn take(cache: &Path) -> std::io::Result<CacheLock> {
+    pub(crate) fn take(cache: &Path) -> std::io::Result<CacheLock> {
         use std::os::unix::io::AsRawFd;
         std::fs::create_dir_all(cache)?;
         let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(cache.join(".lock"))?;
@@ -142,7 +159,7 @@ extern "C" fn on_interrupt(_sig: libc::c_int) {
 /// Ctrl-C reaches qemu and the server (same process group) and ends them; this process only
 /// notes it, so it can go on to stop what is left and remove its temporary files. A handler,
 /// not SIG_IGN, so the children (which exec) keep the default action.
-fn catch_interrupts() {
+pub(crate) fn catch_interrupts() {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
@@ -151,19 +168,19 @@ fn catch_interrupts() {
 }
 
 /// Prints progress with the time since start.
-struct Progress(Instant);
+pub(crate) struct Progress(pub(crate) Instant);
 
 impl Progress {
-    fn say(&self, text: &str) {
+    pub(crate) fn say(&self, text: &str) {
         eprintln!("[{:6.1}s] {text}", self.0.elapsed().as_secs_f64());
     }
 }
 
 /// A directory removed, with everything in it, when dropped.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn new() -> std::io::Result<TempDir> {
+    pub(crate) fn new() -> std::io::Result<TempDir> {
         let base = std::env::temp_dir().join(format!(
             "nbdfault-vm-{}-{}",
             std::process::id(),
@@ -218,7 +235,7 @@ fn sibling_dirs() -> Vec<PathBuf> {
     dirs
 }
 
-fn find_server(explicit: Option<&Path>) -> Result<PathBuf, String> {
+pub(crate) fn find_server(explicit: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(p) = explicit {
         return if p.is_file() { Ok(p.to_path_buf()) } else { Err(format!("--server {}: no such file", p.display())) };
     }
@@ -230,7 +247,7 @@ fn find_server(explicit: Option<&Path>) -> Result<PathBuf, String> {
         .ok_or_else(|| "cannot find the nbdfault server: build it in the same target directory (cargo build -p nbdfault) or pass --server PATH".to_string())
 }
 
-fn find_guest_binary(explicit: Option<&Path>) -> Result<PathBuf, String> {
+pub(crate) fn find_guest_binary(explicit: Option<&Path>) -> Result<PathBuf, String> {
     let static_hint = "build it with RUSTFLAGS='-C target-feature=+crt-static' cargo build -p nbdfault-client-tests --target x86_64-unknown-linux-gnu (or pass --guest-binary PATH)";
     if let Some(p) = explicit {
         return match is_static_executable(p) {
@@ -260,7 +277,69 @@ pub fn kernel_main(args: KernelArgs) -> Result<ExitCode, String> {
     );
     println!("image {}", k.vmlinuz.display());
     println!("modules {}", k.modules.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(" "));
+    if let Some(dest) = &args.extract {
+        let Some(package) = &k.package else { return Err("no Debian package to extract".into()) };
+        let apt = debian::Apt::new(&cache.join("apt"), &args.common.mirror);
+        let parts = kernel::fetch_parts(&apt, package, &args.kernel, args.common.refresh, &mut |s| progress.say(s))
+            .map_err(|e| e.to_string())?;
+        let (vmlinuz, modules) = kernel::extract(&parts, dest).map_err(|e| e.to_string())?;
+        for (part, deb) in &parts {
+            println!("deb {} {} {}", part.name, part.version, deb.display());
+        }
+        println!("vmlinuz {}", vmlinuz.display());
+        println!("modules-dir {}", modules.display());
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `kernels`: every Debian kernel the harness can boot, newest first.
+pub fn kernels_main(args: KernelsArgs) -> Result<ExitCode, String> {
+    let progress = Progress(Instant::now());
+    let cache = cache_dir(args.common.cache.as_deref());
+    let _lock = CacheLock::take(&cache).map_err(|e| format!("cannot lock the cache {}: {e}", cache.display()))?;
+    let apt = debian::Apt::new(&cache.join("apt"), &args.common.mirror);
+    if apt.update(args.common.refresh).map_err(|e| e.to_string())? {
+        progress.say("package lists downloaded");
+    }
+    let mut offers = apt.kernel_packages().map_err(|e| e.to_string())?;
+    offers.retain(|o| {
+        args.version.as_deref().is_none_or(|v| o.package.upstream().is_some_and(|k| debian::version_matches(v, k)))
+    });
+    offers.sort_by(debian::newest_first);
+    print!("{}", kernels_table(&offers));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The `kernels` listing: version, Debian version, package, suites.
+pub fn kernels_table(offers: &[debian::Offer]) -> String {
+    let rows: Vec<[String; 4]> = offers
+        .iter()
+        .map(|o| {
+            [
+                o.package.upstream().map(|v| v.to_string()).unwrap_or_else(|| "?".into()),
+                o.package.version.clone(),
+                o.package.name.clone(),
+                o.suites.join(", "),
+            ]
+        })
+        .collect();
+    let header = ["VERSION", "DEBIAN VERSION", "PACKAGE", "SUITE"].map(String::from);
+    let widths: Vec<usize> =
+        (0..3).map(|i| rows.iter().chain([&header]).map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in [&header].into_iter().chain(rows.iter()) {
+        out.push_str(&format!(
+            "{:<w0$}  {:<w1$}  {:<w2$}  {}\n",
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        ));
+    }
+    out
 }
 
 /// `vm`: everything, start to finish.
@@ -268,22 +347,69 @@ pub fn main(args: VmArgs) -> Result<ExitCode, String> {
     let progress = Progress(Instant::now());
     catch_interrupts();
     let filesystems = crate::suite::fs::parse_list(&args.fs)?;
-    let fs_list = filesystems.iter().map(|f| f.name()).collect::<Vec<_>>().join(",");
     qemu::check_available(&args.qemu)?;
     let server_binary = find_server(args.server.as_deref())?;
     let guest_binary = find_guest_binary(args.guest_binary.as_deref())?;
     let cache = cache_dir(args.common.cache.as_deref());
 
-    let kernel = match (&args.vmlinuz, &args.kernel) {
-        (Some(vmlinuz), _) => kernel::custom(vmlinuz, args.modules.as_deref()).map_err(|e| e.to_string())?,
-        (None, Some(spec)) => {
+    let binaries = Binaries { server: server_binary, guest: guest_binary };
+    if let Some(vmlinuz) = &args.vmlinuz {
+        let kernel = kernel::custom(vmlinuz, args.modules.as_deref()).map_err(|e| e.to_string())?;
+        let (reports, failing) = boot_and_run(&args, &kernel, &binaries, &filesystems, &progress)?;
+        return Ok(finish(&args, &[reports], failing, &progress));
+    }
+    let mut runs = Vec::new();
+    let mut failing = 0;
+    for spec in &args.kernel {
+        let kernel = {
             let _lock =
                 CacheLock::take(&cache).map_err(|e| format!("cannot lock the cache {}: {e}", cache.display()))?;
             kernel::prepare(&cache, &args.common.mirror, spec, args.common.refresh, &mut |s| progress.say(s))
                 .map_err(|e| e.to_string())?
+        };
+        let (reports, f) = boot_and_run(&args, &kernel, &binaries, &filesystems, &progress)?;
+        failing += f;
+        runs.push(reports);
+    }
+    Ok(finish(&args, &runs, failing, &progress))
+}
+
+/// The programs the harness starts: the server on the host, the suite in the guest.
+struct Binaries {
+    server: PathBuf,
+    guest: PathBuf,
+}
+
+/// After every kernel: the story, the diff between consecutive kernels, the summary and the exit
+/// status.
+fn finish(args: &VmArgs, runs: &[Vec<Report>], failing: usize, progress: &Progress) -> ExitCode {
+    if args.story {
+        for reports in runs {
+            println!("{}", story::tell(reports));
         }
-        (None, None) => return Err("give --kernel VERSION or --vmlinuz PATH".into()),
-    };
+    }
+    for pair in runs.windows(2) {
+        match crate::diff::changes(&pair[0], &pair[1]) {
+            Ok(changes) => print!("{}", crate::diff::render(&pair[0], &pair[1], &changes, crate::diff::columns())),
+            Err(e) => progress.say(&format!("no diff: {e}")),
+        }
+    }
+    let all: Vec<Report> = runs.iter().flatten().cloned().collect();
+    summarize(&all, failing, progress);
+    if failing > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS }
+}
+
+/// Boots one kernel and runs the suite in it; returns its reports (also written to `--out`) and
+/// how many checks fail the run.
+fn boot_and_run(
+    args: &VmArgs,
+    kernel: &kernel::PreparedKernel,
+    binaries: &Binaries,
+    filesystems: &[crate::suite::Fs],
+    progress: &Progress,
+) -> Result<(Vec<Report>, usize), String> {
+    let fs_list = filesystems.iter().map(|f| f.name()).collect::<Vec<_>>().join(",");
+    let (server_binary, guest_binary) = (&binaries.server, &binaries.guest);
     progress.say(&format!("kernel {} with {} modules", kernel.release, kernel.modules.len()));
 
     let temp = TempDir::new().map_err(|e| format!("cannot make a temporary directory: {e}"))?;
@@ -299,7 +425,7 @@ pub fn main(args: VmArgs) -> Result<ExitCode, String> {
     let init = guest::init_script();
     let archive = initramfs::build(&initramfs::Contents {
         init_script: &init,
-        guest_binary: &guest_binary,
+        guest_binary,
         modules: &kernel.modules,
         programs: &programs,
         files: &files,
@@ -312,7 +438,7 @@ pub fn main(args: VmArgs) -> Result<ExitCode, String> {
     // One export per filesystem, each a copy-on-write overlay over an image the host's mkfs made:
     // resetting the export restores a fresh filesystem at once, so scenarios skip mkfs.
     let mut exports = Vec::new();
-    for fs in &filesystems {
+    for fs in filesystems {
         let image = temp.0.join(format!("{fs}.img"));
         std::fs::File::create(&image)
             .and_then(|f| f.set_len(1 << 30))
@@ -322,7 +448,7 @@ pub fn main(args: VmArgs) -> Result<ExitCode, String> {
     }
     progress.say(&format!("base images made with the host's mkfs for {fs_list}"));
     let server =
-        server::Server::start(&server_binary, &exports, &temp.0.join("server.log")).map_err(|e| e.to_string())?;
+        server::Server::start(server_binary, &exports, &temp.0.join("server.log")).map_err(|e| e.to_string())?;
     progress
         .say(&format!("nbdfault serve ready: NBD on {}, control API on {}", server.ready.nbd, server.ready.control));
 
@@ -389,16 +515,12 @@ pub fn main(args: VmArgs) -> Result<ExitCode, String> {
         progress.say(&format!("report written to {}", path.display()));
         failing += report.failures().count();
     }
-    if args.story {
-        println!("{}", story::tell(&reports));
-    }
     if let Some(status) = server_exit
         && !status.success()
     {
         progress.say(&format!("note: nbdfault serve exited with {status} after SIGTERM"));
     }
-    summarize(&reports, failing, &progress);
-    Ok(if failing > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok((reports, failing))
 }
 
 fn summarize(reports: &[Report], failing: usize, progress: &Progress) {
@@ -422,6 +544,22 @@ fn summarize(reports: &[Report], failing: usize, progress: &Progress) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernels_table_lines_up_version_package_and_suites() {
+        let offer = |name: &str, version: &str, suites: &[&str]| debian::Offer {
+            package: debian::KernelPackage { name: name.into(), version: version.into() },
+            suites: suites.iter().map(|s| s.to_string()).collect(),
+        };
+        let table = kernels_table(&[
+            offer("linux-image-7.2.13+deb14-amd64", "7.2.13-1", &["sid"]),
+            offer("linux-image-6.1.0-56-amd64", "6.1.192-2", &["bookworm", "bookworm-security"]),
+        ]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("VERSION  DEBIAN VERSION  PACKAGE"), "{table}");
+        assert!(lines[1].starts_with("7.2.13   7.2.13-1        linux-image-7.2.13+deb14-amd64  sid"), "{table}");
+        assert!(lines[2].ends_with("linux-image-6.1.0-56-amd64      bookworm, bookworm-security"), "{table}");
+    }
 
     #[test]
     fn cache_dir_prefers_the_flag_then_the_environment() {

@@ -69,6 +69,16 @@ impl Server {
     /// `overlay:/path/base.img`), listening and serving the control API on free loopback ports.
     /// Its stderr goes to `log`.
     pub fn start(binary: &Path, exports: &[(String, String)], log: &Path) -> Result<Server, ServerError> {
+        Server::start_with(binary, exports, &[], log)
+    }
+
+    /// [`Server::start`] with more `serve` arguments (such as TLS settings).
+    pub fn start_with(
+        binary: &Path,
+        exports: &[(String, String)],
+        extra: &[&str],
+        log: &Path,
+    ) -> Result<Server, ServerError> {
         let stderr =
             std::fs::File::create(log).map_err(|source| ServerError::Spawn { path: log.to_path_buf(), source })?;
         let mut command = Command::new(binary);
@@ -76,6 +86,7 @@ impl Server {
         for (name, spec) in exports {
             command.arg("--export").arg(format!("{name}={spec}"));
         }
+        command.args(extra);
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

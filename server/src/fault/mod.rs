@@ -168,6 +168,31 @@ impl FaultLayer {
         Ok(out.freeze())
     }
 
+    /// The one path every request takes through this layer: the engine decides (at once, before
+    /// anything awaits, so decisions follow the order requests arrive in), then a request no
+    /// rule touched falls through to the storage below as it is, and any other gets the wait,
+    /// the power cut, the action, the log record and the reply its decision says. `perform` does
+    /// the request's I/O as the action allows and returns its result and the bytes it persisted.
+    async fn intercept<T, F, Fut>(
+        &self,
+        op: Op,
+        ctx: IoContext,
+        offset: u64,
+        length: u64,
+        perform: F,
+    ) -> Result<T, IoError>
+    where
+        F: FnOnce(Action) -> Fut,
+        Fut: std::future::Future<Output = Result<(T, u64), IoError>>,
+        T: Default,
+    {
+        let (request, decision) = self.decide(op, ctx, offset, length);
+        if decision.rule.is_none() {
+            return perform(Action::Perform).await.map(|(value, _)| value);
+        }
+        self.apply(request, decision, perform).await
+    }
+
     /// Applies what comes after the wait: the power cut, then the action via `perform`, then the
     /// reply. `perform` gets the action and returns the result and the bytes it persisted.
     async fn apply<T, F, Fut>(&self, request: Request, decision: Decision, perform: F) -> Result<T, IoError>
@@ -251,6 +276,18 @@ impl Drop for Pending<'_> {
     }
 }
 
+/// What a read returns: the data, or with a corrupting action the data with some bytes changed.
+fn corrupted(action: Action, data: Bytes) -> Bytes {
+    match action {
+        Action::CorruptRead { seed, bytes } => {
+            let mut data = BytesMut::from(&data[..]);
+            nbdfault_policies::corrupt(&mut data, seed, bytes);
+            data.freeze()
+        }
+        _ => data,
+    }
+}
+
 /// How much of a request's range an action lets through: a torn one only its first bytes.
 fn torn_length(action: Action, length: u64) -> u64 {
     match action {
@@ -281,117 +318,66 @@ impl BlockDevice for FaultLayer {
 
     fn read(&self, ctx: IoContext, offset: u64, length: u32) -> IoFuture<'_, Bytes> {
         Box::pin(async move {
-            let (request, decision) = self.decide(Op::Read, ctx, offset, u64::from(length));
-            if decision.rule.is_none() {
-                return self.inner.read(ctx, offset, length).await;
-            }
-            self.apply(request, decision, |action| async move {
-                let data = self.inner.read(ctx, offset, length).await?;
-                match action {
-                    Action::CorruptRead { seed, bytes } => {
-                        let mut data = BytesMut::from(&data[..]);
-                        nbdfault_policies::corrupt(&mut data, seed, bytes);
-                        Ok((data.freeze(), 0))
-                    }
-                    _ => Ok((data, 0)),
-                }
-            })
-            .await
-            .map(|data: Bytes| if data.is_empty() && length > 0 { Bytes::from(vec![0; length as usize]) } else { data })
+            let data: Bytes = self
+                .intercept(Op::Read, ctx, offset, u64::from(length), |action| async move {
+                    let data = self.inner.read(ctx, offset, length).await?;
+                    Ok((corrupted(action, data), 0))
+                })
+                .await?;
+            // A skipped read still answers with the length asked for.
+            Ok(if data.is_empty() && length > 0 { Bytes::from(vec![0; length as usize]) } else { data })
         })
     }
 
     fn write(&self, ctx: IoContext, offset: u64, data: Bytes, fua: bool) -> IoFuture<'_, ()> {
-        Box::pin(async move {
-            let (request, decision) = self.decide(Op::Write, ctx, offset, data.len() as u64);
-            if decision.rule.is_none() && !self.engine.tracks_unflushed_writes() {
-                return self.inner.write(ctx, offset, data, fua).await;
-            }
-            self.apply(request, decision, |action| async move {
-                let keep = torn_length(action, data.len() as u64) as usize;
-                self.write_data(offset, data.slice(..keep), fua).await
-            })
-            .await
-        })
+        Box::pin(self.intercept(Op::Write, ctx, offset, data.len() as u64, move |action| async move {
+            let keep = torn_length(action, data.len() as u64) as usize;
+            self.write_data(offset, data.slice(..keep), fua).await
+        }))
     }
 
     fn flush(&self, ctx: IoContext) -> IoFuture<'_, ()> {
-        Box::pin(async move {
-            let (request, decision) = self.decide(Op::Flush, ctx, 0, 0);
-            // A flush covers the writes completed before it, not those racing with it.
-            let mark = self.journal().mark();
-            let flush = || async move {
-                self.inner.flush(ctx).await?;
-                // Only a flush that really happened makes those writes durable; a dropped one
-                // (reported done, not done) leaves them for a power cut to undo.
-                self.journal().clear_through(mark);
-                Ok(((), 0))
-            };
-            if decision.rule.is_none() {
-                return flush().await.map(|((), _)| ());
-            }
-            self.apply(request, decision, |_| flush()).await
-        })
+        // A flush covers the writes completed before it, not those racing with it.
+        let mark = self.journal().mark();
+        Box::pin(self.intercept(Op::Flush, ctx, 0, 0, move |_| async move {
+            self.inner.flush(ctx).await?;
+            // Only a flush that really happened makes those writes durable; a dropped one
+            // (reported done, not done) leaves them for a power cut to undo.
+            self.journal().clear_through(mark);
+            Ok(((), 0))
+        }))
     }
 
     fn trim(&self, ctx: IoContext, offset: u64, length: u64, fua: bool) -> IoFuture<'_, ()> {
-        Box::pin(async move {
-            let (request, decision) = self.decide(Op::Trim, ctx, offset, length);
-            if decision.rule.is_none() {
-                // Trimmed contents are undefined until rewritten, so a power cut need not restore them.
-                return self.inner.trim(ctx, offset, length, fua).await;
-            }
-            self.apply(request, decision, |action| async move {
-                let length = torn_length(action, length);
-                self.inner.trim(ctx, offset, length, fua).await.map(|()| ((), length))
-            })
-            .await
-        })
+        // Trimmed contents are undefined until rewritten, so a power cut need not restore them.
+        Box::pin(self.intercept(Op::Trim, ctx, offset, length, move |action| async move {
+            let length = torn_length(action, length);
+            self.inner.trim(ctx, offset, length, fua).await.map(|()| ((), length))
+        }))
     }
 
     fn write_zeroes(&self, ctx: IoContext, offset: u64, length: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
-        Box::pin(async move {
-            let (request, decision) = self.decide(Op::WriteZeroes, ctx, offset, length);
-            if decision.rule.is_none() && !self.engine.tracks_unflushed_writes() {
-                return self.inner.write_zeroes(ctx, offset, length, flags).await;
-            }
-            self.apply(request, decision, |action| async move {
-                let length = torn_length(action, length);
-                self.journal_before_write(offset, length, flags.fua).await?;
-                self.inner.write_zeroes(ctx, offset, length, flags).await.map(|()| ((), length))
-            })
-            .await
-        })
+        Box::pin(self.intercept(Op::WriteZeroes, ctx, offset, length, move |action| async move {
+            let length = torn_length(action, length);
+            self.journal_before_write(offset, length, flags.fua).await?;
+            self.inner.write_zeroes(ctx, offset, length, flags).await.map(|()| ((), length))
+        }))
     }
 
     fn cache(&self, ctx: IoContext, offset: u64, length: u64) -> IoFuture<'_, ()> {
-        Box::pin(async move {
-            let (request, decision) = self.decide(Op::Cache, ctx, offset, length);
-            if decision.rule.is_none() {
-                return self.inner.cache(ctx, offset, length).await;
-            }
-            self.apply(
-                request,
-                decision,
-                |_| async move { self.inner.cache(ctx, offset, length).await.map(|()| ((), 0)) },
-            )
-            .await
-        })
+        Box::pin(self.intercept(Op::Cache, ctx, offset, length, move |_| async move {
+            self.inner.cache(ctx, offset, length).await.map(|()| ((), 0))
+        }))
     }
 
     fn extents(&self, ctx: IoContext, offset: u64, length: u64) -> IoFuture<'_, Vec<Extent>> {
-        Box::pin(async move {
-            let (request, decision) = self.decide(Op::BlockStatus, ctx, offset, length);
-            if decision.rule.is_none() {
-                return self.inner.extents(ctx, offset, length).await;
-            }
-            self.apply(
-                request,
-                decision,
-                |_| async move { self.inner.extents(ctx, offset, length).await.map(|e| (e, 0)) },
-            )
-            .await
-        })
+        Box::pin(self.intercept(Op::BlockStatus, ctx, offset, length, move |_| async move {
+            self.inner.extents(ctx, offset, length).await.map(|extents| (extents, 0))
+        }))
+    }
+
+    fn data_path(&self) -> Option<crate::storage::file::FileDataPath> {
+        self.inner.data_path()
     }
 
     fn reset(&self) -> IoFuture<'_, ()> {

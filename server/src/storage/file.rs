@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Bytes, BytesMut};
 
+use super::engine::{self, Engine};
 use super::{BlockDevice, Extent, Features, IoContext, IoError, IoFuture, ZeroFlags};
 use crate::wire::{allocation, errno};
 
@@ -21,18 +22,30 @@ const PIECE: u64 = 256 << 20;
 const ZERO_BUFFER: usize = 1 << 20;
 /// The most extents one BLOCK_STATUS reply lists; the client asks again for the rest.
 const MAX_EXTENTS: usize = 4096;
-/// Reads and writes up to this size try the page cache on the async thread first. Larger ones
-/// go to the blocking pool, where several copy in parallel instead of holding up the connection.
-const NOWAIT_MAX: usize = 256 << 10;
+/// Reads and writes up to this size are served on the async thread when they cannot wait (the
+/// page cache holds them, or the file lives in memory). Larger ones go to the I/O threads, where
+/// several copy in parallel instead of holding up the connection.
+const INLINE_MAX: usize = 256 << 10;
+/// `statfs` magic numbers of filesystems that live in memory: their reads and writes copy
+/// to or from memory and never wait for a device.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
 
 pub struct FileDevice {
     path: PathBuf,
     file: Arc<File>,
     size: u64,
     read_only: bool,
-    /// Whether `RWF_NOWAIT` reads and writes work on this file; cleared on the first refusal.
+    /// The file lives in memory (tmpfs, ramfs): small reads and writes are done on the async
+    /// thread as they are, since they cannot wait for a device. Such filesystems refuse
+    /// `RWF_NOWAIT` altogether.
+    memory_backed: bool,
+    /// Whether `RWF_NOWAIT` reads and writes work on this file, each direction on its own (ext4
+    /// takes NOWAIT reads from the page cache but refuses buffered NOWAIT writes); cleared on the
+    /// first refusal.
     nowait_reads: AtomicBool,
     nowait_writes: AtomicBool,
+    engine: &'static Engine,
 }
 
 /// Why a file could not be used as an export.
@@ -70,21 +83,42 @@ impl FileDevice {
         if size == 0 {
             return Err(OpenError::Empty { path: shown });
         }
+        let engine = engine::shared();
+        let inline = engine.inline();
         Ok(FileDevice {
             path: path.to_path_buf(),
+            memory_backed: inline && lives_in_memory(&file),
             file: Arc::new(file),
             size,
             read_only,
-            nowait_reads: AtomicBool::new(true),
-            nowait_writes: AtomicBool::new(true),
+            nowait_reads: AtomicBool::new(inline),
+            nowait_writes: AtomicBool::new(inline),
+            engine,
         })
+    }
+
+    /// How this file's reads and writes are served, for the control API: `inline` on the async
+    /// thread, `nowait` on the async thread what the page cache holds, `threads` on the I/O
+    /// threads. What cannot be served inline always goes to the I/O threads.
+    pub fn data_path(&self) -> FileDataPath {
+        let path = |nowait: &AtomicBool| match () {
+            () if self.memory_backed => "inline",
+            () if nowait.load(Ordering::Relaxed) => "nowait",
+            () => "threads",
+        };
+        FileDataPath {
+            engine: self.engine.name(),
+            io_threads: engine::IO_THREADS,
+            reads: path(&self.nowait_reads),
+            writes: path(&self.nowait_writes),
+        }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Runs a blocking file operation off the async threads.
+    /// Runs a blocking file operation on the I/O threads.
     fn blocking<T, F>(&self, op: F) -> IoFuture<'_, T>
     where
         T: Send + 'static,
@@ -92,11 +126,37 @@ impl FileDevice {
     {
         let file = Arc::clone(&self.file);
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || op(&file))
+            self.engine
+                .run(move || op(&file))
                 .await
-                .unwrap_or_else(|join| Err(IoError::new(errno::EIO, format!("storage task failed: {join}"))))
+                .unwrap_or_else(|error| Err(IoError::new(errno::EIO, format!("storage task failed: {error}"))))
         })
     }
+}
+
+/// How a file export's reads and writes are served right now; see [`FileDevice::data_path`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct FileDataPath {
+    /// `inline+threads`, or `threads` when `NBDFAULT_FILE_IO=threads` forced every request there.
+    pub engine: &'static str,
+    pub io_threads: usize,
+    /// `inline`, `nowait` or `threads`.
+    pub reads: &'static str,
+    pub writes: &'static str,
+}
+
+/// Whether the file is on a filesystem that keeps its data in memory.
+fn lives_in_memory(file: &File) -> bool {
+    let mut stat = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: fstatfs writes one statfs into `stat`, which is valid for writes; the fd is open.
+    let result = unsafe { libc::fstatfs(file.as_raw_fd(), stat.as_mut_ptr()) };
+    if result != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs succeeded, so it filled the struct (which started zeroed anyway).
+    #[allow(clippy::unnecessary_cast, reason = "f_type is i64 here but u32 or i32 on other targets")]
+    let kind = unsafe { stat.assume_init() }.f_type as i64;
+    kind == TMPFS_MAGIC || kind == RAMFS_MAGIC
 }
 
 /// What a `RWF_NOWAIT` attempt did.
@@ -110,21 +170,14 @@ enum NoWait {
     Unsupported,
 }
 
-/// Reads into `buf` only what the page cache holds, without ever blocking the calling thread, so
-/// cached reads are served on the async thread instead of a trip through the blocking pool.
-fn read_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<NoWait> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        let iov = libc::iovec { iov_base: rest.as_mut_ptr().cast(), iov_len: rest.len() };
-        // SAFETY: the iovec points at `rest`, which lives and is writable for the whole call.
-        let result = unsafe {
-            libc::preadv2(file.as_raw_fd(), &iov, 1, (offset + done as u64) as libc::off_t, libc::RWF_NOWAIT)
-        };
-        match result {
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            n if n > 0 => done += n as usize,
-            _ => return nowait_refusal(io::Error::last_os_error(), done),
+/// Reads into `buffer` only what the page cache holds, without ever blocking the calling thread,
+/// so cached reads are served on the async thread instead of a trip to the I/O threads.
+fn read_nowait(file: &File, buffer: &mut BytesMut, length: usize, offset: u64) -> io::Result<NoWait> {
+    while buffer.len() < length {
+        match engine::read_into(file, buffer, length, offset, libc::RWF_NOWAIT) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(error) => return nowait_refusal(error, buffer.len()),
         }
     }
     Ok(NoWait::Done)
@@ -253,49 +306,62 @@ impl BlockDevice for FileDevice {
 
     fn read(&self, _ctx: IoContext, offset: u64, length: u32) -> IoFuture<'_, Bytes> {
         Box::pin(async move {
-            let mut buffer = BytesMut::zeroed(length as usize);
-            let mut done = 0;
-            if buffer.len() <= NOWAIT_MAX && self.nowait_reads.load(Ordering::Relaxed) {
-                match read_nowait(&self.file, &mut buffer, offset)? {
-                    NoWait::Done => return Ok(buffer.freeze()),
-                    NoWait::Partial(n) => done = n,
-                    NoWait::Unsupported => self.nowait_reads.store(false, Ordering::Relaxed),
+            let length = length as usize;
+            let mut buffer = BytesMut::with_capacity(length);
+            if length <= INLINE_MAX {
+                if self.memory_backed {
+                    return Ok(engine::read_exact_into(&self.file, buffer, length, offset)?.freeze());
+                }
+                if self.nowait_reads.load(Ordering::Relaxed) {
+                    match read_nowait(&self.file, &mut buffer, length, offset)? {
+                        NoWait::Done => return Ok(buffer.freeze()),
+                        NoWait::Partial(_) => {}
+                        NoWait::Unsupported => self.nowait_reads.store(false, Ordering::Relaxed),
+                    }
                 }
             }
             // What the page cache did not hold is read where blocking is allowed.
-            self.blocking(move |file| {
-                file.read_exact_at(&mut buffer[done..], offset + done as u64)?;
-                Ok(buffer.freeze())
-            })
-            .await
+            Ok(self.engine.read(&self.file, offset, buffer, length).await?.freeze())
         })
     }
 
     fn write(&self, _ctx: IoContext, offset: u64, data: Bytes, fua: bool) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            let mut done = 0;
-            // A FUA write waits for the disk anyway; only plain writes try the fast path.
-            if !fua && data.len() <= NOWAIT_MAX && self.nowait_writes.load(Ordering::Relaxed) {
-                match write_nowait(&self.file, &data, offset)? {
-                    NoWait::Done => return Ok(()),
-                    NoWait::Partial(n) => done = n,
-                    NoWait::Unsupported => self.nowait_writes.store(false, Ordering::Relaxed),
+            if data.len() <= INLINE_MAX {
+                if self.memory_backed {
+                    self.file.write_all_at(&data, offset)?;
+                    if fua {
+                        self.file.sync_data()?;
+                    }
+                    return Ok(());
+                }
+                // A FUA write waits for the disk anyway; only plain writes try the fast path.
+                if !fua && self.nowait_writes.load(Ordering::Relaxed) {
+                    match write_nowait(&self.file, &data, offset)? {
+                        NoWait::Done => return Ok(()),
+                        NoWait::Partial(done) => {
+                            return Ok(self
+                                .engine
+                                .write(&self.file, offset + done as u64, data.slice(done..), fua)
+                                .await?);
+                        }
+                        NoWait::Unsupported => self.nowait_writes.store(false, Ordering::Relaxed),
+                    }
                 }
             }
-            self.blocking(move |file| {
-                file.write_all_at(&data[done..], offset + done as u64)?;
-                if fua {
-                    file.sync_data()?;
-                }
-                Ok(())
-            })
-            .await
+            Ok(self.engine.write(&self.file, offset, data, fua).await?)
         })
     }
 
     fn flush(&self, _ctx: IoContext) -> IoFuture<'_, ()> {
         // One fd is shared by every connection, so fdatasync covers all completed writes.
-        self.blocking(|file| Ok(file.sync_data()?))
+        Box::pin(async move {
+            if self.memory_backed {
+                // Nothing to wait for: the data has no device to reach.
+                return Ok(self.file.sync_data()?);
+            }
+            Ok(self.engine.sync_data(&self.file).await?)
+        })
     }
 
     fn trim(&self, _ctx: IoContext, offset: u64, length: u64, fua: bool) -> IoFuture<'_, ()> {
@@ -363,6 +429,10 @@ impl BlockDevice for FileDevice {
             }
             Ok(())
         })
+    }
+
+    fn data_path(&self) -> Option<FileDataPath> {
+        Some(FileDevice::data_path(self))
     }
 
     fn extents(&self, _ctx: IoContext, offset: u64, length: u64) -> IoFuture<'_, Vec<Extent>> {
@@ -458,6 +528,32 @@ mod tests {
         assert_eq!(cold, warm);
         device.write(CTX, 100, Bytes::from_static(b"fast path"), false).await.unwrap();
         assert_eq!(&device.read(CTX, 100, 9).await.unwrap()[..], b"fast path");
+    }
+
+    #[test]
+    fn nowait_refusals_mean_try_elsewhere_and_real_errors_stay_errors() {
+        let refusal = |errno: i32, done: usize| nowait_refusal(io::Error::from_raw_os_error(errno), done);
+        assert!(matches!(refusal(libc::EAGAIN, 0), Ok(NoWait::Partial(0))));
+        assert!(matches!(refusal(libc::EAGAIN, 512), Ok(NoWait::Partial(512))));
+        assert!(matches!(refusal(libc::EOPNOTSUPP, 0), Ok(NoWait::Unsupported)));
+        assert!(matches!(refusal(libc::EOPNOTSUPP, 4096), Ok(NoWait::Partial(4096))));
+        assert_eq!(refusal(libc::EIO, 0).err().and_then(|e| e.raw_os_error()), Some(libc::EIO));
+    }
+
+    #[tokio::test]
+    async fn a_file_in_memory_is_served_inline_in_both_directions() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else { return };
+        let path = dir.path().join("disk.img");
+        File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        let device = FileDevice::open(&path, false).unwrap();
+        if engine::shared().inline() {
+            assert_eq!((device.data_path().reads, device.data_path().writes), ("inline", "inline"));
+        }
+        device.write(CTX, 10, Bytes::from_static(b"in memory"), true).await.unwrap();
+        assert_eq!(&device.read(CTX, 10, 9).await.unwrap()[..], b"in memory");
+        // Larger than the inline limit: the I/O threads take it, with the same result.
+        device.write(CTX, 0, Bytes::from(vec![3; 1 << 20]), false).await.unwrap();
+        assert!(device.read(CTX, 0, 1 << 20).await.unwrap().iter().all(|&b| b == 3));
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 //! that wraps them, so the protocol code cannot tell a faulty device from a healthy one.
 
 mod chunks;
+pub mod engine;
 pub mod file;
 pub mod memory;
 pub mod overlay;
@@ -125,6 +126,11 @@ pub trait BlockDevice: Send + Sync {
     /// Allocation extents from `offset`: at least one, covering at most up to the end of the
     /// device. They may cover less than `length`, and the last may run past it.
     fn extents(&self, ctx: IoContext, offset: u64, length: u64) -> IoFuture<'_, Vec<Extent>>;
+    /// How a file under this device is read and written, for the control API; `None` for
+    /// storage without a file.
+    fn data_path(&self) -> Option<file::FileDataPath> {
+        None
+    }
     /// Returns the contents to their pristine state, when the backend knows one.
     fn reset(&self) -> IoFuture<'_, ()> {
         Box::pin(async { Err(IoError::unsupported("this storage has no pristine state to return to")) })

@@ -142,6 +142,10 @@ impl BlockDevice for OverlayDevice {
         })
     }
 
+    fn data_path(&self) -> Option<super::file::FileDataPath> {
+        self.base.data_path()
+    }
+
     fn reset(&self) -> IoFuture<'_, ()> {
         Box::pin(async {
             self.chunks.clear();

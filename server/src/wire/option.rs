@@ -53,7 +53,8 @@ pub enum OptionRequest {
         export: String,
         queries: Vec<String>,
     },
-    /// STARTTLS, EXTENDED_HEADERS, PEEK_EXPORT and codes we do not know: answered ERR_UNSUP.
+    StartTls,
+    /// EXTENDED_HEADERS, PEEK_EXPORT and codes we do not know: answered ERR_UNSUP.
     Unsupported {
         code: u32,
     },
@@ -81,6 +82,10 @@ impl OptionRequest {
             opt::LIST => {
                 require_empty(&data, "LIST")?;
                 Ok(OptionRequest::List)
+            }
+            opt::STARTTLS => {
+                require_empty(&data, "STARTTLS")?;
+                Ok(OptionRequest::StartTls)
             }
             opt::STRUCTURED_REPLY => {
                 require_empty(&data, "STRUCTURED_REPLY")?;
@@ -372,7 +377,7 @@ mod tests {
 
     #[test]
     fn unknown_and_later_options_are_unsupported_not_invalid() {
-        for code in [opt::STARTTLS, opt::EXTENDED_HEADERS, opt::PEEK_EXPORT, 0x0765_4321] {
+        for code in [opt::EXTENDED_HEADERS, opt::PEEK_EXPORT, 0x0765_4321] {
             assert_eq!(
                 OptionRequest::parse(code, Bytes::from_static(b"abcd")).unwrap(),
                 OptionRequest::Unsupported { code }

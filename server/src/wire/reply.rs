@@ -1,6 +1,6 @@
 //! Transmission-phase replies: simple replies and structured reply chunks.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes};
 
 use super::consts::{SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, chunk};
 
@@ -8,14 +8,14 @@ pub const SIMPLE_REPLY_LEN: usize = 16;
 pub const CHUNK_HEADER_LEN: usize = 20;
 
 /// `u32 magic, u32 error, u64 cookie`; READ data follows only when `error == 0`.
-pub fn simple(out: &mut BytesMut, errno: u32, cookie: u64) {
+pub fn simple(out: &mut impl BufMut, errno: u32, cookie: u64) {
     out.put_u32(SIMPLE_REPLY_MAGIC);
     out.put_u32(errno);
     out.put_u64(cookie);
 }
 
 /// `u32 magic, u16 flags, u16 type, u64 cookie, u32 length`.
-pub fn chunk_header(out: &mut BytesMut, flags: u16, chunk_type: u16, cookie: u64, length: u32) {
+pub fn chunk_header(out: &mut impl BufMut, flags: u16, chunk_type: u16, cookie: u64, length: u32) {
     out.put_u32(STRUCTURED_REPLY_MAGIC);
     out.put_u16(flags);
     out.put_u16(chunk_type);
@@ -24,18 +24,18 @@ pub fn chunk_header(out: &mut BytesMut, flags: u16, chunk_type: u16, cookie: u64
 }
 
 /// The header of an `OFFSET_DATA` chunk and its offset; `data_len` bytes of data follow it.
-pub fn offset_data_header(out: &mut BytesMut, flags: u16, cookie: u64, offset: u64, data_len: u32) {
+pub fn offset_data_header(out: &mut impl BufMut, flags: u16, cookie: u64, offset: u64, data_len: u32) {
     chunk_header(out, flags, chunk::OFFSET_DATA, cookie, data_len + 8);
     out.put_u64(offset);
 }
 
 /// A `NONE` chunk: success, and the end of the reply.
-pub fn none_chunk(out: &mut BytesMut, cookie: u64) {
+pub fn none_chunk(out: &mut impl BufMut, cookie: u64) {
     chunk_header(out, chunk::FLAG_DONE, chunk::NONE, cookie, 0);
 }
 
 /// An `ERROR` chunk with a human-readable message (cut to fit its u16 length).
-pub fn error_chunk(out: &mut BytesMut, flags: u16, cookie: u64, errno: u32, message: &str) {
+pub fn error_chunk(out: &mut impl BufMut, flags: u16, cookie: u64, errno: u32, message: &str) {
     let message = cut(message, 1024);
     chunk_header(out, flags, chunk::ERROR, cookie, 6 + message.len() as u32);
     out.put_u32(errno);
@@ -44,7 +44,7 @@ pub fn error_chunk(out: &mut BytesMut, flags: u16, cookie: u64, errno: u32, mess
 }
 
 /// A `BLOCK_STATUS` chunk for one meta context: `u32 id` then `(u32 length, u32 flags)` pairs.
-pub fn block_status_chunk(out: &mut BytesMut, flags: u16, cookie: u64, context_id: u32, extents: &[(u32, u32)]) {
+pub fn block_status_chunk(out: &mut impl BufMut, flags: u16, cookie: u64, context_id: u32, extents: &[(u32, u32)]) {
     chunk_header(out, flags, chunk::BLOCK_STATUS, cookie, 4 + 8 * extents.len() as u32);
     out.put_u32(context_id);
     for &(length, extent_flags) in extents {
@@ -97,6 +97,7 @@ pub fn decode(bytes: &[u8]) -> Option<(DecodedReply, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BytesMut;
 
     #[test]
     fn simple_reply_round_trips() {

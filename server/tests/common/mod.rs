@@ -10,6 +10,7 @@
 
 pub mod control;
 pub mod in_process;
+pub mod pki;
 pub mod raw;
 
 pub use nbdfault_testing::*;

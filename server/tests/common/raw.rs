@@ -200,6 +200,18 @@ impl RawClient {
         OptionReply { option: u32_at(&header, 8), reply_type: u32_at(&header, 12), data: self.read_exact_vec(length) }
     }
 
+    /// Sends, returning the error instead of failing the test (the server may have closed).
+    pub fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Reads exactly `length` bytes, returning the error (EOF, reset) instead of failing the test.
+    pub fn try_read_exact(&mut self, length: usize) -> std::io::Result<Vec<u8>> {
+        let mut bytes = vec![0u8; length];
+        self.stream.read_exact(&mut bytes)?;
+        Ok(bytes)
+    }
+
     pub fn read_exact_vec(&mut self, length: usize) -> Vec<u8> {
         let mut bytes = vec![0u8; length];
         self.stream.read_exact(&mut bytes).unwrap_or_else(|e| panic!("reading {length} bytes from the server: {e}"));

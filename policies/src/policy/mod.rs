@@ -1,0 +1,202 @@
+//! The policy language: YAML in, a validated and compiled [`Policy`] out.
+//!
+//! Every check runs inside a serde visitor while serde_yaml still stands on the node being read,
+//! so every error carries the line and column of that node (see [`de::checked_map`]).
+//!
+//! - this module: the public API, [`Policy`];
+//! - [`compiled`]: the form the engine reads, and nothing else of this module;
+//! - [`compile`]: from the checked grammar to the compiled form;
+//! - [`de`] and [`values`]: serde helpers that keep line and column, and the checked values
+//!   (names, units, counts, probabilities) every section shares;
+//! - [`grammar`]: the grammar of each section of a policy file;
+//! - [`warnings`]: what is legal but probably a mistake.
+
+mod compile;
+pub(crate) mod compiled;
+mod de;
+mod grammar;
+mod values;
+mod warnings;
+
+use crate::error::PolicyError;
+use compiled::Compiled;
+use de::ParseContext;
+use grammar::PolicySpec;
+
+#[cfg(test)]
+pub(crate) use grammar::mapping_keys;
+pub(crate) use grammar::since_values;
+pub use warnings::PolicyWarning;
+
+/// A validated, compiled policy. Immutable: the engine swaps whole policies.
+#[derive(Debug)]
+pub struct Policy {
+    source: String,
+    origin: String,
+    description: Option<String>,
+    compiled: Compiled,
+}
+
+impl Policy {
+    /// Reads, checks and compiles a policy. `origin` names the source in error messages.
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Policy, PolicyError> {
+        let mut spec = {
+            let _context = ParseContext::start();
+            serde_yaml::from_str::<PolicySpec>(text).map_err(|error| PolicyError::from_yaml_error(origin, &error))?
+        };
+        Ok(Policy {
+            source: text.to_string(),
+            origin: origin.to_string(),
+            description: spec.description.take(),
+            compiled: Compiled::new(spec),
+        })
+    }
+
+    /// The YAML text the policy was read from.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    pub fn description(&self) -> Option<&str> {
+        self.description.as_deref()
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.compiled.seed
+    }
+
+    /// The names of the rules, in evaluation order (schedule entries not included).
+    pub fn rule_names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.compiled.rules[self.compiled.scheduled..].iter().map(|rule| &*rule.name)
+    }
+
+    /// How many requests the `schedule:` section decides.
+    pub fn scheduled_requests(&self) -> usize {
+        self.compiled.scheduled
+    }
+
+    /// Every trigger the policy names, sorted.
+    pub fn trigger_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.compiled.triggers.iter().map(|name| &**name).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// True when some rule can cut power, so the server must keep an undo journal of unflushed
+    /// writes.
+    pub fn can_cut_power(&self) -> bool {
+        self.compiled.cuts_power
+    }
+
+    /// The compiled form, which is all the engine reads.
+    pub(crate) fn compiled(&self) -> &Compiled {
+        &self.compiled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(text: &str) -> PolicyError {
+        Policy::from_yaml(text, "test.yaml").expect_err("the policy should be refused")
+    }
+
+    #[test]
+    fn errors_point_at_the_offending_node() {
+        let error = refused(
+            "rules:\n  - name: a\n    when:\n      op: write\n      range: 2MiB..1MiB\n    then: { error: EIO }\n",
+        );
+        assert_eq!((error.line, error.column), (5, 14), "{error}");
+        assert!(error.message.contains("inverted"), "{error}");
+        assert!(error.fix.contains("1MiB..2MiB"), "{error}");
+    }
+
+    #[test]
+    fn a_rule_level_check_points_at_its_rule() {
+        let error = refused(
+            "rules:\n  - name: ok\n    then: { delay: 1ms }\n  - name: torn-read\n    when: { op: read }\n    then: { torn: 4KiB }\n",
+        );
+        assert_eq!((error.line, error.column), (4, 5), "{error}");
+        assert!(error.message.contains("`torn` tears a write"), "{error}");
+        assert_eq!(error.fix, "add `op: write` (or write_zeroes) to `when`");
+    }
+
+    #[test]
+    fn duplicate_rule_names_are_refused_at_the_second_rule() {
+        let error = refused("rules:\n  - name: a\n    then: {}\n  - name: a\n    then: {}\n");
+        assert_eq!(error.line, 4, "{error}");
+        assert!(error.message.contains("already used"), "{error}");
+    }
+
+    #[test]
+    fn unknown_fields_name_the_nearest_field() {
+        let error = refused("rules:\n  - when: { op: write, rnage: 0..4KiB }\n    then: { error: EIO }\n");
+        assert_eq!(error.line, 2);
+        assert!(error.message.contains("unknown field `rnage`"), "{error}");
+        assert_eq!(error.fix, "write `range` instead of `rnage`");
+    }
+
+    #[test]
+    fn typos_in_enumerations_get_a_suggestion() {
+        let error = refused("rules:\n  - when: { op: wirte }\n    then: { error: EIO }\n");
+        assert_eq!(error.fix, "write `write` instead of `wirte`", "{error}");
+        let error = refused("rules:\n  - then: { error: eio }\n");
+        assert_eq!(error.fix, "write `EIO` instead of `eio`", "{error}");
+    }
+
+    #[test]
+    fn impossible_combinations_are_refused() {
+        for (text, wanted) in [
+            ("rules: [{ when: { op: write }, then: { corrupt: 4 } }]", "`corrupt` damages the data of a read"),
+            ("rules: [{ when: { op: read }, then: { error: EIO, sticky: true } }]", "`sticky`"),
+            ("rules: [{ when: { op: write }, then: { drop: true, error: EIO } }]", "`drop` reports success"),
+            ("rules: [{ when: { op: write }, then: { persist: true } }]", "nothing here fails it"),
+            ("rules: [{ then: { delay: 1ms, stall: go } }]", "`delay` and `stall`"),
+            ("rules: [{ then: { delay: 200ms..10ms } }]", "inverted"),
+            ("rules: [{ when: { from: 10s, until: 5s }, then: {} }]", "time window is empty"),
+            ("rules: [{ when: { op: [write, flush], range: 0..4KiB }, then: {} }]", "flush has no byte range"),
+            ("rules: [{ when: { op: write, df: true }, then: {} }]", "`df` flag"),
+            ("rules: [{ when: { probability: 1.5 }, then: {} }]", "outside 0..1"),
+            ("rules: [{ when: { nth: { every: 3, first: 2 } }, then: {} }]", "never fires within"),
+            ("rules: [{ when: { limit: 0 }, then: {} }]", "a count of 0"),
+            ("rules: [{ when: { op: [] }, then: {} }]", "empty list"),
+            ("rules: [{ when: { since: armed, from: 1s }, then: {} }]", "there are none"),
+            ("rules: [{ when: { armed_by: go, disarmed_by: go }, then: {} }]", "both `armed_by` and `disarmed_by`"),
+            ("rules: [{ then: { arm: x, disarm: x } }]", "both armed and disarmed"),
+            ("rules: [{ when: { armed_by: 'go now' }, then: {} }]", "not a valid"),
+            ("rules: [{ when: { op: write }, then: { torn: { persist: 100..8KiB } } }]", "multiples of `align`"),
+            ("rules: [{ when: { cycle: { up: 1s, down: 0 } }, then: {} }]", "never down"),
+            ("rules: [{ then: { delay: 50 } }]", "no unit"),
+            ("rules: [{ when: { range: 0..1MB }, then: {} }]", "ambiguous"),
+            ("seed: 1\n", "no rules"),
+            ("", "no rules"),
+            ("rules: {}", "invalid type"),
+            ("rules:\n  - when:\n    then: { error: EIO }\n", "has no value"),
+            ("rules:\n  - when: { op: write }\n    then:\n", "has no value"),
+            ("rules:\n  - when: { op: write }\n    then: { error: }\n", "unknown variant ``"),
+            ("bad_sectors: [{ range: 0..512, write_failures: ~ }]", "invalid type: unit value"),
+        ] {
+            let error = refused(text);
+            assert!(error.message.contains(wanted), "{text}: wanted {wanted:?}, got {error}");
+            assert!(!error.fix.is_empty(), "{text}: no fix in {error}");
+        }
+    }
+
+    #[test]
+    fn the_issue_example_is_accepted() {
+        let policy =
+            Policy::from_yaml(include_str!("../../scenarios/issue-example.yaml"), "issue-example.yaml").unwrap();
+        assert_eq!(
+            policy.rule_names().collect::<Vec<_>>(),
+            ["fail-file-data", "every-third-fua-write", "flaky-flush", "slow-reads"]
+        );
+        assert_eq!(policy.seed(), 42);
+        assert_eq!(policy.trigger_names(), ["go"]);
+        assert!(!policy.can_cut_power());
+    }
+}
