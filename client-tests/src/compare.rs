@@ -3,9 +3,11 @@
 //!
 //! A cell is (filesystem, kernel series, check). The kernel series is `major.minor` (`6.1`), so a
 //! Debian update from 6.1.192 to 6.1.193 compares with the 6.1 column; the exact versions are
-//! shown. Only verdicts count: timings, evidence and reasons change on every run. Kernels,
-//! filesystems and checks are whatever the reports hold: a new kernel column or check on one side
-//! only is reported as such.
+//! shown. When, for one filesystem, exactly one committed column and one column of the run are
+//! left without a partner, they are the same column whose kernel moved to another series (sid
+//! going from 7.2 to 7.3) and are compared too. Only verdicts count: timings, evidence and reasons
+//! change on every run. Kernels, filesystems and checks are whatever the reports hold: a kernel
+//! column or a check on one side only is reported as such.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -107,22 +109,34 @@ pub fn compare(committed: &[Report], run: &[Report], partial: bool) -> Result<Co
     let committed = index(committed, "committed")?;
     let run = index(run, "run's")?;
     let mut out = Comparison::default();
-    for ((fs, series), old) in &committed {
-        let Some(new) = run.get(&(fs.clone(), series.clone())) else {
-            let kernel = old.kernel.label();
-            if partial {
-                out.notes
-                    .push(format!("kernel {series} ({kernel}), {fs}: not run this time; its committed results stay"));
-            } else {
-                out.differences.push(Difference::Kernel {
-                    fs: fs.clone(),
-                    series: series.clone(),
-                    kernel,
-                    side: Side::CommittedOnly,
-                });
+    let mut pairs: Vec<(&Key, &Report, &Report)> = Vec::new();
+    let mut committed_only: Vec<(&Key, &Report)> = Vec::new();
+    for (key, old) in &committed {
+        match run.get(key) {
+            Some(new) => pairs.push((key, old, new)),
+            None => committed_only.push((key, old)),
+        }
+    }
+    let mut run_only: Vec<(&Key, &Report)> =
+        run.iter().filter(|(key, _)| !committed.contains_key(*key)).map(|(key, report)| (key, *report)).collect();
+    // One column left over on each side, for one filesystem: the kernel moved to a new series.
+    if !partial {
+        let filesystems: Vec<&String> = committed_only.iter().map(|(key, _)| &key.0).collect();
+        for fs in filesystems {
+            let old: Vec<usize> = (0..committed_only.len()).filter(|&i| &committed_only[i].0.0 == fs).collect();
+            let new: Vec<usize> = (0..run_only.len()).filter(|&i| &run_only[i].0.0 == fs).collect();
+            if let ([o], [n]) = (old.as_slice(), new.as_slice()) {
+                let (key, old_report) = committed_only.remove(*o);
+                let (_, new_report) = run_only.remove(*n);
+                pairs.push((key, old_report, new_report));
             }
-            continue;
-        };
+        }
+    }
+    for (key, old, new) in pairs {
+        let (fs, committed_series) = key;
+        let run_series = series(new);
+        let series =
+            if run_series == *committed_series { run_series } else { format!("{committed_series} -> {run_series}") };
         let kernels = (old.kernel.label(), new.kernel.label());
         let before = out.differences.len();
         for check in &old.checks {
@@ -158,15 +172,26 @@ pub fn compare(committed: &[Report], run: &[Report], partial: bool) -> Result<Co
             out.notes.push(format!("kernel {series}, {fs}: {} -> {}, every verdict unchanged", kernels.0, kernels.1));
         }
     }
-    for ((fs, series), new) in &run {
-        if !committed.contains_key(&(fs.clone(), series.clone())) {
+    for ((fs, series), old) in committed_only {
+        let kernel = old.kernel.label();
+        if partial {
+            out.notes.push(format!("kernel {series} ({kernel}), {fs}: not run this time; its committed results stay"));
+        } else {
             out.differences.push(Difference::Kernel {
                 fs: fs.clone(),
                 series: series.clone(),
-                kernel: new.kernel.label(),
-                side: Side::RunOnly,
+                kernel,
+                side: Side::CommittedOnly,
             });
         }
+    }
+    for ((fs, series), new) in run_only {
+        out.differences.push(Difference::Kernel {
+            fs: fs.clone(),
+            series: series.clone(),
+            kernel: new.kernel.label(),
+            side: Side::RunOnly,
+        });
     }
     Ok(out)
 }
@@ -242,14 +267,16 @@ mod tests {
         let committed = committed();
         let mut run = committed.clone();
         let removed = run[0].checks.remove(0).id;
-        let mut added = run[1].checks[0].clone();
+        let mut added = run[0].checks[0].clone();
         added.id = "new_scenario.new_check".into();
-        run[1].checks.push(added);
+        run[0].checks.push(added);
         let mut new_kernel = run[0].clone();
-        new_kernel.kernel.version = Some(KernelVersion::new(7, 2, 13));
-        new_kernel.kernel.release = "7.2.13+deb14-amd64".into();
+        new_kernel.kernel.version = Some(KernelVersion::new(8, 9, 1));
+        new_kernel.kernel.release = "8.9.1+deb15-amd64".into();
         run.push(new_kernel);
-        let dropped = run.remove(run.len() - 2);
+        // A column of the other filesystem goes, so no pair of leftovers is formed.
+        let other_fs = run.iter().position(|r| r.fs != run[0].fs).expect("reports of two filesystems");
+        let dropped = run.remove(other_fs);
 
         let shown: Vec<String> =
             compare(&committed, &run, false).unwrap().differences.iter().map(|d| d.to_string()).collect();
@@ -261,7 +288,7 @@ mod tests {
             shown.iter().any(|d| d.contains("`new_scenario.new_check`: a check the committed results do not have")),
             "{shown:?}"
         );
-        assert!(shown.iter().any(|d| d.contains("kernel 7.2 (7.2.13)") && d.contains("no 7.2 column")), "{shown:?}");
+        assert!(shown.iter().any(|d| d.contains("kernel 8.9 (8.9.1)") && d.contains("no 8.9 column")), "{shown:?}");
         let dropped_series = series(&dropped);
         assert!(
             shown
@@ -273,6 +300,27 @@ mod tests {
         let partial = compare(&committed, &run, true).unwrap();
         assert!(!partial.differences.iter().any(|d| matches!(d, Difference::Kernel { side: Side::CommittedOnly, .. })));
         assert!(partial.notes.iter().any(|n| n.contains("not run this time")), "{:?}", partial.notes);
+    }
+
+    #[test]
+    fn a_column_whose_kernel_moved_to_a_new_series_is_compared_with_its_old_self() {
+        let committed = committed();
+        let mut run = committed.clone();
+        let newest = (0..run.len()).max_by_key(|&i| run[i].kernel.version).unwrap();
+        let version = run[newest].kernel.version.unwrap();
+        run[newest].kernel.version = Some(KernelVersion::new(version.major, version.minor + 1, 1));
+        let comparison = compare(&committed, &run, false).unwrap();
+        assert_eq!(comparison.differences, vec![]);
+        let moved = format!("{}.{} -> {}.{}", version.major, version.minor, version.major, version.minor + 1);
+        assert!(
+            comparison.notes.iter().any(|n| n.contains(&moved) && n.contains("unchanged")),
+            "{:?}",
+            comparison.notes
+        );
+
+        run[newest].checks[0].verdict = Verdict::Error;
+        let shown = compare(&committed, &run, false).unwrap().differences[0].to_string();
+        assert!(shown.contains(&moved) && shown.ends_with("-> error"), "{shown}");
     }
 
     #[test]
