@@ -18,7 +18,7 @@ pub const DEFAULT_MEMORY_SIZE: u64 = 1 << 30;
 /// The configuration file, as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ConfigFile {
+struct ConfigFile {
     /// Addresses to serve NBD on.
     #[serde(default)]
     pub listen: Option<Vec<String>>,
@@ -40,7 +40,7 @@ pub struct ConfigFile {
 /// `tls:` in the configuration file; a relative `certificates` is relative to the file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsFile {
+struct TlsFile {
     pub mode: Option<TlsMode>,
     pub certificates: Option<PathBuf>,
     pub verify_peer: Option<bool>,
@@ -48,7 +48,7 @@ pub struct TlsFile {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LimitsFile {
+struct LimitsFile {
     pub handshake_timeout: Option<HumanDuration>,
     pub max_connections: Option<usize>,
     pub max_in_flight: Option<ByteSize>,
@@ -57,7 +57,7 @@ pub struct LimitsFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ExportFile {
+struct ExportFile {
     pub name: String,
     #[serde(default)]
     pub description: String,

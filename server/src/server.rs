@@ -68,7 +68,7 @@ enum Flag {
 }
 
 /// Opens the storage of one export.
-pub fn open_storage(export: &ExportConfig) -> Result<Arc<dyn BlockDevice>, StartError> {
+fn open_storage(export: &ExportConfig) -> Result<Arc<dyn BlockDevice>, StartError> {
     let wrap = |source| StartError::Storage { export: export.name.clone(), source };
     Ok(match &export.storage {
         StorageSpec::Memory { size } => Arc::new(MemoryDevice::new(*size)),
@@ -81,7 +81,7 @@ pub fn open_storage(export: &ExportConfig) -> Result<Arc<dyn BlockDevice>, Start
 }
 
 /// Reads and checks an export's policy file.
-pub fn load_policy(export: &ExportConfig) -> Result<Option<Policy>, StartError> {
+fn load_policy(export: &ExportConfig) -> Result<Option<Policy>, StartError> {
     let Some(path) = &export.policy else { return Ok(None) };
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| StartError::PolicyRead {
@@ -104,7 +104,7 @@ fn storage_spec_text(spec: &StorageSpec) -> String {
 
 /// Builds every export with its fault layer and policy, so that a bad path or policy fails
 /// before anything listens.
-pub fn build_exports(config: &Config, log: &Arc<FaultLog>, clock: Clock) -> Result<Exports, StartError> {
+fn build_exports(config: &Config, log: &Arc<FaultLog>, clock: Clock) -> Result<Exports, StartError> {
     let mut exports = Vec::new();
     for export in &config.exports {
         let storage = open_storage(export)?;
@@ -124,7 +124,7 @@ pub fn build_exports(config: &Config, log: &Arc<FaultLog>, clock: Clock) -> Resu
 }
 
 /// Opens the fault log: in memory, and appended to the file when one is configured.
-pub fn open_fault_log(config: &Config) -> Result<Arc<FaultLog>, StartError> {
+fn open_fault_log(config: &Config) -> Result<Arc<FaultLog>, StartError> {
     let log = match &config.fault_log {
         Some(path) => FaultLog::with_file(path, fault_log::DEFAULT_CAPACITY)
             .map_err(|source| StartError::FaultLog { path: path.display().to_string(), source })?,
@@ -193,12 +193,13 @@ impl Server {
         self.control.as_ref().and_then(|(listener, _)| listener.local_addr().ok())
     }
 
-    pub fn exports(&self) -> &Arc<Exports> {
-        &self.exports
-    }
-
-    pub fn shutdown_handle(&self) -> Shutdown {
-        self.controller.handle()
+    /// Logs each export at each address, as `serving nbd://ADDRESS/EXPORT`.
+    pub fn log_exports(&self) {
+        for address in self.local_addresses() {
+            for export in self.exports.iter() {
+                tracing::info!(export = %export.name, size = export.size(), "serving nbd://{address}/{}", export.name);
+            }
+        }
     }
 
     /// Serves until `stop` resolves, then shuts down: stop accepting, let in-flight requests
