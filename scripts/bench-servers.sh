@@ -4,6 +4,7 @@
 # then each server's threads, peak RSS and CPU per request.
 #
 #   scripts/bench-servers.sh [ROUNDS] [SECONDS_PER_RUN] [GROUPS]
+#   NBDFAULT_BIN=/path/to/nbdfault scripts/bench-servers.sh ...   # another build of nbdfault
 #
 # GROUPS (default all, comma-separated):
 #   tmpfs    a 1 GiB image in /dev/shm: nbdfault file export (also with a 1,000-rule policy that
@@ -33,11 +34,16 @@ sampler_pid=
 cleanup() {
     [[ -n $sampler_pid ]] && kill "$sampler_pid" 2>/dev/null
     [[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+    # The raw results outlive a failed run: every finished run is one JSON line there.
+    [[ -s ${results:-} ]] && cp "$results" "${TMPDIR:-/tmp}/nbdfault-bench-results.jsonl"
     rm -rf "$shm_dir" "$disk_dir"
 }
 trap cleanup EXIT
 
-cargo build --release --quiet -p nbdfault --manifest-path "$repo/Cargo.toml"
+# NBDFAULT_BIN=PATH measures that binary instead of building this checkout (to compare versions).
+if [[ -z ${NBDFAULT_BIN:-} ]]; then
+    cargo build --release --quiet -p nbdfault --manifest-path "$repo/Cargo.toml"
+fi
 nbdfault=${NBDFAULT_BIN:-${CARGO_TARGET_DIR:-$repo/target}/release/nbdfault}
 results=$disk_dir/results.jsonl
 port=$((20000 + RANDOM % 20000))
@@ -93,7 +99,7 @@ servers_of() {
         ;;
     overlay)
         echo "nbdfault|$nbdfault serve -q --listen 127.0.0.1:$port --no-control --export disk=overlay:$shm_dir/disk.img"
-        echo "nbdkit cow|nbdkit --foreground --exit-with-parent --port $port --ipaddr 127.0.0.1 --exportname disk --filter=cow file file=$shm_dir/disk.img readonly=true"
+        echo "nbdkit cow|nbdkit --foreground --exit-with-parent --port $port --ipaddr 127.0.0.1 --exportname disk --filter=cow file file=$shm_dir/disk.img"
         ;;
     esac
 }

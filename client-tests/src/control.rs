@@ -107,8 +107,12 @@ impl Control {
         if !base.starts_with("http://") || base.len() <= "http://".len() {
             return Err(ControlError::BadUrl(url.to_string()));
         }
-        let config =
-            Agent::config_builder().timeout_global(Some(Duration::from_secs(60))).http_status_as_error(false).build();
+        // The server closes a kept-alive connection after 10 s idle: never reuse one that old.
+        let config = Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(60)))
+            .http_status_as_error(false)
+            .max_idle_age(Duration::from_secs(5))
+            .build();
         Ok(Control { base, export: export.to_string(), token, agent: config.into() })
     }
 

@@ -60,6 +60,11 @@ pub const INVARIANTS: &[Invariant] = &[
     inv(4, Class::VersionDependent, "a descriptor opened after the error, before anyone saw it, gets EIO once"),
     inv(5, Class::Guaranteed, "a descriptor opened after the error was reported elsewhere gets 0"),
     inv(
+        6,
+        Class::Guaranteed,
+        "an error can be lost if the inode is evicted before anyone reports it (a documented limitation)",
+    ),
+    inv(
         7,
         Class::Guaranteed,
         "msync(MS_SYNC) reports once through the mapping's description; MS_ASYNC reports nothing",
@@ -99,7 +104,17 @@ pub const INVARIANTS: &[Invariant] = &[
     ),
     inv(25, Class::Guaranteed, "a data write error does not shut XFS down or trigger ext4's errors= handling"),
     inv(26, Class::Guaranteed, "a log or journal write error shuts XFS down or aborts the ext4 journal at once"),
+    inv(
+        27,
+        Class::Guaranteed,
+        "XFS metadata write errors follow /sys/fs/xfs/<dev>/error/metadata/EIO/*; fail_at_unmount=1 lets unmount finish",
+    ),
     inv(28, Class::SetupDependent, "after an ext4 journal abort, remaining dirty pages stay dirty and uptodate"),
+    inv(
+        29,
+        Class::VersionDependent,
+        "fanotify FAN_FS_ERROR reports buffered write errors of iomap filesystems (>= 7.0)",
+    ),
     inv(30, Class::Guaranteed, "the kernel logs each writeback error"),
 ];
 

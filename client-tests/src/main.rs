@@ -67,7 +67,7 @@ struct RunArgs {
     /// Bearer token, when the server was started with --control-token.
     #[arg(long, env = "NBDFAULT_CONTROL_TOKEN")]
     token: Option<String>,
-    /// xfs, ext4, or all.
+    /// xfs, ext4, btrfs, a comma-separated list of them, or all.
     #[arg(long, default_value = "all")]
     fs: String,
     /// Only these scenarios (comma-separated; see `scenarios`).

@@ -102,7 +102,10 @@ impl State {
         self.triggers.len() - 1
     }
 
-    fn install(&mut self, policy: Option<Arc<Policy>>) {
+    /// Installs `policy` and hands back the one it replaces, for the caller to drop after
+    /// releasing the lock: freeing a large policy takes time no request should wait for.
+    #[must_use]
+    fn install(&mut self, policy: Option<Arc<Policy>>) -> Option<Arc<Policy>> {
         self.bad_sectors.forget_declared();
         match &policy {
             Some(policy) => {
@@ -125,7 +128,7 @@ impl State {
                 self.policy_triggers.clear();
             }
         }
-        self.policy = policy;
+        std::mem::replace(&mut self.policy, policy)
     }
 
     /// Sets a trigger; returns whether it changed.
@@ -151,7 +154,7 @@ impl Engine {
             bad_sectors: BadSectors::default(),
             scratch: Scratch::default(),
         };
-        state.install(policy);
+        let _none = state.install(policy);
         Engine { state: Mutex::new(state), changes: watch::Sender::new(0), none: Arc::from(Vec::new()) }
     }
 
@@ -230,24 +233,26 @@ impl Engine {
     }
 
     pub fn set_shared_policy(&self, policy: Option<Arc<Policy>>) {
-        self.lock().install(policy);
+        let replaced = self.lock().install(policy);
+        drop(replaced);
     }
 
     pub fn policy(&self) -> Option<Arc<Policy>> {
         self.lock().policy.clone()
     }
 
-    /// Arms a trigger (a no-op if it is armed already). Any name may be armed, also one no rule
-    /// mentions yet: a policy installed later sees it armed.
-    pub fn arm(&self, trigger: &str, now: Duration) {
-        self.set_trigger(trigger, true, now);
+    /// Arms a trigger (a no-op if it is armed already); returns whether it changed. Any name may
+    /// be armed, also one no rule mentions yet: a policy installed later sees it armed.
+    pub fn arm(&self, trigger: &str, now: Duration) -> bool {
+        self.set_trigger(trigger, true, now)
     }
 
-    pub fn disarm(&self, trigger: &str, now: Duration) {
-        self.set_trigger(trigger, false, now);
+    /// Disarms a trigger; returns whether it changed.
+    pub fn disarm(&self, trigger: &str, now: Duration) -> bool {
+        self.set_trigger(trigger, false, now)
     }
 
-    fn set_trigger(&self, trigger: &str, armed: bool, now: Duration) {
+    fn set_trigger(&self, trigger: &str, armed: bool, now: Duration) -> bool {
         let changed = {
             let mut state = self.lock();
             let slot = state.trigger_slot(trigger);
@@ -256,6 +261,7 @@ impl Engine {
         if changed {
             self.changes.send_modify(|version| *version += 1);
         }
+        changed
     }
 
     pub fn is_armed(&self, trigger: &str) -> bool {

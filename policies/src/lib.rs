@@ -22,7 +22,7 @@ pub use bad_sectors::BadSector;
 pub use decision::{Action, Decision, Reply, Wait};
 pub use engine::{Engine, RuleCounter, TriggerState};
 pub use error::PolicyError;
-pub use policy::{Policy, PolicyWarning};
+pub use policy::{Policy, PolicyLimits, PolicyWarning};
 pub use random::corrupt;
 pub use record::{
     ActionRecord, CorruptRecord, FaultLogError, FaultRecord, Outcome, ReplyRecord, StallRecord, decision_log,

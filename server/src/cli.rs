@@ -40,7 +40,11 @@ pub enum Command {
     /// Check policy files, or print the JSON Schema of the policy language.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Talk to a running server's control API: policies, triggers, the fault log, stored data.
+    /// Talk to a running server's control API: policies, triggers, power, the fault log, stored data.
+    ///
+    /// The API's answer goes to stdout (JSON); its warnings (a trigger no rule names, a rule that
+    /// can never decide) and errors go to stderr. Exit status: 0 done, 1 done but warned (with
+    /// --strict), 2 refused or unreachable.
     Ctl(CtlArgs),
     /// Turn a fault log into a policy that makes the same decisions again for the same requests.
     Replay(ReplayArgs),
@@ -88,6 +92,10 @@ pub struct CtlArgs {
     /// The default URL becomes https://.
     #[arg(long, value_name = "DIR", env = "NBDFAULT_CONTROL_TLS_CERTIFICATES")]
     pub tls_certificates: Option<PathBuf>,
+    /// Exit with status 1 when the server warns (arming a trigger no rule names, a policy with a
+    /// rule that can never decide). The change is made all the same; the warning is on stderr.
+    #[arg(long)]
+    pub strict: bool,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -103,6 +111,7 @@ pub enum CtlCommand {
         name: Option<String>,
     },
     /// Replace an export's policy (validated first; a bad one changes nothing). FILE `-` is stdin.
+    /// Errors and warnings name FILE, with line, column and a fix.
     SetPolicy {
         #[arg(value_name = "NAME")]
         name: String,
@@ -119,14 +128,14 @@ pub enum CtlCommand {
         #[arg(value_name = "NAME")]
         name: String,
     },
-    /// Arm a trigger.
+    /// Arm a trigger (warns when no rule of the export's policy names it).
     Arm {
         #[arg(value_name = "NAME")]
         name: String,
         #[arg(value_name = "TRIGGER")]
         trigger: String,
     },
-    /// Disarm a trigger.
+    /// Disarm a trigger (warns when no rule of the export's policy names it).
     Disarm {
         #[arg(value_name = "NAME")]
         name: String,
@@ -225,9 +234,15 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", value_parser = duration)]
     pub handshake_timeout: Option<Duration>,
 
-    /// Connections served at once; more are refused. Default 256.
+    /// Connections past the handshake (in transmission) at once; more are closed when their
+    /// handshake ends. Connections still in the handshake do not count. Default 256.
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+
+    /// Connections still in the handshake at once; a new one over this closes the oldest, so idle
+    /// sockets cannot lock clients out. Default 64.
+    #[arg(long, value_name = "N")]
+    pub max_handshakes: Option<usize>,
 
     /// Bytes of requests in flight per connection before the server stops reading more
     /// (backpressure). Default 64MiB; at least 33MiB.
@@ -295,6 +310,7 @@ impl ServeArgs {
             fault_log: self.fault_log.clone(),
             handshake_timeout: self.handshake_timeout,
             max_connections: self.max_connections,
+            max_handshakes: self.max_handshakes,
             max_in_flight: self.max_in_flight,
             shutdown_grace: self.shutdown_grace,
             tls: self.tls,

@@ -50,6 +50,7 @@ struct TlsFile {
 #[serde(deny_unknown_fields)]
 struct LimitsFile {
     pub handshake_timeout: Option<HumanDuration>,
+    pub max_handshakes: Option<usize>,
     pub max_connections: Option<usize>,
     pub max_in_flight: Option<ByteSize>,
     pub shutdown_grace: Option<HumanDuration>,
@@ -83,6 +84,7 @@ pub struct Overrides {
     pub control_token_file: Option<PathBuf>,
     pub fault_log: Option<PathBuf>,
     pub handshake_timeout: Option<Duration>,
+    pub max_handshakes: Option<usize>,
     pub max_connections: Option<usize>,
     pub max_in_flight: Option<u64>,
     pub shutdown_grace: Option<Duration>,
@@ -144,6 +146,9 @@ pub struct ExportConfig {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub handshake_timeout: Duration,
+    /// Connections still in the handshake; when full, the oldest of them is closed.
+    pub max_handshakes: usize,
+    /// Connections in transmission (past the handshake).
     pub max_connections: usize,
     pub max_in_flight: u32,
     pub shutdown_grace: Duration,
@@ -153,6 +158,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             handshake_timeout: Duration::from_secs(30),
+            max_handshakes: 64,
             max_connections: 256,
             max_in_flight: 64 << 20,
             shutdown_grace: Duration::from_secs(5),
@@ -319,6 +325,9 @@ impl Config {
         if let Some(value) = overrides.max_connections.or(file.limits.max_connections) {
             limits.max_connections = value;
         }
+        if let Some(value) = overrides.max_handshakes.or(file.limits.max_handshakes) {
+            limits.max_handshakes = value;
+        }
         if let Some(value) = overrides.shutdown_grace.or(file.limits.shutdown_grace.map(|d| d.0)) {
             limits.shutdown_grace = value;
         }
@@ -338,6 +347,9 @@ impl Config {
         }
         if limits.max_connections == 0 {
             return Err(invalid("max connections must be at least 1"));
+        }
+        if limits.max_handshakes == 0 {
+            return Err(invalid("max handshakes must be at least 1"));
         }
 
         let mut exports: Vec<ExportConfig> = Vec::new();

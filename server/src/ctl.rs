@@ -13,6 +13,10 @@ pub enum CtlError {
     Unreachable { url: String, source: Box<ureq::Error>, hint: &'static str },
     #[error("{method} {path}: HTTP {status}: {message}")]
     Refused { method: &'static str, path: String, status: u16, message: String },
+    /// `set-policy` with a policy the server refused: its errors, each with the file name, line,
+    /// column and a fix, as `nbdfault policy check` prints them.
+    #[error("{errors}\nthe policy was refused; export {export:?} keeps the policy it had")]
+    PolicyRefused { export: String, errors: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
@@ -34,6 +38,19 @@ pub fn path_segment(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     for byte in name.bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~' | b':' | b'@') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Percent-encodes a value for a URL query (`?origin=...`).
+pub fn query_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~' | b'/') {
             out.push(byte as char);
         } else {
             out.push_str(&format!("%{byte:02X}"));
@@ -150,15 +167,6 @@ impl Client {
         let mut response = self.call("GET", path, None)?;
         Ok(std::io::copy(&mut response.body_mut().as_reader(), out)?)
     }
-
-    /// Calls the API and pretty-prints its JSON answer.
-    pub fn json(&self, method: &'static str, path: &str, body: Option<Vec<u8>>) -> Result<String, CtlError> {
-        let text = self.text(method, path, body)?;
-        Ok(match serde_json::from_str::<serde_json::Value>(&text) {
-            Ok(value) => serde_json::to_string_pretty(&value).unwrap_or(text),
-            Err(_) => text,
-        })
-    }
 }
 
 /// Reads a file, or stdin for `-`.
@@ -181,6 +189,7 @@ mod tests {
         assert_eq!(path_segment(""), "@default");
         assert_eq!(path_segment("disk"), "disk");
         assert_eq!(path_segment("a b/c"), "a%20b%2Fc");
+        assert_eq!(query_value("dir/p q&r.yaml"), "dir/p%20q%26r.yaml");
     }
 
     #[test]

@@ -1,14 +1,15 @@
 //! The server: opens the exports, listens, accepts connections within the limits, and shuts down
 //! gracefully on SIGINT or SIGTERM.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 
 use nbdfault_policies::{Engine, Policy};
@@ -169,7 +170,8 @@ impl Server {
                     source,
                 })?;
                 let state =
-                    ControlState::new(Arc::clone(&exports), Arc::clone(&log), clock, config.control_token.clone());
+                    ControlState::new(Arc::clone(&exports), Arc::clone(&log), clock, config.control_token.clone())
+                        .map_err(|source| StartError::Control { address, hint: "", source })?;
                 Some((listener, state))
             }
             None => None,
@@ -209,6 +211,7 @@ impl Server {
         let control_task = control
             .map(|(listener, state)| tokio::spawn(control::serve(listener, state, tls.clone(), controller.handle())));
         let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let handshakes = Arc::new(Handshakes::new(limits.max_handshakes));
         let next_id = Arc::new(AtomicU64::new(1));
         // Every connection holds a sender; when all are dropped, every connection has ended.
         let (alive, mut all_ended) = mpsc::channel::<()>(1);
@@ -219,6 +222,7 @@ impl Server {
                 limits,
                 tls: tls.clone(),
                 slots: Arc::clone(&slots),
+                handshakes: Arc::clone(&handshakes),
                 next_id: Arc::clone(&next_id),
                 shutdown: controller.handle(),
                 alive: alive.clone(),
@@ -252,6 +256,10 @@ impl Server {
     }
 }
 
+/// The first wait after a failed accept, and the longest.
+const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// Accepts connections on one listener until shutdown.
 struct Acceptor {
     listener: TcpListener,
@@ -259,31 +267,89 @@ struct Acceptor {
     limits: Limits,
     tls: Option<Arc<Tls>>,
     slots: Arc<Semaphore>,
+    handshakes: Arc<Handshakes>,
     next_id: Arc<AtomicU64>,
     shutdown: Shutdown,
     alive: mpsc::Sender<()>,
 }
 
+/// Connections still in the handshake, by arrival. When the table is full a new connection
+/// closes the oldest: sockets that never finish their handshake cannot lock clients out, since a
+/// real client finishes its handshake in milliseconds.
+struct Handshakes {
+    cap: usize,
+    /// The next ticket number, and the eviction signal of every connection in the handshake.
+    table: std::sync::Mutex<(u64, BTreeMap<u64, oneshot::Sender<()>>)>,
+}
+
+impl Handshakes {
+    fn new(cap: usize) -> Handshakes {
+        Handshakes { cap, table: std::sync::Mutex::new((0, BTreeMap::new())) }
+    }
+
+    /// Registers a connection that starts its handshake, evicting the oldest when full.
+    fn enter(self: &Arc<Self>) -> HandshakeTicket {
+        let (signal, evicted) = oneshot::channel();
+        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let id = table.0;
+        table.0 += 1;
+        if table.1.len() >= self.cap
+            && let Some((_, oldest)) = table.1.pop_first()
+        {
+            let _ = oldest.send(());
+        }
+        table.1.insert(id, signal);
+        HandshakeTicket { handshakes: Arc::clone(self), id, evicted }
+    }
+}
+
+/// A connection's place in [`Handshakes`], given back when dropped.
+struct HandshakeTicket {
+    handshakes: Arc<Handshakes>,
+    id: u64,
+    /// Fires when a newer connection took this one's place.
+    evicted: oneshot::Receiver<()>,
+}
+
+impl Drop for HandshakeTicket {
+    fn drop(&mut self) {
+        self.handshakes.table.lock().unwrap_or_else(PoisonError::into_inner).1.remove(&self.id);
+    }
+}
+
 impl Acceptor {
     async fn run(mut self) {
+        let mut backoff = ACCEPT_BACKOFF_START;
         loop {
             let accepted = tokio::select! {
                 _ = self.shutdown.stopping() => return,
                 accepted = self.listener.accept() => accepted,
             };
             let (stream, peer) = match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    backoff = ACCEPT_BACKOFF_START;
+                    accepted
+                }
                 Err(error) => {
-                    // Out of file descriptors and similar: back off instead of spinning.
-                    tracing::warn!(%error, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Out of file descriptors (EMFILE, ENFILE) and similar: the connection waits
+                    // in the backlog. Back off, doubling up to a second, instead of spinning.
+                    tracing::warn!(%error, retry_in = ?backoff, "accepting a connection failed");
+                    tokio::select! {
+                        _ = self.shutdown.stopping() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             };
-            let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
+            // Transmission is full: refuse at once, with no greeting. (Idle connections in the
+            // handshake hold no slot; the slot is taken when the handshake ends.)
+            if self.slots.available_permits() == 0 {
                 tracing::warn!(%peer, limit = self.limits.max_connections, "refusing a connection: the connection limit is reached");
                 continue;
-            };
+            }
+            let ticket = self.handshakes.enter();
+            let slots = Arc::clone(&self.slots);
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let exports = Arc::clone(&self.exports);
             let limits = self.limits;
@@ -293,8 +359,8 @@ impl Acceptor {
             let span = tracing::info_span!("connection", id, %peer);
             tokio::spawn(
                 async move {
-                    handle_connection(stream, id, &exports, limits, tls.as_deref(), shutdown).await;
-                    drop(slot);
+                    let place = Place { ticket, slots };
+                    handle_connection(stream, id, &exports, limits, tls.as_deref(), place, shutdown).await;
                     drop(alive);
                 }
                 .instrument(span),
@@ -332,21 +398,35 @@ async fn negotiate(
     }
 }
 
+/// What a connection holds against the limits: its place among the handshakes, then one of the
+/// transmission slots.
+struct Place {
+    ticket: HandshakeTicket,
+    slots: Arc<Semaphore>,
+}
+
 async fn handle_connection(
     stream: TcpStream,
     id: u64,
     exports: &Exports,
     limits: Limits,
     tls: Option<&Tls>,
+    place: Place,
     mut shutdown: Shutdown,
 ) {
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "cannot set TCP_NODELAY");
     }
+    let Place { mut ticket, slots } = place;
     let negotiated = tokio::select! {
         _ = shutdown.stopping() => return,
+        _ = &mut ticket.evicted => {
+            tracing::info!(limit = limits.max_handshakes, "closing the oldest connection still in the handshake: too many are (--max-handshakes)");
+            return;
+        }
         result = tokio::time::timeout(limits.handshake_timeout, negotiate(stream, exports, tls)) => result,
     };
+    drop(ticket);
     let negotiated = match negotiated {
         Err(_) => {
             tracing::info!(timeout = ?limits.handshake_timeout, "handshake timed out; closing");
@@ -369,6 +449,13 @@ async fn handle_connection(
         }
         Outcome::StartTls(_) => unreachable!("STARTTLS is handled by negotiate"),
         Outcome::Transmission(session) => session.clone(),
+    };
+    let Ok(_slot) = slots.try_acquire_owned() else {
+        tracing::warn!(
+            limit = limits.max_connections,
+            "closing a connection at the end of its handshake: the connection limit is reached (--max-connections)"
+        );
+        return;
     };
     let export = Arc::clone(&session.export);
     Counters::add(&export.counters.connections, 1);

@@ -284,14 +284,16 @@ fn a_policy_swap_keeps_triggers_and_sticky_bad_sectors_and_resets_counters_and_d
 #[test]
 fn triggers_are_armed_and_disarmed_through_the_api_and_bad_names_get_400() {
     let (_server, api) = disk();
+    api.set_policy("disk", "rules: [{when: {armed_by: go}, then: {error: EIO}}]");
     let armed = api.post("/v1/exports/disk/triggers/go").expect(200).json();
-    assert_eq!(armed, json!({"trigger": "go", "armed": true}));
+    assert_eq!(armed, json!({"trigger": "go", "armed": true, "changed": true, "warnings": []}));
     let since = api.export("disk")["triggers"][0]["since_ns"].clone();
     // Arming an armed trigger changes nothing, not even its arming time.
-    api.arm("disk", "go");
+    let again = api.post("/v1/exports/disk/triggers/go").expect(200).json();
+    assert_eq!(again["changed"], false);
     assert_eq!(api.export("disk")["triggers"], json!([{"name": "go", "armed": true, "since_ns": since}]));
     let disarmed = api.delete("/v1/exports/disk/triggers/go").expect(200).json();
-    assert_eq!(disarmed, json!({"trigger": "go", "armed": false}));
+    assert_eq!(disarmed, json!({"trigger": "go", "armed": false, "changed": true, "warnings": []}));
     assert_eq!(api.export("disk")["triggers"][0]["armed"], false);
     api.arm("disk", "ns:with.dots_and-dashes");
     for bad in ["a%20b", "a%2Fb", &"x".repeat(129)] {
@@ -299,6 +301,41 @@ fn triggers_are_armed_and_disarmed_through_the_api_and_bad_names_get_400() {
         assert_eq!(answer.status, 400, "trigger {bad}");
         assert!(error_of(&answer).contains("letters, digits"));
     }
+}
+
+#[test]
+fn arming_or_disarming_a_trigger_no_rule_names_answers_with_a_warning() {
+    let (server, api) = disk();
+    let warning_of = |answer: &Value| {
+        answer["warnings"].as_array().unwrap().iter().map(|w| w.as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    // Without a policy no rule names anything.
+    let early = api.post("/v1/exports/disk/triggers/file-bad").expect(200).json();
+    assert_eq!(early["armed"], true);
+    assert!(warning_of(&early)[0].starts_with("warning: the export has no policy"), "{early}");
+    api.disarm("disk", "file-bad");
+
+    api.put(
+        "/v1/exports/disk/policy?origin=fail-file.yaml",
+        b"rules: [{name: fail-file, when: {op: write, armed_by: file-bad}, then: {error: EIO}}]",
+    )
+    .expect(200);
+    let typo = api.post("/v1/exports/disk/triggers/fil-bad").expect(200).json();
+    assert_eq!((typo["armed"].as_bool(), typo["changed"].as_bool()), (Some(true), Some(true)), "{typo}");
+    assert_eq!(
+        warning_of(&typo),
+        [
+            "fail-file.yaml: warning: no rule of this policy names the trigger `fil-bad`, so arming it changes nothing\n  \
+          fix: write `file-bad` instead of `fil-bad` (the policy's triggers: file-bad)"
+        ]
+    );
+    // The typo indeed changes nothing: the write passes.
+    ops(&server.uri("disk"), &["write 0 512 1"])[0].expect_ok();
+    let released = api.delete("/v1/exports/disk/triggers/fil-bad").expect(200).json();
+    assert!(warning_of(&released)[0].contains("so disarming it changes nothing"), "{released}");
+    let named = api.post("/v1/exports/disk/triggers/file-bad").expect(200).json();
+    assert_eq!(named["warnings"], json!([]));
+    ops(&server.uri("disk"), &["write 0 512 1"])[0].expect_errno("EIO");
 }
 
 #[test]
@@ -505,9 +542,80 @@ fn ctl(api: &Api) -> Command {
 }
 
 fn stderr_of(command: &mut Command) -> String {
+    outputs_of(command).1
+}
+
+/// Runs a command that must succeed; returns its stdout and stderr.
+#[track_caller]
+fn outputs_of(command: &mut Command) -> (String, String) {
     let output = run(command);
     assert!(output.status.success(), "{output:?}");
-    String::from_utf8_lossy(&output.stderr).into_owned()
+    (String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn ctl_prints_results_on_stdout_and_warnings_on_stderr_and_strict_fails_on_warnings() {
+    let (_server, api) = disk();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("file-bad.yaml");
+    std::fs::write(
+        &policy,
+        "rules:\n  - name: fail-file\n    when: { op: write, armed_by: file-bad }\n    then: { error: EIO }\n",
+    )
+    .unwrap();
+    let (answer, said) = outputs_of(ctl(&api).args(["set-policy", "disk"]).arg(&policy));
+    assert_eq!(common::json(&answer)["name"], "disk");
+    assert!(said.is_empty(), "{said}");
+
+    let (answer, said) = outputs_of(ctl(&api).args(["arm", "disk", "fil-bad"]));
+    assert_eq!(common::json(&answer)["trigger"], "fil-bad");
+    assert!(said.contains("warning: no rule of this policy names the trigger `fil-bad`"), "{said}");
+    assert!(said.contains("fix: write `file-bad` instead of `fil-bad`"), "{said}");
+
+    for args in [["arm", "disk", "fil-bad"], ["disarm", "disk", "fil-bad"]] {
+        let strict = run(ctl(&api).arg("--strict").args(args));
+        assert_eq!(strict.status.code(), Some(1), "--strict {args:?} fails on the warning: {strict:?}");
+        assert!(String::from_utf8_lossy(&strict.stderr).contains("`fil-bad`"), "{strict:?}");
+        assert!(String::from_utf8_lossy(&strict.stdout).contains("\"trigger\": \"fil-bad\""), "{strict:?}");
+    }
+    let (answer, said) = outputs_of(ctl(&api).args(["--strict", "arm", "disk", "file-bad"]));
+    assert_eq!(common::json(&answer)["warnings"], json!([]));
+    assert!(said.is_empty(), "{said}");
+
+    // A policy with a rule that can never decide: set, but --strict fails.
+    let never = dir.path().join("never.yaml");
+    std::fs::write(&never, "rules:\n  - name: never\n    when: { probability: 0 }\n    then: { error: EIO }\n")
+        .unwrap();
+    let strict = run(ctl(&api).args(["--strict", "set-policy", "disk"]).arg(&never));
+    assert_eq!(strict.status.code(), Some(1), "{strict:?}");
+    assert_eq!(api.export("disk")["policy"]["origin"], never.display().to_string());
+}
+
+#[test]
+fn ctl_set_policy_names_the_file_in_every_error() {
+    let (_server, api) = disk();
+    api.set_policy("disk", FAIL_WRITES);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("broken.yaml");
+    std::fs::write(&policy, "rules:\n  - name: a\n    when: { op: wirte }\n    then: { error: EIO }\n").unwrap();
+    let output = run(ctl(&api).args(["set-policy", "disk"]).arg(&policy));
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.starts_with(&format!("{}:3:17: ", policy.display())), "{stderr}");
+    assert!(stderr.contains("fix: write `write` instead of `wirte`"), "{stderr}");
+    assert!(!stderr.contains("PUT /v1"), "the file, not the URL: {stderr}");
+    assert!(stderr.contains("the policy was refused; export \"disk\" keeps the policy it had"), "{stderr}");
+    assert_eq!(api.export("disk")["policy"]["rules"][0]["rule"], "fail-writes");
+    // From stdin, the label is `stdin`.
+    let mut command = ctl(&api);
+    command.args(["set-policy", "disk", "-"]);
+    let shown = common::show(&command);
+    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap_or_else(|e| panic!("{shown}: {e}"));
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"rules: [{then: {error: EIOO}}]").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).starts_with("stdin:1:"), "{output:?}");
 }
 
 #[test]
@@ -537,10 +645,15 @@ fn ctl_drives_every_endpoint_of_a_running_server() {
     let text = "rules:\n  - name: gated\n    when: { op: write, armed_by: go }\n    then: { error: EIO }\n  \
                 - name: never\n    when: { op: read, probability: 0 }\n    then: {}\n";
     std::fs::write(&policy, text).unwrap();
-    let said = stderr_of(ctl(&api).args(["set-policy", name]).arg(&policy));
-    assert!(said.contains("replaced") && said.contains("warning") && said.contains("never"), "{said}");
+    let (answer, said) = outputs_of(ctl(&api).args(["set-policy", name]).arg(&policy));
+    assert!(said.contains("warning") && said.contains("never"), "{said}");
+    assert!(said.starts_with(&format!("{}:5:", policy.display())), "warnings name the file: {said}");
+    let answer = common::json(&answer);
+    assert_eq!(answer["policy"]["origin"], policy.display().to_string(), "{answer}");
     assert_eq!(run_ok(ctl(&api).args(["show-policy", name])).trim_end(), text.trim_end());
-    stderr_of(ctl(&api).args(["arm", name, "go"]));
+    let (armed, said) = outputs_of(ctl(&api).args(["arm", name, "go"]));
+    assert_eq!(common::json(&armed)["armed"], true, "the result is on stdout");
+    assert!(said.is_empty(), "nothing to say on stderr: {said}");
     assert_eq!(
         api.export(name)["triggers"],
         json!([{"name": "go", "armed": true, "since_ns": api.export(name)["triggers"][0]["since_ns"]}])

@@ -2,6 +2,9 @@
 //! it: the sync family, fadvise, fallocate, drop_caches, mount. Memory mappings, extent maps and
 //! page flags have modules of their own.
 
+pub mod btrfs;
+pub mod cgroup;
+pub mod fanotify;
 pub mod fiemap;
 pub mod mapping;
 pub mod pageflags;
@@ -96,6 +99,18 @@ pub fn sync_file_range(file: &File, how: RangeSync) -> io::Result<()> {
     };
     // SAFETY: plain syscall on an open descriptor; offset 0 and length 0 mean the whole file.
     check(unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, flags) })
+}
+
+/// `pwrite(2)` of `data` at `offset` through a new `O_DIRECT` description of `path`, from a
+/// page-aligned copy of `data` (O_DIRECT needs aligned memory, offset and length).
+pub fn pwrite_direct(path: &Path, offset: u64, data: &[u8]) -> io::Result<usize> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path)?;
+    let page = page_size();
+    let mut buf = vec![0u8; data.len() + page];
+    let skip = buf.as_ptr().align_offset(page);
+    buf[skip..skip + data.len()].copy_from_slice(data);
+    file.write_at(&buf[skip..skip + data.len()], offset)
 }
 
 /// `posix_fadvise(POSIX_FADV_DONTNEED)` over the whole file: drops clean, unmapped cached pages.

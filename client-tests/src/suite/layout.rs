@@ -30,11 +30,24 @@ fn le_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-/// True when the first 2 KiB of a device hold a superblock of `fs`.
-pub fn has_filesystem(fs: super::Fs, first_2k: &[u8]) -> bool {
+/// The device bytes (offset, length) that show whether a device holds `fs`: the first 2 KiB for
+/// XFS and ext4, btrfs's magic in its superblock at 64 KiB.
+pub fn probe_range(fs: super::Fs) -> (u64, u64) {
     match fs {
-        super::Fs::Xfs => first_2k.get(0..4) == Some(b"XFSB".as_slice()),
-        super::Fs::Ext4 => first_2k.len() >= 1024 + 0x3A && le_u16(first_2k, 1024 + 0x38) == 0xEF53,
+        super::Fs::Xfs | super::Fs::Ext4 => (0, 2048),
+        super::Fs::Btrfs => (BTRFS_SUPER + 0x40, 8),
+    }
+}
+
+/// btrfs's primary superblock.
+const BTRFS_SUPER: u64 = 64 * 1024;
+
+/// True when `probe` (the bytes at [`probe_range`]) shows a superblock of `fs`.
+pub fn has_filesystem(fs: super::Fs, probe: &[u8]) -> bool {
+    match fs {
+        super::Fs::Xfs => probe.get(0..4) == Some(b"XFSB".as_slice()),
+        super::Fs::Ext4 => probe.len() >= 1024 + 0x3A && le_u16(probe, 1024 + 0x38) == 0xEF53,
+        super::Fs::Btrfs => probe.get(0..8) == Some(b"_BHRfS_M".as_slice()),
     }
 }
 
@@ -134,6 +147,8 @@ mod tests {
         dev[1024 + 0x38..1024 + 0x3A].copy_from_slice(&0xEF53u16.to_le_bytes());
         assert!(has_filesystem(super::super::Fs::Ext4, &dev));
         assert!(!has_filesystem(super::super::Fs::Ext4, &dev[..1070]));
+        assert!(has_filesystem(super::super::Fs::Btrfs, b"_BHRfS_M"));
+        assert!(!has_filesystem(super::super::Fs::Btrfs, &dev[..8]));
     }
 
     #[test]

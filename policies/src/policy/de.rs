@@ -20,6 +20,8 @@ pub(super) struct ParseContext {
     pub(super) rules: usize,
     pub(super) names: HashSet<Arc<str>>,
     pub(super) scheduled: HashSet<u64>,
+    /// The most rules plus schedule entries the policy may have.
+    pub(super) max_rules: usize,
 }
 
 thread_local! {
@@ -30,9 +32,23 @@ thread_local! {
 pub(super) struct ContextGuard;
 
 impl ParseContext {
-    pub(super) fn start() -> ContextGuard {
-        CONTEXT.with(|context| *context.borrow_mut() = ParseContext::default());
+    pub(super) fn start(max_rules: usize) -> ContextGuard {
+        CONTEXT.with(|context| *context.borrow_mut() = ParseContext { max_rules, ..ParseContext::default() });
         ContextGuard
+    }
+
+    /// Refuses the entry about to be counted when the policy already has the most allowed.
+    pub(super) fn check_room(&self) -> Result<(), Invalid> {
+        if self.rules + self.scheduled.len() >= self.max_rules {
+            return Err(Invalid::new(
+                format!(
+                    "the policy has more than {} rules and schedule entries, the limit (max_rules)",
+                    self.max_rules
+                ),
+                "split the policy, or merge rules that differ only in `range` into one rule with a list of ranges",
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -15,6 +15,7 @@ mod compile;
 pub(crate) mod compiled;
 mod de;
 mod grammar;
+mod limits;
 mod values;
 mod warnings;
 
@@ -26,6 +27,7 @@ use grammar::PolicySpec;
 #[cfg(test)]
 pub(crate) use grammar::mapping_keys;
 pub(crate) use grammar::since_values;
+pub use limits::PolicyLimits;
 pub use warnings::PolicyWarning;
 
 /// A validated, compiled policy. Immutable: the engine swaps whole policies.
@@ -38,10 +40,19 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Reads, checks and compiles a policy. `origin` names the source in error messages.
+    /// Reads, checks and compiles a policy within the default [`PolicyLimits`]. `origin` names
+    /// the source in error messages.
     pub fn from_yaml(text: &str, origin: &str) -> Result<Policy, PolicyError> {
+        Policy::from_yaml_within(text, origin, &PolicyLimits::DEFAULT)
+    }
+
+    /// Reads, checks and compiles a policy; input over one of `limits` is refused before it is
+    /// parsed, with an error naming the limit. The work is bounded by the limits, but it is
+    /// work: a server runs this off the threads that serve I/O.
+    pub fn from_yaml_within(text: &str, origin: &str, limits: &PolicyLimits) -> Result<Policy, PolicyError> {
+        limits::prescan(text, limits).map_err(|over| PolicyError::new(origin, over.line, over.column, over.invalid))?;
         let mut spec = {
-            let _context = ParseContext::start();
+            let _context = ParseContext::start(limits.max_rules);
             serde_yaml::from_str::<PolicySpec>(text).map_err(|error| PolicyError::from_yaml_error(origin, &error))?
         };
         Ok(Policy {
@@ -185,6 +196,19 @@ mod tests {
             assert!(error.message.contains(wanted), "{text}: wanted {wanted:?}, got {error}");
             assert!(!error.fix.is_empty(), "{text}: no fix in {error}");
         }
+    }
+
+    #[test]
+    fn rules_over_the_limit_are_refused_at_the_first_one_too_many() {
+        let limits = PolicyLimits { max_rules: 2, ..PolicyLimits::DEFAULT };
+        let text = "rules:\n  - then: {}\n  - then: {}\n  - then: {}\n";
+        let error = Policy::from_yaml_within(text, "many.yaml", &limits).unwrap_err();
+        assert_eq!(error.line, 4, "{error}");
+        assert!(error.message.contains("max_rules"), "{error}");
+        let schedule = "schedule:\n  - { request: 0, op: read, rule: a, then: {} }\n  - { request: 1, op: read, rule: a, then: {} }\nrules:\n  - then: {}\n";
+        let error = Policy::from_yaml_within(schedule, "many.yaml", &limits).unwrap_err();
+        assert!(error.message.contains("max_rules"), "{error}");
+        Policy::from_yaml_within("rules:\n  - then: {}\n  - then: {}\n", "two.yaml", &limits).unwrap();
     }
 
     #[test]

@@ -562,7 +562,37 @@ def interleaved(uri, connections="4", depth="128"):
     print(f"{len(expected)} interleaved blocks checked")
 
 
+# ---- latency -----------------------------------------------------------------------------------
+
+
+def read_latency(uri, seconds, start_file=""):
+    """Reads 4 KiB at a time, one request after the other, for `seconds`; prints one JSON line
+    with the count and the 50th, 99th percentile and largest latency in milliseconds. Touches
+    `start_file` once the first read is done, so the caller knows reads are under way."""
+    import json
+    import random
+    import time
+
+    h = connect(uri)
+    size = h.get_size()
+    rng = random.Random(7)
+    latencies = []
+    end = time.monotonic() + float(seconds)
+    while time.monotonic() < end:
+        offset = rng.randrange(0, size // (4 * KIB)) * 4 * KIB
+        started = time.monotonic()
+        h.pread(4 * KIB, offset)
+        latencies.append((time.monotonic() - started) * 1000)
+        if start_file and len(latencies) == 1:
+            open(start_file, "w").close()
+    latencies.sort()
+    check(len(latencies) > 0, "no read finished")
+    at = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+    print(json.dumps({"reads": len(latencies), "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": latencies[-1]}))
+
+
 SCENARIOS = {
+    "read-latency": read_latency,
     "out-of-range": out_of_range,
     "unknown-flags": unknown_flags,
     "fill": fill,

@@ -40,9 +40,10 @@ impl<'de> Deserialize<'de> for RuleSpec {
 fn check_rule(raw: RawRule) -> Result<RuleSpec, Invalid> {
     let position = CONTEXT.with(|context| {
         let mut context = context.borrow_mut();
+        context.check_room()?;
         context.rules += 1;
-        context.rules
-    });
+        Ok::<_, Invalid>(context.rules)
+    })?;
     let name = match raw.name {
         Some(name) => name.0,
         None => Arc::from(format!("rule-{position}")),

@@ -40,7 +40,11 @@ impl<'de> Deserialize<'de> for ScheduleEntry {
             deserializer,
             "a schedule entry: a mapping with request, op, rule and then",
             |raw: RawScheduleEntry| {
-                let fresh = CONTEXT.with(|context| context.borrow_mut().scheduled.insert(raw.request));
+                let fresh = CONTEXT.with(|context| {
+                    let mut context = context.borrow_mut();
+                    context.check_room()?;
+                    Ok::<_, Invalid>(context.scheduled.insert(raw.request))
+                })?;
                 if !fresh {
                     return Err(Invalid::new(
                         format!("request {} is scheduled twice", raw.request),

@@ -2,6 +2,14 @@
 //! log and the bytes as stored, reset exports, while clients keep doing I/O.
 //!
 //! The export named `""` is written `@default` in paths. docs/control-api.md is the reference.
+//!
+//! Handlers run on the runtime that also serves NBD, so anything that costs more than a few
+//! microseconds per request (reading a policy, its warnings, swapping it in) goes to the
+//! [`ControlWorker`].
+
+mod worker;
+
+pub use worker::{ControlWorker, Refused};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +22,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use nbdfault_policies::{BadSector, Policy, RuleCounter, TriggerState};
+use nbdfault_policies::{BadSector, Policy, PolicyLimits, PolicyWarning, RuleCounter, TriggerState};
 use serde::{Deserialize, Serialize};
 
 use crate::storage::file::FileDataPath;
@@ -31,8 +39,10 @@ use crate::wire::{errno, transmission_flags};
 pub const MAX_DATA: u64 = 64 << 20;
 /// Bytes per storage call when serving `data`: one NBD request's worth.
 const DATA_STEP: u64 = 32 << 20;
-/// The largest policy body: axum's default body limit.
-const MAX_POLICY: usize = 2 << 20;
+/// The largest policy body: the policy size limit.
+const MAX_POLICY: usize = PolicyLimits::DEFAULT.max_bytes;
+/// How long a control request waits for the control worker.
+const WORKER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 /// The spelling of the export named `""` in paths.
 pub const DEFAULT_EXPORT: &str = crate::export::DEFAULT_EXPORT_IN_PATHS;
 
@@ -42,11 +52,19 @@ pub struct ControlState {
     log: Arc<FaultLog>,
     clock: Clock,
     token: Option<Arc<str>>,
+    worker: ControlWorker,
 }
 
 impl ControlState {
-    pub fn new(exports: Arc<Exports>, log: Arc<FaultLog>, clock: Clock, token: Option<String>) -> ControlState {
-        ControlState { exports, log, clock, token: token.map(Arc::from) }
+    /// Also starts the control worker thread, which fails only when no thread can be made.
+    pub fn new(
+        exports: Arc<Exports>,
+        log: Arc<FaultLog>,
+        clock: Clock,
+        token: Option<String>,
+    ) -> std::io::Result<ControlState> {
+        let worker = ControlWorker::start(WORKER_DEADLINE)?;
+        Ok(ControlState { exports, log, clock, token: token.map(Arc::from), worker })
     }
 
     fn export(&self, name: &str) -> Result<&Arc<Export>, ApiError> {
@@ -79,6 +97,12 @@ impl ApiError {
 
     fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<Refused> for ApiError {
+    fn from(refused: Refused) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, refused.to_string())
     }
 }
 
@@ -138,22 +162,64 @@ async fn authorize(State(state): State<ControlState>, request: Request, next: Ne
 pub async fn serve(listener: tokio::net::TcpListener, state: ControlState, tls: Option<Arc<Tls>>, shutdown: Shutdown) {
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let app = router(state);
-    let mut stopping = shutdown.clone();
-    let stopping = async move { stopping.stopping().await };
-    let served = match tls {
+    match tls {
         Some(tls) => {
             tracing::info!(verify_peer = tls.verify_peer, "control API on https://{address}/v1/");
-            let listener = TlsListener::new(listener, tls, shutdown);
-            axum::serve(listener, app).with_graceful_shutdown(stopping).await
+            let listener = TlsListener::new(listener, tls, shutdown.clone());
+            serve_connections(listener, app, shutdown).await;
         }
         None => {
             tracing::info!("control API on http://{address}/v1/");
-            axum::serve(listener, app).with_graceful_shutdown(stopping).await
+            serve_connections(listener, app, shutdown).await;
         }
-    };
-    if let Err(error) = served {
-        tracing::error!(%error, "the control API stopped");
     }
+}
+
+/// Control connections served at once. More wait in the listen backlog, where they hold no file
+/// descriptor of this process: idle control sockets cannot starve NBD of descriptors.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Time a client has to send the headers of a request, also the next one on a kept-alive
+/// connection: idle or half-sent requests are closed after it.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Time one request may take to be read and answered, body included (not the streaming of a
+/// `data` answer, which is bounded by its size and the client's pace).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Serves HTTP/1.1 on every connection `listener` yields, at most [`MAX_CONNECTIONS`] at once,
+/// until shutdown begins; then lets the requests in progress finish.
+async fn serve_connections<L: axum::serve::Listener>(mut listener: L, app: Router, mut shutdown: Shutdown) {
+    let app =
+        app.layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT));
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(64 << 10);
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.stopping() => break,
+            permit = Arc::clone(&connections).acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let (io, _) = tokio::select! {
+            _ = shutdown.stopping() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = http.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+        let mut stopping = shutdown.clone();
+        tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stopping.stopping() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    // Connections still open finish their request (see the shutdown branch above); the caller
+    // waits for the control task a short while only.
+    let _ = Arc::clone(&connections).acquire_many_owned(MAX_CONNECTIONS as u32).await;
 }
 
 /// TLS handshakes in progress on the control listener at once; more wait in the backlog.
@@ -317,27 +383,74 @@ async fn get_policy(State(state): State<ControlState>, Path(name): Path<String>)
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyQuery {
+    /// What errors and warnings name the policy by (`nbdfault ctl set-policy` sends the file
+    /// name); the export view shows it as the policy's `origin`.
+    origin: Option<String>,
+}
+
+/// The longest `origin=` label.
+const MAX_ORIGIN: usize = 1024;
+
 async fn set_policy(
     State(state): State<ControlState>,
     Path(name): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    query: Result<Query<PolicyQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: axum::body::Body,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let export = state.export(&name)?;
-    let body =
-        body.map_err(|rejection| body_error(rejection, &format!("a policy may have at most {MAX_POLICY} bytes")))?;
-    let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the policy is not UTF-8 text"))?;
-    let origin = format!("PUT /v1/exports/{name}/policy");
-    let policy = Policy::from_yaml(text, &origin).map_err(|error| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        message: error.to_string(),
-        extra: Some(serde_json::json!({ "line": error.line, "column": error.column, "fix": error.fix })),
+    let export = Arc::clone(state.export(&name)?);
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("a policy may have at most {MAX_POLICY} bytes (the policy limit max_bytes)"),
+        )
+    };
+    // A declared length over the limit is refused before a byte of the body is read.
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_POLICY as u64) {
+        return Err(too_large());
+    }
+    let body = axum::body::to_bytes(body, MAX_POLICY).await.map_err(|error| {
+        if std::error::Error::source(&error).is_some_and(|source| source.is::<http_body_util::LengthLimitError>()) {
+            too_large()
+        } else {
+            ApiError::bad_request(format!("cannot read the body: {error}"))
+        }
     })?;
-    let warnings: Vec<String> = policy.warnings().iter().map(ToString::to_string).collect();
-    export.engine().set_policy(Some(policy));
-    tracing::info!(export = %export.name, warnings = warnings.len(), "policy replaced through the control API");
-    let mut view = serde_json::to_value(export_view(&state, export)).expect("an export view always serializes");
-    view["warnings"] = serde_json::json!(warnings);
-    Ok(axum::Json(view))
+    let origin = match query.map_err(|e| ApiError::bad_request(format!("{e}; use ?origin=NAME")))?.0.origin {
+        Some(origin) if origin.is_empty() || origin.len() > MAX_ORIGIN || origin.chars().any(char::is_control) => {
+            return Err(ApiError::bad_request(format!(
+                "origin={origin:?}: give 1 to {MAX_ORIGIN} printable characters, such as the policy's file name"
+            )));
+        }
+        Some(origin) => origin,
+        None => format!("PUT /v1/exports/{name}/policy"),
+    };
+    let view_state = state.clone();
+    // Reading, checking, the warnings, the swap (and dropping the old policy) and the view all
+    // cost time in proportion to the policy: none of it runs on the runtime.
+    let answer = state
+        .worker
+        .run(move || {
+            let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the policy is not UTF-8 text"))?;
+            let policy = Policy::from_yaml_within(text, &origin, &PolicyLimits::DEFAULT).map_err(|error| ApiError {
+                status: StatusCode::BAD_REQUEST,
+                message: error.to_string(),
+                extra: Some(serde_json::json!({ "line": error.line, "column": error.column, "fix": error.fix })),
+            })?;
+            let warnings: Vec<String> = policy.warnings().iter().map(ToString::to_string).collect();
+            export.engine().set_policy(Some(policy));
+            tracing::info!(export = %export.name, warnings = warnings.len(), "policy replaced through the control API");
+            let mut view =
+                serde_json::to_value(export_view(&view_state, &export)).expect("an export view always serializes");
+            view["warnings"] = serde_json::json!(warnings);
+            Ok::<_, ApiError>(view)
+        })
+        .await??;
+    Ok(axum::Json(answer))
 }
 
 async fn clear_policy(
@@ -384,13 +497,17 @@ fn set_trigger(
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let export = state.export(&name)?;
     check_trigger_name(&trigger)?;
-    if armed {
-        export.engine().arm(&trigger, state.clock.now());
-    } else {
-        export.engine().disarm(&trigger, state.clock.now());
-    }
-    tracing::info!(export = %export.name, %trigger, armed, "trigger set");
-    Ok(axum::Json(serde_json::json!({ "trigger": trigger, "armed": armed })))
+    let engine = export.engine();
+    let changed =
+        if armed { engine.arm(&trigger, state.clock.now()) } else { engine.disarm(&trigger, state.clock.now()) };
+    // A trigger no rule names cannot change any decision: most often a typo, which would make a
+    // test pass for the wrong reason. Said in the answer, like the warnings of `PUT policy`.
+    let warnings: Vec<String> = PolicyWarning::for_trigger(engine.policy().as_deref(), &trigger, armed)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    tracing::info!(export = %export.name, %trigger, armed, changed, warnings = warnings.len(), "trigger set");
+    Ok(axum::Json(serde_json::json!({ "trigger": trigger, "armed": armed, "changed": changed, "warnings": warnings })))
 }
 
 #[derive(Deserialize)]

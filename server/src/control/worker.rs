@@ -1,0 +1,117 @@
+//! Control work off the data path: reading and checking policies, computing their warnings,
+//! swapping them in and rendering large views run on one dedicated, low-priority thread, never
+//! on the runtime's worker threads that serve NBD requests.
+//!
+//! The queue is short and bounded: when it is full the control API answers 503 at once instead
+//! of piling work up. Each job's own cost is bounded by the policy limits.
+
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Jobs waiting behind the one running; more are refused.
+const QUEUE: usize = 4;
+/// The worker's nice value: the scheduler lets NBD threads run first when both want the CPU.
+const NICE: i32 = 10;
+
+/// Why a job did not run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the server is busy with other control work ({QUEUE} jobs queued); retry shortly")]
+    Busy,
+    #[error("the control work took over {0:?}; it was abandoned")]
+    TimedOut(Duration),
+    #[error("the control worker has stopped")]
+    Stopped,
+}
+
+/// A handle to the control worker thread; clones share it. The thread ends when the last
+/// handle is dropped.
+#[derive(Clone)]
+pub struct ControlWorker {
+    jobs: SyncSender<Job>,
+    /// How long a caller waits for its job, queueing included.
+    deadline: Duration,
+}
+
+impl ControlWorker {
+    /// Starts the worker thread.
+    pub fn start(deadline: Duration) -> std::io::Result<ControlWorker> {
+        let (jobs, queue) = sync_channel::<Job>(QUEUE);
+        std::thread::Builder::new().name("nbdfault-control".into()).spawn(move || {
+            lower_priority();
+            while let Ok(job) = queue.recv() {
+                job();
+            }
+        })?;
+        Ok(ControlWorker { jobs, deadline })
+    }
+
+    /// Runs `work` on the worker thread and waits for its result, at most the deadline.
+    pub async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, Refused> {
+        let (answer, result) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            // The caller may have given up; then the result is dropped here, on this thread.
+            let _ = answer.send(work());
+        });
+        match self.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(Refused::Busy),
+            Err(TrySendError::Disconnected(_)) => return Err(Refused::Stopped),
+        }
+        match tokio::time::timeout(self.deadline, result).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(_)) => Err(Refused::Stopped),
+            Err(_) => Err(Refused::TimedOut(self.deadline)),
+        }
+    }
+}
+
+/// Lowers this thread's scheduling priority (Linux schedules threads one by one).
+fn lower_priority() {
+    // SAFETY: gettid has no preconditions; setpriority only reads its arguments, and a failure
+    // (no permission, say) leaves the priority as it was.
+    let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, NICE) };
+    if result != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the control worker's priority");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn jobs_run_off_the_runtime_and_a_full_queue_is_refused_at_once() {
+        let worker = ControlWorker::start(Duration::from_secs(5)).unwrap();
+        let name = worker.run(|| std::thread::current().name().map(str::to_string)).await.unwrap();
+        assert_eq!(name.as_deref(), Some("nbdfault-control"));
+
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let (started, running) = std::sync::mpsc::channel::<()>();
+        worker
+            .jobs
+            .try_send(Box::new(move || {
+                started.send(()).unwrap();
+                let _ = hold.recv();
+            }))
+            .unwrap();
+        running.recv().unwrap();
+        for _ in 0..QUEUE {
+            worker.jobs.try_send(Box::new(|| {})).unwrap();
+        }
+        assert_eq!(worker.run(|| ()).await, Err(Refused::Busy));
+        release.send(()).unwrap();
+        assert_eq!(worker.run(|| 7).await, Ok(7));
+    }
+
+    #[tokio::test]
+    async fn a_job_over_the_deadline_is_reported_as_timed_out() {
+        let worker = ControlWorker::start(Duration::from_millis(50)).unwrap();
+        let slow = worker.run(|| std::thread::sleep(Duration::from_millis(300))).await;
+        assert_eq!(slow, Err(Refused::TimedOut(Duration::from_millis(50))));
+    }
+}
