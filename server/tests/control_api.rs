@@ -305,6 +305,7 @@ fn triggers_are_armed_and_disarmed_through_the_api_and_bad_names_get_400() {
 
 #[test]
 fn arming_or_disarming_a_trigger_no_rule_names_answers_with_a_warning() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     let warning_of = |answer: &Value| {
         answer["warnings"].as_array().unwrap().iter().map(|w| w.as_str().unwrap().to_string()).collect::<Vec<_>>()

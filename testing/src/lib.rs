@@ -61,6 +61,7 @@ pub const FIO: Tool = Tool::program("fio", "fio");
 pub const IP: Tool = Tool::program("ip", "iproute2");
 pub const UNSHARE: Tool = Tool::program("unshare", "util-linux");
 pub const NSENTER: Tool = Tool::program("nsenter", "util-linux");
+pub const PRLIMIT: Tool = Tool::program("prlimit", "util-linux");
 pub const CHATTR: Tool = Tool::program("chattr", "e2fsprogs");
 pub const CURL: Tool = Tool::program("curl", "curl");
 pub const MKFS_XFS: Tool = Tool::program("mkfs.xfs", "xfsprogs");
@@ -86,6 +87,7 @@ pub const ALL: &[Tool] = &[
     IP,
     UNSHARE,
     NSENTER,
+    PRLIMIT,
     CHATTR,
     CURL,
     MKFS_XFS,
