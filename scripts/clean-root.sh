@@ -232,7 +232,7 @@ script='
 cd /src
 source scripts/lib/packages.sh
 install_packages '"$packages"'
-echo "==> clean root ready ($(dpkg-query -W | wc -l) packages); running: $*" >&2
+echo "==> clean root ready in $SECONDS s ($(dpkg-query -W | wc -l) packages); running: $*" >&2
 exec "$@"'
 
 log "mode $mode; entering the root"
