@@ -36,24 +36,9 @@ BASE_VERSION=1
 CACHE=${NBDFAULT_CACHE:-$HOME/.cache/nbdfault}/clean-root
 BASE=$CACHE/bookworm-minbase-$BASE_VERSION.tar
 
-mode=strict
-command=()
-while (($#)); do
-    case $1 in
-    --only-rust) mode=only-rust ;;
-    --shell) mode=shell ;;
-    --) shift; command=("$@"); break ;;
-    -h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    *) echo "clean-root.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
-    esac
-    shift
-done
-
 log() { printf '[clean-root %3d s] %s\n' "$((SECONDS - started))" "$*" >&2; }
 die() { printf 'clean-root.sh: %s\n' "$*" >&2; exit 1; }
 started=$SECONDS
-
-((EUID == 0)) || die "needs root (chroot, mounts and namespaces): run it as root, as CI does"
 
 # The URL of the Debian archive that serves bookworm in the host's own apt sources (one-line or
 # deb822 format); security updates come from the URL that serves bookworm-security.
@@ -74,9 +59,6 @@ apt_uri_for() {
             END { if (found && uri) print uri }' "$file"
     done | head -n 1
 }
-MIRROR=${DEBIAN_MIRROR:-$(apt_uri_for bookworm)}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
-SECURITY=$(apt_uri_for bookworm-security)
 
 # Runs a command in ROOT inside private mount and PID namespaces, with the kernel file systems
 # mounted there only. Extra bind mounts come as SOURCE:TARGET[:ro] words before `--`.
@@ -89,9 +71,10 @@ in_root() {
         shift
     done
     shift
-    # --kill-child: if this script dies, the namespace's first process gets SIGKILL, and with it
-    # every process in the PID namespace; the mount namespace (and every mount) goes with them.
-    unshare --mount --propagation private --pid --fork --kill-child=SIGKILL \
+    # --kill-child: if unshare dies, the namespace's first process gets SIGKILL, and with it every
+    # process in the PID namespace; the mount namespace (and every mount) goes with them. In a
+    # background subshell (IN_ROOT_EXEC set), unshare takes the subshell's place, so its pid is $!.
+    ${IN_ROOT_EXEC:+exec} unshare --mount --propagation private --pid --fork --kill-child=SIGKILL \
         bash -euo pipefail -c '
         root=$1; shift
         mount -t proc proc "$root/proc"
@@ -106,7 +89,10 @@ in_root() {
             [[ $options == ro ]] && mount -o remount,bind,ro "$root$target"
         done
         shift
-        exec chroot "$root" "$@"' in-root "$root" "${binds[@]}" -- "$@"
+        # Not exec: this shell stays the namespace'"'"'s PID 1 and reaps orphaned processes.
+        chroot "$root" "$@"
+        status=$?
+        exit $status' in-root "$root" "${binds[@]}" -- "$@"
 }
 
 # Lays ROOT out as a fresh machine would have it: DNS, no services started by package scripts,
@@ -157,24 +143,25 @@ remove_root() {
         target=$(readlink "$proc/root" 2>/dev/null) || continue
         [[ $target == "$dir"/* ]] && kill -KILL "${proc#/proc/}" 2>/dev/null
     done
-    if findmnt -rn -o TARGET | grep -q "^$dir\(/\|$\)"; then
+    # grep reads all of findmnt's output (no -q): under pipefail an early exit would fail the pipe.
+    if findmnt -rn -o TARGET | grep "^$dir\(/\|$\)" >/dev/null; then
         echo "clean-root.sh: $dir still has mounts under it; not removing it" >&2
         return 1
     fi
     rm -rf --one-file-system "$dir"
 }
 
-[[ -s $BASE ]] || make_base
+ROOT_PID=""
+stop_root() {
+    if [[ -n $ROOT_PID ]]; then
+        kill -KILL "$ROOT_PID" 2>/dev/null
+        wait "$ROOT_PID" 2>/dev/null
+        ROOT_PID=""
+    fi
+    return 0
+}
 
-commit=$(git -C "$REPO" rev-parse HEAD)
-if [[ -n $(git -C "$REPO" status --porcelain --untracked-files=no) ]]; then
-    log "note: uncommitted changes are not tested here; the clean root tests commit ${commit:0:12}"
-fi
-
-# Crates are fetched on the host (which has the CA certificates); the root builds offline.
-cargo fetch --locked --manifest-path "$REPO/Cargo.toml" >/dev/null
-
-RUN=$(mktemp -d "$CACHE/run.XXXXXX")
+# Packages downloaded in this run join the cache for the next one; the unpacked root goes.
 cleanup() {
     local status=$?
     # Packages downloaded in this run join the cache for the next one.
@@ -182,69 +169,124 @@ cleanup() {
     remove_root "$RUN" || status=1
     exit "$status"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
 
-log "unpacking the base root; cloning ${commit:0:12}"
-mkdir -p "$RUN/root" "$CACHE/debs"
-tar --numeric-owner -C "$RUN/root" -xf "$BASE"
-prepare_root "$RUN/root"
-cp -l "$CACHE"/debs/*.deb "$RUN/root/var/cache/apt/archives/" 2>/dev/null || true
-git init -q "$RUN/root/src"
-git -C "$REPO" push -q "$RUN/root/src" "$commit:refs/heads/under-test"
-git -C "$RUN/root/src" checkout -q under-test
+main() {
+    mode=strict
+    command=()
+    while (($#)); do
+        case $1 in
+        --only-rust) mode=only-rust ;;
+        --shell) mode=shell ;;
+        --)
+            shift
+            command=("$@")
+            break
+            ;;
+        -h | --help)
+            sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+            return 0
+            ;;
+        *) die "unknown argument $1 (see --help)" ;;
+        esac
+        shift
+    done
+    ((EUID == 0)) || die "needs root (chroot, mounts and namespaces): run it as root, as CI does"
+    MIRROR=${DEBIAN_MIRROR:-$(apt_uri_for bookworm)}
+    MIRROR=${MIRROR:-http://deb.debian.org/debian}
+    SECURITY=$(apt_uri_for bookworm-security)
 
-sysroot=$(rustc --print sysroot) || die "rustc not found: install Rust with rustup"
-nextest=$(command -v cargo-nextest) || die "cargo-nextest not found: install it (cargo install cargo-nextest --locked)"
-CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
-target=$CACHE/target
-[[ $mode == only-rust ]] && target=$CACHE/target-only-rust
-mkdir -p "$target" "$CARGO_HOME/registry"
-binds=("$sysroot:/opt/rust:ro" "$nextest:/usr/local/bin/cargo-nextest:ro"
-    "$CARGO_HOME/registry:/root/.cargo/registry" "$target:/target")
+    [[ -s $BASE ]] || make_base
 
-# The same static build as the host's (scripts/test.sh): the tests run the binaries the VMs run.
-environment=(HOME=/root PATH=/opt/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-    LANG=C.UTF-8 TERM="${TERM:-dumb}" CI="${CI:-}" CARGO_HOME=/root/.cargo CARGO_TARGET_DIR=/target
-    CARGO_NET_OFFLINE=true CARGO_BUILD_TARGET=x86_64-unknown-linux-gnu
-    RUSTFLAGS='-C target-feature=+crt-static' NEXTEST_HIDE_PROGRESS_BAR=1)
+    commit=$(git -C "$REPO" rev-parse HEAD)
+    if [[ -n $(git -C "$REPO" status --porcelain --untracked-files=no) ]]; then
+        log "note: uncommitted changes are not tested here; the clean root tests commit ${commit:0:12}"
+    fi
 
-case $mode in
-strict)
-    packages='"${TEST_PACKAGES[@]}"'
-    environment+=(NBDFAULT_REQUIRE_TOOLS=1)
-    ((${#command[@]})) || command=(cargo nextest run --workspace --locked --no-fail-fast)
-    ;;
-only-rust)
-    packages='"${BUILD_PACKAGES[@]}"'
-    ((${#command[@]})) || command=(cargo nextest run --workspace --locked --no-fail-fast)
-    ;;
-shell)
-    packages='"${TEST_PACKAGES[@]}"'
-    command=(bash -i)
-    ;;
-esac
+    # Crates are fetched on the host (which has the CA certificates); the root builds offline.
+    cargo fetch --locked --manifest-path "$REPO/Cargo.toml" >/dev/null
 
-# Inside: the packages, installed by the function a user's run of the scripts uses, then the tests.
-# shellcheck disable=SC2016 # expanded inside the root
-script='
-cd /src
-source scripts/lib/packages.sh
-install_packages '"$packages"'
-echo "==> clean root ready in $SECONDS s ($(dpkg-query -W | wc -l) packages); running: $*" >&2
-exec "$@"'
+    RUN=$(mktemp -d "$CACHE/run.XXXXXX")
+    trap cleanup EXIT
+    # Ctrl-C or SIGTERM: SIGKILL to the namespaces' first process ends every process in them,
+    # and with them every mount; cleanup then removes the root.
+    trap 'stop_root; exit 130' INT
+    trap 'stop_root; exit 143' TERM
 
-log "mode $mode; entering the root"
-set +e
-in_root "$RUN/root" "${binds[@]}" -- /usr/bin/env -i "${environment[@]}" /bin/bash -c "$script" clean-root "${command[@]}"
-status=$?
-set -e
-# The checkout must be as clean as the clone was: results and logs go to ignored directories.
-if [[ $mode != shell && -n $(git -C "$RUN/root/src" status --porcelain) ]]; then
-    log "the tests left the checkout changed; they must write under target/ or a temporary directory:"
-    git -C "$RUN/root/src" status --short >&2
-    status=1
-fi
-log "done (status $status)"
-exit $status
+    log "unpacking the base root; cloning ${commit:0:12}"
+    mkdir -p "$RUN/root" "$CACHE/debs"
+    tar --numeric-owner -C "$RUN/root" -xf "$BASE"
+    prepare_root "$RUN/root"
+    cp -l "$CACHE"/debs/*.deb "$RUN/root/var/cache/apt/archives/" 2>/dev/null || true
+    git init -q "$RUN/root/src"
+    git -C "$REPO" push -q "$RUN/root/src" "$commit:refs/heads/under-test"
+    git -C "$RUN/root/src" checkout -q under-test
+
+    sysroot=$(rustc --print sysroot) || die "rustc not found: install Rust with rustup"
+    nextest=$(command -v cargo-nextest) || die "cargo-nextest not found: install it (cargo install cargo-nextest --locked)"
+    CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
+    target=$CACHE/target
+    [[ $mode == only-rust ]] && target=$CACHE/target-only-rust
+    mkdir -p "$target" "$CARGO_HOME/registry"
+    binds=("$sysroot:/opt/rust:ro" "$nextest:/usr/local/bin/cargo-nextest:ro"
+        "$CARGO_HOME/registry:/root/.cargo/registry" "$target:/target")
+
+    # The same static build as the host's (scripts/test.sh): the tests run the binaries the VMs run.
+    environment=(HOME=/root PATH=/opt/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+        LANG=C.UTF-8 TERM="${TERM:-dumb}" CI="${CI:-}" CARGO_HOME=/root/.cargo CARGO_TARGET_DIR=/target
+        CARGO_NET_OFFLINE=true CARGO_BUILD_TARGET=x86_64-unknown-linux-gnu
+        RUSTFLAGS='-C target-feature=+crt-static' NEXTEST_HIDE_PROGRESS_BAR=1)
+
+    case $mode in
+    strict)
+        packages='"${TEST_PACKAGES[@]}"'
+        environment+=(NBDFAULT_REQUIRE_TOOLS=1)
+        ((${#command[@]})) || command=(cargo nextest run --workspace --locked --no-fail-fast)
+        ;;
+    only-rust)
+        packages='"${BUILD_PACKAGES[@]}"'
+        ((${#command[@]})) || command=(cargo nextest run --workspace --locked --no-fail-fast)
+        ;;
+    shell)
+        packages='"${TEST_PACKAGES[@]}"'
+        command=(bash -i)
+        ;;
+    esac
+
+    # Inside: the packages, installed by the function a user's run of the scripts uses, then the tests.
+    # shellcheck disable=SC2016 # expanded inside the root
+    script='
+    cd /src
+    source scripts/lib/packages.sh
+    install_packages '"$packages"'
+    echo "==> clean root ready in $SECONDS s ($(dpkg-query -W | wc -l) packages); running: $*" >&2
+    exec "$@"'
+
+    log "mode $mode; entering the root"
+    local run_in_root=(in_root "$RUN/root" "${binds[@]}" -- /usr/bin/env -i "${environment[@]}" /bin/bash -c "$script"
+        clean-root "${command[@]}")
+    set +e
+    if [[ $mode == shell ]]; then
+        "${run_in_root[@]}"
+        status=$?
+    else
+        # In the background, so a signal to this script is handled at once (bash runs a trap only
+        # after the foreground command ends), not after the tests.
+        IN_ROOT_EXEC=1 "${run_in_root[@]}" &
+        ROOT_PID=$!
+        wait "$ROOT_PID"
+        status=$?
+        ROOT_PID=""
+    fi
+    set -e
+    # The checkout must be as clean as the clone was: results and logs go to ignored directories.
+    if [[ $mode != shell && -n $(git -C "$RUN/root/src" status --porcelain) ]]; then
+        log "the tests left the checkout changed; they must write under target/ or a temporary directory:"
+        git -C "$RUN/root/src" status --short >&2
+        status=1
+    fi
+    log "done (status $status)"
+    return $status
+}
+
+# One line, so bash has read all of it before it runs: editing the script meanwhile is harmless.
+main "$@"; exit $?
