@@ -37,8 +37,9 @@ SERVER_TEST_PACKAGES=(libnbd-bin python3-libnbd qemu-utils fio nbdkit nbd-client
     python3-jsonschema python3-yaml)
 
 # What the client test suite's unit tests run on the host: mkfs and the filesystems' debuggers
-# (xfs_db, debugfs) to check layouts, cpio to list an initramfs, a static busybox.
-CLIENT_UNIT_TEST_PACKAGES=(xfsprogs e2fsprogs cpio busybox-static)
+# (xfs_db, debugfs) to check layouts, cpio to list an initramfs, a static busybox, openssl for
+# the certificates of the TLS boot.
+CLIENT_UNIT_TEST_PACKAGES=(xfsprogs e2fsprogs btrfs-progs cpio busybox-static openssl)
 
 # Everything `cargo nextest run --workspace` needs: scripts/clean-root.sh installs exactly this
 # into a clean Debian 12 root, so a tool a test runs but no list names fails CI. Each tool a test

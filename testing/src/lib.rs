@@ -67,6 +67,8 @@ pub const CURL: Tool = Tool::program("curl", "curl");
 pub const MKFS_XFS: Tool = Tool::program("mkfs.xfs", "xfsprogs");
 pub const XFS_DB: Tool = Tool::program("xfs_db", "xfsprogs");
 pub const MKFS_EXT4: Tool = Tool::program("mkfs.ext4", "e2fsprogs");
+pub const MKFS_BTRFS: Tool = Tool::program("mkfs.btrfs", "btrfs-progs");
+pub const OPENSSL: Tool = Tool::program("openssl", "openssl");
 pub const DEBUGFS: Tool = Tool::program("debugfs", "e2fsprogs");
 pub const CPIO: Tool = Tool::program("cpio", "cpio");
 pub const BUSYBOX: Tool = Tool::program("busybox", "busybox-static");
@@ -93,6 +95,8 @@ pub const ALL: &[Tool] = &[
     MKFS_XFS,
     XFS_DB,
     MKFS_EXT4,
+    MKFS_BTRFS,
+    OPENSSL,
     DEBUGFS,
     CPIO,
     BUSYBOX,

@@ -162,7 +162,11 @@ mod tests {
 
     #[test]
     fn xfs_images_get_4096_byte_sectors_and_mount_as_such() {
-        nbdfault_testing::require!(nbdfault_testing::MKFS_XFS, nbdfault_testing::MKFS_EXT4);
+        nbdfault_testing::require!(
+            nbdfault_testing::MKFS_XFS,
+            nbdfault_testing::MKFS_EXT4,
+            nbdfault_testing::MKFS_BTRFS
+        );
         let image = std::env::temp_dir().join(format!("nbdfault-fs-image-{}", std::process::id()));
         std::fs::File::create(&image).unwrap().set_len(1 << 30).unwrap();
         Fs::Xfs.make_image(&image).unwrap();
