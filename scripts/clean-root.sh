@@ -77,6 +77,8 @@ in_root() {
     ${IN_ROOT_EXEC:+exec} unshare --mount --propagation private --pid --fork --kill-child=SIGKILL \
         bash -euo pipefail -c '
         root=$1; shift
+        # The root a mount of its own, as / is on a machine: `ip netns exec` remounts / as a slave.
+        mount --bind "$root" "$root"
         mount -t proc proc "$root/proc"
         mount --rbind /sys "$root/sys"
         mount --rbind /dev "$root/dev"
@@ -209,8 +211,8 @@ main() {
     trap cleanup EXIT
     # Ctrl-C or SIGTERM: SIGKILL to the namespaces' first process ends every process in them,
     # and with them every mount; cleanup then removes the root.
-    trap 'stop_root; exit 130' INT
-    trap 'stop_root; exit 143' TERM
+    trap 'log "interrupted: ending the root'"'"'s processes, removing it"; stop_root; exit 130' INT
+    trap 'log "terminated: ending the root'"'"'s processes, removing it"; stop_root; exit 143' TERM
 
     log "unpacking the base root; cloning ${commit:0:12}"
     mkdir -p "$RUN/root" "$CACHE/debs"
