@@ -23,8 +23,8 @@ started=$SECONDS
 export CARGO_BUILD_TARGET=x86_64-unknown-linux-gnu
 export RUSTFLAGS='-C target-feature=+crt-static'
 
-step "packages (the kernel matrix's; the tests install their own in the clean root)"
-install_packages "${CLIENT_TEST_PACKAGES[@]}"
+step "packages (the kernel matrix's and the fuzzers'; the tests install their own in the clean root)"
+install_packages "${CLIENT_TEST_PACKAGES[@]}" "${FUZZ_PACKAGES[@]}"
 
 step "format and lints"
 cargo fmt --all --check
@@ -32,6 +32,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "unit and integration tests (real clients against the real server), in a clean Debian 12 root"
 bash scripts/clean-root.sh
+
+step "coverage-guided fuzzing: handshake, transmission, policy parser, 30 s each (build included, about 5 min)"
+# Its own build (release, instrumented, in fuzz/target) and not the static one above.
+env -u CARGO_BUILD_TARGET -u RUSTFLAGS bash scripts/fuzz.sh all 30
 
 step "every scenario in the library is a valid policy"
 cargo run --quiet --locked -p nbdfault -- policy check policies/scenarios/*.yaml

@@ -99,8 +99,10 @@ fn explain(message: &str) -> Invalid {
         "nest the YAML less deeply: a policy needs only a few levels".to_string()
     } else if message.contains("repetition limit") {
         "expand the aliases (`*name`) by hand: this many repetitions are refused".to_string()
+    } else if message.contains("block scalar") {
+        "quote a value that starts with `>` or `|`, such as length: \">=1MiB\" (or write 1MiB..): YAML reads them as block text".to_string()
     } else if message.contains("cannot start any token") {
-        "indent with spaces (YAML refuses tabs), and quote values that start with `@`, `` ` `` or `%`".to_string()
+        "indent with spaces (YAML refuses tabs), and quote values that start with `@`, `` ` ``, `%` or `>`, such as length: \">=1MiB\"".to_string()
     } else if message.contains("more than one document") {
         "keep one YAML document: remove the `---` separators and merge the rules into one `rules:` list".to_string()
     } else {

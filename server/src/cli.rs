@@ -249,6 +249,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = size)]
     pub max_in_flight: Option<u64>,
 
+    /// Bytes in flight across the whole server: request payloads and read buffers of every
+    /// connection, and control API `data` transfers. At the budget the server stops reading
+    /// requests until replies free some. Default 256MiB; at least 33MiB.
+    #[arg(long, value_name = "SIZE", value_parser = size)]
+    pub memory_budget: Option<u64>,
+
     /// Time in-flight requests get to finish at shutdown before they are answered ESHUTDOWN. Default 5s.
     #[arg(long, value_name = "DURATION", value_parser = duration)]
     pub shutdown_grace: Option<Duration>,
@@ -312,6 +318,7 @@ impl ServeArgs {
             max_connections: self.max_connections,
             max_handshakes: self.max_handshakes,
             max_in_flight: self.max_in_flight,
+            memory_budget: self.memory_budget,
             shutdown_grace: self.shutdown_grace,
             tls: self.tls,
             tls_certificates: self.tls_certificates.clone(),

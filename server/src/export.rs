@@ -12,9 +12,6 @@ use crate::fault::{Clock, FaultLayer};
 use crate::storage::BlockDevice;
 use crate::wire::transmission_flags as flags;
 
-/// How the control API writes the export named `""` in a path.
-pub const DEFAULT_EXPORT_IN_PATHS: &str = "@default";
-
 /// Whether `name` can name an export: the one check for the configuration file, the flags and
 /// the control API. Names starting with `@` are the control API's (`@default` is the export
 /// `""`), so no export may take one; the protocol limits a name to 4096 bytes without NUL.
@@ -22,7 +19,8 @@ pub fn check_export_name(name: &str) -> Result<(), String> {
     if name.starts_with('@') {
         return Err(format!(
             "export name {name:?} starts with @, which the control API keeps for itself (it writes the export \"\" \
-             as {DEFAULT_EXPORT_IN_PATHS}): choose a name that does not start with @"
+             as {}): choose a name that does not start with @",
+            nbdfault_control_client::DEFAULT_EXPORT
         ));
     }
     if name.len() > 4096 || name.contains('\0') {

@@ -7,14 +7,20 @@
 //! compiler reports code nothing uses: [`cli`] (the command line), [`config`] (a configuration
 //! from a file and flags), [`server`] (start a server, run it until a future resolves; the
 //! in-process tests start one on port 0 this way), [`ctl`] (the control API client behind
-//! `nbdfault ctl`) and [`logging`]. Everything else is private. A fuzz target or benchmark that
-//! needs a piece of it (the request decoder in `wire::request`, the option phase in `handshake`)
-//! gets it by making that module `pub` here, with the reason beside it; the policy language is
-//! public in its own crate, `nbdfault-policies`.
+//! `nbdfault ctl`) and [`logging`], and for the fuzz targets in `fuzz/` the entry points of
+//! `fuzzing` (the option phase and the transmission phase over in-memory streams, which reach the
+//! option parser, the request decoder and the fault layer). Everything else is private. A
+//! benchmark or fuzz target that needs more gets it through a narrow entry point like those, or
+//! by making a module `pub` here with the reason beside it; the policy language is public in its
+//! own crate, `nbdfault-policies`.
 
 pub mod cli;
 pub mod config;
 pub mod ctl;
+/// Entry points for the fuzz targets in `fuzz/` (the handshake and the transmission phase over
+/// in-memory streams); not an API for anything else.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod logging;
 pub mod server;
 

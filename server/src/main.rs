@@ -35,6 +35,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Ok(config) => config,
         Err(error) => return fail(&error),
     };
+    for warning in config.exposure_warnings() {
+        tracing::warn!("WARNING: {warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => return fail(&format!("cannot start the async runtime: {error}")),
@@ -161,7 +164,7 @@ fn run_ctl(args: &CtlArgs) -> Result<Vec<String>, ctl::CtlError> {
         }
         None => args.token.clone(),
     };
-    let client = Client::new(&url, token.filter(|token| !token.is_empty()), tls);
+    let client = Client::new(&url, token.filter(|token| !token.is_empty()), tls)?;
     let export_path = |name: &str| format!("/v1/exports/{}", path_segment(name));
     let trigger_path = |name: &str, trigger: &str| format!("{}/triggers/{}", export_path(name), path_segment(trigger));
     match &args.command {

@@ -136,6 +136,8 @@ fn open_fault_log(config: &Config) -> Result<Arc<FaultLog>, StartError> {
 
 /// A server whose exports are open and whose sockets are bound, ready to run.
 pub struct Server {
+    /// The memory budget shared by every connection and the control API.
+    memory: Arc<Semaphore>,
     exports: Arc<Exports>,
     listeners: Vec<TcpListener>,
     control: Option<(TcpListener, ControlState)>,
@@ -162,6 +164,8 @@ impl Server {
             })?;
             listeners.push(listener);
         }
+        // usize is 64 bits here, and the budget is at most 2^48 (checked with the configuration).
+        let memory = Arc::new(Semaphore::new(config.limits.memory_budget as usize));
         let control = match config.control {
             Some(address) => {
                 let listener = control::bind(address).await.map_err(|source| StartError::Control {
@@ -169,9 +173,14 @@ impl Server {
                     hint: listen_hint(&source, Flag::Control),
                     source,
                 })?;
-                let state =
-                    ControlState::new(Arc::clone(&exports), Arc::clone(&log), clock, config.control_token.clone())
-                        .map_err(|source| StartError::Control { address, hint: "", source })?;
+                let state = ControlState::new(
+                    Arc::clone(&exports),
+                    Arc::clone(&log),
+                    clock,
+                    config.control_token.clone(),
+                    Arc::clone(&memory),
+                )
+                .map_err(|source| StartError::Control { address, hint: "", source })?;
                 Some((listener, state))
             }
             None => None,
@@ -182,6 +191,7 @@ impl Server {
             control,
             log,
             limits: config.limits,
+            memory,
             tls,
             controller: ShutdownController::new(),
         })
@@ -207,7 +217,7 @@ impl Server {
     /// Serves until `stop` resolves, then shuts down: stop accepting, let in-flight requests
     /// finish within the grace period, answer the rest with ESHUTDOWN, flush every export.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
-        let Server { exports, listeners, control, log, limits, tls, controller } = self;
+        let Server { exports, listeners, control, log, limits, memory, tls, controller } = self;
         let control_task = control
             .map(|(listener, state)| tokio::spawn(control::serve(listener, state, tls.clone(), controller.handle())));
         let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -226,6 +236,7 @@ impl Server {
                 next_id: Arc::clone(&next_id),
                 shutdown: controller.handle(),
                 alive: alive.clone(),
+                memory: Arc::clone(&memory),
             };
             tokio::spawn(acceptor.run());
         }
@@ -271,6 +282,7 @@ struct Acceptor {
     next_id: Arc<AtomicU64>,
     shutdown: Shutdown,
     alive: mpsc::Sender<()>,
+    memory: Arc<Semaphore>,
 }
 
 /// Connections still in the handshake, by arrival. When the table is full a new connection
@@ -356,10 +368,11 @@ impl Acceptor {
             let tls = self.tls.clone();
             let shutdown = self.shutdown.clone();
             let alive = self.alive.clone();
+            let memory = Arc::clone(&self.memory);
             let span = tracing::info_span!("connection", id, %peer);
             tokio::spawn(
                 async move {
-                    let place = Place { ticket, slots };
+                    let place = Place { ticket, slots, memory };
                     handle_connection(stream, id, &exports, limits, tls.as_deref(), place, shutdown).await;
                     drop(alive);
                 }
@@ -403,6 +416,7 @@ async fn negotiate(
 struct Place {
     ticket: HandshakeTicket,
     slots: Arc<Semaphore>,
+    memory: Arc<Semaphore>,
 }
 
 async fn handle_connection(
@@ -417,7 +431,7 @@ async fn handle_connection(
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "cannot set TCP_NODELAY");
     }
-    let Place { mut ticket, slots } = place;
+    let Place { mut ticket, slots, memory } = place;
     let negotiated = tokio::select! {
         _ = shutdown.stopping() => return,
         _ = &mut ticket.evicted => {
@@ -460,7 +474,7 @@ async fn handle_connection(
     let export = Arc::clone(&session.export);
     Counters::add(&export.counters.connections, 1);
     tracing::info!(export = %export.name, structured_replies = session.structured_replies, tls = encrypted, flags = format!("{:#x}", session.flags), "client attached");
-    let limits = ConnectionLimits { max_in_flight: limits.max_in_flight };
+    let limits = ConnectionLimits { max_in_flight: limits.max_in_flight, memory };
     let served = match negotiated {
         Negotiated::Plain(stream, _) => {
             let (reader, writer) = stream.into_split();

@@ -21,7 +21,7 @@ use crate::storage::{BlockDevice, Extent, IoContext, IoError, ZeroFlags};
 use crate::wire::request::{Command, MAX_PAYLOAD, Negotiated, RequestHeader, validate};
 use crate::wire::{BASE_ALLOCATION_ID, chunk, command, command_flags, errno, reply};
 
-mod reader;
+pub(crate) mod reader;
 mod replies;
 pub use reader::RequestReader;
 use replies::{Head, Outgoing, Reply, write_replies};
@@ -67,10 +67,20 @@ pub enum TransmissionError {
 }
 
 /// Limits for one connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectionLimits {
     /// Bytes of payloads and read buffers in flight before the server stops reading requests.
     pub max_in_flight: u32,
+    /// The server's memory budget, shared by every connection (and the control API's `data`
+    /// transfers): in-flight bytes count against it too.
+    pub memory: Arc<Semaphore>,
+}
+
+/// What a request holds while it is served, freed once its reply is sent: its share of the
+/// connection's in-flight bound and of the server's memory budget.
+pub struct Held {
+    _connection: OwnedSemaphorePermit,
+    _server: OwnedSemaphorePermit,
 }
 
 /// Serves requests from `reader` until DISC, EOF, shutdown or a protocol violation.
@@ -119,17 +129,18 @@ where
             };
             let Some(header) = header else { return Ok(End::Closed) };
             Counters::add(&export.counters.requests, 1);
-            // Backpressure: at the bound, stop reading requests until replies free the budget.
-            let permit = match Arc::clone(&budget).try_acquire_many_owned(cost(&header)) {
-                Ok(permit) => permit,
-                Err(_) => {
+            // Backpressure: at the connection's bound, or when the server's memory budget is
+            // spent, stop reading requests until replies free budget.
+            let held = match acquire(&budget, &limits.memory, cost(&header)) {
+                Some(held) => held,
+                None => {
                     // The replies gathered here hold budget too: they must go before waiting.
                     hand_over(&mut ready);
                     tokio::select! {
                         biased;
                         _ = closed.wait_for(|closed| *closed) => return Ok(End::Dropped),
                         _ = shutdown.stopping() => return Ok(End::Shutdown),
-                        permit = Arc::clone(&budget).acquire_many_owned(cost(&header)) => permit.expect("the budget is never closed"),
+                        held = acquire_waiting(&budget, &limits.memory, cost(&header)) => held,
                     }
                 }
             };
@@ -145,7 +156,7 @@ where
                     tracing::debug!(cookie = header.cookie, kind = header.kind, errno = rejection.errno, reason = %rejection.reason, "request refused");
                     Counters::add(&export.counters.errors, 1);
                     let (head, data) = encode_error(&header, rejection.errno, &rejection.reason, session.structured_replies);
-                    ready.push(Outgoing::Reply(Reply { head, data, _permit: Some(permit) }));
+                    ready.push(Outgoing::Reply(Reply { head, data, _permit: Some(held) }));
                     if !requests.has_request() || ready.len() >= MAX_READY {
                         hand_over(&mut ready);
                     }
@@ -159,7 +170,7 @@ where
                 payload,
                 ctx: IoContext { connection, cookie: header.cookie, flags: header.flags },
                 structured: session.structured_replies,
-                permit,
+                held,
                 shutdown: shutdown.clone(),
             };
             let span = tracing::debug_span!("request", cookie = header.cookie, cmd = cmd.name(), offset = header.offset, length = header.length);
@@ -227,6 +238,22 @@ fn start<T>(task: Pin<&mut impl Future<Output = T>>) -> Poll<T> {
     }
 }
 
+/// Takes `cost` from the connection's bound and the server's budget at once, or nothing.
+fn acquire(connection: &Arc<Semaphore>, server: &Arc<Semaphore>, cost: u32) -> Option<Held> {
+    let connection = Arc::clone(connection).try_acquire_many_owned(cost).ok()?;
+    let server = Arc::clone(server).try_acquire_many_owned(cost).ok()?;
+    Some(Held { _connection: connection, _server: server })
+}
+
+/// Waits for `cost` from the connection's bound, then from the server's budget. Holding the
+/// first while waiting for the second deadlocks nothing: what holds the server's budget is
+/// freed by replies being sent, which waits for no budget.
+async fn acquire_waiting(connection: &Arc<Semaphore>, server: &Arc<Semaphore>, cost: u32) -> Held {
+    let connection = Arc::clone(connection).acquire_many_owned(cost).await.expect("the budget is never closed");
+    let server = Arc::clone(server).acquire_many_owned(cost).await.expect("the budget is never closed");
+    Held { _connection: connection, _server: server }
+}
+
 async fn join_all(tasks: &mut JoinSet<()>) {
     while tasks.join_next().await.is_some() {}
 }
@@ -239,7 +266,7 @@ struct RequestTask {
     payload: Bytes,
     ctx: IoContext,
     structured: bool,
-    permit: OwnedSemaphorePermit,
+    held: Held,
     shutdown: Shutdown,
 }
 
@@ -267,14 +294,14 @@ impl RequestTask {
                     _ => {}
                 }
                 let (head, data) = encode_success(&self.header, done, self.structured);
-                Outgoing::Reply(Reply { head, data, _permit: Some(self.permit) })
+                Outgoing::Reply(Reply { head, data, _permit: Some(self.held) })
             }
             Err(IoError::Disconnect { reason }) => Outgoing::Disconnect { reason },
             Err(IoError::Failed { errno, message }) => {
                 Counters::add(&counters.errors, 1);
                 tracing::debug!(errno = errno::name(errno), %message, "request failed");
                 let (head, data) = encode_error(&self.header, errno, &message, self.structured);
-                Outgoing::Reply(Reply { head, data, _permit: Some(self.permit) })
+                Outgoing::Reply(Reply { head, data, _permit: Some(self.held) })
             }
         }
     }

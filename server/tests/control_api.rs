@@ -803,3 +803,60 @@ fn a_bad_policy_file_stops_the_server_from_starting_with_its_file_line_and_colum
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent.yaml"));
 }
+
+// ---- the shared typed client ------------------------------------------------------------------
+
+#[test]
+fn the_typed_client_reads_every_answer_of_a_real_server() {
+    let server = Server::builder().export("", "memory:1MiB").export("disk-1", "memory:16MiB").with_control().start();
+    let client = Api::new(&server).client().clone();
+    let health = client.health().unwrap();
+    assert_eq!((health.status.as_str(), health.exports), ("ok", 2));
+    let names: Vec<String> = client.exports().unwrap().into_iter().map(|export| export.name).collect();
+    assert_eq!(names, ["", "disk-1"]);
+    assert_eq!(client.export("").unwrap().size, MIB, "\"\" is the default export");
+
+    let name = "disk-1";
+    let policy = "rules: [{name: fail-armed, when: {op: write, range: 0..1MiB, armed_by: go}, then: {error: ENOSPC}}]";
+    let answer = client.set_policy(name, policy.as_bytes()).unwrap();
+    assert_eq!(answer.export.rule("fail-armed").map(|rule| rule.fired), Some(0));
+    assert!(answer.warnings.is_empty(), "{:?}", answer.warnings);
+    client.arm(name, "go").unwrap();
+    assert!(client.export(name).unwrap().is_armed("go"));
+    let results = ops(&server.uri(name), &["write 4096 4096 7", "write 2097152 4096 7"]);
+    results[0].expect_errno("ENOSPC");
+    results[1].expect_ok();
+
+    let page = client.faults(name, 0).unwrap();
+    assert_eq!(page.records.len(), 1);
+    let record = &page.records[0];
+    assert!(record.failed() && record.overlaps(4096, 4097), "{record:?}");
+    assert_eq!((record.rule.as_str(), record.errno), ("fail-armed", Some(nbdfault_policies::Errno::ENOSPC)));
+    assert_eq!((page.last_seq, page.dropped), (Some(record.seq), 0));
+    assert_eq!(client.last_fault_seq(name).unwrap(), record.seq);
+    assert!(client.faults(name, record.seq).unwrap().records.is_empty());
+    assert_eq!(
+        client.export(name).unwrap().rule("fail-armed").map(|rule| (rule.occurrences, rule.fired)),
+        Some((1, 1))
+    );
+
+    assert_eq!(client.read_data(name, 2097152, 2).unwrap(), [7, 7]);
+    client.write_data(name, 0, &[9; 16]).unwrap();
+    assert_eq!(client.read_data(name, 0, 16).unwrap(), [9; 16]);
+    client.disarm(name, "go").unwrap();
+    assert!(!client.export(name).unwrap().is_armed("go"));
+    assert!(client.policy(name).unwrap().contains("fail-armed"));
+    assert!(client.clear_policy(name).unwrap().policy.is_none());
+    assert_eq!(client.reset(name).unwrap().name, name);
+
+    // Refusals carry the status, the server's message and the details of a policy error.
+    let refused = client.set_policy(name, b"rules: [{name: x, when: {op: wrte}}]").unwrap_err();
+    match &refused {
+        nbdfault_control_client::Error::Refused { status: 400, message, details: Some(details), .. } => {
+            assert!(message.contains("wrte"), "{message}");
+            assert_eq!(details["line"], 1, "{details}");
+        }
+        other => panic!("expected a 400 with details, got {other:?}"),
+    }
+    assert_eq!(client.export("nope").unwrap_err().status(), Some(404));
+}

@@ -115,7 +115,8 @@ fn the_fault_log_file_has_one_json_line_per_touched_request_with_the_documented_
 // ---- determinism and replay ---------------------------------------------------------------------
 
 /// A policy where every kind of random choice matters: probabilities, delay ranges, torn sizes,
-/// corruption seeds, a stall that times out, and a trigger armed by a rule.
+/// corruption seeds, a stall that times out, and a trigger armed and disarmed by rules again and
+/// again, so `after-flush-failure` draws per arming.
 fn seeded_policy(seed: u64) -> String {
     format!(
         "seed: {seed}
@@ -140,7 +141,7 @@ rules:
     then: {{ error: EIO, delay: 0ms..1ms, arm: flush-failed }}
   - name: zeroes-fail
     when: {{ op: [write_zeroes, trim], nth: {{ every: 2 }} }}
-    then: {{ error: ENOSPC }}
+    then: {{ error: ENOSPC, disarm: flush-failed }}
 "
     )
 }

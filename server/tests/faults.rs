@@ -114,6 +114,62 @@ fn qemu_io_pattern_writes_into_failing_ranges_get_their_errors_while_writes_else
 }
 
 #[test]
+fn a_length_condition_fails_only_writes_of_those_lengths_from_qemu_io() {
+    let (server, api) = disk();
+    api.set_policy(
+        "disk",
+        "rules:\n  - name: large-writes\n    when: { op: write, length: \">=64KiB\" }\n    then: { error: EIO }\n  \
+         - name: exactly-8k-reads\n    when: { op: read, length: 8KiB }\n    then: { error: ENOSPC }\n",
+    );
+    let uri = server.uri("disk");
+    for (command, fails) in [
+        ("write -P 0x11 0 4k", false),
+        ("write -P 0x22 1M 60k", false),
+        ("write -P 0x33 2M 64k", true),
+        ("write -P 0x44 4M 1M", true),
+        ("read 0 4k", false),
+        ("read 0 8k", true),
+        ("read 0 12k", false),
+    ] {
+        let output = qemu_io(&uri, &[command]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(stdout.contains("failed"), fails, "`{command}`:\n{stdout}");
+    }
+    assert_all(&api.data("disk", MIB, 60 * KIB), 0x22, "the 60 KiB write");
+    assert_all(&api.data("disk", 2 * MIB, 64 * KIB), 0, "the failed 64 KiB write");
+    assert_all(&api.data("disk", 4 * MIB, MIB), 0, "the failed 1 MiB write");
+    let records = api.faults("disk", 0);
+    let lengths: Vec<(u64, &str)> =
+        records.iter().map(|r| (r["length"].as_u64().unwrap(), r["rule"].as_str().unwrap())).collect();
+    assert_eq!(lengths, [(64 * KIB, "large-writes"), (MIB, "large-writes"), (8 * KIB, "exactly-8k-reads")]);
+}
+
+#[test]
+fn nth_with_armed_by_fails_the_first_flush_after_each_arming_and_lifetime_counts_across_armings() {
+    let (server, api) = disk();
+    api.set_policy(
+        "disk",
+        "rules:\n  - name: first-flush-per-arming\n    when: { op: flush, armed_by: go, nth: 1 }\n    then: { error: EIO }\n  \
+         - name: second-write-ever\n    when: { op: write, armed_by: go, nth: 2, count: lifetime }\n    then: { error: ENOSPC }\n",
+    );
+    let uri = server.uri("disk");
+    let mut flushes = Vec::new();
+    let mut writes = Vec::new();
+    for _ in 0..3 {
+        api.arm("disk", "go");
+        let r = ops(&uri, &["flush", "flush", "write 0 512 1"]);
+        flushes.push([r[0].errno.clone(), r[1].errno.clone()]);
+        writes.push(r[2].errno.clone());
+        api.disarm("disk", "go");
+    }
+    let eio = Some("EIO".to_string());
+    assert_eq!(flushes, [[eio.clone(), None], [eio.clone(), None], [eio, None]], "once per arming");
+    assert_eq!(writes, [None, Some("ENOSPC".to_string()), None], "count: lifetime counts across armings");
+    let counters = &api.export("disk")["policy"]["rules"];
+    assert_eq!(counters[0], serde_json::json!({"rule": "first-flush-per-arming", "occurrences": 6, "fired": 3}));
+}
+
+#[test]
 fn nbdcopy_over_a_failing_range_fails_and_succeeds_once_the_policy_is_removed() {
     require!(NBDCOPY);
     let (server, api) = disk();

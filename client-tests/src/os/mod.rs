@@ -163,6 +163,30 @@ pub fn flush_buffers(device: &Path) -> io::Result<()> {
     check(unsafe { libc::ioctl(file.as_raw_fd(), BLKFLSBUF, 0) })
 }
 
+/// A value written to a sysctl or sysfs file for a while: the old value is written back on drop.
+#[derive(Debug)]
+pub struct Setting {
+    path: std::path::PathBuf,
+    saved: String,
+}
+
+impl Setting {
+    /// Reads what `path` holds, then writes `value` to it.
+    pub fn set(path: impl Into<std::path::PathBuf>, value: &str) -> io::Result<Setting> {
+        let path = path.into();
+        let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let saved = std::fs::read_to_string(&path).map_err(with_path)?.trim().to_string();
+        std::fs::write(&path, value).map_err(with_path)?;
+        Ok(Setting { path, saved })
+    }
+}
+
+impl Drop for Setting {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, &self.saved);
+    }
+}
+
 /// The system page size.
 pub fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
@@ -212,6 +236,19 @@ mod tests {
         assert_eq!(outcome(&sync_file_range(&file, RangeSync::WriteAndWait)), "0");
         assert_eq!(outcome(&fadvise_dontneed(&file)), "0");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_setting_is_written_and_put_back_on_drop() {
+        let path = std::env::temp_dir().join(format!("nbdfault-setting-{}", std::process::id()));
+        std::fs::write(&path, "3000\n").unwrap();
+        let setting = Setting::set(&path, "100").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "100");
+        drop(setting);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "3000");
+        let err = Setting::set("/nonexistent/setting", "1").unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/setting"), "{err}");
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]

@@ -195,27 +195,14 @@ impl PageStates {
 /// written back when a scenario says so. (Zero would be worse: the flusher is then kicked at once
 /// whenever an inode is dirtied.) Restores the old settings on drop.
 pub struct QuietWriteback {
-    saved: Vec<(&'static str, String)>,
+    _settings: [os::Setting; 2],
 }
 
 const EXPIRE: &str = "/proc/sys/vm/dirty_expire_centisecs";
 const WRITEBACK: &str = "/proc/sys/vm/dirty_writeback_centisecs";
 
 pub fn quiet_background_writeback() -> std::io::Result<QuietWriteback> {
-    let mut saved = Vec::new();
-    for (path, value) in [(EXPIRE, "360000"), (WRITEBACK, "360000")] {
-        saved.push((path, std::fs::read_to_string(path)?.trim().to_string()));
-        std::fs::write(path, value)?;
-    }
-    Ok(QuietWriteback { saved })
-}
-
-impl Drop for QuietWriteback {
-    fn drop(&mut self) {
-        for (path, value) in &self.saved {
-            let _ = std::fs::write(path, value);
-        }
-    }
+    Ok(QuietWriteback { _settings: [os::Setting::set(EXPIRE, "360000")?, os::Setting::set(WRITEBACK, "360000")?] })
 }
 
 impl<'a> Env<'a> {
@@ -260,7 +247,7 @@ impl<'a> Env<'a> {
         match self.control.delete_policy() {
             Ok(()) => Ok(()),
             // No policy to remove is fine.
-            Err(crate::control::ControlError::Status { status: 404, .. }) => Ok(()),
+            Err(error) if error.status() == Some(404) => Ok(()),
             Err(e) => Err(StepError::new("remove the policy", e)),
         }
     }
@@ -385,10 +372,10 @@ impl<'a> Env<'a> {
         let policy = &armed.policy;
         self.control.disarm(&policy.trigger).step("disarm the trigger")?;
         let records = self.control.faults_since(armed.since).step("read the fault log")?;
-        self.last_records = records.iter().map(|r| r.raw.clone()).collect();
+        self.last_records = records.iter().map(crate::control::record_json).collect();
         Ok(records
             .into_iter()
-            .filter(|r| r.failed)
+            .filter(|r| r.failed())
             .filter(|r| policy.ranges.is_empty() || policy.ranges.iter().any(|(s, e)| r.overlaps(*s, *e)))
             .collect())
     }

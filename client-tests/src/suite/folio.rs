@@ -44,25 +44,9 @@ const LEN: u64 = BLOCK * BLOCKS;
 const FAILED: u64 = 5;
 
 /// Limits the device to 4 KiB requests while alive, so one failed request is one block.
-struct SmallRequests {
-    path: std::path::PathBuf,
-    saved: String,
-}
-
-impl SmallRequests {
-    fn set(device: &std::path::Path) -> std::io::Result<SmallRequests> {
-        let name = device.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let path = std::path::PathBuf::from(format!("/sys/block/{name}/queue/max_sectors_kb"));
-        let saved = std::fs::read_to_string(&path)?.trim().to_string();
-        std::fs::write(&path, "4")?;
-        Ok(SmallRequests { path, saved })
-    }
-}
-
-impl Drop for SmallRequests {
-    fn drop(&mut self) {
-        let _ = std::fs::write(&self.path, &self.saved);
-    }
+fn small_requests(device: &std::path::Path) -> std::io::Result<crate::os::Setting> {
+    let name = device.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    crate::os::Setting::set(format!("/sys/block/{name}/queue/max_sectors_kb"), "4")
 }
 
 /// Which pages start a folio: runs of a head page and its tails, as page counts.
@@ -96,7 +80,7 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
         }
         return Ok(());
     }
-    let _small = SmallRequests::set(&env.device).step("limit the device to 4 KiB requests")?;
+    let _small = small_requests(&env.device).step("limit the device to 4 KiB requests")?;
     let file = env.create("large-folio", OLD, LEN)?;
     // Start from an empty cache so the write below builds its own (large) folios.
     let resident = env.evict(&file.writer, LEN)?;
@@ -132,6 +116,13 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
         "resident_after_eviction": resident,
         "evicted_read_blocks": per_block(&evicted),
     });
+    if !sizes.iter().any(|n| *n > 1) {
+        let why = "the kernel cached the file in single pages, not in a large folio";
+        for id in ["large-folio.cached-read-new", "large-folio.only-failed-block-lost"] {
+            f.set(id, Verdict::NotApplicable, Some(why.into()), ev.clone());
+        }
+        return Ok(());
+    }
     f.judge(
         "large-folio.cached-read-new",
         cached.as_ref().is_ok_and(|b| NEW.matches(0, b)),

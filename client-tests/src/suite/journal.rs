@@ -117,7 +117,7 @@ fn run(env: &mut Env, f: &mut Findings, kind: Kind) -> Result<(), StepError> {
     let states = PageStates::of(&map, 2);
     let ev = json!({
         "failed_requests": failed.len(),
-        "first_failed": failed[0].raw,
+        "first_failed": crate::control::record_json(&failed[0]),
         "fsync_of_a_new_file": fsync_new,
         "fsync": first,
         "fsync_again_after_healing": second,

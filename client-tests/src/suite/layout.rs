@@ -74,6 +74,43 @@ pub fn xfs_log_range(sb: &[u8]) -> Result<(u64, u64), LayoutError> {
     Ok((start, start + logblocks * blocksize))
 }
 
+/// Where ext4 keeps inode `ino` on the device: the byte offset of its on-disk inode, from the
+/// superblock (the 1024 bytes at device offset 1024) and the group descriptor table (read at
+/// `gdt_offset`, which [`ext4_gdt_offset`] gives) as `read(offset, len)` returns them.
+pub fn ext4_inode_offset(
+    sb: &[u8],
+    ino: u64,
+    read: &mut dyn FnMut(u64, u64) -> Option<Vec<u8>>,
+) -> Result<u64, LayoutError> {
+    if sb.len() < 0x100 {
+        return Err(LayoutError::Short(sb.len()));
+    }
+    if le_u16(sb, 0x38) != 0xEF53 {
+        return Err(LayoutError::BadMagic { fs: "ext4", found: format!("{:#06x}", le_u16(sb, 0x38)) });
+    }
+    let blocksize = 1024u64 << le_u32(sb, 0x18);
+    let per_group = u64::from(le_u32(sb, 0x28));
+    let inode_size = u64::from(le_u16(sb, 0x58));
+    let desc_size = if le_u32(sb, 0x60) & 0x80 != 0 { u64::from(le_u16(sb, 0xFE)).max(32) } else { 32 };
+    let group = (ino - 1) / per_group;
+    let gdt = (u64::from(le_u32(sb, 0x14)) + 1) * blocksize;
+    let desc = read(gdt + group * desc_size, desc_size).ok_or(LayoutError::Short(0))?;
+    let mut table = u64::from(le_u32(&desc, 8));
+    if desc_size >= 64 {
+        table |= u64::from(le_u32(&desc, 0x28)) << 32;
+    }
+    Ok(table * blocksize + ((ino - 1) % per_group) * inode_size)
+}
+
+/// The block of the first leaf (or index block) below an inode's extent root, when the tree is
+/// deeper than the inode: `i_block` is the 60 bytes at offset 0x28 of the on-disk inode.
+pub fn ext4_first_tree_block(i_block: &[u8]) -> Option<u64> {
+    if i_block.len() < 24 || le_u16(i_block, 0) != 0xF30A || le_u16(i_block, 6) == 0 || le_u16(i_block, 2) == 0 {
+        return None;
+    }
+    Some(u64::from(le_u32(i_block, 16)) | u64::from(le_u16(i_block, 20)) << 32)
+}
+
 /// The device byte ranges of an internal ext4 journal, from the 1024-byte superblock found at
 /// device offset 1024. Uses the superblock's backup of the journal inode's block map.
 pub fn ext4_journal_ranges(sb: &[u8]) -> Result<Vec<(u64, u64)>, LayoutError> {
@@ -156,6 +193,18 @@ mod tests {
         assert_eq!(xfs_log_range(&xfs_sb(4096, 0, 1, 1, 1)), Err(LayoutError::External("XFS")));
         assert!(matches!(xfs_log_range(&[0u8; 512]), Err(LayoutError::BadMagic { .. })));
         assert_eq!(xfs_log_range(&[0u8; 10]), Err(LayoutError::Short(10)));
+    }
+
+    #[test]
+    fn ext4_first_tree_block_reads_the_first_index_entry() {
+        let mut ib = vec![0u8; 60];
+        ib[0..2].copy_from_slice(&0xF30Au16.to_le_bytes());
+        ib[2..4].copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(ext4_first_tree_block(&ib), None, "depth 0: the extents are in the inode");
+        ib[6..8].copy_from_slice(&1u16.to_le_bytes());
+        ib[12..16].copy_from_slice(&16u32.to_le_bytes());
+        ib[16..20].copy_from_slice(&33795u32.to_le_bytes());
+        assert_eq!(ext4_first_tree_block(&ib), Some(33795));
     }
 
     #[test]

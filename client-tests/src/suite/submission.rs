@@ -16,7 +16,7 @@ use std::os::unix::fs::FileExt;
 use serde_json::{Value, json};
 
 use super::env::{Env, PageStates, TestFile, log_texts, read_at};
-use super::{CheckSpec, Findings, Fs, Scenario, Step, StepError, Target};
+use super::{CheckSpec, Findings, Fs, Scenario, Step, StepError, Target, layout};
 use crate::invariants::Class::KnownBug as BUG;
 use crate::kmsg::matching;
 use crate::os::mapping::Mapping;
@@ -37,6 +37,28 @@ pub fn submission_fixed(t: &Target) -> Option<Verdict> {
         Fs::Ext4 => (!k.at_least(6, 1)).then_some(Verdict::Violated),
         Fs::Btrfs => None,
     }
+}
+
+/// Where the file's extent tree block is and whether the block device's page cache still holds
+/// it after every drop (mincore on a mapping of the device): evidence for why allocation does or
+/// does not read it.
+fn extent_tree_block(env: &Env, file: &TestFile, device: &std::fs::File) -> Value {
+    use std::os::unix::fs::MetadataExt;
+    let ino = match file.writer.metadata() {
+        Ok(m) => m.ino(),
+        Err(e) => return json!({ "error": e.to_string() }),
+    };
+    let Ok(sb) = env.control.read_data(1024, 1024) else { return json!({ "error": "cannot read the superblock" }) };
+    let mut read = |offset, len| env.control.read_data(offset, len).ok();
+    let block = layout::ext4_inode_offset(&sb, ino, &mut read).ok().and_then(|at| {
+        let inode = env.control.read_data(at, 0x28 + 60).ok()?;
+        layout::ext4_first_tree_block(&inode[0x28..])
+    });
+    let Some(block) = block else { return json!({ "inode": ino, "tree_block": null }) };
+    let resident = crate::os::mapping::resident_pages(device, ((block + 1) * 4096) as usize)
+        .map(|pages| pages.last().copied().unwrap_or(false))
+        .map_err(|e| e.to_string());
+    json!({ "inode": ino, "tree_block": block, "device_offset": block * 4096, "cached_after_every_drop": resident })
 }
 
 /// ext4 keeps four extents in the inode; the fifth moves the tree into a block of its own.
@@ -120,6 +142,7 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
         os::flush_buffers(&env.device).step("BLKFLSBUF")?;
         let device = std::fs::File::open(&env.device).step("open the device")?;
         os::fadvise_dontneed(&device).step("POSIX_FADV_DONTNEED on the device")?;
+        f.share("ext4_extent_tree_block", extent_tree_block(env, &file, &device));
     }
     env.kernel_log();
     let armed = env.fail(Op::Read, Vec::new(), "fail-every-read")?;
@@ -142,7 +165,7 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
     let context = json!({
         "file_extents_in_all": whole,
         "failed_reads": failed.len(),
-        "first_failed_read": failed.first().map(|r| r.raw.clone()),
+        "first_failed_read": failed.first().map(crate::control::record_json),
         "extents_after": file.extents.iter().map(|e| json!({ "logical": e.logical, "physical": e.physical, "length": e.length, "flags": e.flags })).collect::<Vec<_>>(),
         "kernel_lines": log_texts(&submission_lines),
     });

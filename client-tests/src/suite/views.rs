@@ -103,7 +103,7 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
         .map_err(|bus| StepError::new("store through the mapping", bus))?;
     file.writer.write_all_at(&NEW.bytes(STORED, (DIRTY - STORED) as usize), STORED).step("write()")?;
     let failed = env.sync_and_heal(policy)?;
-    f.share("failed_requests", json!({ "count": failed.len(), "first": failed[0].raw }));
+    f.share("failed_requests", json!({ "count": failed.len(), "first": crate::control::record_json(&failed[0]) }));
 
     // While cached.
     let cached = env.views(&file, Some(&map), 0, DIRTY)?;

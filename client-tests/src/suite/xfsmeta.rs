@@ -86,23 +86,8 @@ const TIMEOUT_SECS: u64 = 3;
 const MAX_RETRIES_VALUE: i64 = 2;
 
 /// A sysfs or procfs value set for the scenario and put back afterwards.
-struct Setting {
-    path: PathBuf,
-    saved: String,
-}
-
-impl Setting {
-    fn set(path: PathBuf, value: &str) -> Result<Setting, StepError> {
-        let saved = std::fs::read_to_string(&path).step(&format!("read {}", path.display()))?.trim().to_string();
-        std::fs::write(&path, value).step(&format!("write {value} to {}", path.display()))?;
-        Ok(Setting { path, saved })
-    }
-}
-
-impl Drop for Setting {
-    fn drop(&mut self) {
-        let _ = std::fs::write(&self.path, &self.saved);
-    }
+fn setting(path: PathBuf, value: &str) -> Result<os::Setting, StepError> {
+    os::Setting::set(path, value).step("configure XFS")
 }
 
 /// Makes dirty metadata: a directory of empty files, committed to the log by syncfs.
@@ -119,7 +104,7 @@ fn dirty_metadata(env: &Env, dir: &str, files: usize) -> Result<(), StepError> {
 /// Failed requests per device offset, most failed first.
 fn failures_by_offset(records: &[FaultRecord]) -> Vec<(u64, usize)> {
     let mut by: BTreeMap<u64, usize> = BTreeMap::new();
-    for r in records.iter().filter(|r| r.failed) {
+    for r in records.iter().filter(|r| r.failed()) {
         *by.entry(r.offset).or_default() += 1;
     }
     let mut v: Vec<(u64, usize)> = by.into_iter().collect();
@@ -180,11 +165,11 @@ fn run(env: &mut Env, f: &mut Findings, mode: Mode) -> Result<(), StepError> {
     };
     // The log worker is queued at mount with the interval in force then, and the error
     // configuration is made per mount: shorten the interval, mount again, then configure.
-    let _syncd = Setting::set(PathBuf::from("/proc/sys/fs/xfs/xfssyncd_centisecs"), "100")?;
+    let _syncd = setting(PathBuf::from("/proc/sys/fs/xfs/xfssyncd_centisecs"), "100")?;
     env.remount()?;
-    let _retries = Setting::set(cfg.join("metadata/EIO/max_retries"), &retries)?;
-    let _timeout = Setting::set(cfg.join("metadata/EIO/retry_timeout_seconds"), &timeout)?;
-    let _unmount = Setting::set(cfg.join("fail_at_unmount"), "1")?;
+    let _retries = setting(cfg.join("metadata/EIO/max_retries"), &retries)?;
+    let _timeout = setting(cfg.join("metadata/EIO/retry_timeout_seconds"), &timeout)?;
+    let _unmount = setting(cfg.join("fail_at_unmount"), "1")?;
     let config = json!({ "max_retries": retries, "retry_timeout_seconds": timeout, "fail_at_unmount": 1, "xfssyncd_centisecs": 100 });
     let sb = env.control.read_data(0, 512).step("read the XFS superblock")?;
     let (log_start, log_end) = xfs_log_range(&sb).step("find the XFS log")?;
@@ -206,7 +191,7 @@ fn run(env: &mut Env, f: &mut Findings, mode: Mode) -> Result<(), StepError> {
     let by_offset = failures_by_offset(&failed);
     let most_retried = by_offset.first().map(|(_, n)| *n).unwrap_or(0);
     let first_last = {
-        let times: Vec<u64> = failed.iter().filter_map(|r| r.raw["time_ns"].as_u64()).collect();
+        let times: Vec<u64> = failed.iter().map(|r| r.time_ns).collect();
         json!({ "first_ns": times.iter().min(), "last_ns": times.iter().max() })
     };
     let lines = env.whole_log().to_vec();
@@ -299,12 +284,7 @@ mod tests {
 
     #[test]
     fn failures_are_counted_per_offset_most_first() {
-        let rec = |seq, offset| {
-            FaultRecord::parse(&format!(
-                r#"{{"seq":{seq},"op":"write","offset":{offset},"length":4096,"errno":"EIO"}}"#
-            ))
-            .unwrap()
-        };
+        let rec = |seq, offset| crate::control::test_record(seq, offset, 4096, true);
         let v = failures_by_offset(&[rec(1, 8192), rec(2, 4096), rec(3, 8192), rec(4, 8192)]);
         assert_eq!(v, vec![(8192, 3), (4096, 1)]);
     }

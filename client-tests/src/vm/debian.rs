@@ -237,6 +237,11 @@ impl Apt {
         })
     }
 
+    /// Whether the package's `.deb` is already in the cache.
+    pub fn has_downloaded(&self, package: &KernelPackage) -> bool {
+        find_deb(&self.dir.join("debs"), package).is_some()
+    }
+
     /// Downloads the package (once) and returns the path of the `.deb`.
     pub fn download(&self, package: &KernelPackage) -> Result<PathBuf, AptError> {
         let debs = self.dir.join("debs");

@@ -157,7 +157,9 @@ pub fn fetch_parts(
                     apt.update(refresh)?;
                     lists_read = true;
                 }
-                progress(&format!("downloading {} {}", part.name, part.version));
+                if !apt.has_downloaded(&part) {
+                    progress(&format!("downloading {} {}", part.name, part.version));
+                }
                 apt.download(&part)?
             }
         };

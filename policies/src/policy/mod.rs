@@ -26,7 +26,7 @@ use grammar::PolicySpec;
 
 #[cfg(test)]
 pub(crate) use grammar::mapping_keys;
-pub(crate) use grammar::since_values;
+pub(crate) use grammar::{count_values, since_values};
 pub use limits::PolicyLimits;
 pub use warnings::PolicyWarning;
 
@@ -184,6 +184,16 @@ mod tests {
             ("rules: [{ when: { cycle: { up: 1s, down: 0 } }, then: {} }]", "never down"),
             ("rules: [{ then: { delay: 50 } }]", "no unit"),
             ("rules: [{ when: { range: 0..1MB }, then: {} }]", "ambiguous"),
+            ("rules: [{ when: { length: 64KiB..4KiB }, then: {} }]", "inverted"),
+            ("rules: [{ when: { nth: 1, count: per_arming }, then: {} }]", "there are none"),
+            ("rules: [{ when: { armed_by: go, count: per_armng }, then: {} }]", "unknown variant"),
+            ("rules: [{ when: { length: 0 }, then: {} }]", "never reach the rules"),
+            ("rules: [{ when: { length: '<1' }, then: {} }]", "only admits length 0"),
+            ("rules: [{ when: { length: '<0' }, then: {} }]", "admits no length"),
+            ("rules: [{ when: { length: 8GiB }, then: {} }]", "at most 4294967295 bytes"),
+            ("rules: [{ when: { length: 64KB }, then: {} }]", "ambiguous"),
+            ("rules: [{ when: { op: [write, flush], length: 4KiB }, then: {} }]", "flush has no length"),
+            ("rules: [{ when: { length: [] }, then: {} }]", "empty list"),
             ("seed: 1\n", "no rules"),
             ("", "no rules"),
             ("rules: {}", "invalid type"),
@@ -209,6 +219,14 @@ mod tests {
         let error = Policy::from_yaml_within(schedule, "many.yaml", &limits).unwrap_err();
         assert!(error.message.contains("max_rules"), "{error}");
         Policy::from_yaml_within("rules:\n  - then: {}\n  - then: {}\n", "two.yaml", &limits).unwrap();
+    }
+
+    #[test]
+    fn an_unquoted_greater_than_length_gets_a_fix_that_quotes_it() {
+        let error = refused("rules:\n  - when: { op: write, length: >=1MiB }\n    then: { error: EIO }\n");
+        assert!(error.fix.contains("\">=1MiB\""), "{error}");
+        let error = refused("rules:\n  - when:\n      op: write\n      length: >=1MiB\n    then: { error: EIO }\n");
+        assert!(error.fix.contains("quote"), "{error}");
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use super::Policy;
-use super::compiled::Rule;
+use super::compiled::{Nth, Rule};
 
 impl Policy {
     /// What is legal but most likely not what the author meant: rules that can never decide,
@@ -46,6 +46,9 @@ impl Policy {
                     "raise the probability, or remove the rule".to_string(),
                 ));
             }
+            if let Some((message, fix)) = counting_warning(rule, &self.compiled.triggers) {
+                found.push((rule, message, fix));
+            }
             if let Some((trigger, _)) = &rule.outcome.stall
                 && rule.armed_by.iter().any(|&id| self.compiled.triggers[id] == *trigger)
             {
@@ -68,6 +71,52 @@ impl Policy {
             })
             .collect()
     }
+}
+
+/// What is ambiguous about what a rule's occurrence counts count over, if anything.
+fn counting_warning(rule: &Rule, triggers: &[std::sync::Arc<str>]) -> Option<(String, String)> {
+    let counted = rule.nth != Nth::default() || rule.limit.is_some() || rule.threshold.is_some();
+    let name = &rule.name;
+    if !counted {
+        return rule.counting.explicit.then(|| {
+            (
+                format!("rule `{name}` has `count`, but no `nth`, `limit` or `probability` to count for"),
+                "remove `count`, or add the `nth`, `limit` or `probability` it was meant for".to_string(),
+            )
+        });
+    }
+    if rule.counting.explicit {
+        return None;
+    }
+    let names = |ids: &[usize]| ids.iter().map(|&id| format!("`{}`", triggers[id])).collect::<Vec<_>>().join(", ");
+    if rule.armed_by.len() > 1 {
+        return Some((
+            format!(
+                "rule `{name}` counts `nth`, `limit` and `probability` per arming, and restarts whenever any of {} is armed again",
+                names(&rule.armed_by)
+            ),
+            "write `count: per_arming` to confirm, or `count: lifetime` to count across armings".to_string(),
+        ));
+    }
+    if rule.armed_by.is_empty() && !rule.disarmed_by.is_empty() {
+        return Some((
+            format!(
+                "rule `{name}` is switched by `disarmed_by` ({}), but its `nth`, `limit` and `probability` count over the policy's lifetime: they do not restart when the rule is switched on again",
+                names(&rule.disarmed_by)
+            ),
+            "write `count: lifetime` to confirm; to restart the counts, switch the rule with `armed_by` instead"
+                .to_string(),
+        ));
+    }
+    if rule.window.is_some_and(|window| window.cycle.is_some()) {
+        return Some((
+            format!(
+                "rule `{name}` is active in each `down` part of `cycle`, but its `nth`, `limit` and `probability` count over the policy's lifetime, not per period"
+            ),
+            "write `count: lifetime` to confirm; for a count per period, arm a trigger at each period and use `armed_by`".to_string(),
+        ));
+    }
+    None
 }
 
 /// Something legal in a policy that is probably a mistake. Displays like a [`crate::PolicyError`] with
@@ -197,6 +246,37 @@ mod tests {
         );
         let clean = Policy::from_yaml(include_str!("../../scenarios/issue-example.yaml"), "ok.yaml").unwrap();
         assert!(clean.warnings().is_empty());
+    }
+
+    #[test]
+    fn ambiguous_counting_scopes_are_warned_about_until_count_says_which() {
+        let policy = Policy::from_yaml(
+            "rules:
+  - { name: both, when: { op: read, armed_by: [a, b], nth: 1 }, then: { error: EIO } }
+  - { name: switched-off, when: { op: write, disarmed_by: stop, limit: 3 }, then: { error: EIO } }
+  - { name: flaky, when: { op: trim, cycle: { up: 9s, down: 1s }, nth: 1 }, then: { error: EIO } }
+  - { name: pointless, when: { op: flush, armed_by: go, count: lifetime }, then: { error: EIO } }
+  - { name: plain, when: { op: cache, armed_by: go, nth: 1 }, then: { error: EIO } }
+  - { name: forever, when: { op: block_status, nth: 1 }, then: { error: EIO } }
+",
+            "c.yaml",
+        )
+        .unwrap();
+        let warnings: Vec<String> = policy.warnings().iter().map(ToString::to_string).collect();
+        assert_eq!(warnings.len(), 4, "{warnings:#?}");
+        assert!(warnings[0].contains("`both`") && warnings[0].contains("any of `a`, `b`"), "{}", warnings[0]);
+        assert!(warnings[1].contains("`switched-off`") && warnings[1].contains("count: lifetime"), "{}", warnings[1]);
+        assert!(warnings[2].contains("`flaky`") && warnings[2].contains("not per period"), "{}", warnings[2]);
+        assert!(warnings[3].contains("`pointless` has `count`"), "{}", warnings[3]);
+        let explicit = Policy::from_yaml(
+            "rules:
+  - { name: both, when: { op: read, armed_by: [a, b], nth: 1, count: per_arming }, then: { error: EIO } }
+  - { name: switched-off, when: { op: write, disarmed_by: stop, limit: 3, count: lifetime }, then: { error: EIO } }
+",
+            "c.yaml",
+        )
+        .unwrap();
+        assert!(explicit.warnings().is_empty(), "{:?}", explicit.warnings());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::shutdown::Shutdown;
 
@@ -34,7 +34,7 @@ pub enum Outgoing {
 pub struct Reply {
     pub head: Head,
     pub data: Option<Bytes>,
-    pub _permit: Option<OwnedSemaphorePermit>,
+    pub _permit: Option<super::Held>,
 }
 
 /// A reply header: the usual ones inline, an error message or a list of extents on the heap.

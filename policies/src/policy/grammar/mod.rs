@@ -18,7 +18,7 @@ use crate::error::Invalid;
 pub(crate) use rules::RuleSpec;
 pub(crate) use schedule::ScheduleEntry;
 pub(crate) use then::Then;
-pub(crate) use when::When;
+pub(crate) use when::{CountScope, When};
 
 /// A whole policy file, every section checked.
 pub(crate) struct PolicySpec {
@@ -95,6 +95,11 @@ pub(crate) fn mapping_keys() -> Vec<(&'static str, &'static [&'static str])> {
         ("corrupt", names_read_by::<then::RawCorrupt>()),
         ("schedule_entry", names_read_by::<schedule::RawScheduleEntry>()),
     ]
+}
+
+/// The values `count:` accepts.
+pub(crate) fn count_values() -> &'static [&'static str] {
+    names_read_by::<when::CountScope>()
 }
 
 /// The values `since:` accepts.

@@ -105,6 +105,12 @@ pub(super) fn check_against_ops(ops: Option<&[Op]>, when: &When, then: &Then) ->
                 "move `flush` to a rule of its own without `range`",
             ));
         }
+        if !when.lengths.is_empty() && ops.contains(&Op::Flush) {
+            return Err(Invalid::new(
+                "flush has no length, so `length` can never match it",
+                "move `flush` to a rule of its own without `length`",
+            ));
+        }
         for (flag, carriers) in [
             (1u8 << 1, &[Op::WriteZeroes][..]),
             (1 << 2, &[Op::WriteZeroes][..]),
