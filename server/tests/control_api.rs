@@ -808,6 +808,7 @@ fn a_bad_policy_file_stops_the_server_from_starting_with_its_file_line_and_colum
 
 #[test]
 fn the_typed_client_reads_every_answer_of_a_real_server() {
+    require!(PYTHON_NBD);
     let server = Server::builder().export("", "memory:1MiB").export("disk-1", "memory:16MiB").with_control().start();
     let client = Api::new(&server).client().clone();
     let health = client.health().unwrap();

@@ -115,6 +115,7 @@ fn qemu_io_pattern_writes_into_failing_ranges_get_their_errors_while_writes_else
 
 #[test]
 fn a_length_condition_fails_only_writes_of_those_lengths_from_qemu_io() {
+    require!(QEMU_IO);
     let (server, api) = disk();
     api.set_policy(
         "disk",
@@ -146,6 +147,7 @@ fn a_length_condition_fails_only_writes_of_those_lengths_from_qemu_io() {
 
 #[test]
 fn nth_with_armed_by_fails_the_first_flush_after_each_arming_and_lifetime_counts_across_armings() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy(
         "disk",

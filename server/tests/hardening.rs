@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::control::Api;
-use common::{NBDFAULT, NBDINFO, PRLIMIT, PYTHON_NBD, Server, probe, require, run};
+use common::{IP, NBDFAULT, NBDINFO, PRLIMIT, PYTHON_NBD, Server, UNSHARE, probe, require, run};
 
 /// `rules: [[[[...]]]]`, `depth` brackets deep: 80,000 took 90 s to refuse and froze NBD I/O.
 fn nested(depth: usize) -> String {
@@ -225,7 +225,7 @@ fn idle_control_sockets_cannot_exhaust_descriptors_and_half_sent_headers_time_ou
 
 #[test]
 fn listeners_beyond_loopback_without_a_token_or_client_certificates_are_warned_about_loudly() {
-    common::tool("unshare", "util-linux");
+    require!(UNSHARE, IP);
     // In a network namespace of its own, so the any-address reaches nobody.
     let wrapper = ["unshare", "--net", "sh", "-c", r#"ip link set lo up && exec "$0" "$@""#];
     let open = Server::builder()
