@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use nbdfault_client_tests::control::Control;
 use nbdfault_client_tests::report::{REPORT_BEGIN, REPORT_END, Report};
 use nbdfault_client_tests::suite::{self, SuiteConfig, fs};
-use nbdfault_client_tests::{matrix, os, vm};
+use nbdfault_client_tests::{compare, matrix, os, vm};
 
 /// What fsync, read() and mmap show after an NBD write fails, on real XFS and ext4.
 #[derive(Parser)]
@@ -39,6 +39,9 @@ enum Command {
     Kernels(vm::KernelsArgs),
     /// Write the results matrix (Markdown) from a directory of JSON reports.
     Matrix(MatrixArgs),
+    /// Compare the verdicts of a run with the committed ones, cell by cell (kernel series,
+    /// filesystem, check); timings and evidence do not count. Exits 1 naming each difference.
+    Compare(CompareArgs),
     /// Print only the checks whose verdict differs between two runs, both evidences side by side.
     ///
     /// Each side is a JSON report (`vm` writes one per kernel and filesystem, such as
@@ -113,8 +116,22 @@ struct MatrixArgs {
     #[arg(long)]
     output: Option<PathBuf>,
     /// The command that produced the reports, quoted in the document.
-    #[arg(long, default_value = "scripts/matrix.sh")]
+    #[arg(long, default_value = matrix::MADE_BY)]
     made_by: String,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// The committed JSON reports.
+    #[arg(long, default_value = "client-tests/results")]
+    committed: PathBuf,
+    /// The JSON reports of the run to check.
+    #[arg(long)]
+    run: PathBuf,
+    /// The run tested some kernels only on purpose: committed kernels it left out are not
+    /// differences.
+    #[arg(long)]
+    partial: bool,
 }
 
 fn main() -> ExitCode {
@@ -130,6 +147,7 @@ fn main() -> ExitCode {
         Command::Kernel(args) => vm::kernel_main(args),
         Command::Kernels(args) => vm::kernels_main(args),
         Command::Matrix(args) => write_matrix(args),
+        Command::Compare(args) => compare_results(args),
         Command::Diff(args) => diff(args),
         Command::Scenarios => {
             list_scenarios();
@@ -210,6 +228,41 @@ fn write_matrix(args: MatrixArgs) -> Result<ExitCode, String> {
         None => print!("{text}"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn compare_results(args: CompareArgs) -> Result<ExitCode, String> {
+    let committed = matrix::load_reports(&args.committed).map_err(|e| e.to_string())?;
+    let run = matrix::load_reports(&args.run).map_err(|e| e.to_string())?;
+    if run.is_empty() {
+        return Err(format!("no JSON reports in {}: nothing to compare", args.run.display()));
+    }
+    let comparison = compare::compare(&committed, &run, args.partial)?;
+    for note in &comparison.notes {
+        println!("note: {note}");
+    }
+    if comparison.differences.is_empty() {
+        println!(
+            "the verdicts of {} match the committed results in {} ({} reports)",
+            args.run.display(),
+            args.committed.display(),
+            run.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} difference(s) between the committed results ({}) and this run ({}):",
+        comparison.differences.len(),
+        args.committed.display(),
+        args.run.display()
+    );
+    for difference in &comparison.differences {
+        println!("  {difference}");
+    }
+    println!(
+        "If the kernels really behave so now, refresh the committed matrix with \
+         `bash scripts/client-tests-matrix.sh --refresh` and commit client-tests/results/ and docs/results.md."
+    );
+    Ok(ExitCode::from(1))
 }
 
 fn diff(args: DiffArgs) -> Result<ExitCode, String> {

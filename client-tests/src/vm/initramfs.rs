@@ -255,6 +255,7 @@ mod tests {
 
     #[test]
     fn cpio_archive_lists_files_dirs_links_and_devices() {
+        nbdfault_testing::require!(nbdfault_testing::CPIO);
         let mut cpio = Cpio::default();
         cpio.file("/bin/tool", 0o755, b"#!/bin/sh\n");
         cpio.symlink("/bin/sh", "busybox");

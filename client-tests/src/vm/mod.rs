@@ -578,6 +578,7 @@ mod tests {
 
     #[test]
     fn busybox_static_is_static() {
+        nbdfault_testing::require!(nbdfault_testing::BUSYBOX);
         let busybox = initramfs::find_tool("busybox").expect("install busybox-static");
         assert!(is_static_executable(&busybox).unwrap());
     }
