@@ -47,13 +47,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
             Ok(server) => server,
             Err(error) => return fail(&error),
         };
-        let addresses = server.local_addresses();
-        for address in &addresses {
-            for export in server.exports().iter() {
-                tracing::info!(export = %export.name, size = export.size(), "serving nbd://{address}/{}", export.name);
-            }
-        }
-        server::announce_ready(&addresses, server.control_address());
+        server.log_exports();
+        server::announce_ready(&server.local_addresses(), server.control_address());
         server.run(server::termination_signal()).await;
         ExitCode::SUCCESS
     })
@@ -178,6 +173,14 @@ fn run_ctl(args: &CtlArgs) -> Result<Vec<String>, ctl::CtlError> {
         CtlCommand::Exports { name: Some(name) } => print_answer(&client.text("GET", &export_path(name), None)?),
         CtlCommand::SetPolicy { name, file } => {
             let body = ctl::read_input(file)?;
+            // Refused here rather than by the server, which answers 413 before reading the body.
+            let max_bytes = nbdfault_policies::PolicyLimits::DEFAULT.max_bytes;
+            if body.len() > max_bytes {
+                return Err(ctl::CtlError::Usage(format!(
+                    "{file}: the policy has {} bytes, over the limit of {max_bytes} bytes (max_bytes); split it",
+                    body.len()
+                )));
+            }
             // Errors and warnings then name the file, not the URL.
             let origin = if file == "-" { "stdin" } else { file.as_str() };
             let path = format!("{}/policy?origin={}", export_path(name), ctl::query_value(origin));

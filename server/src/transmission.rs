@@ -23,7 +23,7 @@ use crate::wire::{BASE_ALLOCATION_ID, chunk, command, command_flags, errno, repl
 
 pub(crate) mod reader;
 mod replies;
-pub use reader::{MAX_DRAIN, RequestReader};
+pub use reader::RequestReader;
 use replies::{Head, Outgoing, Reply, write_replies};
 
 /// What a request without a payload costs against the in-flight budget.
@@ -103,7 +103,7 @@ where
     let (closed_tx, mut closed) = watch::channel(false);
     let export = Arc::clone(&session.export);
     let power = Arc::clone(export.power());
-    let _attached = power.attach(session.power_cycle);
+    let _attached = power.attach();
     let writer_power_cut = {
         let (power, cycle) = (Arc::clone(&power), session.power_cycle);
         async move { power.cut_after(cycle).await }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::control::{Api, fault_probe, poll};
 use common::raw::{self, RawClient};
-use common::{NBDFAULT, Server, run, run_ok, tool};
+use common::{NBDFAULT, NBDINFO, PYTHON_NBD, Server, require, run, run_ok};
 use serde_json::{Value, json};
 
 const KIB: u64 = 1 << 10;
@@ -96,6 +96,7 @@ fn assert_all(data: &[u8], byte: u8, what: &str) {
 
 #[test]
 fn a_power_cut_through_the_api_drops_both_connections_at_once_and_undoes_every_unflushed_write() {
+    require!(PYTHON_NBD, NBDINFO);
     let (server, api) = disk();
     api.set_policy("disk", "volatile_cache: true");
     let mut probe = Connections::start(
@@ -143,6 +144,7 @@ fn a_power_cut_through_the_api_drops_both_connections_at_once_and_undoes_every_u
 
 #[test]
 fn a_rule_that_cuts_power_drops_every_connection_and_the_other_ones_unflushed_write_is_gone() {
+    require!(PYTHON_NBD, NBDINFO);
     let (server, api) = disk();
     api.set_policy(
         "disk",
@@ -185,12 +187,13 @@ fn a_rule_that_cuts_power_drops_every_connection_and_the_other_ones_unflushed_wr
 
 /// Whether a fresh client can attach: nbdinfo's exit status and what it said.
 fn attach(server: &Server) -> (bool, String) {
-    let output = run(tool("nbdinfo", "libnbd-bin").arg(server.uri("disk")));
+    let output = run(NBDINFO.command().arg(server.uri("disk")));
     (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
 #[test]
 fn an_export_kept_off_refuses_clients_at_the_handshake_until_power_on_a_trigger_or_a_timeout() {
+    require!(PYTHON_NBD, NBDINFO);
     let (server, api) = disk();
     api.set_policy("disk", "rules: [{ when: { op: write, armed_by: power-on }, then: {} }]");
     assert!(attach(&server).0);
@@ -236,6 +239,7 @@ fn an_export_kept_off_refuses_clients_at_the_handshake_until_power_on_a_trigger_
 
 #[test]
 fn a_rule_can_keep_the_export_off_until_a_trigger_and_a_cut_without_a_journal_says_so() {
+    require!(PYTHON_NBD, NBDINFO);
     let (server, api) = disk();
     api.set_policy(
         "disk",
@@ -263,6 +267,7 @@ fn a_rule_can_keep_the_export_off_until_a_trigger_and_a_cut_without_a_journal_sa
 
 #[test]
 fn ctl_power_cut_and_power_on_print_the_answer_and_strict_fails_on_a_cut_that_undoes_nothing() {
+    require!(PYTHON_NBD, NBDINFO);
     let (server, api) = disk();
     let ctl = || {
         let mut command = Command::new(NBDFAULT);

@@ -66,8 +66,6 @@ pub struct Power {
 /// A connection attached to the export; counted until dropped.
 pub struct Attachment {
     attached: Arc<AtomicU64>,
-    /// The power cycle it attached in: it dies at the next cut.
-    pub cycle: u64,
 }
 
 impl Drop for Attachment {
@@ -123,11 +121,10 @@ impl Power {
         Some(format!("export {export:?} is powered off after a power cut, until {}", until.join(", or ")))
     }
 
-    /// Counts a connection as attached in `cycle` (from [`Power::admits`]) until the
-    /// attachment is dropped.
-    pub fn attach(&self, cycle: u64) -> Attachment {
+    /// Counts a connection as attached until the attachment is dropped.
+    pub fn attach(&self) -> Attachment {
         self.attached.fetch_add(1, Ordering::Relaxed);
-        Attachment { attached: Arc::clone(&self.attached), cycle }
+        Attachment { attached: Arc::clone(&self.attached) }
     }
 
     /// Resolves once a cut ends power cycle `cycle`: a connection attached in it is dead then.
@@ -204,15 +201,15 @@ mod tests {
     async fn a_cut_ends_the_cycle_of_every_attached_connection_and_refuses_new_ones_while_off() {
         let power = Power::new();
         let cycle = power.admits().unwrap();
-        let first = power.attach(cycle);
-        let second = power.attach(cycle);
+        let first = power.attach();
+        let second = power.attach();
         assert!(power.enter(cycle).await.is_some());
         let exclusive = power.exclusive().await;
         let (next, attached) = power.cut(&exclusive, Some(Off::default()), Duration::from_secs(3));
         drop(exclusive);
         assert_eq!((next, attached), (1, 2));
-        assert!(power.enter(first.cycle).await.is_none(), "the old cycle's I/O is refused");
-        power.cut_after(second.cycle).await;
+        assert!(power.enter(cycle).await.is_none(), "the old cycle's I/O is refused");
+        power.cut_after(cycle).await;
         assert_eq!(power.admits(), None);
         assert!(power.refusal("disk").unwrap().contains("powered off"));
         assert!(!power.power_on(Some(0), Duration::ZERO), "a power-on for an older cut changes nothing");
