@@ -63,6 +63,11 @@ impl Export {
         self.faults.engine()
     }
 
+    /// Metrics and live events of the export's requests.
+    pub fn activity(&self) -> &crate::activity::Activity {
+        self.faults.activity()
+    }
+
     pub fn size(&self) -> u64 {
         self.device.size()
     }

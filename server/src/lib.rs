@@ -3,6 +3,7 @@
 //! Data flows one way: socket → [`wire`] decode → [`transmission`] (one task per request) →
 //! [`storage::BlockDevice`] (the fault layer, then a backend) → [`wire`] encode → socket.
 
+pub mod activity;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use nbdfault_policies::{Action, Decision, Engine, Op, Reply, Request, RequestFlags, Wait};
 
+use crate::activity::Activity;
 use crate::storage::{BlockDevice, Extent, Features, IoContext, IoError, IoFuture, ZeroFlags};
 use crate::wire::command_flags;
 use journal::UndoJournal;
@@ -45,6 +46,8 @@ pub struct FaultLayer {
     log: Arc<FaultLog>,
     clock: Clock,
     journal: Mutex<UndoJournal>,
+    /// Metrics and live events of the requests that pass.
+    activity: Activity,
 }
 
 impl FaultLayer {
@@ -57,11 +60,12 @@ impl FaultLayer {
     ) -> FaultLayer {
         FaultLayer {
             export: export.to_string(),
-            inner,
             engine,
             log,
             clock,
             journal: Mutex::new(UndoJournal::new(DEFAULT_JOURNAL_LIMIT)),
+            activity: Activity::new(inner.size()),
+            inner,
         }
     }
 
@@ -71,6 +75,11 @@ impl FaultLayer {
 
     pub fn log(&self) -> &Arc<FaultLog> {
         &self.log
+    }
+
+    /// What the requests through this layer did: metrics and live events.
+    pub fn activity(&self) -> &Activity {
+        &self.activity
     }
 
     /// Bytes of unflushed writes a power cut would undo now.
@@ -186,11 +195,16 @@ impl FaultLayer {
         Fut: std::future::Future<Output = Result<(T, u64), IoError>>,
         T: Default,
     {
+        let mut watch = self.activity.watch(op, ctx, offset, length, self.clock);
         let (request, decision) = self.decide(op, ctx, offset, length);
-        if decision.rule.is_none() {
-            return perform(Action::Perform).await.map(|(value, _)| value);
-        }
-        self.apply(request, decision, perform).await
+        let result = if decision.rule.is_none() {
+            perform(Action::Perform).await.map(|(value, _)| value)
+        } else {
+            watch.decided(&decision);
+            self.apply(request, decision, perform).await
+        };
+        watch.finish(&result);
+        result
     }
 
     /// Applies what comes after the wait: the power cut, then the action via `perform`, then the
@@ -256,7 +270,11 @@ impl Pending<'_> {
     fn record(&self, persisted: u64) {
         let waited = self.waited.unwrap_or_else(|| self.started.elapsed());
         let layer = self.layer;
-        layer.log.record(&layer.export, &self.request, &self.decision, waited, persisted, layer.clock.now());
+        let record =
+            layer.log.record(&layer.export, &self.request, &self.decision, waited, persisted, layer.clock.now());
+        if let Some(record) = record {
+            layer.activity.fault(&record);
+        }
     }
 
     /// Logs the finished request and hands its decision back.
