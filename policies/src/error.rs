@@ -75,6 +75,70 @@ impl PolicyError {
     }
 }
 
+/// Every error found in a policy, in the order of the file: the parser goes on past an error
+/// wherever it can (each rule, each field of `when` and `then`, each list item is read even when
+/// an earlier one failed). Never empty. Displays each error as [`PolicyError`] does, one after the
+/// other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyErrors {
+    errors: Vec<PolicyError>,
+    /// True when the parser stopped looking before the end ([`PolicyErrors::MAX`] errors, or the
+    /// time it may take): more errors may follow.
+    pub truncated: bool,
+}
+
+impl PolicyErrors {
+    /// The most errors reported for one policy: each costs a reading of the whole file.
+    pub const MAX: usize = 20;
+
+    /// Sorts by position and drops repeats; `errors` must not be empty.
+    pub(crate) fn new(mut errors: Vec<PolicyError>, truncated: bool) -> PolicyErrors {
+        assert!(!errors.is_empty(), "a refusal has an error");
+        errors.sort_by_key(|error| (error.line, error.column));
+        errors.dedup();
+        PolicyErrors { errors, truncated }
+    }
+
+    /// The first error in the file.
+    pub fn first(&self) -> &PolicyError {
+        &self.errors[0]
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, PolicyError> {
+        self.errors.iter()
+    }
+}
+
+impl std::ops::Deref for PolicyErrors {
+    type Target = [PolicyError];
+    fn deref(&self) -> &[PolicyError] {
+        &self.errors
+    }
+}
+
+impl From<PolicyError> for PolicyErrors {
+    fn from(error: PolicyError) -> Self {
+        PolicyErrors { errors: vec![error], truncated: false }
+    }
+}
+
+impl fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, error) in self.errors.iter().enumerate() {
+            if index > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        if self.truncated {
+            write!(f, "\n{}: more errors may follow; fix these first", self.errors[0].origin)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyErrors {}
+
 /// A fix for the messages serde and libyaml write themselves.
 fn explain(message: &str) -> Invalid {
     let quoted = backticked(message);

@@ -276,9 +276,11 @@ proptest! {
         let damaged = format!("{}{insert}{}", &original[..at], &original[at..]);
         match Policy::from_yaml(&damaged, "damaged.yaml") {
             Ok(_) => assert_schema_accepts(&damaged)?,
-            Err(error) => {
-                prop_assert!(error.line >= 1 && error.column >= 1);
-                prop_assert!(!error.fix.is_empty(), "no fix: {}", error);
+            Err(errors) => {
+                for error in errors.iter() {
+                    prop_assert!(error.line >= 1 && error.column >= 1);
+                    prop_assert!(!error.fix.is_empty(), "no fix: {}", error);
+                }
             }
         }
     }

@@ -55,6 +55,9 @@ fn exports(policy: bool) -> Exports {
     Exports::new([export("", false, None), export("disk", false, engine), export("ro", true, None)])
 }
 
+/// The most reply bytes kept for checking; past it the check is skipped.
+const OUTPUT_LIMIT: usize = 4 << 20;
+
 /// The client's bytes in, the server's bytes out; reads end at the input's end, writes never
 /// block.
 struct Memory {
@@ -76,7 +79,7 @@ impl AsyncRead for Memory {
 impl AsyncWrite for Memory {
     fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         // The server's output is not kept beyond a bound: a long run of replies must not grow.
-        if self.output.len() < 1 << 20 {
+        if self.output.len() <= OUTPUT_LIMIT {
             self.output.extend_from_slice(buf);
         }
         Poll::Ready(Ok(buf.len()))
@@ -133,13 +136,131 @@ pub fn transmission(input: &[u8]) {
     runtime().block_on(serve(session, requests.to_vec()));
 }
 
+/// The reply side, shared so the output can be checked after `serve` has consumed it.
+struct Sink(Arc<std::sync::Mutex<Memory>>);
+
+impl AsyncWrite for Sink {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let mut memory = self.0.lock().expect("the sink is not poisoned");
+        Pin::new(&mut *memory).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Serves `requests` as one connection, then checks that the replies are framed as the protocol
+/// says: a panic (which the fuzzer reports) when they are not.
 async fn serve(session: Session, requests: Vec<u8>) {
+    let structured = session.structured_replies;
     let controller = ShutdownController::new();
+    let sent = Requests::parse(&requests);
     let reader = Memory { input: requests, at: 0, output: Vec::new() };
-    let writer = Memory { input: Vec::new(), at: 0, output: Vec::new() };
+    let output = Arc::new(std::sync::Mutex::new(Memory { input: Vec::new(), at: 0, output: Vec::new() }));
     let memory = Arc::new(tokio::sync::Semaphore::new(crate::config::DEFAULT_MEMORY_BUDGET as usize));
     let limits = ConnectionLimits { max_in_flight: 64 << 20, memory };
-    let _ = transmission::serve(reader, writer, session, 1, limits, controller.handle()).await;
+    let _ = transmission::serve(reader, Sink(Arc::clone(&output)), session, 1, limits, controller.handle()).await;
+    let replies = std::mem::take(&mut output.lock().expect("the sink is not poisoned").output);
+    if let Some(sent) = sent
+        && replies.len() <= OUTPUT_LIMIT
+        && let Err(problem) = check_replies(&sent, structured, &replies)
+    {
+        panic!("the server's replies are out of frame: {problem}");
+    }
+}
+
+/// The requests of a stream as the server reads them: cookie to (command, length). `None` when
+/// two requests share a cookie (the replies cannot be told apart then).
+struct Requests(std::collections::HashMap<u64, (u16, u32)>);
+
+impl Requests {
+    fn parse(mut bytes: &[u8]) -> Option<Requests> {
+        use crate::transmission::reader::MAX_DRAIN;
+        use crate::wire::command;
+        let mut requests = std::collections::HashMap::new();
+        while bytes.len() >= crate::wire::request::REQUEST_HEADER_LEN {
+            let header = crate::wire::request::RequestHeader::decode(
+                bytes[..crate::wire::request::REQUEST_HEADER_LEN].try_into().expect("length checked"),
+            );
+            bytes = &bytes[crate::wire::request::REQUEST_HEADER_LEN..];
+            if header.magic != crate::wire::REQUEST_MAGIC
+                || (header.kind == command::WRITE && header.length > MAX_DRAIN)
+            {
+                break;
+            }
+            let payload = if header.kind == command::WRITE { header.length as usize } else { 0 };
+            if payload > bytes.len() {
+                break;
+            }
+            bytes = &bytes[payload..];
+            if requests.insert(header.cookie, (header.kind, header.length)).is_some() {
+                return None;
+            }
+            if header.kind == command::DISC {
+                break;
+            }
+        }
+        Some(Requests(requests))
+    }
+}
+
+/// Walks the reply stream: every reply starts with a reply magic, names a cookie that was sent,
+/// carries a READ's data only on success, uses chunks for READ when structured replies are on,
+/// and ends where the stream does; no reply follows a cookie's last one.
+fn check_replies(sent: &Requests, structured: bool, out: &[u8]) -> Result<(), String> {
+    use crate::wire::{SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, command};
+    let be32 = |at: usize| u32::from_be_bytes(out[at..at + 4].try_into().expect("4 bytes"));
+    let be64 = |at: usize| u64::from_be_bytes(out[at..at + 8].try_into().expect("8 bytes"));
+    let mut finished = std::collections::HashSet::new();
+    let mut at = 0;
+    while at < out.len() {
+        if out.len() - at < 16 {
+            return Err(format!("{} bytes at {at} are not a whole reply header", out.len() - at));
+        }
+        let magic = be32(at);
+        let cookie = be64(at + 8);
+        let Some(&(kind, length)) = sent.0.get(&cookie) else {
+            return Err(format!("a reply at {at} for cookie {cookie:#x}, which no request had"));
+        };
+        if finished.contains(&cookie) {
+            return Err(format!("a reply for cookie {cookie:#x} at {at}, after its last one"));
+        }
+        match magic {
+            SIMPLE_REPLY_MAGIC => {
+                if structured && kind == command::READ {
+                    return Err(format!("a simple reply to READ {cookie:#x} with structured replies on"));
+                }
+                let error = be32(at + 4);
+                finished.insert(cookie);
+                at += 16;
+                if kind == command::READ && error == 0 {
+                    at += length as usize;
+                }
+            }
+            STRUCTURED_REPLY_MAGIC if structured => {
+                if out.len() - at < 20 {
+                    return Err(format!("a chunk header at {at} is cut short"));
+                }
+                let flags = u16::from_be_bytes([out[at + 4], out[at + 5]]);
+                at += 20 + be32(at + 16) as usize;
+                // Chunks of one reply share the cookie; DONE ends it.
+                if flags & 1 != 0 {
+                    finished.insert(cookie);
+                }
+            }
+            other => return Err(format!("reply magic {other:#x} at {at}")),
+        }
+    }
+    if at > out.len() {
+        Err(format!("the last reply runs {} bytes past the end of the stream", at - out.len()))
+    } else {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -170,6 +291,42 @@ mod tests {
         handshake(&input);
         handshake(&[]);
         handshake(&[2]);
+    }
+
+    #[test]
+    fn the_reply_check_finds_frames_that_are_off() {
+        let mut sent = std::collections::HashMap::new();
+        sent.insert(1, (crate::wire::command::READ, 4));
+        sent.insert(2, (crate::wire::command::WRITE, 4));
+        let sent = Requests(sent);
+        let simple = |error: u32, cookie: u64| {
+            let mut bytes = crate::wire::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+            bytes.extend(error.to_be_bytes());
+            bytes.extend(cookie.to_be_bytes());
+            bytes
+        };
+        let good = [simple(0, 2), simple(0, 1), b"data".to_vec()].concat();
+        assert_eq!(check_replies(&sent, false, &good), Ok(()));
+        assert!(check_replies(&sent, false, &good[..good.len() - 1]).is_err(), "READ data cut short");
+        assert!(check_replies(&sent, false, &[simple(0, 2), simple(0, 2)].concat()).is_err(), "twice");
+        assert!(check_replies(&sent, false, &simple(0, 3)).is_err(), "unknown cookie");
+        assert!(check_replies(&sent, true, &simple(5, 1)).is_err(), "simple READ reply when structured");
+        assert_eq!(check_replies(&sent, false, &simple(5, 1)), Ok(()), "an error READ has no data");
+    }
+
+    /// The committed seeds, and every input a fuzzer once crashed on (kept beside them), replayed.
+    #[test]
+    fn every_committed_fuzz_input_runs_clean() {
+        let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
+        for (target, run) in [("handshake", handshake as fn(&[u8])), ("transmission", transmission)] {
+            let mut count = 0;
+            for entry in std::fs::read_dir(seeds.join(target)).expect("the seeds are committed") {
+                let path = entry.expect("a directory entry").path();
+                run(&std::fs::read(&path).expect("a seed"));
+                count += 1;
+            }
+            assert!(count > 0, "no seeds for {target}");
+        }
     }
 
     #[test]

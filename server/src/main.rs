@@ -178,6 +178,14 @@ fn run_ctl(args: &CtlArgs) -> Result<Vec<String>, ctl::CtlError> {
         CtlCommand::Exports { name: Some(name) } => print_answer(&client.text("GET", &export_path(name), None)?),
         CtlCommand::SetPolicy { name, file } => {
             let body = ctl::read_input(file)?;
+            // Refused here rather than by the server, which answers 413 before reading the body.
+            let max_bytes = nbdfault_policies::PolicyLimits::DEFAULT.max_bytes;
+            if body.len() > max_bytes {
+                return Err(ctl::CtlError::Usage(format!(
+                    "{file}: the policy has {} bytes, over the limit of {max_bytes} bytes (max_bytes); split it",
+                    body.len()
+                )));
+            }
             // Errors and warnings then name the file, not the URL.
             let origin = if file == "-" { "stdin" } else { file.as_str() };
             let path = format!("{}/policy?origin={}", export_path(name), ctl::query_value(origin));

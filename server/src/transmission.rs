@@ -21,7 +21,7 @@ use crate::storage::{BlockDevice, Extent, IoContext, IoError, ZeroFlags};
 use crate::wire::request::{Command, MAX_PAYLOAD, Negotiated, RequestHeader, validate};
 use crate::wire::{BASE_ALLOCATION_ID, chunk, command, command_flags, errno, reply};
 
-mod reader;
+pub(crate) mod reader;
 mod replies;
 pub use reader::{MAX_DRAIN, RequestReader};
 use replies::{Head, Outgoing, Reply, write_replies};

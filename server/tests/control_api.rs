@@ -585,12 +585,27 @@ fn ctl_set_policy_names_the_file_in_every_error() {
     api.set_policy("disk", FAIL_WRITES);
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("broken.yaml");
-    std::fs::write(&policy, "rules:\n  - name: a\n    when: { op: wirte }\n    then: { error: EIO }\n").unwrap();
+    let text = "rules:\n  - name: a\n    when: { op: wirte }\n    then: { error: EIOO }\n";
+    std::fs::write(&policy, text).unwrap();
     let output = run(ctl(&api).args(["set-policy", "disk"]).arg(&policy));
     assert_eq!(output.status.code(), Some(2), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.starts_with(&format!("{}:3:17: ", policy.display())), "{stderr}");
     assert!(stderr.contains("fix: write `write` instead of `wirte`"), "{stderr}");
+    assert!(stderr.contains(&format!("\n{}:4:20: ", policy.display())), "every error, not the first: {stderr}");
+    assert!(stderr.contains("fix: write `EIO` instead of `EIOO`"), "{stderr}");
+    // The API lists them all in `details.errors`.
+    let answer = api.put("/v1/exports/disk/policy", text.as_bytes());
+    assert_eq!(answer.status, 400);
+    let details = &answer.json()["details"];
+    assert_eq!((details["line"].as_u64(), details["column"].as_u64()), (Some(3), Some(17)), "{details}");
+    let every: Vec<(u64, u64)> = details["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|error| (error["line"].as_u64().unwrap(), error["column"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(every, [(3, 17), (4, 20)], "{details}");
     assert!(!stderr.contains("PUT /v1"), "the file, not the URL: {stderr}");
     assert!(stderr.contains("the policy was refused; export \"disk\" keeps the policy it had"), "{stderr}");
     assert_eq!(api.export("disk")["policy"]["rules"][0]["rule"], "fail-writes");

@@ -132,8 +132,17 @@ fn over_limit_policies_are_refused_fast_with_the_limit_named() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("max_bytes"), "{answer}");
 
-    // The same limits apply to `nbdfault policy check` and at start-up.
+    // `nbdfault ctl set-policy` names the size limit itself, before sending.
     let dir = tempfile::tempdir().unwrap();
+    let large = dir.path().join("large.yaml");
+    std::fs::write(&large, many_rules(40_000)).unwrap();
+    let output = run(std::process::Command::new(NBDFAULT)
+        .args(["ctl", "--url", &format!("http://{}", server.control.unwrap()), "set-policy", "disk"])
+        .arg(&large));
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("max_bytes"), "{output:?}");
+
+    // The same limits apply to `nbdfault policy check` and at start-up.
     let file = dir.path().join("nested.yaml");
     std::fs::write(&file, nested(80_000)).unwrap();
     let started = Instant::now();

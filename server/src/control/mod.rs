@@ -446,10 +446,24 @@ async fn set_policy(
         .worker
         .run(move |caller| {
             let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the policy is not UTF-8 text"))?;
-            let policy = Policy::from_yaml_within(text, &origin, &PolicyLimits::DEFAULT).map_err(|error| ApiError {
-                status: StatusCode::BAD_REQUEST,
-                message: error.to_string(),
-                extra: Some(serde_json::json!({ "line": error.line, "column": error.column, "fix": error.fix })),
+            let policy = Policy::from_yaml_within(text, &origin, &PolicyLimits::DEFAULT).map_err(|errors| {
+                let first = errors.first();
+                let every: Vec<serde_json::Value> = errors
+                    .iter()
+                    .map(|error| {
+                        serde_json::json!({
+                            "line": error.line, "column": error.column, "message": error.message, "fix": error.fix
+                        })
+                    })
+                    .collect();
+                ApiError {
+                    status: StatusCode::BAD_REQUEST,
+                    message: errors.to_string(),
+                    extra: Some(serde_json::json!({
+                        "line": first.line, "column": first.column, "fix": first.fix,
+                        "errors": every, "truncated": errors.truncated,
+                    })),
+                }
             })?;
             let warnings: Vec<String> = policy.warnings().iter().map(ToString::to_string).collect();
             if caller.gone() {

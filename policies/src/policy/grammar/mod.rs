@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use super::compiled::DeclaredBadSector;
-use super::de::{names_read_by, present};
+use super::de::{ParseContext, names_read_by, present, recovering, recovering_list};
 use crate::error::Invalid;
 
 pub(crate) use rules::RuleSpec;
@@ -46,8 +46,10 @@ impl<'de> Deserialize<'de> for PolicySpec {
                 Err(Invalid::new(NOTHING_TO_DO, NOTHING_TO_DO_FIX).into_serde())
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<PolicySpec, A::Error> {
+                let skipped = ParseContext::skipped();
                 let raw = RawPolicy::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                if raw.rules.is_empty() && raw.schedule.is_empty() && raw.bad_sectors.is_empty() {
+                let whole = ParseContext::skipped() == skipped;
+                if whole && raw.rules.is_empty() && raw.schedule.is_empty() && raw.bad_sectors.is_empty() {
                     return Err(Invalid::new(NOTHING_TO_DO, NOTHING_TO_DO_FIX).into_serde());
                 }
                 Ok(PolicySpec {
@@ -66,15 +68,15 @@ impl<'de> Deserialize<'de> for PolicySpec {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "recovering")]
     seed: u64,
     #[serde(default, deserialize_with = "present")]
     description: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "recovering_list")]
     bad_sectors: Vec<DeclaredBadSector>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "recovering_list")]
     rules: Vec<RuleSpec>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "recovering_list")]
     schedule: Vec<ScheduleEntry>,
 }
 

@@ -9,7 +9,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use crate::error::Invalid;
 use crate::policy::compiled::Nth;
-use crate::policy::de::{ListOf, checked_map, present};
+use crate::policy::de::{ListOf, ParseContext, checked_map, present};
 use crate::policy::values::{Count, LengthRange, Name, Probability, Unit, names};
 use crate::request::Op;
 use crate::units::{ByteRange, HumanDuration, format_duration};
@@ -228,7 +228,11 @@ impl<'de> Deserialize<'de> for NthSpec {
                 }
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<NthSpec, A::Error> {
+                let skipped = ParseContext::skipped();
                 let raw = RawNth::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                if ParseContext::skipped() != skipped {
+                    return Ok(NthSpec(Nth::default()));
+                }
                 if raw.first.is_none() && raw.every.is_none() && raw.after.is_none() {
                     return Err(Invalid::new(
                         "`nth` is empty",
@@ -258,6 +262,7 @@ impl<'de> Deserialize<'de> for NthSpec {
 }
 
 /// dm-flakey's up and down intervals.
+#[derive(Default)]
 struct Cycle {
     up: Duration,
     down: Duration,
