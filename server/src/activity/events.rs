@@ -109,6 +109,9 @@ pub enum Event {
         time_ns: u64,
         on: bool,
     },
+    /// One subscriber's request events over its rate, summed up, where they belong in its stream
+    /// (numbered 0: aggregates are per subscriber).
+    Aggregate(Box<Aggregate>),
 }
 
 /// Requests of one op in one aggregate.
@@ -173,11 +176,8 @@ impl Aggregate {
     }
 }
 
-/// What a subscriber's stream takes each tick, besides its events.
-#[allow(clippy::vec_box)]
+/// What a subscriber's stream learns each tick, besides its events.
 pub struct Taken {
-    /// Aggregates of slots that are over, oldest first.
-    pub aggregates: Vec<Box<Aggregate>>,
     /// Set when the subscriber was dropped: why. Nothing follows.
     pub dropped: Option<String>,
 }
@@ -191,23 +191,18 @@ struct Subscriber {
     per_slot: u32,
     slot: u64,
     sent_in_slot: u32,
-    /// The aggregate of the current slot, and those of finished slots not yet taken.
+    /// The aggregate of the current slot.
     current: Box<Aggregate>,
-    finished: Vec<Box<Aggregate>>,
     /// Spare aggregates, reused so that a busy subscriber allocates none per slot.
     spare: Vec<Box<Aggregate>>,
     dropped: Option<String>,
 }
-
-/// Aggregates a subscriber may have waiting; past that, slots are merged into the last one.
-const MAX_AGGREGATES: usize = 64;
 
 impl Subscriber {
     fn push(&mut self, id: u64, event: Event) -> bool {
         if self.queue.len() == QUEUE {
             // What was queued is lost either way: free it now, not when the stream ends.
             self.queue = VecDeque::new();
-            self.finished = Vec::new();
             self.dropped = Some(format!(
                 "dropped: {QUEUE} events were waiting for this subscriber, which reads too slowly; \
                  reconnect, ask for fewer request events (?rate=N), or read the fault log (GET .../faults)"
@@ -219,24 +214,18 @@ impl Subscriber {
     }
 
     /// Folds a request over the rate into the aggregate of its slot.
-    fn aggregate(&mut self, slot: u64, event: &RequestEvent, bin_bytes: u64) {
-        if slot != self.slot {
-            self.close_slot();
-        }
+    fn aggregate(&mut self, event: &RequestEvent, bin_bytes: u64) {
         self.current.add(event, bin_bytes);
     }
 
-    fn close_slot(&mut self) {
+    /// Queues the current aggregate, if it counted anything, in its place in the stream.
+    fn close_slot(&mut self) -> bool {
         if self.current.requests == 0 {
-            return;
-        }
-        if self.finished.len() >= MAX_AGGREGATES {
-            // The stream is behind; the queue's bound will drop it soon. Keep memory flat.
-            self.current.clear();
-            return;
+            return true;
         }
         let next = self.spare.pop().unwrap_or_else(Aggregate::empty);
-        self.finished.push(std::mem::replace(&mut self.current, next));
+        let done = std::mem::replace(&mut self.current, next);
+        self.push(0, Event::Aggregate(done))
     }
 }
 
@@ -314,7 +303,6 @@ impl EventHub {
             slot: 0,
             sent_in_slot: 0,
             current: Aggregate::empty(),
-            finished: Vec::new(),
             spare: vec![Aggregate::empty(), Aggregate::empty()],
             dropped: None,
         });
@@ -337,21 +325,23 @@ impl EventHub {
             _ => 0,
         };
         for subscriber in hub.subscribers.iter_mut().filter(|subscriber| subscriber.dropped.is_none()) {
-            if let Event::Request(request) = &event
-                && subscriber.per_slot > 0
-            {
-                if slot != subscriber.slot {
-                    subscriber.close_slot();
-                    subscriber.slot = slot;
-                    subscriber.sent_in_slot = 0;
+            let queued = match &event {
+                Event::Request(request) if subscriber.per_slot > 0 => {
+                    if slot != subscriber.slot {
+                        subscriber.slot = slot;
+                        subscriber.sent_in_slot = 0;
+                    }
+                    if subscriber.sent_in_slot >= subscriber.per_slot {
+                        subscriber.aggregate(request, self.bin_bytes);
+                        continue;
+                    }
+                    subscriber.sent_in_slot += 1;
+                    // What was summed up so far comes before this request in the stream.
+                    subscriber.close_slot() && subscriber.push(id, event.clone())
                 }
-                if subscriber.sent_in_slot >= subscriber.per_slot {
-                    subscriber.aggregate(slot, request, self.bin_bytes);
-                    continue;
-                }
-                subscriber.sent_in_slot += 1;
-            }
-            if !subscriber.push(id, event.clone()) {
+                _ => subscriber.close_slot() && subscriber.push(id, event.clone()),
+            };
+            if !queued {
                 dropped += 1;
             }
         }
@@ -384,28 +374,28 @@ pub struct Subscription {
 
 impl Subscription {
     /// Takes what waits for this subscriber: its events, swapped into `events` (numbered,
-    /// oldest first; the buffers trade places, so neither side allocates), the aggregates of
-    /// finished slots (and of the current one when `flush`), and the reason it was dropped, if it
+    /// oldest first, aggregates numbered 0; the buffers trade places, so neither side allocates),
+    /// with the current aggregate closed first when `flush`; and the reason it was dropped, if it
     /// was.
     pub fn take(&self, events: &mut VecDeque<(u64, Event)>, flush: bool) -> Taken {
         events.clear();
         let mut hub = self.hub.lock();
         let Some(subscriber) = hub.subscribers.iter_mut().find(|subscriber| subscriber.key == self.key) else {
-            return Taken { aggregates: Vec::new(), dropped: Some("unsubscribed".into()) };
+            return Taken { dropped: Some("unsubscribed".into()) };
         };
+        if flush && subscriber.dropped.is_none() && !subscriber.close_slot() {
+            self.hub.active.fetch_sub(1, Ordering::Relaxed);
+            self.hub.dropped_total.fetch_add(1, Ordering::Relaxed);
+        }
         std::mem::swap(&mut subscriber.queue, events);
         if subscriber.queue.capacity() < QUEUE && subscriber.dropped.is_none() {
             subscriber.queue.reserve(QUEUE);
         }
-        if flush {
-            subscriber.close_slot();
-        }
-        let aggregates = std::mem::take(&mut subscriber.finished);
-        Taken { aggregates, dropped: subscriber.dropped.clone() }
+        Taken { dropped: subscriber.dropped.clone() }
     }
 
     /// Gives aggregates back for reuse once written out.
-    pub fn recycle(&self, aggregates: Vec<Box<Aggregate>>) {
+    pub fn recycle(&self, aggregates: impl IntoIterator<Item = Box<Aggregate>>) {
         let mut hub = self.hub.lock();
         if let Some(subscriber) = hub.subscribers.iter_mut().find(|subscriber| subscriber.key == self.key) {
             for mut aggregate in aggregates {
@@ -485,14 +475,22 @@ mod tests {
         hub.publish(reset(slot + 3));
         hub.publish(request(2 * slot, 0));
         let mut buffer = VecDeque::new();
-        let taken = subscription.take(&mut buffer, false);
-        let kinds: Vec<_> = buffer.iter().map(|(_, event)| matches!(event, Event::Request(_))).collect();
-        assert_eq!(kinds, [true, false, true], "one request per slot, and the reset");
-        assert_eq!(taken.aggregates.len(), 1);
-        let write = &taken.aggregates[0].ops[Op::Write as usize];
+        subscription.take(&mut buffer, false);
+        let kinds: Vec<_> = buffer
+            .iter()
+            .map(|(_, event)| match event {
+                Event::Request(_) => "request",
+                Event::Aggregate(_) => "aggregate",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["request", "aggregate", "other", "request"], "the sum comes before the reset");
+        let Event::Aggregate(aggregate) = &buffer[1].1 else { unreachable!() };
+        let write = &aggregate.ops[Op::Write as usize];
         assert_eq!((write.requests, write.bytes), (2, 8192));
         assert_eq!((write.bins[1], write.bins[127]), (1, 1), "1 MiB and 127 MiB of a 128 MiB disk");
-        assert!(subscription.take(&mut buffer, true).aggregates.is_empty());
+        subscription.take(&mut buffer, true);
+        assert!(buffer.is_empty());
     }
 
     #[test]

@@ -128,14 +128,22 @@ impl Stream {
             self.ticker.tick().await;
             let taken = self.subscription.take(&mut self.events, true);
             let mut out = String::new();
+            let mut written = Vec::new();
             for (id, event) in self.events.drain(..) {
-                let (kind, data) = describe(&event);
-                write_event(&mut out, kind, Some(id), &data);
+                match event {
+                    Event::Aggregate(aggregate) => {
+                        write_event(&mut out, "aggregate", None, &describe_aggregate(&aggregate, self.hub.bin_bytes()));
+                        written.push(aggregate);
+                    }
+                    event => {
+                        let (kind, data) = describe(&event, self.hub.bin_bytes());
+                        write_event(&mut out, kind, Some(id), &data);
+                    }
+                }
             }
-            for aggregate in &taken.aggregates {
-                write_event(&mut out, "aggregate", None, &describe_aggregate(aggregate, self.hub.bin_bytes()));
+            if !written.is_empty() {
+                self.subscription.recycle(written);
             }
-            self.subscription.recycle(taken.aggregates);
             if let Some(reason) = taken.dropped {
                 tracing::info!(export = %self.export, %reason, "event subscriber dropped");
                 write_event(
@@ -184,7 +192,7 @@ fn flag_names(flags: u16) -> Vec<&'static str> {
 }
 
 /// An event's SSE type and JSON data.
-fn describe(event: &Event) -> (&'static str, Value) {
+fn describe(event: &Event, bin_bytes: u64) -> (&'static str, Value) {
     match event {
         Event::Request(request) => {
             let mut data = json!({
@@ -249,6 +257,7 @@ fn describe(event: &Event) -> (&'static str, Value) {
         },
         Event::Reset { time_ns } => ("reset", json!({ "time_ns": time_ns })),
         Event::Power { time_ns, on } => ("power", json!({ "time_ns": time_ns, "on": on })),
+        Event::Aggregate(aggregate) => ("aggregate", describe_aggregate(aggregate, bin_bytes)),
     }
 }
 
