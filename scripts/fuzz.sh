@@ -27,6 +27,9 @@ fi
 command -v c++ >/dev/null || { echo "fuzzing needs a C++ compiler: apt-get install g++" >&2; exit 1; }
 
 fuzz() { (cd fuzz && cargo fuzz "$@"); }
+# The fuzz workspace builds the server with the versions main's lock file pins (plus libFuzzer's
+# own crates): its lock file is a copy, made fresh for every run and never committed.
+cp Cargo.lock fuzz/Cargo.lock
 
 if [[ ${1:-} == repro ]]; then
     target=${2:?usage: scripts/fuzz.sh repro TARGET INPUT}

@@ -87,7 +87,7 @@ fn fields(check: Option<&CheckResult>) -> Vec<(String, String)> {
         out.push(("reason".into(), reason.clone()));
     }
     if let Some(expected) = c.expected {
-        out.push(("research expects".into(), expected.word().into()));
+        out.push(("catalogue expects".into(), expected.word().into()));
     }
     flatten("", &Value::Object(c.evidence.clone()), &mut out);
     out

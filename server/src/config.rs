@@ -20,7 +20,7 @@ pub const DEFAULT_MEMORY_BUDGET: u64 = 256 << 20;
 /// The configuration file, as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ConfigFile {
+struct ConfigFile {
     /// Addresses to serve NBD on.
     #[serde(default)]
     pub listen: Option<Vec<String>>,
@@ -42,7 +42,7 @@ pub struct ConfigFile {
 /// `tls:` in the configuration file; a relative `certificates` is relative to the file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsFile {
+struct TlsFile {
     pub mode: Option<TlsMode>,
     pub certificates: Option<PathBuf>,
     pub verify_peer: Option<bool>,
@@ -50,7 +50,7 @@ pub struct TlsFile {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LimitsFile {
+struct LimitsFile {
     pub handshake_timeout: Option<HumanDuration>,
     pub max_handshakes: Option<usize>,
     pub max_connections: Option<usize>,
@@ -61,7 +61,7 @@ pub struct LimitsFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ExportFile {
+struct ExportFile {
     pub name: String,
     #[serde(default)]
     pub description: String,
@@ -417,9 +417,7 @@ impl Config {
             });
         }
         for (i, export) in exports.iter().enumerate() {
-            if export.name.len() > 4096 || export.name.contains('\0') {
-                return Err(invalid(format!("export name {:?} is too long or has a NUL byte", export.name)));
-            }
+            crate::export::check_export_name(&export.name).map_err(invalid)?;
             if exports[..i].iter().any(|other| other.name == export.name) {
                 return Err(invalid(format!(
                     "export {:?} is defined twice; give each export its own name",

@@ -47,13 +47,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
             Ok(server) => server,
             Err(error) => return fail(&error),
         };
-        let addresses = server.local_addresses();
-        for address in &addresses {
-            for export in server.exports().iter() {
-                tracing::info!(export = %export.name, size = export.size(), "serving nbd://{address}/{}", export.name);
-            }
-        }
-        server::announce_ready(&addresses, server.control_address());
+        server.log_exports();
+        server::announce_ready(&server.local_addresses(), server.control_address());
         server.run(server::termination_signal()).await;
         ExitCode::SUCCESS
     })

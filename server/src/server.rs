@@ -44,21 +44,32 @@ pub enum StartError {
     Tls(#[from] TlsError),
 }
 
-fn listen_hint(error: &std::io::Error) -> &'static str {
-    match error.kind() {
-        std::io::ErrorKind::AddrInUse => {
+/// What to do about a socket that cannot be bound; `flag` is the option that sets its address.
+fn listen_hint(error: &std::io::Error, flag: Flag) -> &'static str {
+    match (error.kind(), flag) {
+        (std::io::ErrorKind::AddrInUse, Flag::Listen) => {
             " (another process uses that port: stop it, or choose another port with --listen)"
         }
-        std::io::ErrorKind::AddrNotAvailable => {
+        (std::io::ErrorKind::AddrInUse, Flag::Control) => {
+            " (another process uses that port: stop it, choose another port with --control, or turn the control API off with --no-control)"
+        }
+        (std::io::ErrorKind::AddrNotAvailable, _) => {
             " (no interface has that address: use 127.0.0.1 or an address of this machine)"
         }
-        std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges: choose a port above 1024)",
+        (std::io::ErrorKind::PermissionDenied, _) => " (ports below 1024 need privileges: choose a port above 1024)",
         _ => "",
     }
 }
 
+/// Which flag sets the address a bind error is about.
+#[derive(Clone, Copy)]
+enum Flag {
+    Listen,
+    Control,
+}
+
 /// Opens the storage of one export.
-pub fn open_storage(export: &ExportConfig) -> Result<Arc<dyn BlockDevice>, StartError> {
+fn open_storage(export: &ExportConfig) -> Result<Arc<dyn BlockDevice>, StartError> {
     let wrap = |source| StartError::Storage { export: export.name.clone(), source };
     Ok(match &export.storage {
         StorageSpec::Memory { size } => Arc::new(MemoryDevice::new(*size)),
@@ -71,7 +82,7 @@ pub fn open_storage(export: &ExportConfig) -> Result<Arc<dyn BlockDevice>, Start
 }
 
 /// Reads and checks an export's policy file.
-pub fn load_policy(export: &ExportConfig) -> Result<Option<Policy>, StartError> {
+fn load_policy(export: &ExportConfig) -> Result<Option<Policy>, StartError> {
     let Some(path) = &export.policy else { return Ok(None) };
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| StartError::PolicyRead {
@@ -94,7 +105,7 @@ fn storage_spec_text(spec: &StorageSpec) -> String {
 
 /// Builds every export with its fault layer and policy, so that a bad path or policy fails
 /// before anything listens.
-pub fn build_exports(config: &Config, log: &Arc<FaultLog>, clock: Clock) -> Result<Exports, StartError> {
+fn build_exports(config: &Config, log: &Arc<FaultLog>, clock: Clock) -> Result<Exports, StartError> {
     let mut exports = Vec::new();
     for export in &config.exports {
         let storage = open_storage(export)?;
@@ -114,7 +125,7 @@ pub fn build_exports(config: &Config, log: &Arc<FaultLog>, clock: Clock) -> Resu
 }
 
 /// Opens the fault log: in memory, and appended to the file when one is configured.
-pub fn open_fault_log(config: &Config) -> Result<Arc<FaultLog>, StartError> {
+fn open_fault_log(config: &Config) -> Result<Arc<FaultLog>, StartError> {
     let log = match &config.fault_log {
         Some(path) => FaultLog::with_file(path, fault_log::DEFAULT_CAPACITY)
             .map_err(|source| StartError::FaultLog { path: path.display().to_string(), source })?,
@@ -148,7 +159,7 @@ impl Server {
         for &address in &config.listen {
             let listener = TcpListener::bind(address).await.map_err(|source| StartError::Listen {
                 address,
-                hint: listen_hint(&source),
+                hint: listen_hint(&source, Flag::Listen),
                 source,
             })?;
             listeners.push(listener);
@@ -159,7 +170,7 @@ impl Server {
             Some(address) => {
                 let listener = control::bind(address).await.map_err(|source| StartError::Control {
                     address,
-                    hint: listen_hint(&source),
+                    hint: listen_hint(&source, Flag::Control),
                     source,
                 })?;
                 let state = ControlState::new(
@@ -194,12 +205,13 @@ impl Server {
         self.control.as_ref().and_then(|(listener, _)| listener.local_addr().ok())
     }
 
-    pub fn exports(&self) -> &Arc<Exports> {
-        &self.exports
-    }
-
-    pub fn shutdown_handle(&self) -> Shutdown {
-        self.controller.handle()
+    /// Logs each export at each address, as `serving nbd://ADDRESS/EXPORT`.
+    pub fn log_exports(&self) {
+        for address in self.local_addresses() {
+            for export in self.exports.iter() {
+                tracing::info!(export = %export.name, size = export.size(), "serving nbd://{address}/{}", export.name);
+            }
+        }
     }
 
     /// Serves until `stop` resolves, then shuts down: stop accepting, let in-flight requests

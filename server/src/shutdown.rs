@@ -54,6 +54,7 @@ impl Shutdown {
         wait_true(&mut self.abandon).await
     }
 
+    #[cfg(test)]
     pub fn is_stopping(&self) -> bool {
         *self.stopping.borrow()
     }

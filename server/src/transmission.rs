@@ -23,7 +23,7 @@ use crate::wire::{BASE_ALLOCATION_ID, chunk, command, command_flags, errno, repl
 
 pub(crate) mod reader;
 mod replies;
-pub use reader::{MAX_DRAIN, RequestReader};
+pub use reader::RequestReader;
 use replies::{Head, Outgoing, Reply, write_replies};
 
 /// What a request without a payload costs against the in-flight budget.

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::control::{Answer, Api, fault_probe, json_lines, ops, poll};
-use common::{NBDFAULT, Server, random_bytes, run, run_ok};
+use common::{NBDFAULT, PYTHON_NBD, Server, random_bytes, require, run, run_ok};
 use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
@@ -43,6 +43,7 @@ fn health_answers_ok_with_the_version_and_the_number_of_exports() {
 
 #[test]
 fn exports_lists_every_export_and_shows_one_with_size_flags_policy_and_counters() {
+    require!(PYTHON_NBD);
     let server = Server::builder()
         .export("", "memory:1MiB")
         .export("disk", "memory:16MiB")
@@ -107,6 +108,9 @@ fn an_unknown_export_or_endpoint_gets_404_with_a_json_error_on_every_route() {
         let error = error_of(&answer);
         assert!(error.contains("\"disk\""), "{method} {path}: the error lists the exports there are: {error}");
     }
+    // No export can be named with a leading @, so such a name is refused saying why.
+    let error = error_of(&api.call("GET", "/v1/exports/@disk", None));
+    assert!(error.contains("starts with @"), "{error}");
     for (method, path) in [("GET", "/v1/nope"), ("GET", "/"), ("POST", "/v1/exports/disk/nope")] {
         let answer = api.call(method, path, None);
         assert_eq!(answer.status, 404, "{method} {path}");
@@ -121,6 +125,7 @@ fn an_unknown_export_or_endpoint_gets_404_with_a_json_error_on_every_route() {
 
 #[test]
 fn put_policy_applies_a_valid_policy_get_returns_its_source_and_delete_removes_it() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     let uri = server.uri("disk");
     api.get("/v1/exports/disk/policy").expect(404);
@@ -150,6 +155,7 @@ fn put_policy_applies_a_valid_policy_get_returns_its_source_and_delete_removes_i
 
 #[test]
 fn an_invalid_policy_gets_400_with_line_column_and_fix_and_changes_nothing() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     let uri = server.uri("disk");
     api.set_policy("disk", "rules: [{name: every-other, when: {op: write, nth: {every: 2}}, then: {error: EIO}}]");
@@ -201,6 +207,7 @@ fn wait_for(path: &Path, from: usize, value: &str, count: usize) -> usize {
 
 #[test]
 fn policy_swaps_take_effect_atomically_while_a_client_keeps_writing() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy("disk", "rules: [{name: old, when: {op: write}, then: {error: EIO}}]");
     let dir = tempfile::tempdir().unwrap();
@@ -241,6 +248,7 @@ fn policy_swaps_take_effect_atomically_while_a_client_keeps_writing() {
 
 #[test]
 fn a_policy_swap_keeps_triggers_and_sticky_bad_sectors_and_resets_counters_and_declared_bad_sectors() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     let uri = server.uri("disk");
     api.set_policy(
@@ -297,6 +305,7 @@ fn triggers_are_armed_and_disarmed_through_the_api_and_bad_names_get_400() {
 
 #[test]
 fn arming_or_disarming_a_trigger_no_rule_names_answers_with_a_warning() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     let warning_of = |answer: &Value| {
         answer["warnings"].as_array().unwrap().iter().map(|w| w.as_str().unwrap().to_string()).collect::<Vec<_>>()
@@ -332,6 +341,7 @@ fn arming_or_disarming_a_trigger_no_rule_names_answers_with_a_warning() {
 
 #[test]
 fn faults_since_returns_only_later_records_and_the_decisions_view_leaves_out_what_differs_between_runs() {
+    require!(PYTHON_NBD);
     let server = Server::builder().export("a", "memory:4MiB").export("b", "memory:4MiB").with_control().start();
     let api = Api::new(&server);
     for export in ["a", "b"] {
@@ -374,6 +384,7 @@ fn faults_since_returns_only_later_records_and_the_decisions_view_leaves_out_wha
 
 #[test]
 fn data_reads_and_writes_storage_below_the_fault_layer_within_its_bounds() {
+    require!(PYTHON_NBD);
     let server = Server::builder()
         .export("disk", "memory:80MiB")
         .export("ro", "memory:1MiB")
@@ -436,6 +447,7 @@ fn all_zero(data: &[u8]) -> bool {
 
 #[test]
 fn reset_returns_memory_and_overlay_exports_to_pristine_contents_and_refuses_file_exports() {
+    require!(PYTHON_NBD);
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.img");
     let base_data = common::random_image(&base, 4 << 20, false);
@@ -482,6 +494,7 @@ fn reset_returns_memory_and_overlay_exports_to_pristine_contents_and_refuses_fil
 
 #[test]
 fn with_a_control_token_every_endpoint_needs_the_bearer_token() {
+    require!(PYTHON_NBD);
     let server = Server::builder().export("", "memory:1MiB").args(["--control-token", "s3cret"]).with_control().start();
     let anonymous = Api::new(&server);
     let wrong = Api::new(&server).with_token("guess");
@@ -623,6 +636,7 @@ fn ctl_set_policy_names_the_file_in_every_error() {
 
 #[test]
 fn ctl_drives_every_endpoint_of_a_running_server() {
+    require!(PYTHON_NBD);
     let server = Server::builder()
         .export("", "memory:1MiB")
         .export("vm disk/1", "memory:4MiB")
@@ -709,6 +723,7 @@ fn ctl_drives_every_endpoint_of_a_running_server() {
 
 #[test]
 fn ctl_faults_follow_prints_new_records_as_they_come() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy("disk", FAIL_WRITES);
     ops(&server.uri("disk"), &["write 0 512 1"]);
@@ -744,6 +759,7 @@ fn ctl_faults_follow_prints_new_records_as_they_come() {
 
 #[test]
 fn a_policy_given_with_the_policy_flag_or_in_the_config_file_is_in_force_from_the_start() {
+    require!(PYTHON_NBD);
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("fail.yaml");
     std::fs::write(&policy, FAIL_WRITES).unwrap();
@@ -807,6 +823,7 @@ fn a_bad_policy_file_stops_the_server_from_starting_with_its_file_line_and_colum
 
 #[test]
 fn the_typed_client_reads_every_answer_of_a_real_server() {
+    require!(PYTHON_NBD);
     let server = Server::builder().export("", "memory:1MiB").export("disk-1", "memory:16MiB").with_control().start();
     let client = Api::new(&server).client().clone();
     let health = client.health().unwrap();

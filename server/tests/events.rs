@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::control::{Api, ops, poll};
-use common::{NBDFAULT, Server, tool};
+use common::{FIO, NBDFAULT, PYTHON_NBD, Server, require};
 use nbdfault_control_client::Event;
 
 const FAIL_ARMED: &str =
@@ -51,6 +51,7 @@ fn until(events: &mpsc::Receiver<Event>, last: &str) -> Vec<Event> {
 
 #[test]
 fn the_stream_tells_every_request_fault_trigger_policy_and_reset_in_the_order_they_happened() {
+    require!(PYTHON_NBD);
     let server = Server::builder().export("disk", "memory:16MiB").with_control().start();
     let api = Api::new(&server);
     api.set_policy("disk", FAIL_ARMED);
@@ -119,6 +120,7 @@ fn the_stream_tells_every_request_fault_trigger_policy_and_reset_in_the_order_th
 
 #[test]
 fn requests_over_the_rate_are_summed_up_and_faults_are_never_left_out() {
+    require!(PYTHON_NBD);
     let server = Server::builder().export("disk", "memory:16MiB").with_control().start();
     let api = Api::new(&server);
     api.set_policy("disk", "rules: [{name: every-tenth, when: {op: write, nth: {every: 10}}, then: {error: EIO}}]");
@@ -189,6 +191,7 @@ fn tiny_window_connection(address: std::net::SocketAddr) -> TcpStream {
 
 #[test]
 fn a_subscriber_that_never_reads_is_dropped_with_a_message_and_others_keep_their_stream() {
+    require!(FIO);
     let server = Server::builder().export("disk", "memory:1MiB").with_control().start();
     let api = Api::new(&server);
     let control = server.control.unwrap();
@@ -202,7 +205,8 @@ fn a_subscriber_that_never_reads_is_dropped_with_a_message_and_others_keep_their
     let before = server.resident_memory();
 
     // Far more events than the stuck subscriber's queue and socket buffers hold, at full speed.
-    let output = tool("fio", "fio")
+    let output = FIO
+        .command()
         .args([
             "--name=events",
             "--ioengine=nbd",
@@ -258,6 +262,7 @@ fn shutdown_ends_every_stream_with_a_last_event() {
 
 #[test]
 fn ctl_watch_prints_requests_and_faults_as_they_happen() {
+    require!(PYTHON_NBD);
     let server = Server::builder().export("disk", "memory:16MiB").with_control().start();
     let api = Api::new(&server);
     api.set_policy("disk", FAIL_ARMED);

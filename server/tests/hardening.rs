@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::control::Api;
-use common::{NBDFAULT, Server, probe, run};
+use common::{IP, NBDFAULT, NBDINFO, PRLIMIT, PYTHON_NBD, Server, UNSHARE, probe, require, run};
 
 /// `rules: [[[[...]]]]`, `depth` brackets deep: 80,000 took 90 s to refuse and froze NBD I/O.
 fn nested(depth: usize) -> String {
@@ -44,6 +44,7 @@ fn policy_path(export: &str) -> String {
 
 #[test]
 fn reads_stay_fast_while_hostile_and_huge_policies_are_swapped_in() {
+    require!(PYTHON_NBD);
     let server = Server::builder().export("disk", "memory:64MiB").with_control().start();
     let api = Api::new(&server);
     let dir = tempfile::tempdir().unwrap();
@@ -174,6 +175,7 @@ fn an_alias_bomb_is_refused_without_the_server_growing() {
 
 #[test]
 fn idle_handshakes_cannot_lock_out_a_client() {
+    require!(NBDINFO);
     let server = Server::builder()
         .export("disk", "memory:16MiB")
         .args(["--max-connections", "50", "--max-handshakes", "16"])
@@ -183,7 +185,7 @@ fn idle_handshakes_cannot_lock_out_a_client() {
         (0..200).map(|_| std::net::TcpStream::connect(server.nbd).expect("connect")).collect();
     std::thread::sleep(Duration::from_millis(200));
     let started = Instant::now();
-    let info = common::run_ok(common::tool("nbdinfo", "libnbd-bin").args(["--size", &server.uri("disk")]));
+    let info = common::run_ok(NBDINFO.command().args(["--size", &server.uri("disk")]));
     assert_eq!(info.trim(), (16u64 << 20).to_string());
     assert!(started.elapsed() < Duration::from_secs(10), "the client waited {:?}", started.elapsed());
     // The idle sockets were closed oldest first to make room: all but the newest 16 at most.
@@ -203,7 +205,7 @@ fn idle_handshakes_cannot_lock_out_a_client() {
 
 #[test]
 fn idle_control_sockets_cannot_exhaust_descriptors_and_half_sent_headers_time_out() {
-    common::tool("prlimit", "util-linux");
+    require!(PRLIMIT, NBDINFO);
     let server = Server::builder()
         .export("disk", "memory:16MiB")
         .with_control()
@@ -217,7 +219,7 @@ fn idle_control_sockets_cannot_exhaust_descriptors_and_half_sent_headers_time_ou
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
     for _ in 0..3 {
-        let info = common::run_ok(common::tool("nbdinfo", "libnbd-bin").args(["--size", &server.uri("disk")]));
+        let info = common::run_ok(NBDINFO.command().args(["--size", &server.uri("disk")]));
         assert_eq!(info.trim(), (16u64 << 20).to_string());
     }
     assert!(started.elapsed() < Duration::from_secs(10), "NBD clients waited {:?}", started.elapsed());
@@ -232,7 +234,7 @@ fn idle_control_sockets_cannot_exhaust_descriptors_and_half_sent_headers_time_ou
 
 #[test]
 fn listeners_beyond_loopback_without_a_token_or_client_certificates_are_warned_about_loudly() {
-    common::tool("unshare", "util-linux");
+    require!(UNSHARE, IP);
     // In a network namespace of its own, so the any-address reaches nobody.
     let wrapper = ["unshare", "--net", "sh", "-c", r#"ip link set lo up && exec "$0" "$@""#];
     let open = Server::builder()

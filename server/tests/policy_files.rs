@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::control::json_lines;
-use common::{NBDFAULT, PYTHON, python_script, run, run_ok};
+use common::{NBDFAULT, PYTHON, PYTHON_JSONSCHEMA, PYTHON_YAML, python_script, require, run, run_ok};
 
 fn scenarios() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/scenarios");
@@ -119,10 +119,9 @@ fn policy_check_reports_every_error_of_a_file_at_once_each_with_line_column_and_
 
 /// Runs `schema_check.py` with Debian's Python; returns each file's schema errors.
 fn schema_errors(schema: &Path, files: &[PathBuf]) -> Vec<(String, Vec<String>)> {
-    let check = Command::new(PYTHON).args(["-c", "import jsonschema, yaml"]).output();
     assert!(
-        check.is_ok_and(|o| o.status.success()),
-        "{PYTHON} cannot import jsonschema and yaml: install the Debian packages python3-jsonschema and python3-yaml"
+        PYTHON_JSONSCHEMA.is_available() && PYTHON_YAML.is_available(),
+        "the test must start with require!(PYTHON_JSONSCHEMA, PYTHON_YAML)"
     );
     let mut command = Command::new(PYTHON);
     command.arg(python_script("schema_check.py")).arg(schema).args(files);
@@ -138,6 +137,7 @@ fn schema_errors(schema: &Path, files: &[PathBuf]) -> Vec<(String, Vec<String>)>
 
 #[test]
 fn the_policy_schema_accepts_every_scenario_and_refuses_broken_ones() {
+    require!(PYTHON_JSONSCHEMA, PYTHON_YAML);
     let dir = tempfile::tempdir().unwrap();
     let schema = dir.path().join("policy.schema.json");
     std::fs::write(&schema, run_ok(&mut nbdfault(&["policy", "schema"]))).unwrap();
@@ -168,6 +168,7 @@ fn the_policy_schema_accepts_every_scenario_and_refuses_broken_ones() {
 
 #[test]
 fn a_replayed_fault_log_is_a_policy_that_check_and_the_schema_accept() {
+    require!(PYTHON_JSONSCHEMA, PYTHON_YAML);
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("faults.jsonl");
     let common = r#""time_ns":1000,"export":"disk","connection":1,"cookie":7,"flags":[]"#;

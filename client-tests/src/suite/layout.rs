@@ -151,6 +151,7 @@ pub fn ext4_journal_ranges(sb: &[u8]) -> Result<Vec<(u64, u64)>, LayoutError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nbdfault_testing::{DEBUGFS, MKFS_EXT4, MKFS_XFS, XFS_DB, require};
     use std::process::Command;
 
     fn xfs_sb(blocksize: u32, logstart: u64, agblocks: u32, logblocks: u32, agblklog: u8) -> Vec<u8> {
@@ -237,6 +238,7 @@ mod tests {
 
     #[test]
     fn xfs_log_range_matches_xfs_db_on_a_real_filesystem() {
+        require!(MKFS_XFS, XFS_DB);
         let img = image("xfs");
         run(Command::new("mkfs.xfs").args(["-f", "-q", "-K"]).arg(&img));
         let bytes = std::fs::read(&img).unwrap();
@@ -258,6 +260,7 @@ mod tests {
 
     #[test]
     fn ext4_journal_range_matches_debugfs_on_a_real_filesystem() {
+        require!(MKFS_EXT4, DEBUGFS);
         let img = image("ext4");
         run(Command::new("mkfs.ext4").args(["-F", "-q", "-E", "nodiscard"]).arg(&img));
         let bytes = std::fs::read(&img).unwrap();

@@ -1,5 +1,5 @@
 //! A failed log (XFS) or journal (ext4) write, on purpose: XFS shuts down and ext4 aborts its
-//! journal. On XFS this is also the research's way to the thread's bug state on 5.10: the dirty
+//! journal. On XFS this is also a way to the thread's bug state on 5.10: the dirty
 //! mapped page's writeback then fails at submission, which cleared Uptodate before 5.19.
 
 use std::os::unix::fs::FileExt;

@@ -34,22 +34,22 @@ use crate::invariants::Class;
 use crate::report::{CheckResult, KernelInfo, Report, Verdict};
 use crate::version::{KernelVersion, RunningKernel};
 
-/// The kernel and filesystem a check runs on, for the research's expectations.
+/// The kernel and filesystem a check runs on, for the catalogue's expectations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target {
     pub fs: Fs,
     pub kernel: Option<KernelVersion>,
 }
 
-/// What the research predicts for a target, if anything.
+/// What the catalogue (docs/invariants.md) predicts for a target, if anything.
 pub type Expectation = fn(&Target) -> Option<Verdict>;
 
-/// The research expects a guaranteed invariant to hold everywhere.
+/// The catalogue expects a guaranteed invariant to hold everywhere.
 pub fn always_holds(_: &Target) -> Option<Verdict> {
     Some(Verdict::Holds)
 }
 
-/// The research makes no prediction.
+/// The catalogue makes no prediction.
 pub fn unknown(_: &Target) -> Option<Verdict> {
     None
 }

@@ -28,7 +28,7 @@ fn zeros_expected(t: &Target) -> Option<Verdict> {
     }
 }
 
-/// XFS skips the on-disk size update on error; the research has no ext4 prediction.
+/// XFS skips the on-disk size update on error; the catalogue has no ext4 prediction.
 fn size_reverts(t: &Target) -> Option<Verdict> {
     match t.fs {
         Fs::Xfs => Some(Verdict::Holds),

@@ -424,9 +424,10 @@ fn boot_and_run(
     let files: Vec<(&str, PathBuf)> =
         [("/etc/mke2fs.conf", PathBuf::from("/etc/mke2fs.conf"))].into_iter().filter(|(_, p)| p.is_file()).collect();
     let init = guest::init_script();
+    let guest_binary = initramfs::without_debug_info(guest_binary, &temp.0);
     let archive = initramfs::build(&initramfs::Contents {
         init_script: &init,
-        guest_binary,
+        guest_binary: &guest_binary,
         modules: &kernel.modules,
         programs: &programs,
         files: &files,
@@ -577,6 +578,7 @@ mod tests {
 
     #[test]
     fn busybox_static_is_static() {
+        nbdfault_testing::require!(nbdfault_testing::BUSYBOX);
         let busybox = initramfs::find_tool("busybox").expect("install busybox-static");
         assert!(is_static_executable(&busybox).unwrap());
     }

@@ -73,6 +73,7 @@ impl ControlState {
 
     fn export(&self, name: &str) -> Result<&Arc<Export>, ApiError> {
         let name = if name == DEFAULT_EXPORT { "" } else { name };
+        crate::export::check_export_name(name).map_err(|message| ApiError::new(StatusCode::NOT_FOUND, message))?;
         self.exports.get(name).ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,

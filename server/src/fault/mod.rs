@@ -73,10 +73,6 @@ impl FaultLayer {
         &self.engine
     }
 
-    pub fn log(&self) -> &Arc<FaultLog> {
-        &self.log
-    }
-
     /// What the requests through this layer did: metrics and live events.
     pub fn activity(&self) -> &Activity {
         &self.activity

@@ -149,6 +149,7 @@ impl ChunkStore {
     }
 
     /// Bytes of chunk data held in memory.
+    #[cfg(test)]
     pub fn resident_bytes(&self) -> u64 {
         self.shards
             .iter()

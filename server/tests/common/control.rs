@@ -199,9 +199,10 @@ pub fn json_lines(text: &str) -> Vec<Value> {
         .collect()
 }
 
-/// `/usr/bin/python3 server/tests/python/fault_probe.py SCENARIO`, checked to have libnbd.
+/// `/usr/bin/python3 server/tests/python/fault_probe.py SCENARIO`. The test says
+/// `require!(PYTHON_NBD)` first.
+#[track_caller]
 pub fn fault_probe(scenario: &str) -> Command {
-    // nbd_probe's check gives the package to install when the bindings are missing.
     drop(super::probe("ops"));
     let mut command = Command::new(PYTHON);
     command.arg(python_script("fault_probe.py")).arg(scenario);
