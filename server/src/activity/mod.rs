@@ -70,7 +70,7 @@ impl Activity {
         self.events.publish(Event::Reset { time_ns: nanos(now) });
     }
 
-    /// Power was cut (`on: false`) or restored (`on: true`) through the control API.
+    /// Power was cut (`on: false`: by a rule or the control API) or came back (`on: true`).
     pub fn power(&self, on: bool, now: Duration) {
         self.events.publish(Event::Power { time_ns: nanos(now), on });
     }
