@@ -47,7 +47,7 @@ enum Command {
     /// Each side is a JSON report (`vm` writes one per kernel and filesystem, such as
     /// 6.12.118-xfs.json) or a directory of them holding one kernel. Exits 0 when every verdict is
     /// the same, 1 when some differ. To boot two kernels and compare them in one go:
-    /// `vm --kernel 6.12 --kernel 7.2`.
+    /// `diff --kernel 6.12 --kernel 7.2` (the same as `vm --kernel 6.12 --kernel 7.2`).
     Diff(DiffArgs),
     /// List the scenarios and their checks.
     Scenarios,
@@ -88,11 +88,23 @@ struct RunArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("sides").required(true).args(["before", "kernel"])))]
 struct DiffArgs {
     /// The earlier run (a report or a directory of reports).
-    before: PathBuf,
+    #[arg(requires = "after", conflicts_with = "kernel")]
+    before: Option<PathBuf>,
     /// The later run.
-    after: PathBuf,
+    after: Option<PathBuf>,
+    /// Instead of two reports: boot these two kernels one after the other (exactly `vm --kernel
+    /// A --kernel B`, reports in nbdfault-results/) and compare them.
+    #[arg(long)]
+    kernel: Vec<String>,
+    /// With --kernel: xfs, ext4, btrfs, a comma-separated list of them, or all (default).
+    #[arg(long)]
+    fs: Option<String>,
+    /// With --kernel: only these scenarios (comma-separated; see `scenarios`).
+    #[arg(long)]
+    only: Option<String>,
 }
 
 #[derive(Args)]
@@ -254,8 +266,29 @@ fn compare_results(args: CompareArgs) -> Result<ExitCode, String> {
 }
 
 fn diff(args: DiffArgs) -> Result<ExitCode, String> {
-    let before = nbdfault_client_tests::diff::load(&args.before)?;
-    let after = nbdfault_client_tests::diff::load(&args.after)?;
+    if !args.kernel.is_empty() {
+        if args.kernel.len() != 2 {
+            return Err(format!("diff --kernel takes two kernels, got {}: {:?}", args.kernel.len(), args.kernel));
+        }
+        let mut argv = vec!["nbdfault-client-tests".to_string(), "vm".to_string()];
+        for k in &args.kernel {
+            argv.extend(["--kernel".to_string(), k.clone()]);
+        }
+        argv.extend(["--fs".to_string(), args.fs.clone().unwrap_or_else(|| "all".into())]);
+        argv.extend(["--only".to_string(), args.only.clone().unwrap_or_default()]);
+        let Command::Vm(vm_args) = Cli::try_parse_from(argv).map_err(|e| e.to_string())?.command else {
+            unreachable!("the arguments name the vm command")
+        };
+        return vm::main(vm_args);
+    }
+    let (Some(before), Some(after)) = (&args.before, &args.after) else {
+        return Err("give two reports, or --kernel A --kernel B".into());
+    };
+    if args.fs.is_some() || args.only.is_some() {
+        return Err("--fs and --only choose what --kernel runs; two reports are compared whole".into());
+    }
+    let before = nbdfault_client_tests::diff::load(before)?;
+    let after = nbdfault_client_tests::diff::load(after)?;
     let changes = nbdfault_client_tests::diff::changes(&before, &after)?;
     print!(
         "{}",
@@ -324,5 +357,22 @@ mod tests {
     fn diff_takes_two_reports() {
         assert!(Cli::try_parse_from(["nbdfault-client-tests", "diff", "a.json", "b.json"]).is_ok());
         assert!(Cli::try_parse_from(["nbdfault-client-tests", "diff", "a.json"]).is_err());
+        assert!(Cli::try_parse_from(["nbdfault-client-tests", "diff"]).is_err());
+        let cli = Cli::try_parse_from([
+            "nbdfault-client-tests",
+            "diff",
+            "--kernel",
+            "6.12",
+            "--kernel",
+            "7.2",
+            "--fs",
+            "xfs",
+        ])
+        .unwrap();
+        let Command::Diff(args) = cli.command else { panic!("not diff") };
+        assert_eq!(args.kernel, ["6.12", "7.2"]);
+        assert!(
+            Cli::try_parse_from(["nbdfault-client-tests", "diff", "a.json", "b.json", "--kernel", "6.12"]).is_err()
+        );
     }
 }

@@ -52,6 +52,8 @@ pub enum End {
     Shutdown,
     /// The device asked for the connection to be dropped (an injected disconnect).
     Dropped,
+    /// The export lost power: every connection of it is dropped at once, without replies.
+    PowerCut,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,9 +101,15 @@ where
     let mut requests = RequestReader::new(reader);
     let (tx, rx) = mpsc::unbounded_channel();
     let (closed_tx, mut closed) = watch::channel(false);
-    let writer_task = tokio::spawn(write_replies(writer, rx, closed_tx, shutdown.clone()));
-    let budget = Arc::new(Semaphore::new(limits.max_in_flight as usize));
     let export = Arc::clone(&session.export);
+    let power = Arc::clone(export.power());
+    let _attached = power.attach();
+    let writer_power_cut = {
+        let (power, cycle) = (Arc::clone(&power), session.power_cycle);
+        async move { power.cut_after(cycle).await }
+    };
+    let writer_task = tokio::spawn(write_replies(writer, rx, closed_tx, shutdown.clone(), writer_power_cut));
+    let budget = Arc::new(Semaphore::new(limits.max_in_flight as usize));
     let negotiated = Negotiated {
         size: export.size(),
         flags: session.flags,
@@ -118,11 +126,14 @@ where
         }
     };
 
+    let power_cut = power.cut_after(session.power_cycle);
+    tokio::pin!(power_cut);
     let outcome: Result<End, TransmissionError> = async {
         loop {
             while tasks.try_join_next().is_some() {}
             let header = tokio::select! {
                 biased;
+                () = &mut power_cut => return Ok(End::PowerCut),
                 _ = closed.wait_for(|closed| *closed) => return Ok(End::Dropped),
                 _ = shutdown.stopping() => return Ok(End::Shutdown),
                 header = requests.header() => header?,
@@ -138,6 +149,7 @@ where
                     hand_over(&mut ready);
                     tokio::select! {
                         biased;
+                        () = &mut power_cut => return Ok(End::PowerCut),
                         _ = closed.wait_for(|closed| *closed) => return Ok(End::Dropped),
                         _ = shutdown.stopping() => return Ok(End::Shutdown),
                         held = acquire_waiting(&budget, &limits.memory, cost(&header)) => held,
@@ -168,7 +180,12 @@ where
                 cmd,
                 header,
                 payload,
-                ctx: IoContext { connection, cookie: header.cookie, flags: header.flags },
+                ctx: IoContext {
+                    connection,
+                    cookie: header.cookie,
+                    flags: header.flags,
+                    power_cycle: session.power_cycle,
+                },
                 structured: session.structured_replies,
                 held,
                 shutdown: shutdown.clone(),
@@ -214,6 +231,10 @@ where
                 tasks.abort_all();
             }
         }
+        // The power went: the writer sends nothing more. The requests in flight end at once (a
+        // wait ends with the power, storage I/O is refused), and are not aborted: one aborted in
+        // the middle of a write could let the write land after the cut undid the journal.
+        Ok(End::PowerCut) => join_all(&mut tasks).await,
         // The connection is broken, or the device asked to drop it.
         _ => tasks.abort_all(),
     }

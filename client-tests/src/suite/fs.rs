@@ -37,12 +37,6 @@ impl Fs {
         }
     }
 
-    /// True for the filesystems the catalogue's invariant classes were written for: on btrfs a
-    /// violated "guaranteed" invariant is a finding, not a broken promise.
-    pub fn researched(self) -> bool {
-        self != Fs::Btrfs
-    }
-
     /// The mkfs command for `device`: quiet, forced, and without discarding the whole device.
     /// `sector_4k` gives XFS 4096-byte sectors, for an image that will be served to a device with
     /// 4096-byte logical blocks (`nbd-client -b 4096`): on a device mkfs.xfs reads the sector

@@ -75,6 +75,7 @@ pub async fn write_replies<W: AsyncWrite + Unpin>(
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     closed: watch::Sender<bool>,
     mut shutdown: Shutdown,
+    power_cut: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let sending = async {
         let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -99,6 +100,11 @@ pub async fn write_replies<W: AsyncWrite + Unpin>(
     tokio::pin!(sending);
     let result = tokio::select! {
         result = &mut sending => result,
+        // A device without power answers nothing more: the replies not sent yet are lost.
+        () = power_cut => {
+            tracing::info!("the export lost power: dropping the connection");
+            Ok(())
+        }
         () = shutdown.abandoned() => {
             // The requests still in flight are being answered ESHUTDOWN right now: send those
             // answers too, but give a client that does not read them only a moment more.
