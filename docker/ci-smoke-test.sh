@@ -4,7 +4,8 @@
 #
 #   bash docker/ci-smoke-test.sh
 #
-#  1. installs what it needs (docker.io, debootstrap, libnbd-bin, qemu-utils, curl, iproute2);
+#  1. installs what it needs (docker.io, docker-compose, debootstrap, libnbd-bin, qemu-utils, curl,
+#     iproute2);
 #  2. starts a private Docker engine: no bridge, no iptables or forwarding changes, all state in a
 #     temporary directory (the host's network configuration is not touched);
 #  3. makes local stand-ins for the base images the Dockerfile names (docker/standin-images.sh);
@@ -15,7 +16,10 @@
 #     and sees qemu-io get EIO, the fault log record it and the failed write not reach the disk,
 #     the HEALTHCHECK report healthy, and `docker stop` end the server with status 0 within
 #     SMOKE_STOP_LIMIT_MS (default 2000 ms);
-#  7. removes everything it started, also on failure: the container, the images (they live in the
+#  7. runs compose.yaml with the compose.host.yaml override, as docs/docker.md tells users on an
+#     engine without a bridge: the export on the volume, `exec -T`, a fault, and the fault log
+#     copied out of the volume to the host;
+#  8. removes everything it started, also on failure: the container, the images (they live in the
 #     private engine's data root), the engine and its containerd, their mounts, the temp directory.
 #
 # Env: SMOKE_STOP_LIMIT_MS, SMOKE_KEEP=1 (keep the temp directory for a post-mortem; the engine is
@@ -26,7 +30,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # Debian's client, matching Debian's engine; a newer client elsewhere in PATH may lack features.
 DOCKER=/usr/bin/docker
 DOCKERD=/usr/sbin/dockerd
-PACKAGES=(docker.io debootstrap libnbd-bin qemu-utils curl iproute2 ca-certificates)
+PACKAGES=(docker.io docker-compose debootstrap libnbd-bin qemu-utils curl iproute2 ca-certificates)
 STOP_LIMIT_MS=${SMOKE_STOP_LIMIT_MS:-2000}
 POLICY="$REPO/docker/example/policies/fail-writes-when-armed.yaml"
 RULE=fail-armed-range   # the policy's rule, named in the fault log
@@ -246,7 +250,9 @@ cleanup() {
 
 make_standins() {
     local tags
-    tags=$(bash "$REPO/docker/standin-images.sh" --dockerfile "$REPO/Dockerfile" --workdir "$SCRATCH") ||
+    # debian:bookworm-slim too: compose.yaml's disk-image service runs it.
+    tags=$(bash "$REPO/docker/standin-images.sh" --dockerfile "$REPO/Dockerfile" --image debian:bookworm-slim \
+        --workdir "$SCRATCH") ||
         fail "making the stand-in images failed (messages above)"
     ok "stand-ins: $(echo "$tags" | paste -sd' ')"
 }
@@ -432,6 +438,45 @@ check_stop() {
     ok "the fault log file (NBDFAULT_FAULT_LOG) on the host directory holds the record"
 }
 
+# compose.yaml with the override for engines without a bridge, driven as docs/docker.md says.
+check_compose() {
+    local nbd_port control_port nbd container faults tries size=""
+    "$DOCKER" tag "$IMAGE" nbdfault:latest # compose.yaml's image: no build here, the image is made
+    nbd_port=$(free_port)
+    control_port=$(free_port "$nbd_port")
+    nbd="nbd://127.0.0.1:$nbd_port/disk"
+    local compose=(env "NBDFAULT_LISTEN=127.0.0.1:$nbd_port" "NBDFAULT_CONTROL=127.0.0.1:$control_port"
+        docker-compose --project-name "nbdfault-smoke-$$" --project-directory "$REPO"
+        -f "$REPO/compose.yaml" -f "$REPO/compose.host.yaml")
+    "${compose[@]}" up -d --no-build >"$SCRATCH/compose.log" 2>&1 ||
+        fail "docker-compose -f compose.yaml -f compose.host.yaml up: $(cat "$SCRATCH/compose.log")"
+    for ((tries = 0; tries < 200; tries++)); do
+        size=$(nbdinfo --size "$nbd" 2>/dev/null) && break
+        sleep 0.1
+    done
+    [[ $size == 1073741824 ]] || fail "compose: export disk on $nbd is '$size' bytes, not the volume's 1 GiB image"
+    ok "compose up with compose.host.yaml: export disk (1 GiB on the volume) on $nbd"
+    "${compose[@]}" exec -T nbdfault nbdfault ctl exports disk </dev/null | grep '"name":"disk"' >/dev/null ||
+        fail "docker-compose exec -T nbdfault nbdfault ctl exports disk"
+    ok "docker-compose exec -T nbdfault nbdfault ctl exports disk"
+    curl -fsS --max-time 10 -X POST "http://127.0.0.1:$control_port/v1/exports/disk/triggers/$TRIGGER" >/dev/null ||
+        fail "compose: arming $TRIGGER"
+    if qemu-io -f raw "$nbd" -c 'write -P 0x44 1M 4k' >"$SCRATCH/qemu-io.log" 2>&1; then
+        fail "compose: the write to the armed range succeeded"
+    fi
+    ok "compose: armed $TRIGGER, qemu-io's write to 1 MiB failed"
+    # The fault log on the volume, from the host: stop (the file is then complete), copy it out.
+    "${compose[@]}" stop nbdfault >>"$SCRATCH/compose.log" 2>&1
+    container=$("${compose[@]}" ps -q nbdfault)
+    "$DOCKER" cp "$container:/var/lib/nbdfault/faults.jsonl" "$SCRATCH/compose-faults.jsonl"
+    faults=$(cat "$SCRATCH/compose-faults.jsonl")
+    [[ $faults == *"\"rule\":\"$RULE\""* && $faults == *'"offset":1048576'* ]] ||
+        fail "the fault log copied from the volume has no record of the failed write: $faults"
+    ok "docker cp \$(docker-compose ps -q nbdfault):/var/lib/nbdfault/faults.jsonl: the record is there"
+    "${compose[@]}" down -v >>"$SCRATCH/compose.log" 2>&1 || fail "docker-compose down -v: $(cat "$SCRATCH/compose.log")"
+    ok "compose down -v"
+}
+
 main() {
     check_host
     SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/nbdfault-smoke.XXXXXX")
@@ -462,6 +507,8 @@ main() {
     check_health
     step "docker stop"
     check_stop
+    step "compose with compose.host.yaml"
+    check_compose
     end_step
 }
 

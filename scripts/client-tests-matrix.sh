@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
 # The kernel matrix CI runs: Debian kernels 5.10 (bullseye), 6.1 (bookworm), 6.12 (trixie) and the
 # newest one Debian ships in unstable (sid, 7.x), each booted in qemu with XFS and ext4 tested on
-# nbdfault. Writes the JSON reports to client-tests/results/ and regenerates docs/results.md from
-# them. Then boots sid's kernel once more the way a kernel developer boots their own build
-# (--vmlinuz and --modules of an unpacked tree), to prove that path. Exits non-zero when a
-# guaranteed invariant was violated or a check could not be carried out.
+# nbdfault. Then boots sid's kernel once more the way a kernel developer boots their own build
+# (--vmlinuz and --modules of an unpacked tree), to prove that path.
 #
-#   bash scripts/client-tests-matrix.sh
+# The run's JSON reports and its Markdown matrix go to target/client-tests/ (ignored by git);
+# then its verdicts are compared with the committed ones (client-tests/results/*.json, which
+# docs/results.md shows): a verdict that changed, or a kernel or check on one side only, fails
+# the run naming each cell (kernel, filesystem, check, old -> new). Timings and evidence do not
+# count. Also exits non-zero when a guaranteed invariant was violated or a check could not be
+# carried out.
+#
+# With --refresh, the run's reports replace the committed ones (of the kernels it ran) and
+# docs/results.md is regenerated from them: commit both. Nothing else changes them.
+#
+#   bash scripts/client-tests-matrix.sh                 # run and compare (CI)
+#   bash scripts/client-tests-matrix.sh --refresh       # run, then rewrite the committed matrix
 #   KERNELS="6.1 7.2" bash scripts/client-tests-matrix.sh
 #   CUSTOM_KERNEL="" bash scripts/client-tests-matrix.sh   # skip the --vmlinuz/--modules run
 set -euo pipefail
@@ -16,16 +25,29 @@ source scripts/lib/packages.sh
 # shellcheck source=scripts/lib/client-tests.sh
 source scripts/lib/client-tests.sh
 
+refresh=false
+case ${1:-} in
+"") ;;
+--refresh) refresh=true ;;
+*)
+    echo "usage: bash scripts/client-tests-matrix.sh [--refresh]" >&2
+    exit 2
+    ;;
+esac
+# A run of chosen kernels leaves the other committed columns alone.
+partial=()
+[[ -n ${KERNELS:-} ]] && partial=(--partial)
 read -r -a kernels <<<"${KERNELS:-5.10 6.1 6.12 sid}"
 custom_kernel=${CUSTOM_KERNEL-sid}
-results=client-tests/results
+committed=client-tests/results
+out=${CARGO_TARGET_DIR:-target}/client-tests
+results=$out/results
 started=$SECONDS
 install_packages "${CLIENT_TEST_PACKAGES[@]}"
 build_client_tests
 bin=$CLIENT_TESTS_BIN/nbdfault-client-tests
-# The matrix shows the current kernels only: reports of older builds go.
+rm -rf "$results"
 mkdir -p "$results"
-rm -f "$results"/*.json "$results"/*.log
 status=0
 times=()
 for kernel in "${kernels[@]}"; do
@@ -35,7 +57,7 @@ for kernel in "${kernels[@]}"; do
     times+=("$kernel $((SECONDS - t0)) s")
     echo "==> kernel $kernel took $((SECONDS - t0)) s" >&2
 done
-"$bin" matrix --results "$results" --output docs/results.md --made-by "scripts/client-tests-matrix.sh"
+"$bin" matrix --results "$results" --output "$out/results.md" --made-by "bash scripts/client-tests-matrix.sh"
 
 if [[ -n $custom_kernel ]]; then
     echo "==> kernel $custom_kernel as a developer's build: vm --vmlinuz --modules" >&2
@@ -58,5 +80,25 @@ if [[ -n $custom_kernel ]]; then
     times+=("$custom_kernel via --vmlinuz/--modules (views, xfs) $((SECONDS - t0)) s")
 fi
 printf '==> time per kernel: %s\n' "${times[@]}" >&2
-echo "==> matrix done in $((SECONDS - started)) s (status $status); docs/results.md regenerated" >&2
+
+if $refresh; then
+    "$bin" compare --committed "$committed" --run "$results" "${partial[@]}" || true
+    # A full run shows the current kernels only: reports of older builds go. A partial run
+    # replaces the reports of the kernel series it ran (same major.minor and filesystem).
+    if ((${#partial[@]})); then
+        for report in "$results"/*.json; do
+            name=$(basename "$report")          # 6.1.193-xfs.json
+            series=$(cut -d. -f1-2 <<<"$name") # 6.1
+            rm -f "$committed/$series".[0-9]*-"${name##*-}"
+        done
+    else
+        rm -f "$committed"/*.json
+    fi
+    cp "$results"/*.json "$committed/"
+    "$bin" matrix --results "$committed" --output docs/results.md
+    echo "==> matrix done in $((SECONDS - started)) s (status $status); $committed/ and docs/results.md refreshed: commit them" >&2
+else
+    "$bin" compare --committed "$committed" --run "$results" "${partial[@]}" || status=1
+    echo "==> matrix done in $((SECONDS - started)) s (status $status); this run's matrix: $out/results.md" >&2
+fi
 exit $status

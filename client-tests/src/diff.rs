@@ -78,7 +78,8 @@ pub fn changes<'a>(before: &'a [Report], after: &'a [Report]) -> Result<Vec<Chan
 const RUN_SPECIFIC: &[&str] = &["seq", "time_ns", "cookie", "request_index", "connection", "waited_ns", "delay_ns"];
 
 /// The verdict, reason, expectation and evidence of a check as `(key, value)` pairs; nested
-/// evidence is flattened to dotted keys, and the kernel log is summarised by its length.
+/// evidence is flattened to dotted keys (`views.read.content`, `page_flags[2].uptodate`), and the
+/// kernel log is summarised by its length.
 fn fields(check: Option<&CheckResult>) -> Vec<(String, String)> {
     let Some(c) = check else { return vec![("verdict".into(), "(no such check in this run)".into())] };
     let mut out = vec![("verdict".to_string(), c.verdict.word().to_string())];
@@ -86,7 +87,7 @@ fn fields(check: Option<&CheckResult>) -> Vec<(String, String)> {
         out.push(("reason".into(), reason.clone()));
     }
     if let Some(expected) = c.expected {
-        out.push(("research expects".into(), expected.word().into()));
+        out.push(("catalogue expects".into(), expected.word().into()));
     }
     flatten("", &Value::Object(c.evidence.clone()), &mut out);
     out
@@ -103,6 +104,13 @@ fn flatten(prefix: &str, value: &Value, out: &mut Vec<(String, String)>) {
                 } else if !RUN_SPECIFIC.contains(&key.as_str()) {
                     flatten(&name, value, out);
                 }
+            }
+        }
+        // Element by element, so only the elements that differ show (one page's flags, one
+        // kernel line), not the whole array twice.
+        Value::Array(items) if !items.is_empty() => {
+            for (i, item) in items.iter().enumerate() {
+                flatten(&format!("{prefix}[{i}]"), item, out);
             }
         }
         Value::String(s) => out.push((prefix.to_string(), s.clone())),
@@ -132,17 +140,16 @@ fn differing_rows(before: Option<&CheckResult>, after: Option<&CheckResult>) -> 
     (rows, same)
 }
 
-/// Wraps `line` into pieces of at most `width` characters.
+/// Wraps `line` into pieces of at most `width` characters, continuation lines indented by two.
 fn wrap(line: &str, width: usize) -> Vec<String> {
-    let chars: Vec<char> = line.chars().collect();
-    if chars.is_empty() {
-        return vec![String::new()];
+    let width = width.max(8);
+    let mut rest: Vec<char> = line.chars().collect();
+    let mut out = vec![rest.drain(..width.min(rest.len())).collect::<String>()];
+    while !rest.is_empty() {
+        let piece: String = rest.drain(..(width - 2).min(rest.len())).collect();
+        out.push(format!("  {piece}"));
     }
-    chars
-        .chunks(width.max(8))
-        .enumerate()
-        .map(|(i, c)| format!("{}{}", if i > 0 { "  " } else { "" }, c.iter().collect::<String>()))
-        .collect()
+    out
 }
 
 /// Rows of two columns, each cell wrapped to `width`, the columns kept aligned.
@@ -328,5 +335,6 @@ mod tests {
         assert_eq!(lines.len(), 3, "{text}");
         assert!(lines[0].ends_with("| short"), "{text}");
         assert!(lines.iter().all(|l| l.find('|') == lines[0].find('|')), "{text}");
+        assert!(lines.iter().all(|l| l[..l.find('|').unwrap()].ends_with(' ')), "a space before every bar: {text}");
     }
 }

@@ -1,11 +1,11 @@
-//! The invariants of the research table (`kernel-writeback-errors.md` §8) that the suite checks.
+//! The invariants of the catalogue (`docs/invariants.md`) that the suite checks.
 //!
-//! The wording is shortened; the number and the class are the research's own, so a reader can go
-//! from any check in a report to the row that explains it.
+//! The wording is shortened; the number and the class are the catalogue's, so a reader can go
+//! from any check in a report to the section that explains it.
 
 use serde::{Deserialize, Serialize};
 
-/// How firmly the research expects an invariant to hold.
+/// How firmly the catalogue expects an invariant to hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Class {
     /// Documented and long stable on both filesystems (while the filesystem is not shut down).
@@ -23,7 +23,7 @@ pub enum Class {
 }
 
 impl Class {
-    /// The short name the research table uses.
+    /// The short name the catalogue uses.
     pub fn short(self) -> &'static str {
         match self {
             Class::Guaranteed => "G",
@@ -40,7 +40,7 @@ impl Class {
     }
 }
 
-/// One row of the research table.
+/// One invariant of the catalogue.
 #[derive(Debug, Clone, Copy)]
 pub struct Invariant {
     pub number: u8,
@@ -48,7 +48,7 @@ pub struct Invariant {
     pub text: &'static str,
 }
 
-/// The rows the suite tests, in the research's order.
+/// The invariants the suite tests, in the catalogue's order.
 pub const INVARIANTS: &[Invariant] = &[
     inv(
         1,
@@ -59,6 +59,11 @@ pub const INVARIANTS: &[Invariant] = &[
     inv(3, Class::Guaranteed, "dup()ed descriptors share one report; separately opened ones each get one"),
     inv(4, Class::VersionDependent, "a descriptor opened after the error, before anyone saw it, gets EIO once"),
     inv(5, Class::Guaranteed, "a descriptor opened after the error was reported elsewhere gets 0"),
+    inv(
+        6,
+        Class::Guaranteed,
+        "an error can be lost if the inode is evicted before anyone reports it (a documented limitation)",
+    ),
     inv(
         7,
         Class::Guaranteed,
@@ -99,7 +104,17 @@ pub const INVARIANTS: &[Invariant] = &[
     ),
     inv(25, Class::Guaranteed, "a data write error does not shut XFS down or trigger ext4's errors= handling"),
     inv(26, Class::Guaranteed, "a log or journal write error shuts XFS down or aborts the ext4 journal at once"),
+    inv(
+        27,
+        Class::Guaranteed,
+        "XFS metadata write errors follow /sys/fs/xfs/<dev>/error/metadata/EIO/*; fail_at_unmount=1 lets unmount finish",
+    ),
     inv(28, Class::SetupDependent, "after an ext4 journal abort, remaining dirty pages stay dirty and uptodate"),
+    inv(
+        29,
+        Class::VersionDependent,
+        "fanotify FAN_FS_ERROR reports buffered write errors of iomap filesystems (>= 7.0)",
+    ),
     inv(30, Class::Guaranteed, "the kernel logs each writeback error"),
 ];
 
@@ -107,7 +122,7 @@ const fn inv(number: u8, class: Class, text: &'static str) -> Invariant {
     Invariant { number, class, text }
 }
 
-/// The research row with this number, if the suite tests it.
+/// The invariant with this number, if the suite tests it.
 pub fn invariant(number: u8) -> Option<&'static Invariant> {
     INVARIANTS.iter().find(|i| i.number == number)
 }
@@ -131,6 +146,42 @@ mod tests {
         assert!(!Class::VersionDependent.violation_fails_run());
         assert!(!Class::SetupDependent.violation_fails_run());
         assert!(!Class::KnownBug.violation_fails_run());
+    }
+
+    /// docs/invariants.md is the catalogue in words: every invariant the suite tests has its
+    /// section there, with its class, and names every check that tests it.
+    #[test]
+    fn the_catalogue_document_names_every_check_under_its_invariant() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/invariants.md");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let section = |number: u8| -> &str {
+            let heading = format!("\n### {number}. ");
+            let start = text.find(&heading).unwrap_or_else(|| panic!("docs/invariants.md has no section {number}"));
+            let rest = &text[start + 1..];
+            &rest[..rest[4..].find("\n### ").map_or(rest.len(), |end| end + 4)]
+        };
+        for invariant in INVARIANTS {
+            let heading = section(invariant.number).lines().next().unwrap();
+            assert!(
+                heading.contains(&format!("({}", invariant.class.short()))
+                    || heading.contains(&format!("{})", invariant.class.short()))
+                    || heading.contains(&format!("/{}", invariant.class.short())),
+                "docs/invariants.md: section {} should give the class {}: {heading}",
+                invariant.number,
+                invariant.class.short()
+            );
+        }
+        for scenario in crate::suite::scenarios() {
+            for check in scenario.checks {
+                let checked_by = section(check.invariant).split("Checked by:").nth(1).unwrap_or_default();
+                assert!(
+                    checked_by.contains(&format!("`{}`", check.id)),
+                    "docs/invariants.md: section {} should name the check `{}` under \"Checked by:\"",
+                    check.invariant,
+                    check.id
+                );
+            }
+        }
     }
 
     #[test]

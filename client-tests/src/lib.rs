@@ -7,9 +7,10 @@
 //! * the VM harness ([`vm`]) fetches a Debian kernel, builds an initramfs holding this binary,
 //!   starts `nbdfault serve`, boots qemu and runs the suite inside it.
 //!
-//! Every check names an invariant from the research table
-//! (`shared/research/kernel-writeback-errors.md` §8), listed in [`invariants`].
+//! Every check names an invariant of the catalogue in `docs/invariants.md`, listed in
+//! [`invariants`].
 
+pub mod compare;
 pub mod control;
 pub mod diff;
 pub mod invariants;

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use nbdfault_client_tests::control::Control;
 use nbdfault_client_tests::report::{REPORT_BEGIN, REPORT_END, Report};
 use nbdfault_client_tests::suite::{self, SuiteConfig, fs};
-use nbdfault_client_tests::{matrix, os, vm};
+use nbdfault_client_tests::{compare, matrix, os, vm};
 
 /// What fsync, read() and mmap show after an NBD write fails, on real XFS and ext4.
 #[derive(Parser)]
@@ -39,12 +39,15 @@ enum Command {
     Kernels(vm::KernelsArgs),
     /// Write the results matrix (Markdown) from a directory of JSON reports.
     Matrix(MatrixArgs),
+    /// Compare the verdicts of a run with the committed ones, cell by cell (kernel series,
+    /// filesystem, check); timings and evidence do not count. Exits 1 naming each difference.
+    Compare(CompareArgs),
     /// Print only the checks whose verdict differs between two runs, both evidences side by side.
     ///
     /// Each side is a JSON report (`vm` writes one per kernel and filesystem, such as
     /// 6.12.118-xfs.json) or a directory of them holding one kernel. Exits 0 when every verdict is
     /// the same, 1 when some differ. To boot two kernels and compare them in one go:
-    /// `vm --kernel 6.12 --kernel 7.2`.
+    /// `diff --kernel 6.12 --kernel 7.2` (the same as `vm --kernel 6.12 --kernel 7.2`).
     Diff(DiffArgs),
     /// List the scenarios and their checks.
     Scenarios,
@@ -64,7 +67,7 @@ struct RunArgs {
     /// Bearer token, when the server was started with --control-token.
     #[arg(long, env = "NBDFAULT_CONTROL_TOKEN")]
     token: Option<String>,
-    /// xfs, ext4, or all.
+    /// xfs, ext4, btrfs, a comma-separated list of them, or all.
     #[arg(long, default_value = "all")]
     fs: String,
     /// Only these scenarios (comma-separated; see `scenarios`).
@@ -85,11 +88,23 @@ struct RunArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("sides").required(true).args(["before", "kernel"])))]
 struct DiffArgs {
     /// The earlier run (a report or a directory of reports).
-    before: PathBuf,
+    #[arg(requires = "after", conflicts_with = "kernel")]
+    before: Option<PathBuf>,
     /// The later run.
-    after: PathBuf,
+    after: Option<PathBuf>,
+    /// Instead of two reports: boot these two kernels one after the other (exactly `vm --kernel
+    /// A --kernel B`, reports in nbdfault-results/) and compare them.
+    #[arg(long)]
+    kernel: Vec<String>,
+    /// With --kernel: xfs, ext4, btrfs, a comma-separated list of them, or all (default).
+    #[arg(long)]
+    fs: Option<String>,
+    /// With --kernel: only these scenarios (comma-separated; see `scenarios`).
+    #[arg(long)]
+    only: Option<String>,
 }
 
 #[derive(Args)]
@@ -101,8 +116,22 @@ struct MatrixArgs {
     #[arg(long)]
     output: Option<PathBuf>,
     /// The command that produced the reports, quoted in the document.
-    #[arg(long, default_value = "scripts/matrix.sh")]
+    #[arg(long, default_value = matrix::MADE_BY)]
     made_by: String,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// The committed JSON reports.
+    #[arg(long, default_value = "client-tests/results")]
+    committed: PathBuf,
+    /// The JSON reports of the run to check.
+    #[arg(long)]
+    run: PathBuf,
+    /// The run tested some kernels only on purpose: committed kernels it left out are not
+    /// differences.
+    #[arg(long)]
+    partial: bool,
 }
 
 fn main() -> ExitCode {
@@ -118,6 +147,7 @@ fn main() -> ExitCode {
         Command::Kernel(args) => vm::kernel_main(args),
         Command::Kernels(args) => vm::kernels_main(args),
         Command::Matrix(args) => write_matrix(args),
+        Command::Compare(args) => compare_results(args),
         Command::Diff(args) => diff(args),
         Command::Scenarios => {
             list_scenarios();
@@ -200,9 +230,65 @@ fn write_matrix(args: MatrixArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn compare_results(args: CompareArgs) -> Result<ExitCode, String> {
+    let committed = matrix::load_reports(&args.committed).map_err(|e| e.to_string())?;
+    let run = matrix::load_reports(&args.run).map_err(|e| e.to_string())?;
+    if run.is_empty() {
+        return Err(format!("no JSON reports in {}: nothing to compare", args.run.display()));
+    }
+    let comparison = compare::compare(&committed, &run, args.partial)?;
+    for note in &comparison.notes {
+        println!("note: {note}");
+    }
+    if comparison.differences.is_empty() {
+        println!(
+            "the verdicts of {} match the committed results in {} ({} reports)",
+            args.run.display(),
+            args.committed.display(),
+            run.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} difference(s) between the committed results ({}) and this run ({}):",
+        comparison.differences.len(),
+        args.committed.display(),
+        args.run.display()
+    );
+    for difference in &comparison.differences {
+        println!("  {difference}");
+    }
+    println!(
+        "If the kernels really behave so now, refresh the committed matrix with \
+         `bash scripts/client-tests-matrix.sh --refresh` and commit client-tests/results/ and docs/results.md."
+    );
+    Ok(ExitCode::from(1))
+}
+
 fn diff(args: DiffArgs) -> Result<ExitCode, String> {
-    let before = nbdfault_client_tests::diff::load(&args.before)?;
-    let after = nbdfault_client_tests::diff::load(&args.after)?;
+    if !args.kernel.is_empty() {
+        if args.kernel.len() != 2 {
+            return Err(format!("diff --kernel takes two kernels, got {}: {:?}", args.kernel.len(), args.kernel));
+        }
+        let mut argv = vec!["nbdfault-client-tests".to_string(), "vm".to_string()];
+        for k in &args.kernel {
+            argv.extend(["--kernel".to_string(), k.clone()]);
+        }
+        argv.extend(["--fs".to_string(), args.fs.clone().unwrap_or_else(|| "all".into())]);
+        argv.extend(["--only".to_string(), args.only.clone().unwrap_or_default()]);
+        let Command::Vm(vm_args) = Cli::try_parse_from(argv).map_err(|e| e.to_string())?.command else {
+            unreachable!("the arguments name the vm command")
+        };
+        return vm::main(vm_args);
+    }
+    let (Some(before), Some(after)) = (&args.before, &args.after) else {
+        return Err("give two reports, or --kernel A --kernel B".into());
+    };
+    if args.fs.is_some() || args.only.is_some() {
+        return Err("--fs and --only choose what --kernel runs; two reports are compared whole".into());
+    }
+    let before = nbdfault_client_tests::diff::load(before)?;
+    let after = nbdfault_client_tests::diff::load(after)?;
     let changes = nbdfault_client_tests::diff::changes(&before, &after)?;
     print!(
         "{}",
@@ -271,5 +357,22 @@ mod tests {
     fn diff_takes_two_reports() {
         assert!(Cli::try_parse_from(["nbdfault-client-tests", "diff", "a.json", "b.json"]).is_ok());
         assert!(Cli::try_parse_from(["nbdfault-client-tests", "diff", "a.json"]).is_err());
+        assert!(Cli::try_parse_from(["nbdfault-client-tests", "diff"]).is_err());
+        let cli = Cli::try_parse_from([
+            "nbdfault-client-tests",
+            "diff",
+            "--kernel",
+            "6.12",
+            "--kernel",
+            "7.2",
+            "--fs",
+            "xfs",
+        ])
+        .unwrap();
+        let Command::Diff(args) = cli.command else { panic!("not diff") };
+        assert_eq!(args.kernel, ["6.12", "7.2"]);
+        assert!(
+            Cli::try_parse_from(["nbdfault-client-tests", "diff", "a.json", "b.json", "--kernel", "6.12"]).is_err()
+        );
     }
 }

@@ -10,6 +10,8 @@ use std::time::Duration;
 pub enum Op {
     Read,
     Write,
+    /// NBD_CMD_FLUSH: the kernel's cache flush (REQ_PREFLUSH, blkdev_issue_flush). Has no range.
+    Flush,
 }
 
 impl Op {
@@ -17,6 +19,7 @@ impl Op {
         match self {
             Op::Read => "read",
             Op::Write => "write",
+            Op::Flush => "flush",
         }
     }
 }
@@ -33,6 +36,8 @@ pub struct FailPolicy {
     pub trigger: String,
     /// How long the server holds the error reply. Non-zero makes the failure asynchronous.
     pub delay: Duration,
+    /// Only requests whose FUA flag is set (`Some(true)`) or clear (`Some(false)`).
+    pub fua: Option<bool>,
 }
 
 impl FailPolicy {
@@ -47,6 +52,9 @@ impl FailPolicy {
             let _ = writeln!(out, "      op: {}", self.op.name());
             if let Some((start, end)) = range {
                 let _ = writeln!(out, "      range: {start}..{end}");
+            }
+            if let Some(fua) = self.fua {
+                let _ = writeln!(out, "      fua: {fua}");
             }
             let _ = writeln!(out, "      armed_by: {}", self.trigger);
             let _ = writeln!(out, "    then:");
@@ -85,6 +93,7 @@ mod tests {
             ranges: vec![(4096, 8192), (1 << 20, 2 << 20)],
             trigger: "go-1".into(),
             delay: Duration::from_millis(50),
+            fua: None,
         };
         let yaml = policy.to_yaml();
         assert_eq!(yaml.matches("- name: fail-data-").count(), 2);
@@ -97,8 +106,14 @@ mod tests {
 
     #[test]
     fn a_policy_without_ranges_matches_every_request_and_zero_delay_is_omitted() {
-        let policy =
-            FailPolicy { name: "r".into(), op: Op::Read, ranges: vec![], trigger: "t".into(), delay: Duration::ZERO };
+        let policy = FailPolicy {
+            name: "r".into(),
+            op: Op::Read,
+            ranges: vec![],
+            trigger: "t".into(),
+            delay: Duration::ZERO,
+            fua: None,
+        };
         let yaml = policy.to_yaml();
         assert!(!yaml.contains("range:"));
         assert!(!yaml.contains("delay:"));
@@ -114,6 +129,7 @@ mod tests {
                 ranges: vec![(98304, 114688), (1 << 20, 2 << 20)],
                 trigger: "go-3".into(),
                 delay: Duration::from_millis(50),
+                fua: None,
             },
             FailPolicy {
                 name: "fail-every-read".into(),
@@ -121,6 +137,23 @@ mod tests {
                 ranges: vec![],
                 trigger: "go-1".into(),
                 delay: Duration::ZERO,
+                fua: None,
+            },
+            FailPolicy {
+                name: "fail-flush".into(),
+                op: Op::Flush,
+                ranges: vec![],
+                trigger: "go-2".into(),
+                delay: Duration::from_millis(50),
+                fua: None,
+            },
+            FailPolicy {
+                name: "fail-fua-writes".into(),
+                op: Op::Write,
+                ranges: vec![],
+                trigger: "go-4".into(),
+                delay: Duration::from_millis(50),
+                fua: Some(true),
             },
         ] {
             let yaml = policy.to_yaml();

@@ -1,5 +1,5 @@
 //! Kernel versions: parsing them from `uname -r`, `/proc/version` and Debian package versions, and
-//! comparing them, so a check can say what the research expects of this kernel.
+//! comparing them, so a check can say what the catalogue (docs/invariants.md) expects of this kernel.
 
 use std::fmt;
 

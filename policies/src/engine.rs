@@ -48,7 +48,8 @@ pub struct TriggerState {
     pub since: Duration,
 }
 
-/// How often a rule met its conditions and how often it decided a request.
+/// How often a rule met its conditions and how often it decided a request, since its policy was
+/// installed (across armings, even when `nth` and `limit` count per arming).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RuleCounter {
     pub rule: Arc<str>,
@@ -64,8 +65,16 @@ fn as_nanos<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Counter {
+    /// What `nth`, `limit` and the draws read: counted since the policy was installed, or since
+    /// the latest arming of the rule's `armed_by` triggers with `count: per_arming`.
     occurrences: u64,
     fired: u64,
+    /// The arming the counts above belong to: the sum of the `armings` of the rule's `armed_by`
+    /// triggers, which grows with every new arming of any of them and never otherwise.
+    arming: u64,
+    /// Since the policy was installed, for the control API.
+    total_occurrences: u64,
+    total_fired: u64,
 }
 
 #[derive(Debug)]
@@ -73,6 +82,8 @@ struct Trigger {
     name: Arc<str>,
     armed: bool,
     since: Duration,
+    /// How many times it went from disarmed to armed.
+    armings: u64,
 }
 
 struct State {
@@ -97,7 +108,7 @@ impl State {
             return slot;
         }
         let name: Arc<str> = Arc::from(name);
-        self.triggers.push(Trigger { name: name.clone(), armed: false, since: Duration::ZERO });
+        self.triggers.push(Trigger { name: name.clone(), armed: false, since: Duration::ZERO, armings: 0 });
         self.trigger_ids.insert(name, self.triggers.len() - 1);
         self.triggers.len() - 1
     }
@@ -185,7 +196,14 @@ impl Engine {
                 continue;
             }
             let counter = &mut counters[id as usize];
+            if rule.counting.per_arming {
+                let arming = rule.armed_by.iter().map(|&id| triggers[policy_triggers[id]].armings).sum();
+                if counter.arming != arming {
+                    *counter = Counter { occurrences: 0, fired: 0, arming, ..*counter };
+                }
+            }
             counter.occurrences += 1;
+            counter.total_occurrences += 1;
             let occurrence = counter.occurrences;
             if deciding.is_some()
                 || !rule.nth.admits(occurrence)
@@ -197,6 +215,7 @@ impl Engine {
                 continue;
             }
             counter.fired += 1;
+            counter.total_fired += 1;
             deciding = Some((rule, occurrence));
         }
 
@@ -241,17 +260,18 @@ impl Engine {
         self.lock().policy.clone()
     }
 
-    /// Arms a trigger (a no-op if it is armed already). Any name may be armed, also one no rule
-    /// mentions yet: a policy installed later sees it armed.
-    pub fn arm(&self, trigger: &str, now: Duration) {
-        self.set_trigger(trigger, true, now);
+    /// Arms a trigger (a no-op if it is armed already); returns whether it changed. Any name may
+    /// be armed, also one no rule mentions yet: a policy installed later sees it armed.
+    pub fn arm(&self, trigger: &str, now: Duration) -> bool {
+        self.set_trigger(trigger, true, now)
     }
 
-    pub fn disarm(&self, trigger: &str, now: Duration) {
-        self.set_trigger(trigger, false, now);
+    /// Disarms a trigger; returns whether it changed.
+    pub fn disarm(&self, trigger: &str, now: Duration) -> bool {
+        self.set_trigger(trigger, false, now)
     }
 
-    fn set_trigger(&self, trigger: &str, armed: bool, now: Duration) {
+    fn set_trigger(&self, trigger: &str, armed: bool, now: Duration) -> bool {
         let changed = {
             let mut state = self.lock();
             let slot = state.trigger_slot(trigger);
@@ -260,6 +280,7 @@ impl Engine {
         if changed {
             self.changes.send_modify(|version| *version += 1);
         }
+        changed
     }
 
     pub fn is_armed(&self, trigger: &str) -> bool {
@@ -312,8 +333,8 @@ impl Engine {
             .zip(&state.counters)
             .map(|(rule, counter)| RuleCounter {
                 rule: rule.name.clone(),
-                occurrences: counter.occurrences,
-                fired: counter.fired,
+                occurrences: counter.total_occurrences,
+                fired: counter.total_fired,
             })
             .collect()
     }
@@ -369,6 +390,7 @@ fn set(triggers: &mut [Trigger], slot: usize, armed: bool, now: Duration) -> boo
     }
     trigger.armed = armed;
     trigger.since = now;
+    trigger.armings += u64::from(armed);
     true
 }
 
@@ -387,6 +409,7 @@ fn conditions_hold(
         || flags & rule.flags_set != rule.flags_set
         || flags & rule.flags_clear != 0
         || rule.connections.as_ref().is_some_and(|connections| !connections.contains(&request.connection))
+        || (!rule.lengths.is_empty() && !rule.lengths.iter().any(|&(min, max)| (min..=max).contains(&request.length)))
         || !rule.armed_by.iter().all(|&id| armed(id))
         || rule.disarmed_by.iter().any(|&id| armed(id))
     {
@@ -706,6 +729,83 @@ mod tests {
             engine.decide(&request, Duration::ZERO).rule.is_some()
         };
         assert_eq!([on(1, false), on(2, false), on(3, true), on(3, false)], [false, true, false, true]);
+    }
+
+    #[test]
+    fn occurrence_counts_restart_at_each_arming_unless_they_count_over_the_lifetime() {
+        let engine = Engine::new(Some(policy(
+            "seed: 5
+rules:
+  - { name: first-flush, when: { op: flush, armed_by: go, nth: 1 }, then: { error: EIO } }
+  - { name: first-flush-ever, when: { op: flush, armed_by: go, nth: 2, count: lifetime }, then: { error: ENOSPC } }
+  - { name: two-writes, when: { op: write, armed_by: go, limit: 2 }, then: { error: EIO } }
+  - { name: draws, when: { op: read, armed_by: go, probability: 0.5 }, then: { error: EIO } }
+",
+        )));
+        let at = Duration::ZERO;
+        let decide = |op| engine.decide(&request(op, 0, 512), at).rule.map(|rule| rule.to_string());
+        let mut armings = Vec::new();
+        for _ in 0..3 {
+            // Arming an armed trigger is not a new arming: it restarts nothing.
+            engine.arm("go", at);
+            let flushes = [decide(Op::Flush), decide(Op::Flush)];
+            engine.arm("go", at);
+            let writes = [decide(Op::Write), decide(Op::Write), decide(Op::Write)];
+            let reads: Vec<bool> = (0..32).map(|_| decide(Op::Read).is_some()).collect();
+            engine.disarm("go", at);
+            // Disarmed, nothing counts.
+            assert_eq!(decide(Op::Flush), None);
+            armings.push((flushes, writes, reads));
+        }
+        let first = |name: &str| Some(name.to_string());
+        assert_eq!(armings[0].0, [first("first-flush"), first("first-flush-ever")]);
+        assert_eq!(armings[1].0, [first("first-flush"), None], "nth: 1 fires again; the lifetime nth: 2 is past");
+        assert_eq!(armings[2].0, [first("first-flush"), None]);
+        for (_, writes, _) in &armings {
+            assert_eq!(writes, &[first("two-writes"), first("two-writes"), None], "the limit is per arming");
+        }
+        assert!(armings[0].2.contains(&true) && armings[0].2.contains(&false));
+        assert!(armings.iter().all(|arming| arming.2 == armings[0].2), "each arming draws the same");
+        // The control API's counters run across armings.
+        let counters = engine.rule_counters();
+        assert_eq!((counters[0].occurrences, counters[0].fired), (6, 3));
+        assert_eq!((counters[2].occurrences, counters[2].fired), (9, 6));
+    }
+
+    #[test]
+    fn length_conditions_match_exact_lengths_inclusive_ranges_and_comparisons() {
+        let engine = Engine::new(Some(policy(
+            "rules:
+  - { name: exact, when: { op: write, length: 64KiB }, then: { error: EIO } }
+  - { name: range, when: { op: read, length: 4KiB..8KiB }, then: { error: EIO } }
+  - { name: large, when: { op: trim, length: '>=1MiB' }, then: { error: EIO } }
+  - { name: small, when: { op: write_zeroes, length: [ '<4KiB', 1MiB.. ] }, then: { error: EIO } }
+",
+        )));
+        let rule = |op, length| engine.decide(&request(op, 0, length), Duration::ZERO).rule;
+        let named = |name: &str| Some(Arc::from(name));
+        assert_eq!(
+            [rule(Op::Write, 65536), rule(Op::Write, 65535), rule(Op::Write, 65537)],
+            [named("exact"), None, None]
+        );
+        assert_eq!(
+            [rule(Op::Read, 4095), rule(Op::Read, 4096), rule(Op::Read, 8192), rule(Op::Read, 8193)],
+            [None, named("range"), named("range"), None],
+            "both ends of a length range are included"
+        );
+        assert_eq!(
+            [rule(Op::Trim, MIB - 1), rule(Op::Trim, MIB), rule(Op::Trim, 1 << 31)],
+            [None, named("large"), named("large")]
+        );
+        assert_eq!(
+            [rule(Op::WriteZeroes, 4095), rule(Op::WriteZeroes, 4096), rule(Op::WriteZeroes, 2 * MIB)],
+            [named("small"), None, named("small")]
+        );
+        // A length condition narrows a rule, so a rule below it is not hidden.
+        let policy = policy(
+            "rules:\n  - { name: big, when: { op: write, length: '>64KiB' }, then: { delay: 1ms } }\n  - { name: all, when: { op: write }, then: { error: EIO } }\n",
+        );
+        assert!(policy.warnings().is_empty(), "{:?}", policy.warnings());
     }
 
     #[test]

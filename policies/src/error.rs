@@ -75,6 +75,70 @@ impl PolicyError {
     }
 }
 
+/// Every error found in a policy, in the order of the file: the parser goes on past an error
+/// wherever it can (each rule, each field of `when` and `then`, each list item is read even when
+/// an earlier one failed). Never empty. Displays each error as [`PolicyError`] does, one after the
+/// other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyErrors {
+    errors: Vec<PolicyError>,
+    /// True when the parser stopped looking before the end ([`PolicyErrors::MAX`] errors, or the
+    /// time it may take): more errors may follow.
+    pub truncated: bool,
+}
+
+impl PolicyErrors {
+    /// The most errors reported for one policy: each costs a reading of the whole file.
+    pub const MAX: usize = 20;
+
+    /// Sorts by position and drops repeats; `errors` must not be empty.
+    pub(crate) fn new(mut errors: Vec<PolicyError>, truncated: bool) -> PolicyErrors {
+        assert!(!errors.is_empty(), "a refusal has an error");
+        errors.sort_by_key(|error| (error.line, error.column));
+        errors.dedup();
+        PolicyErrors { errors, truncated }
+    }
+
+    /// The first error in the file.
+    pub fn first(&self) -> &PolicyError {
+        &self.errors[0]
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, PolicyError> {
+        self.errors.iter()
+    }
+}
+
+impl std::ops::Deref for PolicyErrors {
+    type Target = [PolicyError];
+    fn deref(&self) -> &[PolicyError] {
+        &self.errors
+    }
+}
+
+impl From<PolicyError> for PolicyErrors {
+    fn from(error: PolicyError) -> Self {
+        PolicyErrors { errors: vec![error], truncated: false }
+    }
+}
+
+impl fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, error) in self.errors.iter().enumerate() {
+            if index > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        if self.truncated {
+            write!(f, "\n{}: more errors may follow; fix these first", self.errors[0].origin)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyErrors {}
+
 /// A fix for the messages serde and libyaml write themselves.
 fn explain(message: &str) -> Invalid {
     let quoted = backticked(message);
@@ -99,8 +163,10 @@ fn explain(message: &str) -> Invalid {
         "nest the YAML less deeply: a policy needs only a few levels".to_string()
     } else if message.contains("repetition limit") {
         "expand the aliases (`*name`) by hand: this many repetitions are refused".to_string()
+    } else if message.contains("block scalar") {
+        "quote a value that starts with `>` or `|`, such as length: \">=1MiB\" (or write 1MiB..): YAML reads them as block text".to_string()
     } else if message.contains("cannot start any token") {
-        "indent with spaces (YAML refuses tabs), and quote values that start with `@`, `` ` `` or `%`".to_string()
+        "indent with spaces (YAML refuses tabs), and quote values that start with `@`, `` ` ``, `%` or `>`, such as length: \">=1MiB\"".to_string()
     } else if message.contains("more than one document") {
         "keep one YAML document: remove the `---` separators and merge the rules into one `rules:` list".to_string()
     } else {

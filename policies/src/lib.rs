@@ -21,7 +21,7 @@ pub mod units;
 pub use bad_sectors::BadSector;
 pub use decision::{Action, Decision, Reply, Wait};
 pub use engine::{Engine, RuleCounter, TriggerState};
-pub use error::PolicyError;
+pub use error::{PolicyError, PolicyErrors};
 pub use policy::{Policy, PolicyLimits, PolicyWarning};
 pub use random::corrupt;
 pub use record::{

@@ -182,6 +182,16 @@ struct DecisionView<'a> {
 }
 
 impl FaultRecord {
+    /// True when the client was answered with an error (not a disconnect, not a silent loss).
+    pub fn failed(&self) -> bool {
+        self.reply == ReplyRecord::Error
+    }
+
+    /// True when the request's range overlaps `[start, end)`.
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.offset < end && start < self.offset.saturating_add(self.length)
+    }
+
     /// The record for a request the server has finished. `None` when no rule touched it
     /// (`decision.rule` is `None`): such requests are not logged.
     pub fn new(

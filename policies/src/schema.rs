@@ -6,7 +6,7 @@
 
 use serde_json::{Value, json};
 
-use crate::policy::since_values;
+use crate::policy::{count_values, since_values};
 use crate::request::{Errno, Op};
 
 const SIZE: &str = r"[0-9][0-9_]*\s*(B|K|KiB|M|MiB|G|GiB|T|TiB|P|PiB|s|sectors)?";
@@ -23,6 +23,7 @@ pub fn json_schema() -> Value {
     let duration_pattern = anchored(&format!("(0|{DURATION})"));
     let spread_pattern = anchored(&format!(r"(0|{DURATION})(\s*\.\.\s*(0|{DURATION}))?"));
     let tear_pattern = anchored(&format!(r"{SIZE}(\s*\.\.\s*{SIZE})?"));
+    let length_pattern = anchored(&format!(r"((>=|>|<=|<)\s*{SIZE}|({SIZE})?\s*\.\.\s*({SIZE})?|{SIZE})"));
     let ops: Vec<&str> = Op::ALL.iter().map(|op| op.name()).collect();
     let errnos: Vec<&str> = Errno::ALL.iter().map(|errno| errno.name()).collect();
     let one_or_more =
@@ -34,6 +35,10 @@ pub fn json_schema() -> Value {
         "properties": {
             "op": one_or_more(json!({ "$ref": "#/$defs/op" })),
             "range": one_or_more(json!({ "$ref": "#/$defs/range" })),
+            "length": one_or_more(json!({ "oneOf": [
+                { "type": "integer", "minimum": 1, "maximum": 4_294_967_295u64 },
+                { "type": "string", "pattern": length_pattern }
+            ] })),
             "fua": { "type": "boolean" },
             "no_hole": { "type": "boolean" },
             "fast_zero": { "type": "boolean" },
@@ -55,6 +60,7 @@ pub fn json_schema() -> Value {
                 }
             ] },
             "limit": { "$ref": "#/$defs/count" },
+            "count": { "enum": count_values() },
             "probability": { "oneOf": [
                 { "type": "number", "minimum": 0, "maximum": 1 },
                 { "type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*%\s*$" }
@@ -219,6 +225,10 @@ pub fn json_schema() -> Value {
 /// Hover texts for editors, one per field of `when` (`op`'s lists the operations, so it is built).
 const WHEN_DESCRIPTIONS: &[(&str, &str)] = &[
     ("range", "Half-open byte range(s) the request must overlap: 1MiB..2MiB, 1MiB..+4KiB, 1GiB.. (flush has none)."),
+    (
+        "length",
+        "The request's length: 64KiB exactly, 4KiB..64KiB (both included), 1MiB.., \">=1MiB\" (quoted), or a list. Flush has none.",
+    ),
     ("fua", "Match only requests with (true) or without (false) the FUA flag."),
     ("no_hole", "Match on NBD_CMD_FLAG_NO_HOLE (write_zeroes)."),
     ("fast_zero", "Match on NBD_CMD_FLAG_FAST_ZERO (write_zeroes)."),
@@ -229,6 +239,10 @@ const WHEN_DESCRIPTIONS: &[(&str, &str)] = &[
     ("nth", "Which occurrences fire: N (exactly the N-th), or { after: N, every: N, first: N }."),
     ("limit", "Decide at most this many requests."),
     ("probability", "Seeded chance of firing per occurrence: 0.25 or 25%."),
+    (
+        "count",
+        "What nth, limit and the probability draws count over: per_arming (restart at each arming of armed_by; the default with armed_by) or lifetime.",
+    ),
     ("armed_by", "Active only while all these triggers are armed."),
     ("disarmed_by", "Inactive while any of these triggers is armed."),
     ("from", "Active from this time on (see since)."),
@@ -311,6 +325,7 @@ mod tests {
         let errnos: Vec<&str> = Errno::ALL.iter().map(|errno| errno.name()).collect();
         assert_eq!(schema["$defs"]["errno"]["enum"], json!(errnos));
         assert_eq!(schema["$defs"]["when"]["properties"]["since"]["enum"], json!(["start", "armed"]));
+        assert_eq!(schema["$defs"]["when"]["properties"]["count"]["enum"], json!(["per_arming", "lifetime"]));
     }
 
     #[test]

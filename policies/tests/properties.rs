@@ -60,6 +60,8 @@ struct ModelRule {
     disarm: Option<usize>,
     fua: Option<bool>,
     connection: Option<u64>,
+    /// `count: lifetime`; otherwise the default, per arming when there is an `armed_by`.
+    lifetime: bool,
 }
 
 impl ModelRule {
@@ -87,6 +89,9 @@ impl ModelRule {
         when.push(format!("nth: {{ {} }}", nth.join(", ")));
         if let Some(limit) = self.limit {
             when.push(format!("limit: {limit}"));
+        }
+        if self.lifetime {
+            when.push("count: lifetime".to_string());
         }
         let mut then = vec!["error: EIO".to_string()];
         if let Some(trigger) = self.arm {
@@ -126,7 +131,7 @@ fn rule_strategy() -> impl Strategy<Value = ModelRule> {
         prop::option::of((0u64..16, 1u64..8).prop_map(|(start, length)| (start * 512, (start + length) * 512))),
         (trigger.clone(), trigger.clone(), trigger.clone(), trigger),
         (0u64..3, 1u64..4, prop::option::of(0u64..4), prop::option::of(1u64..4)),
-        (prop::option::of(any::<bool>()), prop::option::of(0u64..2)),
+        (prop::option::of(any::<bool>()), prop::option::of(0u64..2), any::<bool>()),
     )
         .prop_map(
             |(
@@ -134,7 +139,7 @@ fn rule_strategy() -> impl Strategy<Value = ModelRule> {
                 range,
                 (armed_by, disarmed_by, arm, disarm),
                 (after, every, first_extra, limit),
-                (fua, connection),
+                (fua, connection, lifetime),
             )| {
                 ModelRule {
                     op,
@@ -150,6 +155,7 @@ fn rule_strategy() -> impl Strategy<Value = ModelRule> {
                     disarm,
                     fua,
                     connection,
+                    lifetime,
                 }
             },
         )
@@ -186,13 +192,23 @@ proptest! {
         assert_schema_accepts(&yaml)?;
         let engine = Engine::new(Some(policy));
         let mut armed = [false; 2];
+        // Disarmed-to-armed changes per trigger, and per rule the arming its counts belong to:
+        // with `armed_by` (and no `count: lifetime`) the counts restart at each new arming.
+        let mut armings = [0u64; 2];
+        let mut counted_arming = vec![0u64; rules.len()];
         let mut occurrences = vec![0u64; rules.len()];
         let mut fired = vec![0u64; rules.len()];
+        let mut total_occurrences = vec![0u64; rules.len()];
+        let mut total_fired = vec![0u64; rules.len()];
+        let arm = |armed: &mut [bool; 2], armings: &mut [u64; 2], trigger: usize| {
+            armings[trigger] += u64::from(!armed[trigger]);
+            armed[trigger] = true;
+        };
         for step in steps {
             let request = match step {
                 Step::Arm(trigger) => {
                     engine.arm(TRIGGERS[trigger], Duration::ZERO);
-                    armed[trigger] = true;
+                    arm(&mut armed, &mut armings, trigger);
                     continue;
                 }
                 Step::Disarm(trigger) => {
@@ -212,15 +228,24 @@ proptest! {
                 if !rule.concerns(&request, &armed) {
                     continue;
                 }
+                if let Some(trigger) = rule.armed_by.filter(|_| !rule.lifetime)
+                    && counted_arming[index] != armings[trigger]
+                {
+                    counted_arming[index] = armings[trigger];
+                    occurrences[index] = 0;
+                    fired[index] = 0;
+                }
                 occurrences[index] += 1;
+                total_occurrences[index] += 1;
                 if deciding.is_none() && rule.admits(occurrences[index], fired[index]) {
                     fired[index] += 1;
+                    total_fired[index] += 1;
                     deciding = Some(index);
                 }
             }
             if let Some(rule) = deciding.map(|index| &rules[index]) {
                 // Arms first, then disarms, as the engine applies them.
-                if let Some(trigger) = rule.arm { armed[trigger] = true; }
+                if let Some(trigger) = rule.arm { arm(&mut armed, &mut armings, trigger); }
                 if let Some(trigger) = rule.disarm.filter(|&trigger| Some(trigger) != rule.arm) { armed[trigger] = false; }
             }
             let decision = engine.decide(&request, Duration::ZERO);
@@ -230,8 +255,8 @@ proptest! {
             }
         }
         let counters = engine.rule_counters();
-        prop_assert_eq!(counters.iter().map(|counter| counter.occurrences).collect::<Vec<_>>(), occurrences);
-        prop_assert_eq!(counters.iter().map(|counter| counter.fired).collect::<Vec<_>>(), fired);
+        prop_assert_eq!(counters.iter().map(|counter| counter.occurrences).collect::<Vec<_>>(), total_occurrences);
+        prop_assert_eq!(counters.iter().map(|counter| counter.fired).collect::<Vec<_>>(), total_fired);
     }
 
     #[test]
@@ -251,9 +276,11 @@ proptest! {
         let damaged = format!("{}{insert}{}", &original[..at], &original[at..]);
         match Policy::from_yaml(&damaged, "damaged.yaml") {
             Ok(_) => assert_schema_accepts(&damaged)?,
-            Err(error) => {
-                prop_assert!(error.line >= 1 && error.column >= 1);
-                prop_assert!(!error.fix.is_empty(), "no fix: {}", error);
+            Err(errors) => {
+                for error in errors.iter() {
+                    prop_assert!(error.line >= 1 && error.column >= 1);
+                    prop_assert!(!error.fix.is_empty(), "no fix: {}", error);
+                }
             }
         }
     }

@@ -76,9 +76,15 @@ fn run(policy: &str, requests: &[Request], seq_base: u64) -> Vec<FaultRecord> {
     for (i, request) in requests.iter().enumerate() {
         let now = Duration::from_millis(i as u64);
         match i {
-            5 => engine.arm("hold", now),
-            17 => engine.arm("crash", now),
-            40 => engine.disarm("hold", now),
+            5 => {
+                engine.arm("hold", now);
+            }
+            17 => {
+                engine.arm("crash", now);
+            }
+            40 => {
+                engine.disarm("hold", now);
+            }
             _ => {}
         }
         let decision = engine.decide(request, now);

@@ -2,12 +2,13 @@
 # Shared by scripts/demo.sh and scripts/client-tests-matrix.sh: the packages the VM harness needs
 # and the static build it runs. Sourced, not run.
 
-# qemu (TCG), the real nbd-client, busybox and mkfs for the guest's initramfs, cpio for the
-# harness's own tests, and Debian's archive keys for the private apt configuration that fetches
-# kernels. qemu-utils is named with qemu-system-x86 so both come from the same Debian release.
-# openssl makes the certificates of `vm-tls`.
-CLIENT_TEST_PACKAGES=(qemu-system-x86 qemu-utils nbd-client busybox-static xfsprogs e2fsprogs cpio
-    debian-archive-keyring libc6-dev openssl)
+# qemu (TCG), the real nbd-client, busybox and mkfs (xfs, ext4, btrfs) for the guest's
+# initramfs, cpio for the harness's own tests, and Debian's archive keys for the private apt
+# configuration that fetches kernels. qemu-utils is named with qemu-system-x86 so both come from
+# the same Debian release. openssl makes the certificates of `vm-tls`; binutils' objcopy strips the
+# guest binary's debug information for a smaller initramfs.
+CLIENT_TEST_PACKAGES=(qemu-system-x86 qemu-utils nbd-client busybox-static xfsprogs e2fsprogs btrfs-progs cpio
+    debian-archive-keyring libc6-dev openssl binutils)
 
 # Builds nbdfault and nbdfault-client-tests statically linked (the guest has no C library), for
 # the explicit target so build scripts stay dynamic. The harness finds the server next to itself

@@ -40,7 +40,11 @@ pub enum Command {
     /// Check policy files, or print the JSON Schema of the policy language.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Talk to a running server's control API: policies, triggers, the fault log, stored data.
+    /// Talk to a running server's control API: policies, triggers, power, the fault log, stored data.
+    ///
+    /// The API's answer goes to stdout (JSON); its warnings (a trigger no rule names, a rule that
+    /// can never decide) and errors go to stderr. Exit status: 0 done, 1 done but warned (with
+    /// --strict), 2 refused or unreachable.
     Ctl(CtlArgs),
     /// Turn a fault log into a policy that makes the same decisions again for the same requests.
     Replay(ReplayArgs),
@@ -88,6 +92,10 @@ pub struct CtlArgs {
     /// The default URL becomes https://.
     #[arg(long, value_name = "DIR", env = "NBDFAULT_CONTROL_TLS_CERTIFICATES")]
     pub tls_certificates: Option<PathBuf>,
+    /// Exit with status 1 when the server warns (arming a trigger no rule names, a policy with a
+    /// rule that can never decide). The change is made all the same; the warning is on stderr.
+    #[arg(long)]
+    pub strict: bool,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -103,6 +111,7 @@ pub enum CtlCommand {
         name: Option<String>,
     },
     /// Replace an export's policy (validated first; a bad one changes nothing). FILE `-` is stdin.
+    /// Errors and warnings name FILE, with line, column and a fix.
     SetPolicy {
         #[arg(value_name = "NAME")]
         name: String,
@@ -119,14 +128,14 @@ pub enum CtlCommand {
         #[arg(value_name = "NAME")]
         name: String,
     },
-    /// Arm a trigger.
+    /// Arm a trigger (warns when no rule of the export's policy names it).
     Arm {
         #[arg(value_name = "NAME")]
         name: String,
         #[arg(value_name = "TRIGGER")]
         trigger: String,
     },
-    /// Disarm a trigger.
+    /// Disarm a trigger (warns when no rule of the export's policy names it).
     Disarm {
         #[arg(value_name = "NAME")]
         name: String,
@@ -240,6 +249,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = size)]
     pub max_in_flight: Option<u64>,
 
+    /// Bytes in flight across the whole server: request payloads and read buffers of every
+    /// connection, and control API `data` transfers. At the budget the server stops reading
+    /// requests until replies free some. Default 256MiB; at least 33MiB.
+    #[arg(long, value_name = "SIZE", value_parser = size)]
+    pub memory_budget: Option<u64>,
+
     /// Time in-flight requests get to finish at shutdown before they are answered ESHUTDOWN. Default 5s.
     #[arg(long, value_name = "DURATION", value_parser = duration)]
     pub shutdown_grace: Option<Duration>,
@@ -303,6 +318,7 @@ impl ServeArgs {
             max_connections: self.max_connections,
             max_handshakes: self.max_handshakes,
             max_in_flight: self.max_in_flight,
+            memory_budget: self.memory_budget,
             shutdown_grace: self.shutdown_grace,
             tls: self.tls,
             tls_certificates: self.tls_certificates.clone(),

@@ -14,11 +14,13 @@ use crate::wire::request::MAX_PAYLOAD;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 pub const DEFAULT_CONTROL: &str = "127.0.0.1:10810";
 pub const DEFAULT_MEMORY_SIZE: u64 = 1 << 30;
+/// In-flight bytes across the whole server: fits a VM of 1 GiB with room for memory exports.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 256 << 20;
 
 /// The configuration file, as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ConfigFile {
+struct ConfigFile {
     /// Addresses to serve NBD on.
     #[serde(default)]
     pub listen: Option<Vec<String>>,
@@ -40,7 +42,7 @@ pub struct ConfigFile {
 /// `tls:` in the configuration file; a relative `certificates` is relative to the file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsFile {
+struct TlsFile {
     pub mode: Option<TlsMode>,
     pub certificates: Option<PathBuf>,
     pub verify_peer: Option<bool>,
@@ -48,17 +50,18 @@ pub struct TlsFile {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LimitsFile {
+struct LimitsFile {
     pub handshake_timeout: Option<HumanDuration>,
     pub max_handshakes: Option<usize>,
     pub max_connections: Option<usize>,
     pub max_in_flight: Option<ByteSize>,
+    pub memory_budget: Option<ByteSize>,
     pub shutdown_grace: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ExportFile {
+struct ExportFile {
     pub name: String,
     #[serde(default)]
     pub description: String,
@@ -87,6 +90,7 @@ pub struct Overrides {
     pub max_handshakes: Option<usize>,
     pub max_connections: Option<usize>,
     pub max_in_flight: Option<u64>,
+    pub memory_budget: Option<u64>,
     pub shutdown_grace: Option<Duration>,
     pub tls: Option<TlsMode>,
     pub tls_certificates: Option<PathBuf>,
@@ -151,6 +155,9 @@ pub struct Limits {
     /// Connections in transmission (past the handshake).
     pub max_connections: usize,
     pub max_in_flight: u32,
+    /// Bytes of request payloads, read buffers and control `data` transfers in flight across the
+    /// whole server.
+    pub memory_budget: u64,
     pub shutdown_grace: Duration,
 }
 
@@ -161,6 +168,7 @@ impl Default for Limits {
             max_handshakes: 64,
             max_connections: 256,
             max_in_flight: 64 << 20,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
             shutdown_grace: Duration::from_secs(5),
         }
     }
@@ -342,6 +350,16 @@ impl Config {
             }
             limits.max_in_flight = value as u32;
         }
+        if let Some(value) = overrides.memory_budget.or(file.limits.memory_budget.map(|s| s.0)) {
+            let floor = u64::from(MAX_PAYLOAD) + (1 << 20);
+            if value < floor || value > 1 << 48 {
+                return Err(invalid(format!(
+                    "memory budget {value} is outside {floor}..{}: a 32 MiB request must fit",
+                    1u64 << 48
+                )));
+            }
+            limits.memory_budget = value;
+        }
         if limits.handshake_timeout.is_zero() {
             return Err(invalid("the handshake timeout must be above 0, such as 30s"));
         }
@@ -399,9 +417,7 @@ impl Config {
             });
         }
         for (i, export) in exports.iter().enumerate() {
-            if export.name.len() > 4096 || export.name.contains('\0') {
-                return Err(invalid(format!("export name {:?} is too long or has a NUL byte", export.name)));
-            }
+            crate::export::check_export_name(&export.name).map_err(invalid)?;
             if exports[..i].iter().any(|other| other.name == export.name) {
                 return Err(invalid(format!(
                     "export {:?} is defined twice; give each export its own name",
@@ -436,6 +452,34 @@ impl Config {
     }
 }
 
+impl Config {
+    /// What anyone who can reach the server could do because a listener is beyond loopback and
+    /// nothing authenticates its clients: one loud line each, logged at start.
+    pub fn exposure_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let authenticated_by_tls = self.tls.as_ref().is_some_and(|tls| tls.mode == TlsMode::Require && tls.verify_peer);
+        for address in self.listen.iter().filter(|address| !address.ip().is_loopback()) {
+            if !authenticated_by_tls {
+                warnings.push(format!(
+                    "NBD listens on {address}, beyond loopback, and any client that reaches it can read and overwrite \
+                     every export: use --tls require --tls-verify-peer (client certificates), or listen on 127.0.0.1"
+                ));
+            }
+        }
+        if let Some(address) = self.control.filter(|address| !address.ip().is_loopback())
+            && self.control_token.is_none()
+            && !self.tls.as_ref().is_some_and(|tls| tls.verify_peer)
+        {
+            warnings.push(format!(
+                "the control API listens on {address}, beyond loopback, with no token: anyone who reaches it can \
+                 change policies and read and write every export; set --control-token (or --control-token-file), \
+                 or --control 127.0.0.1:PORT"
+            ));
+        }
+        warnings
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,6 +488,24 @@ mod tests {
         let file: ConfigFile = serde_yaml::from_str(yaml)
             .map_err(|e| ConfigError::Syntax { path: "test".into(), message: e.to_string() })?;
         Config::merge(file, Some(Path::new("/etc/nbdfault")), overrides)
+    }
+
+    #[test]
+    fn listeners_beyond_loopback_without_authentication_are_warned_about() {
+        assert!(Config::load(&Overrides::default()).unwrap().exposure_warnings().is_empty());
+        let open = Overrides {
+            listen: vec!["0.0.0.0:10809".into()],
+            control: Some("0.0.0.0:10810".into()),
+            ..Default::default()
+        };
+        let warnings = Config::load(&open).unwrap().exposure_warnings();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("NBD listens on 0.0.0.0:10809") && warnings[0].contains("--tls require"));
+        assert!(
+            warnings[1].contains("control API listens on 0.0.0.0:10810") && warnings[1].contains("--control-token")
+        );
+        let tokened = Overrides { control_token: Some("s3cret".into()), listen: vec!["127.0.0.1:0".into()], ..open };
+        assert!(Config::load(&tokened).unwrap().exposure_warnings().is_empty());
     }
 
     #[test]
@@ -512,6 +574,8 @@ mod tests {
         assert!(error(Overrides { exports: vec!["d=memory:0".into()], ..Default::default() }).contains("above 0"));
         assert!(error(Overrides { read_only: vec!["nope".into()], ..Default::default() }).contains("no such export"));
         assert!(error(Overrides { max_in_flight: Some(1 << 20), ..Default::default() }).contains("32 MiB"));
+        assert!(error(Overrides { memory_budget: Some(1 << 20), ..Default::default() }).contains("memory budget"));
+        assert!(error(Overrides { max_handshakes: Some(0), ..Default::default() }).contains("at least 1"));
         assert!(
             error(Overrides { control: Some("127.0.0.1:10809".into()), ..Default::default() }).contains("another port")
         );

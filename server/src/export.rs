@@ -12,6 +12,23 @@ use crate::fault::{Clock, FaultLayer};
 use crate::storage::BlockDevice;
 use crate::wire::transmission_flags as flags;
 
+/// Whether `name` can name an export: the one check for the configuration file, the flags and
+/// the control API. Names starting with `@` are the control API's (`@default` is the export
+/// `""`), so no export may take one; the protocol limits a name to 4096 bytes without NUL.
+pub fn check_export_name(name: &str) -> Result<(), String> {
+    if name.starts_with('@') {
+        return Err(format!(
+            "export name {name:?} starts with @, which the control API keeps for itself (it writes the export \"\" \
+             as {}): choose a name that does not start with @",
+            nbdfault_control_client::DEFAULT_EXPORT
+        ));
+    }
+    if name.len() > 4096 || name.contains('\0') {
+        return Err(format!("export name {name:?} is too long (over 4096 bytes) or has a NUL byte"));
+    }
+    Ok(())
+}
+
 /// One export as clients see it.
 pub struct Export {
     pub name: String,
@@ -176,6 +193,17 @@ impl ExportParts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn export_names_starting_with_at_are_refused_saying_why() {
+        assert_eq!(check_export_name(""), Ok(()));
+        assert_eq!(check_export_name("disk @ home"), Ok(()));
+        let error = check_export_name("@default").unwrap_err();
+        assert!(error.contains("starts with @") && error.contains("control API"), "{error}");
+        assert!(check_export_name("@x").is_err());
+        assert!(check_export_name(&"x".repeat(4097)).unwrap_err().contains("4096"));
+        assert!(check_export_name("a\0b").unwrap_err().contains("NUL"));
+    }
 
     fn memory_export(read_only: bool) -> Export {
         Export::new(ExportParts::memory("disk", 1 << 20, read_only))

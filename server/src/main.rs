@@ -26,10 +26,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Replay(args) => replay(&args),
-        Command::Ctl(args) => match run_ctl(&args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => fail(&error),
-        },
+        Command::Ctl(args) => ctl(&args),
     }
 }
 
@@ -38,6 +35,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Ok(config) => config,
         Err(error) => return fail(&error),
     };
+    for warning in config.exposure_warnings() {
+        tracing::warn!("WARNING: {warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => return fail(&format!("cannot start the async runtime: {error}")),
@@ -47,13 +47,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
             Ok(server) => server,
             Err(error) => return fail(&error),
         };
-        let addresses = server.local_addresses();
-        for address in &addresses {
-            for export in server.exports().iter() {
-                tracing::info!(export = %export.name, size = export.size(), "serving nbd://{address}/{}", export.name);
-            }
-        }
-        server::announce_ready(&addresses, server.control_address());
+        server.log_exports();
+        server::announce_ready(&server.local_addresses(), server.control_address());
         server.run(server::termination_signal()).await;
         ExitCode::SUCCESS
     })
@@ -117,7 +112,46 @@ fn replay(args: &ReplayArgs) -> ExitCode {
     }
 }
 
-fn run_ctl(args: &CtlArgs) -> Result<(), ctl::CtlError> {
+/// Exit status of `ctl --strict` when the server did what was asked but warned about it.
+const WARNED: u8 = 1;
+
+/// Runs a `ctl` command: the API's answer on stdout, its warnings and any error on stderr.
+fn ctl(args: &CtlArgs) -> ExitCode {
+    match run_ctl(args) {
+        Ok(warnings) => {
+            for warning in &warnings {
+                eprintln!("{warning}");
+            }
+            if args.strict && !warnings.is_empty() { ExitCode::from(WARNED) } else { ExitCode::SUCCESS }
+        }
+        // The policy's own errors start with the file name, as `policy check` prints them.
+        Err(ctl::CtlError::PolicyRefused { export, errors }) => {
+            eprintln!("{errors}");
+            fail(&format!("the policy was refused; export {export:?} keeps the policy it had"))
+        }
+        Err(error) => fail(&error),
+    }
+}
+
+/// The `warnings` of an API answer: what was done, but is most likely not what was meant.
+fn warnings_of(answer: &str) -> Vec<String> {
+    let answer = serde_json::from_str::<serde_json::Value>(answer).unwrap_or_default();
+    answer["warnings"].as_array().into_iter().flatten().filter_map(|w| w.as_str().map(str::to_string)).collect()
+}
+
+/// Prints an API answer (JSON, pretty-printed) on stdout and returns its warnings.
+fn print_answer(answer: &str) -> Result<Vec<String>, ctl::CtlError> {
+    let shown = match serde_json::from_str::<serde_json::Value>(answer) {
+        Ok(value) => serde_json::to_string_pretty(&value).unwrap_or_else(|_| answer.to_string()),
+        Err(_) => answer.to_string(),
+    };
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", shown.trim_end())?;
+    stdout.flush()?;
+    Ok(warnings_of(answer))
+}
+
+fn run_ctl(args: &CtlArgs) -> Result<Vec<String>, ctl::CtlError> {
     let control_env = std::env::var("NBDFAULT_CONTROL").ok();
     let url = nbdfault::cli::control_url(args.url.as_deref(), control_env.as_deref(), args.tls_certificates.is_some());
     let tls = args.tls_certificates.as_deref().map(ctl::client_tls).transpose()?;
@@ -130,42 +164,44 @@ fn run_ctl(args: &CtlArgs) -> Result<(), ctl::CtlError> {
         }
         None => args.token.clone(),
     };
-    let client = Client::new(&url, token.filter(|token| !token.is_empty()), tls);
+    let client = Client::new(&url, token.filter(|token| !token.is_empty()), tls)?;
     let export_path = |name: &str| format!("/v1/exports/{}", path_segment(name));
-    let print = |text: String| {
-        println!("{}", text.trim_end());
-        Ok(())
-    };
+    let trigger_path = |name: &str, trigger: &str| format!("{}/triggers/{}", export_path(name), path_segment(trigger));
     match &args.command {
-        CtlCommand::Health => print(client.json("GET", "/v1/health", None)?),
-        CtlCommand::Exports { name: None } => print(client.json("GET", "/v1/exports", None)?),
-        CtlCommand::Exports { name: Some(name) } => print(client.json("GET", &export_path(name), None)?),
+        CtlCommand::Health => print_answer(&client.text("GET", "/v1/health", None)?),
+        CtlCommand::Exports { name: None } => print_answer(&client.text("GET", "/v1/exports", None)?),
+        CtlCommand::Exports { name: Some(name) } => print_answer(&client.text("GET", &export_path(name), None)?),
         CtlCommand::SetPolicy { name, file } => {
             let body = ctl::read_input(file)?;
-            let answer = client.text("PUT", &format!("{}/policy", export_path(name)), Some(body))?;
-            eprintln!("policy of export {name:?} replaced");
-            // Legal but almost certainly a mistake: show them, as `policy check` does.
-            let answer = serde_json::from_str::<serde_json::Value>(&answer).unwrap_or_default();
-            for warning in answer["warnings"].as_array().into_iter().flatten().filter_map(|w| w.as_str()) {
-                eprintln!("{warning}");
+            // Refused here rather than by the server, which answers 413 before reading the body.
+            let max_bytes = nbdfault_policies::PolicyLimits::DEFAULT.max_bytes;
+            if body.len() > max_bytes {
+                return Err(ctl::CtlError::Usage(format!(
+                    "{file}: the policy has {} bytes, over the limit of {max_bytes} bytes (max_bytes); split it",
+                    body.len()
+                )));
             }
-            Ok(())
+            // Errors and warnings then name the file, not the URL.
+            let origin = if file == "-" { "stdin" } else { file.as_str() };
+            let path = format!("{}/policy?origin={}", export_path(name), ctl::query_value(origin));
+            match client.text("PUT", &path, Some(body)) {
+                Err(ctl::CtlError::Refused { status: 400, message, .. }) => {
+                    Err(ctl::CtlError::PolicyRefused { export: name.clone(), errors: message })
+                }
+                answer => print_answer(&answer?),
+            }
         }
-        CtlCommand::ShowPolicy { name } => print(client.text("GET", &format!("{}/policy", export_path(name)), None)?),
+        CtlCommand::ShowPolicy { name } => {
+            let text = client.text("GET", &format!("{}/policy", export_path(name)), None)?;
+            println!("{}", text.trim_end());
+            Ok(Vec::new())
+        }
         CtlCommand::ClearPolicy { name } => {
-            client.text("DELETE", &format!("{}/policy", export_path(name)), None)?;
-            eprintln!("policy of export {name:?} removed");
-            Ok(())
+            print_answer(&client.text("DELETE", &format!("{}/policy", export_path(name)), None)?)
         }
-        CtlCommand::Arm { name, trigger } => {
-            client.text("POST", &format!("{}/triggers/{}", export_path(name), path_segment(trigger)), None)?;
-            eprintln!("trigger {trigger:?} armed on export {name:?}");
-            Ok(())
-        }
+        CtlCommand::Arm { name, trigger } => print_answer(&client.text("POST", &trigger_path(name, trigger), None)?),
         CtlCommand::Disarm { name, trigger } => {
-            client.text("DELETE", &format!("{}/triggers/{}", export_path(name), path_segment(trigger)), None)?;
-            eprintln!("trigger {trigger:?} disarmed on export {name:?}");
-            Ok(())
+            print_answer(&client.text("DELETE", &trigger_path(name, trigger), None)?)
         }
         CtlCommand::Faults { name, since, decisions, follow } => {
             let view = if *decisions { "decisions" } else { "records" };
@@ -184,7 +220,7 @@ fn run_ctl(args: &CtlArgs) -> Result<(), ctl::CtlError> {
                 }
                 stdout.flush()?;
                 if !*follow {
-                    return Ok(());
+                    return Ok(Vec::new());
                 }
                 std::thread::sleep(Duration::from_millis(250));
             }
@@ -200,19 +236,14 @@ fn run_ctl(args: &CtlArgs) -> Result<(), ctl::CtlError> {
                     client.copy_to(&path, &mut std::io::stdout().lock())?;
                 }
             }
-            Ok(())
+            Ok(Vec::new())
         }
         CtlCommand::Write { name, offset, file } => {
             let body = ctl::read_input(file)?;
-            let written = body.len();
-            client.text("PUT", &format!("{}/data?offset={offset}", export_path(name)), Some(body))?;
-            eprintln!("{written} bytes written to export {name:?} at {offset}");
-            Ok(())
+            print_answer(&client.text("PUT", &format!("{}/data?offset={offset}", export_path(name)), Some(body))?)
         }
         CtlCommand::Reset { name } => {
-            client.text("POST", &format!("{}/reset", export_path(name)), None)?;
-            eprintln!("export {name:?} reset to its pristine contents");
-            Ok(())
+            print_answer(&client.text("POST", &format!("{}/reset", export_path(name)), None)?)
         }
     }
 }

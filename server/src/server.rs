@@ -44,21 +44,32 @@ pub enum StartError {
     Tls(#[from] TlsError),
 }
 
-fn listen_hint(error: &std::io::Error) -> &'static str {
-    match error.kind() {
-        std::io::ErrorKind::AddrInUse => {
+/// What to do about a socket that cannot be bound; `flag` is the option that sets its address.
+fn listen_hint(error: &std::io::Error, flag: Flag) -> &'static str {
+    match (error.kind(), flag) {
+        (std::io::ErrorKind::AddrInUse, Flag::Listen) => {
             " (another process uses that port: stop it, or choose another port with --listen)"
         }
-        std::io::ErrorKind::AddrNotAvailable => {
+        (std::io::ErrorKind::AddrInUse, Flag::Control) => {
+            " (another process uses that port: stop it, choose another port with --control, or turn the control API off with --no-control)"
+        }
+        (std::io::ErrorKind::AddrNotAvailable, _) => {
             " (no interface has that address: use 127.0.0.1 or an address of this machine)"
         }
-        std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges: choose a port above 1024)",
+        (std::io::ErrorKind::PermissionDenied, _) => " (ports below 1024 need privileges: choose a port above 1024)",
         _ => "",
     }
 }
 
+/// Which flag sets the address a bind error is about.
+#[derive(Clone, Copy)]
+enum Flag {
+    Listen,
+    Control,
+}
+
 /// Opens the storage of one export.
-pub fn open_storage(export: &ExportConfig) -> Result<Arc<dyn BlockDevice>, StartError> {
+fn open_storage(export: &ExportConfig) -> Result<Arc<dyn BlockDevice>, StartError> {
     let wrap = |source| StartError::Storage { export: export.name.clone(), source };
     Ok(match &export.storage {
         StorageSpec::Memory { size } => Arc::new(MemoryDevice::new(*size)),
@@ -71,7 +82,7 @@ pub fn open_storage(export: &ExportConfig) -> Result<Arc<dyn BlockDevice>, Start
 }
 
 /// Reads and checks an export's policy file.
-pub fn load_policy(export: &ExportConfig) -> Result<Option<Policy>, StartError> {
+fn load_policy(export: &ExportConfig) -> Result<Option<Policy>, StartError> {
     let Some(path) = &export.policy else { return Ok(None) };
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| StartError::PolicyRead {
@@ -94,7 +105,7 @@ fn storage_spec_text(spec: &StorageSpec) -> String {
 
 /// Builds every export with its fault layer and policy, so that a bad path or policy fails
 /// before anything listens.
-pub fn build_exports(config: &Config, log: &Arc<FaultLog>, clock: Clock) -> Result<Exports, StartError> {
+fn build_exports(config: &Config, log: &Arc<FaultLog>, clock: Clock) -> Result<Exports, StartError> {
     let mut exports = Vec::new();
     for export in &config.exports {
         let storage = open_storage(export)?;
@@ -114,7 +125,7 @@ pub fn build_exports(config: &Config, log: &Arc<FaultLog>, clock: Clock) -> Resu
 }
 
 /// Opens the fault log: in memory, and appended to the file when one is configured.
-pub fn open_fault_log(config: &Config) -> Result<Arc<FaultLog>, StartError> {
+fn open_fault_log(config: &Config) -> Result<Arc<FaultLog>, StartError> {
     let log = match &config.fault_log {
         Some(path) => FaultLog::with_file(path, fault_log::DEFAULT_CAPACITY)
             .map_err(|source| StartError::FaultLog { path: path.display().to_string(), source })?,
@@ -125,6 +136,8 @@ pub fn open_fault_log(config: &Config) -> Result<Arc<FaultLog>, StartError> {
 
 /// A server whose exports are open and whose sockets are bound, ready to run.
 pub struct Server {
+    /// The memory budget shared by every connection and the control API.
+    memory: Arc<Semaphore>,
     exports: Arc<Exports>,
     listeners: Vec<TcpListener>,
     control: Option<(TcpListener, ControlState)>,
@@ -146,21 +159,28 @@ impl Server {
         for &address in &config.listen {
             let listener = TcpListener::bind(address).await.map_err(|source| StartError::Listen {
                 address,
-                hint: listen_hint(&source),
+                hint: listen_hint(&source, Flag::Listen),
                 source,
             })?;
             listeners.push(listener);
         }
+        // usize is 64 bits here, and the budget is at most 2^48 (checked with the configuration).
+        let memory = Arc::new(Semaphore::new(config.limits.memory_budget as usize));
         let control = match config.control {
             Some(address) => {
                 let listener = control::bind(address).await.map_err(|source| StartError::Control {
                     address,
-                    hint: listen_hint(&source),
+                    hint: listen_hint(&source, Flag::Control),
                     source,
                 })?;
-                let state =
-                    ControlState::new(Arc::clone(&exports), Arc::clone(&log), clock, config.control_token.clone())
-                        .map_err(|source| StartError::Control { address, hint: "", source })?;
+                let state = ControlState::new(
+                    Arc::clone(&exports),
+                    Arc::clone(&log),
+                    clock,
+                    config.control_token.clone(),
+                    Arc::clone(&memory),
+                )
+                .map_err(|source| StartError::Control { address, hint: "", source })?;
                 Some((listener, state))
             }
             None => None,
@@ -171,6 +191,7 @@ impl Server {
             control,
             log,
             limits: config.limits,
+            memory,
             tls,
             controller: ShutdownController::new(),
         })
@@ -184,18 +205,19 @@ impl Server {
         self.control.as_ref().and_then(|(listener, _)| listener.local_addr().ok())
     }
 
-    pub fn exports(&self) -> &Arc<Exports> {
-        &self.exports
-    }
-
-    pub fn shutdown_handle(&self) -> Shutdown {
-        self.controller.handle()
+    /// Logs each export at each address, as `serving nbd://ADDRESS/EXPORT`.
+    pub fn log_exports(&self) {
+        for address in self.local_addresses() {
+            for export in self.exports.iter() {
+                tracing::info!(export = %export.name, size = export.size(), "serving nbd://{address}/{}", export.name);
+            }
+        }
     }
 
     /// Serves until `stop` resolves, then shuts down: stop accepting, let in-flight requests
     /// finish within the grace period, answer the rest with ESHUTDOWN, flush every export.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
-        let Server { exports, listeners, control, log, limits, tls, controller } = self;
+        let Server { exports, listeners, control, log, limits, memory, tls, controller } = self;
         let control_task = control
             .map(|(listener, state)| tokio::spawn(control::serve(listener, state, tls.clone(), controller.handle())));
         let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -214,6 +236,7 @@ impl Server {
                 next_id: Arc::clone(&next_id),
                 shutdown: controller.handle(),
                 alive: alive.clone(),
+                memory: Arc::clone(&memory),
             };
             tokio::spawn(acceptor.run());
         }
@@ -259,6 +282,7 @@ struct Acceptor {
     next_id: Arc<AtomicU64>,
     shutdown: Shutdown,
     alive: mpsc::Sender<()>,
+    memory: Arc<Semaphore>,
 }
 
 /// Connections still in the handshake, by arrival. When the table is full a new connection
@@ -344,10 +368,11 @@ impl Acceptor {
             let tls = self.tls.clone();
             let shutdown = self.shutdown.clone();
             let alive = self.alive.clone();
+            let memory = Arc::clone(&self.memory);
             let span = tracing::info_span!("connection", id, %peer);
             tokio::spawn(
                 async move {
-                    let place = Place { ticket, slots };
+                    let place = Place { ticket, slots, memory };
                     handle_connection(stream, id, &exports, limits, tls.as_deref(), place, shutdown).await;
                     drop(alive);
                 }
@@ -391,6 +416,7 @@ async fn negotiate(
 struct Place {
     ticket: HandshakeTicket,
     slots: Arc<Semaphore>,
+    memory: Arc<Semaphore>,
 }
 
 async fn handle_connection(
@@ -405,7 +431,7 @@ async fn handle_connection(
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "cannot set TCP_NODELAY");
     }
-    let Place { mut ticket, slots } = place;
+    let Place { mut ticket, slots, memory } = place;
     let negotiated = tokio::select! {
         _ = shutdown.stopping() => return,
         _ = &mut ticket.evicted => {
@@ -448,7 +474,7 @@ async fn handle_connection(
     let export = Arc::clone(&session.export);
     Counters::add(&export.counters.connections, 1);
     tracing::info!(export = %export.name, structured_replies = session.structured_replies, tls = encrypted, flags = format!("{:#x}", session.flags), "client attached");
-    let limits = ConnectionLimits { max_in_flight: limits.max_in_flight };
+    let limits = ConnectionLimits { max_in_flight: limits.max_in_flight, memory };
     let served = match negotiated {
         Negotiated::Plain(stream, _) => {
             let (reader, writer) = stream.into_split();

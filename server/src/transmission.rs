@@ -12,6 +12,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -22,9 +23,9 @@ use crate::storage::{BlockDevice, Extent, IoContext, IoError, ZeroFlags};
 use crate::wire::request::{Command, MAX_PAYLOAD, Negotiated, RequestHeader, validate};
 use crate::wire::{BASE_ALLOCATION_ID, chunk, command, command_flags, errno, reply};
 
-mod reader;
+pub(crate) mod reader;
 mod replies;
-pub use reader::{MAX_DRAIN, RequestReader};
+pub use reader::RequestReader;
 use replies::{Head, Outbox, Outgoing, Reply, write_replies};
 
 /// What a request without a payload costs against the in-flight budget.
@@ -70,10 +71,13 @@ pub enum TransmissionError {
 }
 
 /// Limits for one connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectionLimits {
     /// Bytes of payloads and read buffers in flight before the server stops reading requests.
     pub max_in_flight: u32,
+    /// The server's memory budget, shared by every connection (and the control API's `data`
+    /// transfers): in-flight bytes count against it too.
+    pub memory: Arc<Semaphore>,
 }
 
 /// Serves requests from `reader` until DISC, EOF, shutdown or a protocol violation.
@@ -89,7 +93,7 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let outbox = Arc::new(Outbox::new(limits.max_in_flight));
+    let outbox = Arc::new(Outbox::new(limits.max_in_flight, limits.memory));
     let mut tasks = JoinSet::new();
     let mut writing = pin!(write_replies(writer, &outbox, shutdown.clone()));
     // What the writer ended with, once it has.
@@ -127,6 +131,8 @@ where
         Some(result) => result,
         None => writing.await,
     };
+    // What unsent replies and abandoned requests still hold goes back to the server's budget.
+    outbox.release_all();
     // Errors writing replies only mean the client left.
     if let Err(error) = written {
         tracing::debug!(%error, "writing replies failed");
@@ -176,7 +182,8 @@ async fn read_requests<R: AsyncRead + Unpin>(
         };
         let Some(header) = header else { break Ok(End::Closed) };
         Counters::add(&export.counters.requests, 1);
-        // Backpressure: at the bound, stop reading requests until sent replies free the budget.
+        // Backpressure: at the connection's bound, or when the server's memory budget is spent,
+        // stop reading requests until sent replies free budget.
         let cost = cost(&header);
         if !outbox.try_acquire(cost) {
             // The replies gathered here hold budget too: they must go before waiting.

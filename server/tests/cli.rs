@@ -8,7 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::raw::*;
-use common::{NBDFAULT, Server, assert_same_bytes, json, run, run_ok, run_within, tool};
+use common::{CHATTR, IP, NBDINFO, NSENTER, QEMU_IO, UNSHARE, require};
+use common::{NBDFAULT, Server, assert_same_bytes, json, run, run_ok, run_within};
 
 const MIB: u64 = 1 << 20;
 
@@ -19,10 +20,7 @@ const MIB: u64 = 1 << 20;
 /// namespace of its own, and nbdinfo joins that namespace.
 #[test]
 fn serve_with_no_flags_serves_a_1_gib_default_export_on_127_0_0_1_port_10809() {
-    tool("unshare", "util-linux");
-    tool("nsenter", "util-linux");
-    tool("ip", "iproute2");
-    tool("nbdinfo", "libnbd-bin");
+    require!(IP, NBDINFO, NSENTER, UNSHARE);
     let probe = run(Command::new("unshare").args(["--net", "true"]));
     assert!(
         probe.status.success(),
@@ -53,6 +51,7 @@ fn serve_with_no_flags_serves_a_1_gib_default_export_on_127_0_0_1_port_10809() {
 
 #[test]
 fn a_yaml_config_file_sets_addresses_exports_and_limits_with_paths_relative_to_it() {
+    require!(NBDINFO);
     let dir = tempfile::tempdir().unwrap();
     common::empty_image(&dir.path().join("disk.img"), 4 * MIB);
     let config = dir.path().join("nbdfault.yaml");
@@ -76,7 +75,7 @@ fn a_yaml_config_file_sets_addresses_exports_and_limits_with_paths_relative_to_i
     .unwrap();
     let server = Server::builder().default_addresses().arg("--config").arg(&config).start();
     assert_eq!(server.control, None, "control: 'off'");
-    let listed = json(&run_ok(tool("nbdinfo", "libnbd-bin").args(["--list", "--json"]).arg(server.uri(""))));
+    let listed = json(&run_ok(NBDINFO.command().args(["--list", "--json"]).arg(server.uri(""))));
     let exports = listed["exports"].as_array().unwrap();
     let find = |name: &str| exports.iter().find(|e| e["export-name"] == name).unwrap_or_else(|| panic!("{listed}"));
     assert_eq!(find("disk")["export-size"], 4 * MIB);
@@ -179,6 +178,7 @@ fn bad_flags_are_refused_before_listening_with_what_to_change() {
     refused(&["serve", "--export", "disk=memory"], "memory:1GiB");
     refused(&["serve", "--export", "disk=memory:0"], "above 0");
     refused(&["serve", "--export", "disk=overlay:"], "base image");
+    refused(&["serve", "--export", "@default=memory:1MiB"], "starts with @, which the control API keeps");
     refused(&["serve", "--listen", "localhost"], "IP:PORT");
     refused(&["serve", "--listen", "127.0.0.1:0", "--control", "nowhere"], "IP:PORT");
     refused(&["serve", "--listen", "127.0.0.1:10999", "--control", "127.0.0.1:10999"], "another port");
@@ -211,6 +211,16 @@ fn a_listen_address_in_use_is_refused_with_a_hint() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = taken.local_addr().unwrap().to_string();
     refused(&["serve", "--no-control", "--listen", &address], "another process uses that port");
+    refused(&["serve", "--no-control", "--listen", &address], "choose another port with --listen");
+}
+
+#[test]
+fn a_control_address_in_use_is_refused_with_a_hint_naming_the_control_flag() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let args = ["serve", "--listen", "127.0.0.1:0", "--control", &address];
+    refused(&args, "cannot start the control API");
+    refused(&args, "choose another port with --control, or turn the control API off with --no-control");
 }
 
 #[test]
@@ -249,6 +259,7 @@ fn bad_config_files_are_refused_with_their_location_and_what_to_change() {
         ("limit.yaml", "limits:\n  handshake_timeout: 0s\n", "above 0"),
         ("type.yaml", "limits:\n  max_connections: many\n", "max_connections"),
         ("missing-image.yaml", "exports:\n  - {name: a, storage: nothere.img}\n", "truncate -s"),
+        ("at.yaml", "exports:\n  - {name: '@default', storage: 'memory:1MiB'}\n", "starts with @"),
     ];
     for (name, text, expected) in cases {
         let path = dir.path().join(name);
@@ -448,7 +459,7 @@ struct Immutable<'a>(&'a std::path::Path);
 
 impl<'a> Immutable<'a> {
     fn new(path: &'a std::path::Path) -> Immutable<'a> {
-        let output = run(tool("chattr", "e2fsprogs").arg("+i").arg(path));
+        let output = run(CHATTR.command().arg("+i").arg(path));
         assert!(
             output.status.success(),
             "chattr +i needs root and a filesystem with attributes (ext4, xfs): {}",
@@ -466,6 +477,7 @@ impl Drop for Immutable<'_> {
 
 #[test]
 fn an_image_that_cannot_be_written_is_refused_unless_exported_read_only() {
+    require!(CHATTR);
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("golden.img");
     let original = common::random_bytes(MIB as usize);
@@ -484,6 +496,7 @@ fn an_image_that_cannot_be_written_is_refused_unless_exported_read_only() {
 
 #[test]
 fn an_overlay_never_changes_its_base_image_whatever_is_written_flushed_or_trimmed() {
+    require!(QEMU_IO);
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.img");
     let original = common::random_bytes(8 * MIB as usize);
@@ -493,7 +506,7 @@ fn an_overlay_never_changes_its_base_image_whatever_is_written_flushed_or_trimme
     spec.push(&base);
     let mut server = Server::builder().export("cow", spec).start();
     let uri = server.uri("cow");
-    run_ok(tool("qemu-io", "qemu-utils").args([
+    run_ok(QEMU_IO.command().args([
         "-f",
         "raw",
         "-c",
@@ -525,10 +538,4 @@ fn an_overlay_never_changes_its_base_image_whatever_is_written_flushed_or_trimme
     assert!(status.success());
     assert_same_bytes(&std::fs::read(&base).unwrap(), &original, "the overlay's base image");
     assert_eq!(std::fs::metadata(&base).unwrap().modified().unwrap(), modified, "the base was not written to");
-}
-
-#[test]
-#[should_panic(expected = "needs the Debian package nbd-imaginary-tools")]
-fn a_missing_client_fails_its_test_naming_the_debian_package_to_install() {
-    tool("nbd-imaginary-client", "nbd-imaginary-tools");
 }

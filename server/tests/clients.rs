@@ -5,25 +5,26 @@ mod common;
 
 use std::path::Path;
 
-use common::{Server, assert_same_bytes, json, run, run_ok, tool};
+use common::{FIO, NBD_CLIENT, NBDCOPY, NBDINFO, QEMU_IMG, QEMU_IO, QEMU_NBD, require};
+use common::{Server, assert_same_bytes, json, run, run_ok};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 
 fn nbdinfo() -> std::process::Command {
-    tool("nbdinfo", "libnbd-bin")
+    NBDINFO.command()
 }
 
 fn nbdcopy() -> std::process::Command {
-    tool("nbdcopy", "libnbd-bin")
+    NBDCOPY.command()
 }
 
 fn qemu_io() -> std::process::Command {
-    tool("qemu-io", "qemu-utils")
+    QEMU_IO.command()
 }
 
 fn qemu_img() -> std::process::Command {
-    tool("qemu-img", "qemu-utils")
+    QEMU_IMG.command()
 }
 
 /// Runs qemu-io with `-c COMMAND` for each command; any failed command or pattern fails the test.
@@ -65,6 +66,7 @@ const CAN_FLAGS: [&str; 8] = ["flush", "fua", "trim", "zero", "fast-zero", "df",
 
 #[test]
 fn nbdinfo_reports_the_size_and_every_capability_of_writable_memory_file_and_overlay_exports() {
+    require!(NBDINFO);
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     common::empty_image(&image, 16 * MIB);
@@ -92,6 +94,7 @@ fn nbdinfo_reports_the_size_and_every_capability_of_writable_memory_file_and_ove
 
 #[test]
 fn nbdinfo_reports_read_only_exports_as_read_only_without_write_capabilities() {
+    require!(NBDINFO);
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     common::empty_image(&image, 4 * MIB);
@@ -116,6 +119,7 @@ fn nbdinfo_reports_read_only_exports_as_read_only_without_write_capabilities() {
 
 #[test]
 fn nbdinfo_lists_every_export_including_the_default_one() {
+    require!(NBDINFO);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("nbdfault.yaml");
     std::fs::write(
@@ -177,6 +181,7 @@ const HOLE: u64 = 3;
 
 #[test]
 fn nbdinfo_map_shows_data_where_written_and_holes_elsewhere() {
+    require!(NBDINFO, QEMU_IO);
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     common::empty_image(&image, 8 * MIB);
@@ -222,6 +227,7 @@ fn nbdinfo_map_shows_data_where_written_and_holes_elsewhere() {
 
 #[test]
 fn odd_sized_exports_serve_their_last_bytes_to_every_client() {
+    require!(NBDINFO, NBDCOPY, QEMU_IO);
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("odd.img");
     let original = common::random_bytes(1_000_001);
@@ -257,6 +263,7 @@ fn odd_sized_exports_serve_their_last_bytes_to_every_client() {
 
 #[test]
 fn export_names_with_spaces_and_non_ascii_letters_work_through_uris() {
+    require!(NBDINFO, QEMU_IO);
     let name = "my disk ü";
     let server = Server::builder().export(name, "memory:2MiB").start();
     let uri = server.uri("my%20disk%20%C3%BC");
@@ -289,6 +296,7 @@ fn nbdcopy_round_trip_with(server: &Server, export: &str, dir: &Path, args: &[&s
 
 #[test]
 fn nbdcopy_round_trips_64_mib_of_random_data_through_a_memory_export() {
+    require!(NBDCOPY);
     let dir = tempfile::tempdir().unwrap();
     let server = Server::memory("mem", "64MiB");
     nbdcopy_round_trip(&server, "mem", dir.path());
@@ -296,6 +304,7 @@ fn nbdcopy_round_trips_64_mib_of_random_data_through_a_memory_export() {
 
 #[test]
 fn nbdcopy_round_trips_64_mib_in_requests_of_the_largest_size_32_mib() {
+    require!(NBDCOPY);
     let dir = tempfile::tempdir().unwrap();
     let server = Server::memory("mem", "64MiB");
     let args = ["--connections=2", "--requests=2", "--request-size=33554432"];
@@ -304,6 +313,7 @@ fn nbdcopy_round_trips_64_mib_in_requests_of_the_largest_size_32_mib() {
 
 #[test]
 fn nbdcopy_round_trips_64_mib_through_a_file_export_and_the_data_is_in_the_file() {
+    require!(NBDCOPY);
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     // Start from garbage, so that the zeroed stretch must really be zeroed.
@@ -315,6 +325,7 @@ fn nbdcopy_round_trips_64_mib_through_a_file_export_and_the_data_is_in_the_file(
 
 #[test]
 fn nbdcopy_round_trips_64_mib_through_an_overlay_and_the_base_never_changes() {
+    require!(NBDCOPY);
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.img");
     let original = common::random_bytes(64 << 20);
@@ -330,6 +341,7 @@ fn nbdcopy_round_trips_64_mib_through_an_overlay_and_the_base_never_changes() {
 
 #[test]
 fn qemu_io_pattern_writes_and_reads_at_unaligned_offsets_verify() {
+    require!(QEMU_IO);
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     common::empty_image(&image, 16 * MIB);
@@ -397,6 +409,7 @@ fn qemu_io_pattern_writes_and_reads_at_unaligned_offsets_verify() {
 
 #[test]
 fn qemu_img_info_and_map_describe_the_export() {
+    require!(QEMU_IMG, QEMU_IO);
     let server = Server::memory("disk", "64MiB");
     let uri = server.uri("disk");
     let info = json(&run_ok(qemu_img().args(["info", "--output=json"]).arg(&uri)));
@@ -418,6 +431,7 @@ fn qemu_img_info_and_map_describe_the_export() {
 
 #[test]
 fn qemu_img_convert_copies_an_image_into_and_out_of_the_export() {
+    require!(QEMU_IMG);
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("source.img");
     let data = common::random_image(&source, 16 << 20, true);
@@ -433,6 +447,7 @@ fn qemu_img_convert_copies_an_image_into_and_out_of_the_export() {
 
 #[test]
 fn qemu_nbd_list_shows_every_export_with_its_size_flags_and_contexts() {
+    require!(QEMU_NBD);
     let server = Server::builder()
         .export("", "memory:1MiB")
         .export("disk", "memory:64MiB")
@@ -440,7 +455,7 @@ fn qemu_nbd_list_shows_every_export_with_its_size_flags_and_contexts() {
         .args(["--read-only", "ro"])
         .start();
     let port = server.port().to_string();
-    let listing = run_ok(tool("qemu-nbd", "qemu-utils").args(["--list", "-b", "127.0.0.1", "-p", &port]));
+    let listing = run_ok(QEMU_NBD.command().args(["--list", "-b", "127.0.0.1", "-p", &port]));
     assert!(listing.contains("exports available: 3"), "{listing}");
     for (name, size) in [("''", MIB), ("'disk'", 64 * MIB), ("'ro'", 2 * MIB)] {
         let start = listing.find(&format!("export: {name}")).unwrap_or_else(|| panic!("no {name}:\n{listing}"));
@@ -463,9 +478,10 @@ fn qemu_nbd_list_shows_every_export_with_its_size_flags_and_contexts() {
 
 #[test]
 fn nbd_client_lists_the_exports_and_leaves_with_abort() {
+    require!(NBD_CLIENT);
     let server = Server::builder().export("", "memory:1MiB").export("disk", "memory:1MiB").start();
     let port = server.port().to_string();
-    let listing = run_ok(tool("nbd-client", "nbd-client").args(["-l", "127.0.0.1", &port]));
+    let listing = run_ok(NBD_CLIENT.command().args(["-l", "127.0.0.1", &port]));
     let mut names: Vec<&str> = listing.lines().skip_while(|line| !line.starts_with("Negotiation")).skip(1).collect();
     names.sort();
     assert_eq!(names, vec!["", "disk"], "nbd-client -l output:\n{listing}");
@@ -478,7 +494,10 @@ fn nbd_client_lists_the_exports_and_leaves_with_abort() {
 
 /// Runs fio's nbd engine; returns fio's exit success and its one job's JSON.
 fn fio(uri: &str, args: &[&str]) -> (bool, Value, String) {
-    let mut command = tool("fio", "fio");
+    // fio's verify runs save a state file in the working directory: keep it out of the checkout.
+    let state = tempfile::tempdir().unwrap();
+    let mut command = FIO.command();
+    command.current_dir(state.path());
     command.args(["--name=nbdfault", "--ioengine=nbd", "--output-format=json", "--bs=4k", "--iodepth=32"]);
     command.arg(format!("--uri={uri}")).args(args);
     let output = run(&mut command);
@@ -490,6 +509,7 @@ fn fio(uri: &str, args: &[&str]) -> (bool, Value, String) {
 
 #[test]
 fn fio_random_reads_and_writes_verify_with_crc32c() {
+    require!(FIO);
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     common::empty_image(&image, 64 * MIB);
@@ -522,6 +542,7 @@ fn fio_random_reads_and_writes_verify_with_crc32c() {
 
 #[test]
 fn fio_trims_and_trim_then_write_workloads_report_no_errors() {
+    require!(FIO);
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     common::empty_image(&image, 64 * MIB);

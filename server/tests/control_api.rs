@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::control::{Answer, Api, fault_probe, json_lines, ops, poll};
-use common::{NBDFAULT, Server, random_bytes, run, run_ok};
+use common::{NBDFAULT, PYTHON_NBD, Server, random_bytes, require, run, run_ok};
 use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
@@ -43,6 +43,7 @@ fn health_answers_ok_with_the_version_and_the_number_of_exports() {
 
 #[test]
 fn exports_lists_every_export_and_shows_one_with_size_flags_policy_and_counters() {
+    require!(PYTHON_NBD);
     let server = Server::builder()
         .export("", "memory:1MiB")
         .export("disk", "memory:16MiB")
@@ -107,6 +108,9 @@ fn an_unknown_export_or_endpoint_gets_404_with_a_json_error_on_every_route() {
         let error = error_of(&answer);
         assert!(error.contains("\"disk\""), "{method} {path}: the error lists the exports there are: {error}");
     }
+    // No export can be named with a leading @, so such a name is refused saying why.
+    let error = error_of(&api.call("GET", "/v1/exports/@disk", None));
+    assert!(error.contains("starts with @"), "{error}");
     for (method, path) in [("GET", "/v1/nope"), ("GET", "/"), ("POST", "/v1/exports/disk/nope")] {
         let answer = api.call(method, path, None);
         assert_eq!(answer.status, 404, "{method} {path}");
@@ -121,6 +125,7 @@ fn an_unknown_export_or_endpoint_gets_404_with_a_json_error_on_every_route() {
 
 #[test]
 fn put_policy_applies_a_valid_policy_get_returns_its_source_and_delete_removes_it() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     let uri = server.uri("disk");
     api.get("/v1/exports/disk/policy").expect(404);
@@ -150,6 +155,7 @@ fn put_policy_applies_a_valid_policy_get_returns_its_source_and_delete_removes_i
 
 #[test]
 fn an_invalid_policy_gets_400_with_line_column_and_fix_and_changes_nothing() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     let uri = server.uri("disk");
     api.set_policy("disk", "rules: [{name: every-other, when: {op: write, nth: {every: 2}}, then: {error: EIO}}]");
@@ -201,6 +207,7 @@ fn wait_for(path: &Path, from: usize, value: &str, count: usize) -> usize {
 
 #[test]
 fn policy_swaps_take_effect_atomically_while_a_client_keeps_writing() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy("disk", "rules: [{name: old, when: {op: write}, then: {error: EIO}}]");
     let dir = tempfile::tempdir().unwrap();
@@ -241,6 +248,7 @@ fn policy_swaps_take_effect_atomically_while_a_client_keeps_writing() {
 
 #[test]
 fn a_policy_swap_keeps_triggers_and_sticky_bad_sectors_and_resets_counters_and_declared_bad_sectors() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     let uri = server.uri("disk");
     api.set_policy(
@@ -276,14 +284,16 @@ fn a_policy_swap_keeps_triggers_and_sticky_bad_sectors_and_resets_counters_and_d
 #[test]
 fn triggers_are_armed_and_disarmed_through_the_api_and_bad_names_get_400() {
     let (_server, api) = disk();
+    api.set_policy("disk", "rules: [{when: {armed_by: go}, then: {error: EIO}}]");
     let armed = api.post("/v1/exports/disk/triggers/go").expect(200).json();
-    assert_eq!(armed, json!({"trigger": "go", "armed": true}));
+    assert_eq!(armed, json!({"trigger": "go", "armed": true, "changed": true, "warnings": []}));
     let since = api.export("disk")["triggers"][0]["since_ns"].clone();
     // Arming an armed trigger changes nothing, not even its arming time.
-    api.arm("disk", "go");
+    let again = api.post("/v1/exports/disk/triggers/go").expect(200).json();
+    assert_eq!(again["changed"], false);
     assert_eq!(api.export("disk")["triggers"], json!([{"name": "go", "armed": true, "since_ns": since}]));
     let disarmed = api.delete("/v1/exports/disk/triggers/go").expect(200).json();
-    assert_eq!(disarmed, json!({"trigger": "go", "armed": false}));
+    assert_eq!(disarmed, json!({"trigger": "go", "armed": false, "changed": true, "warnings": []}));
     assert_eq!(api.export("disk")["triggers"][0]["armed"], false);
     api.arm("disk", "ns:with.dots_and-dashes");
     for bad in ["a%20b", "a%2Fb", &"x".repeat(129)] {
@@ -294,7 +304,44 @@ fn triggers_are_armed_and_disarmed_through_the_api_and_bad_names_get_400() {
 }
 
 #[test]
+fn arming_or_disarming_a_trigger_no_rule_names_answers_with_a_warning() {
+    require!(PYTHON_NBD);
+    let (server, api) = disk();
+    let warning_of = |answer: &Value| {
+        answer["warnings"].as_array().unwrap().iter().map(|w| w.as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    // Without a policy no rule names anything.
+    let early = api.post("/v1/exports/disk/triggers/file-bad").expect(200).json();
+    assert_eq!(early["armed"], true);
+    assert!(warning_of(&early)[0].starts_with("warning: the export has no policy"), "{early}");
+    api.disarm("disk", "file-bad");
+
+    api.put(
+        "/v1/exports/disk/policy?origin=fail-file.yaml",
+        b"rules: [{name: fail-file, when: {op: write, armed_by: file-bad}, then: {error: EIO}}]",
+    )
+    .expect(200);
+    let typo = api.post("/v1/exports/disk/triggers/fil-bad").expect(200).json();
+    assert_eq!((typo["armed"].as_bool(), typo["changed"].as_bool()), (Some(true), Some(true)), "{typo}");
+    assert_eq!(
+        warning_of(&typo),
+        [
+            "fail-file.yaml: warning: no rule of this policy names the trigger `fil-bad`, so arming it changes nothing\n  \
+          fix: write `file-bad` instead of `fil-bad` (the policy's triggers: file-bad)"
+        ]
+    );
+    // The typo indeed changes nothing: the write passes.
+    ops(&server.uri("disk"), &["write 0 512 1"])[0].expect_ok();
+    let released = api.delete("/v1/exports/disk/triggers/fil-bad").expect(200).json();
+    assert!(warning_of(&released)[0].contains("so disarming it changes nothing"), "{released}");
+    let named = api.post("/v1/exports/disk/triggers/file-bad").expect(200).json();
+    assert_eq!(named["warnings"], json!([]));
+    ops(&server.uri("disk"), &["write 0 512 1"])[0].expect_errno("EIO");
+}
+
+#[test]
 fn faults_since_returns_only_later_records_and_the_decisions_view_leaves_out_what_differs_between_runs() {
+    require!(PYTHON_NBD);
     let server = Server::builder().export("a", "memory:4MiB").export("b", "memory:4MiB").with_control().start();
     let api = Api::new(&server);
     for export in ["a", "b"] {
@@ -337,6 +384,7 @@ fn faults_since_returns_only_later_records_and_the_decisions_view_leaves_out_wha
 
 #[test]
 fn data_reads_and_writes_storage_below_the_fault_layer_within_its_bounds() {
+    require!(PYTHON_NBD);
     let server = Server::builder()
         .export("disk", "memory:80MiB")
         .export("ro", "memory:1MiB")
@@ -399,6 +447,7 @@ fn all_zero(data: &[u8]) -> bool {
 
 #[test]
 fn reset_returns_memory_and_overlay_exports_to_pristine_contents_and_refuses_file_exports() {
+    require!(PYTHON_NBD);
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.img");
     let base_data = common::random_image(&base, 4 << 20, false);
@@ -445,6 +494,7 @@ fn reset_returns_memory_and_overlay_exports_to_pristine_contents_and_refuses_fil
 
 #[test]
 fn with_a_control_token_every_endpoint_needs_the_bearer_token() {
+    require!(PYTHON_NBD);
     let server = Server::builder().export("", "memory:1MiB").args(["--control-token", "s3cret"]).with_control().start();
     let anonymous = Api::new(&server);
     let wrong = Api::new(&server).with_token("guess");
@@ -493,13 +543,100 @@ fn ctl(api: &Api) -> Command {
 }
 
 fn stderr_of(command: &mut Command) -> String {
+    outputs_of(command).1
+}
+
+/// Runs a command that must succeed; returns its stdout and stderr.
+#[track_caller]
+fn outputs_of(command: &mut Command) -> (String, String) {
     let output = run(command);
     assert!(output.status.success(), "{output:?}");
-    String::from_utf8_lossy(&output.stderr).into_owned()
+    (String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn ctl_prints_results_on_stdout_and_warnings_on_stderr_and_strict_fails_on_warnings() {
+    let (_server, api) = disk();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("file-bad.yaml");
+    std::fs::write(
+        &policy,
+        "rules:\n  - name: fail-file\n    when: { op: write, armed_by: file-bad }\n    then: { error: EIO }\n",
+    )
+    .unwrap();
+    let (answer, said) = outputs_of(ctl(&api).args(["set-policy", "disk"]).arg(&policy));
+    assert_eq!(common::json(&answer)["name"], "disk");
+    assert!(said.is_empty(), "{said}");
+
+    let (answer, said) = outputs_of(ctl(&api).args(["arm", "disk", "fil-bad"]));
+    assert_eq!(common::json(&answer)["trigger"], "fil-bad");
+    assert!(said.contains("warning: no rule of this policy names the trigger `fil-bad`"), "{said}");
+    assert!(said.contains("fix: write `file-bad` instead of `fil-bad`"), "{said}");
+
+    for args in [["arm", "disk", "fil-bad"], ["disarm", "disk", "fil-bad"]] {
+        let strict = run(ctl(&api).arg("--strict").args(args));
+        assert_eq!(strict.status.code(), Some(1), "--strict {args:?} fails on the warning: {strict:?}");
+        assert!(String::from_utf8_lossy(&strict.stderr).contains("`fil-bad`"), "{strict:?}");
+        assert!(String::from_utf8_lossy(&strict.stdout).contains("\"trigger\": \"fil-bad\""), "{strict:?}");
+    }
+    let (answer, said) = outputs_of(ctl(&api).args(["--strict", "arm", "disk", "file-bad"]));
+    assert_eq!(common::json(&answer)["warnings"], json!([]));
+    assert!(said.is_empty(), "{said}");
+
+    // A policy with a rule that can never decide: set, but --strict fails.
+    let never = dir.path().join("never.yaml");
+    std::fs::write(&never, "rules:\n  - name: never\n    when: { probability: 0 }\n    then: { error: EIO }\n")
+        .unwrap();
+    let strict = run(ctl(&api).args(["--strict", "set-policy", "disk"]).arg(&never));
+    assert_eq!(strict.status.code(), Some(1), "{strict:?}");
+    assert_eq!(api.export("disk")["policy"]["origin"], never.display().to_string());
+}
+
+#[test]
+fn ctl_set_policy_names_the_file_in_every_error() {
+    let (_server, api) = disk();
+    api.set_policy("disk", FAIL_WRITES);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("broken.yaml");
+    let text = "rules:\n  - name: a\n    when: { op: wirte }\n    then: { error: EIOO }\n";
+    std::fs::write(&policy, text).unwrap();
+    let output = run(ctl(&api).args(["set-policy", "disk"]).arg(&policy));
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.starts_with(&format!("{}:3:17: ", policy.display())), "{stderr}");
+    assert!(stderr.contains("fix: write `write` instead of `wirte`"), "{stderr}");
+    assert!(stderr.contains(&format!("\n{}:4:20: ", policy.display())), "every error, not the first: {stderr}");
+    assert!(stderr.contains("fix: write `EIO` instead of `EIOO`"), "{stderr}");
+    // The API lists them all in `details.errors`.
+    let answer = api.put("/v1/exports/disk/policy", text.as_bytes());
+    assert_eq!(answer.status, 400);
+    let details = &answer.json()["details"];
+    assert_eq!((details["line"].as_u64(), details["column"].as_u64()), (Some(3), Some(17)), "{details}");
+    let every: Vec<(u64, u64)> = details["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|error| (error["line"].as_u64().unwrap(), error["column"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(every, [(3, 17), (4, 20)], "{details}");
+    assert!(!stderr.contains("PUT /v1"), "the file, not the URL: {stderr}");
+    assert!(stderr.contains("the policy was refused; export \"disk\" keeps the policy it had"), "{stderr}");
+    assert_eq!(api.export("disk")["policy"]["rules"][0]["rule"], "fail-writes");
+    // From stdin, the label is `stdin`.
+    let mut command = ctl(&api);
+    command.args(["set-policy", "disk", "-"]);
+    let shown = common::show(&command);
+    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap_or_else(|e| panic!("{shown}: {e}"));
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"rules: [{then: {error: EIOO}}]").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).starts_with("stdin:1:"), "{output:?}");
 }
 
 #[test]
 fn ctl_drives_every_endpoint_of_a_running_server() {
+    require!(PYTHON_NBD);
     let server = Server::builder()
         .export("", "memory:1MiB")
         .export("vm disk/1", "memory:4MiB")
@@ -524,10 +661,15 @@ fn ctl_drives_every_endpoint_of_a_running_server() {
     let text = "rules:\n  - name: gated\n    when: { op: write, armed_by: go }\n    then: { error: EIO }\n  \
                 - name: never\n    when: { op: read, probability: 0 }\n    then: {}\n";
     std::fs::write(&policy, text).unwrap();
-    let said = stderr_of(ctl(&api).args(["set-policy", name]).arg(&policy));
-    assert!(said.contains("replaced") && said.contains("warning") && said.contains("never"), "{said}");
+    let (answer, said) = outputs_of(ctl(&api).args(["set-policy", name]).arg(&policy));
+    assert!(said.contains("warning") && said.contains("never"), "{said}");
+    assert!(said.starts_with(&format!("{}:5:", policy.display())), "warnings name the file: {said}");
+    let answer = common::json(&answer);
+    assert_eq!(answer["policy"]["origin"], policy.display().to_string(), "{answer}");
     assert_eq!(run_ok(ctl(&api).args(["show-policy", name])).trim_end(), text.trim_end());
-    stderr_of(ctl(&api).args(["arm", name, "go"]));
+    let (armed, said) = outputs_of(ctl(&api).args(["arm", name, "go"]));
+    assert_eq!(common::json(&armed)["armed"], true, "the result is on stdout");
+    assert!(said.is_empty(), "nothing to say on stderr: {said}");
     assert_eq!(
         api.export(name)["triggers"],
         json!([{"name": "go", "armed": true, "since_ns": api.export(name)["triggers"][0]["since_ns"]}])
@@ -581,6 +723,7 @@ fn ctl_drives_every_endpoint_of_a_running_server() {
 
 #[test]
 fn ctl_faults_follow_prints_new_records_as_they_come() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy("disk", FAIL_WRITES);
     ops(&server.uri("disk"), &["write 0 512 1"]);
@@ -616,6 +759,7 @@ fn ctl_faults_follow_prints_new_records_as_they_come() {
 
 #[test]
 fn a_policy_given_with_the_policy_flag_or_in_the_config_file_is_in_force_from_the_start() {
+    require!(PYTHON_NBD);
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("fail.yaml");
     std::fs::write(&policy, FAIL_WRITES).unwrap();
@@ -673,4 +817,62 @@ fn a_bad_policy_file_stops_the_server_from_starting_with_its_file_line_and_colum
         .command());
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent.yaml"));
+}
+
+// ---- the shared typed client ------------------------------------------------------------------
+
+#[test]
+fn the_typed_client_reads_every_answer_of_a_real_server() {
+    require!(PYTHON_NBD);
+    let server = Server::builder().export("", "memory:1MiB").export("disk-1", "memory:16MiB").with_control().start();
+    let client = Api::new(&server).client().clone();
+    let health = client.health().unwrap();
+    assert_eq!((health.status.as_str(), health.exports), ("ok", 2));
+    let names: Vec<String> = client.exports().unwrap().into_iter().map(|export| export.name).collect();
+    assert_eq!(names, ["", "disk-1"]);
+    assert_eq!(client.export("").unwrap().size, MIB, "\"\" is the default export");
+
+    let name = "disk-1";
+    let policy = "rules: [{name: fail-armed, when: {op: write, range: 0..1MiB, armed_by: go}, then: {error: ENOSPC}}]";
+    let answer = client.set_policy(name, policy.as_bytes()).unwrap();
+    assert_eq!(answer.export.rule("fail-armed").map(|rule| rule.fired), Some(0));
+    assert!(answer.warnings.is_empty(), "{:?}", answer.warnings);
+    client.arm(name, "go").unwrap();
+    assert!(client.export(name).unwrap().is_armed("go"));
+    let results = ops(&server.uri(name), &["write 4096 4096 7", "write 2097152 4096 7"]);
+    results[0].expect_errno("ENOSPC");
+    results[1].expect_ok();
+
+    let page = client.faults(name, 0).unwrap();
+    assert_eq!(page.records.len(), 1);
+    let record = &page.records[0];
+    assert!(record.failed() && record.overlaps(4096, 4097), "{record:?}");
+    assert_eq!((record.rule.as_str(), record.errno), ("fail-armed", Some(nbdfault_policies::Errno::ENOSPC)));
+    assert_eq!((page.last_seq, page.dropped), (Some(record.seq), 0));
+    assert_eq!(client.last_fault_seq(name).unwrap(), record.seq);
+    assert!(client.faults(name, record.seq).unwrap().records.is_empty());
+    assert_eq!(
+        client.export(name).unwrap().rule("fail-armed").map(|rule| (rule.occurrences, rule.fired)),
+        Some((1, 1))
+    );
+
+    assert_eq!(client.read_data(name, 2097152, 2).unwrap(), [7, 7]);
+    client.write_data(name, 0, &[9; 16]).unwrap();
+    assert_eq!(client.read_data(name, 0, 16).unwrap(), [9; 16]);
+    client.disarm(name, "go").unwrap();
+    assert!(!client.export(name).unwrap().is_armed("go"));
+    assert!(client.policy(name).unwrap().contains("fail-armed"));
+    assert!(client.clear_policy(name).unwrap().policy.is_none());
+    assert_eq!(client.reset(name).unwrap().name, name);
+
+    // Refusals carry the status, the server's message and the details of a policy error.
+    let refused = client.set_policy(name, b"rules: [{name: x, when: {op: wrte}}]").unwrap_err();
+    match &refused {
+        nbdfault_control_client::Error::Refused { status: 400, message, details: Some(details), .. } => {
+            assert!(message.contains("wrte"), "{message}");
+            assert_eq!(details["line"], 1, "{details}");
+        }
+        other => panic!("expected a 400 with details, got {other:?}"),
+    }
+    assert_eq!(client.export("nope").unwrap_err().status(), Some(404));
 }

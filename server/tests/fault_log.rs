@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 
 use common::control::{Api, json_lines, ops, poll};
-use common::{NBDFAULT, Server, run_ok};
+use common::{NBDFAULT, PYTHON_NBD, Server, require, run_ok};
 
 /// The fields every record has, whatever its outcome (docs/policy-reference.md, "The fault log").
 const ALWAYS: [&str; 18] = [
@@ -44,6 +44,7 @@ fn file_lines(path: &Path, count: usize) -> Vec<String> {
 
 #[test]
 fn the_fault_log_file_has_one_json_line_per_touched_request_with_the_documented_fields_and_the_api_the_same_records() {
+    require!(PYTHON_NBD);
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("faults.jsonl");
     let server = Server::builder().export("disk", "memory:16MiB").arg("--fault-log").arg(&log).with_control().start();
@@ -114,7 +115,8 @@ fn the_fault_log_file_has_one_json_line_per_touched_request_with_the_documented_
 // ---- determinism and replay ---------------------------------------------------------------------
 
 /// A policy where every kind of random choice matters: probabilities, delay ranges, torn sizes,
-/// corruption seeds, a stall that times out, and a trigger armed by a rule.
+/// corruption seeds, a stall that times out, and a trigger armed and disarmed by rules again and
+/// again, so `after-flush-failure` draws per arming.
 fn seeded_policy(seed: u64) -> String {
     format!(
         "seed: {seed}
@@ -139,7 +141,7 @@ rules:
     then: {{ error: EIO, delay: 0ms..1ms, arm: flush-failed }}
   - name: zeroes-fail
     when: {{ op: [write_zeroes, trim], nth: {{ every: 2 }} }}
-    then: {{ error: ENOSPC }}
+    then: {{ error: ENOSPC, disarm: flush-failed }}
 "
     )
 }
@@ -182,6 +184,7 @@ fn run_workload(policy_file: &Path) -> (String, String) {
 
 #[test]
 fn the_same_seed_and_requests_give_a_byte_identical_decision_log_and_replay_reproduces_it() {
+    require!(PYTHON_NBD);
     let dir = tempfile::tempdir().unwrap();
     let write_policy = |name: &str, seed: u64| {
         let path = dir.path().join(name);
@@ -219,6 +222,7 @@ fn the_same_seed_and_requests_give_a_byte_identical_decision_log_and_replay_repr
 
 #[test]
 fn records_from_the_fault_log_file_replay_like_those_from_the_api() {
+    require!(PYTHON_NBD);
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.yaml");
     std::fs::write(&policy, seeded_policy(21)).unwrap();
@@ -248,6 +252,7 @@ fn records_from_the_fault_log_file_replay_like_those_from_the_api() {
 
 #[test]
 fn request_indices_follow_the_order_requests_arrive_in_even_when_a_client_pipelines_them() {
+    require!(PYTHON_NBD);
     let server = Server::builder().export("disk", "memory:8MiB").with_control().start();
     let api = Api::new(&server);
     api.set_policy("disk", "rules: [{name: every-request, then: {}}]");
@@ -275,6 +280,7 @@ fn request_indices_follow_the_order_requests_arrive_in_even_when_a_client_pipeli
 
 #[test]
 fn a_pipelined_workload_gives_the_same_decision_log_on_every_run() {
+    require!(PYTHON_NBD);
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.yaml");
     std::fs::write(&policy, seeded_policy(5)).unwrap();

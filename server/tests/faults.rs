@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::control::{Api, OpResult, fault_probe, ops, poll};
-use common::{Server, json, random_image, run, run_ok, tool};
+use common::{NBDCOPY, PYTHON_NBD, QEMU_IO, Server, json, random_image, require, run, run_ok};
 use serde_json::Value;
 
 const KIB: u64 = 1 << 10;
@@ -54,7 +54,7 @@ fn record_at<'a>(records: &'a [Value], op: &str, offset: u64) -> &'a Value {
 // ---- real clients ------------------------------------------------------------------------------
 
 fn qemu_io(uri: &str, commands: &[&str]) -> std::process::Output {
-    let mut command = tool("qemu-io", "qemu-utils");
+    let mut command = QEMU_IO.command();
     command.args(["-f", "raw"]);
     for c in commands {
         command.args(["-c", c]);
@@ -64,6 +64,7 @@ fn qemu_io(uri: &str, commands: &[&str]) -> std::process::Output {
 
 #[test]
 fn qemu_io_pattern_writes_into_failing_ranges_get_their_errors_while_writes_elsewhere_succeed_and_read_back() {
+    require!(QEMU_IO);
     let (server, api) = disk();
     api.set_policy(
         "disk",
@@ -113,13 +114,72 @@ fn qemu_io_pattern_writes_into_failing_ranges_get_their_errors_while_writes_else
 }
 
 #[test]
+fn a_length_condition_fails_only_writes_of_those_lengths_from_qemu_io() {
+    require!(QEMU_IO);
+    let (server, api) = disk();
+    api.set_policy(
+        "disk",
+        "rules:\n  - name: large-writes\n    when: { op: write, length: \">=64KiB\" }\n    then: { error: EIO }\n  \
+         - name: exactly-8k-reads\n    when: { op: read, length: 8KiB }\n    then: { error: ENOSPC }\n",
+    );
+    let uri = server.uri("disk");
+    for (command, fails) in [
+        ("write -P 0x11 0 4k", false),
+        ("write -P 0x22 1M 60k", false),
+        ("write -P 0x33 2M 64k", true),
+        ("write -P 0x44 4M 1M", true),
+        ("read 0 4k", false),
+        ("read 0 8k", true),
+        ("read 0 12k", false),
+    ] {
+        let output = qemu_io(&uri, &[command]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(stdout.contains("failed"), fails, "`{command}`:\n{stdout}");
+    }
+    assert_all(&api.data("disk", MIB, 60 * KIB), 0x22, "the 60 KiB write");
+    assert_all(&api.data("disk", 2 * MIB, 64 * KIB), 0, "the failed 64 KiB write");
+    assert_all(&api.data("disk", 4 * MIB, MIB), 0, "the failed 1 MiB write");
+    let records = api.faults("disk", 0);
+    let lengths: Vec<(u64, &str)> =
+        records.iter().map(|r| (r["length"].as_u64().unwrap(), r["rule"].as_str().unwrap())).collect();
+    assert_eq!(lengths, [(64 * KIB, "large-writes"), (MIB, "large-writes"), (8 * KIB, "exactly-8k-reads")]);
+}
+
+#[test]
+fn nth_with_armed_by_fails_the_first_flush_after_each_arming_and_lifetime_counts_across_armings() {
+    require!(PYTHON_NBD);
+    let (server, api) = disk();
+    api.set_policy(
+        "disk",
+        "rules:\n  - name: first-flush-per-arming\n    when: { op: flush, armed_by: go, nth: 1 }\n    then: { error: EIO }\n  \
+         - name: second-write-ever\n    when: { op: write, armed_by: go, nth: 2, count: lifetime }\n    then: { error: ENOSPC }\n",
+    );
+    let uri = server.uri("disk");
+    let mut flushes = Vec::new();
+    let mut writes = Vec::new();
+    for _ in 0..3 {
+        api.arm("disk", "go");
+        let r = ops(&uri, &["flush", "flush", "write 0 512 1"]);
+        flushes.push([r[0].errno.clone(), r[1].errno.clone()]);
+        writes.push(r[2].errno.clone());
+        api.disarm("disk", "go");
+    }
+    let eio = Some("EIO".to_string());
+    assert_eq!(flushes, [[eio.clone(), None], [eio.clone(), None], [eio, None]], "once per arming");
+    assert_eq!(writes, [None, Some("ENOSPC".to_string()), None], "count: lifetime counts across armings");
+    let counters = &api.export("disk")["policy"]["rules"];
+    assert_eq!(counters[0], serde_json::json!({"rule": "first-flush-per-arming", "occurrences": 6, "fired": 3}));
+}
+
+#[test]
 fn nbdcopy_over_a_failing_range_fails_and_succeeds_once_the_policy_is_removed() {
+    require!(NBDCOPY);
     let (server, api) = disk();
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("source.img");
     let data = random_image(&image, 16 << 20, false);
     api.set_policy("disk", "rules: [{name: bad-block, when: {op: write, range: 10MiB..+4KiB}, then: {error: EIO}}]");
-    let output = run(tool("nbdcopy", "libnbd-bin").arg(&image).arg(server.uri("disk")));
+    let output = run(NBDCOPY.command().arg(&image).arg(server.uri("disk")));
     assert!(!output.status.success(), "nbdcopy over a failing range succeeded");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("Input/output error"), "nbdcopy names the error: {stderr}");
@@ -127,12 +187,13 @@ fn nbdcopy_over_a_failing_range_fails_and_succeeds_once_the_policy_is_removed() 
     assert_all(&api.data("disk", 10 * MIB, 4 * KIB), 0, "the failing block in storage");
 
     api.clear_policy("disk");
-    run_ok(tool("nbdcopy", "libnbd-bin").arg(&image).arg(server.uri("disk")));
+    run_ok(NBDCOPY.command().arg(&image).arg(server.uri("disk")));
     common::assert_same_bytes(&api.data("disk", 0, 16 << 20), &data, "storage after a copy without policy");
 }
 
 #[test]
 fn libnbd_sees_each_configured_errno_unchanged_on_writes_and_reads() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     let errnos = ["EPERM", "EIO", "ENOMEM", "EINVAL", "ENOSPC", "EOVERFLOW", "ENOTSUP", "ESHUTDOWN"];
     let mut policy = String::from("rules:\n");
@@ -168,6 +229,7 @@ fn libnbd_sees_each_configured_errno_unchanged_on_writes_and_reads() {
 
 #[test]
 fn a_delayed_error_reply_is_overtaken_by_later_requests_on_the_same_handle() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy(
         "disk",
@@ -201,6 +263,7 @@ fn completion_order(report: &Value) -> Vec<&str> {
 
 #[test]
 fn a_stalled_write_stays_in_flight_while_later_requests_complete_until_its_trigger_is_armed_through_the_api() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy(
         "disk",
@@ -223,6 +286,7 @@ fn a_stalled_write_stays_in_flight_while_later_requests_complete_until_its_trigg
 
 #[test]
 fn a_stall_is_released_by_a_rule_that_arms_its_trigger_and_then_does_its_write() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy(
         "disk",
@@ -243,6 +307,7 @@ fn a_stall_is_released_by_a_rule_that_arms_its_trigger_and_then_does_its_write()
 
 #[test]
 fn a_stalled_write_keeps_its_decision_when_the_policy_is_removed_while_it_waits() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy(
         "disk",
@@ -260,6 +325,7 @@ fn a_stalled_write_keeps_its_decision_when_the_policy_is_removed_while_it_waits(
 
 #[test]
 fn a_write_still_stalled_when_the_shutdown_grace_period_ends_is_answered_eshutdown() {
+    require!(PYTHON_NBD);
     let mut server =
         Server::builder().export("disk", "memory:16MiB").args(["--shutdown-grace", "100ms"]).with_control().start();
     let api = Api::new(&server);
@@ -278,6 +344,7 @@ fn a_write_still_stalled_when_the_shutdown_grace_period_ends_is_answered_eshutdo
 
 #[test]
 fn an_injected_error_is_reported_and_the_write_does_not_reach_storage() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy("disk", "rules: [{name: fail, when: {op: write, range: 1MiB..+64KiB}, then: {error: EIO}}]");
     let r = ops(&server.uri("disk"), &["write 1048576 4096 0x11", "write 2097152 4096 0x22", "read 1048576 4096"]);
@@ -299,6 +366,7 @@ fn an_injected_error_is_reported_and_the_write_does_not_reach_storage() {
 
 #[test]
 fn a_persisted_error_reports_failure_but_the_write_reaches_storage() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy("disk", "rules: [{name: ambiguous, when: {op: write}, then: {error: EIO, persist: true}}]");
     let r = ops(&server.uri("disk"), &["write 1048576 8192 0x33", "read 1048576 8192"]);
@@ -311,6 +379,7 @@ fn a_persisted_error_reports_failure_but_the_write_reaches_storage() {
 
 #[test]
 fn a_dropped_write_reports_success_but_never_reaches_storage() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy("disk", "rules: [{name: lose, when: {op: write, range: 1MiB..2MiB}, then: {drop: true}}]");
     let r = ops(&server.uri("disk"), &["write 1048576 4096 0x44", "flush", "read 1048576 4096", "write 0 4096 0x45"]);
@@ -326,6 +395,7 @@ fn a_dropped_write_reports_success_but_never_reaches_storage() {
 
 #[test]
 fn a_torn_write_persists_only_its_prefix_with_or_without_an_error() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy(
         "disk",
@@ -352,6 +422,7 @@ fn a_torn_write_persists_only_its_prefix_with_or_without_an_error() {
 
 #[test]
 fn a_corrupted_read_shows_the_client_damaged_data_while_storage_stays_intact() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.write_data("disk", MIB, &[0x66; 8192]);
     api.set_policy(
@@ -374,6 +445,7 @@ fn a_corrupted_read_shows_the_client_damaged_data_while_storage_stays_intact() {
 
 #[test]
 fn a_sticky_write_error_fails_reads_of_its_range_until_writes_succeed_over_it() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy(
         "disk",
@@ -414,6 +486,7 @@ fn a_sticky_write_error_fails_reads_of_its_range_until_writes_succeed_over_it() 
 
 #[test]
 fn declared_bad_sectors_fail_reads_and_their_first_writes_until_a_write_remaps_them() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.write_data("disk", 2 * MIB, &[0x21; 8192]);
     api.set_policy(
@@ -452,6 +525,7 @@ fn declared_bad_sectors_fail_reads_and_their_first_writes_until_a_write_remaps_t
 
 #[test]
 fn an_injected_disconnect_closes_the_connection_and_a_new_connection_works() {
+    require!(PYTHON_NBD);
     let (mut server, api) = disk();
     api.set_policy(
         "disk",
@@ -487,6 +561,7 @@ fn an_injected_disconnect_closes_the_connection_and_a_new_connection_works() {
 
 #[test]
 fn a_power_cut_undoes_unflushed_writes_and_keeps_flushed_and_fua_ones() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy("disk", &scenario_text("power-cut.yaml"));
     let uri = server.uri("disk");
@@ -521,6 +596,7 @@ fn a_power_cut_undoes_unflushed_writes_and_keeps_flushed_and_fua_ones() {
 
 #[test]
 fn armed_by_rules_fail_requests_only_while_their_trigger_is_armed_through_the_api() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy("disk", &scenario_text("fail-writes-in-armed-range.yaml"));
     let uri = server.uri("disk");
@@ -542,6 +618,7 @@ fn armed_by_rules_fail_requests_only_while_their_trigger_is_armed_through_the_ap
 
 #[test]
 fn a_failed_flush_arms_a_trigger_that_makes_later_writes_fail_until_disarmed() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy("disk", &scenario_text("fail-writes-after-failed-flush.yaml"));
     let uri = server.uri("disk");
@@ -575,6 +652,7 @@ fn a_failed_flush_arms_a_trigger_that_makes_later_writes_fail_until_disarmed() {
 
 #[test]
 fn nth_and_limit_fail_exactly_the_configured_occurrences() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy(
         "disk",
@@ -605,6 +683,7 @@ fn nth_and_limit_fail_exactly_the_configured_occurrences() {
 
 #[test]
 fn connection_and_request_conditions_pick_the_configured_connection_and_request_index() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy(
         "disk",
@@ -629,6 +708,7 @@ fn connection_and_request_conditions_pick_the_configured_connection_and_request_
 
 #[test]
 fn a_stall_that_times_out_then_acts_as_its_rule_says() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy(
         "disk",
@@ -643,6 +723,7 @@ fn a_stall_that_times_out_then_acts_as_its_rule_says() {
 
 #[test]
 fn rules_fail_flush_trim_write_zeroes_cache_and_block_status_with_their_errnos() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy(
         "disk",
@@ -680,6 +761,7 @@ fn rules_fail_flush_trim_write_zeroes_cache_and_block_status_with_their_errnos()
 
 #[test]
 fn a_lying_flush_leaves_its_writes_for_a_power_cut_to_undo() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy(
         "disk",
@@ -702,6 +784,7 @@ fn a_lying_flush_leaves_its_writes_for_a_power_cut_to_undo() {
 
 #[test]
 fn a_bad_sector_under_a_delay_rule_fails_after_the_delay_and_is_logged_under_its_own_name() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy(
         "disk",
@@ -724,6 +807,7 @@ fn a_bad_sector_under_a_delay_rule_fails_after_the_delay_and_is_logged_under_its
 
 #[test]
 fn time_windows_count_from_arming_and_disarmed_by_turns_a_rule_off() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy(
         "disk",
@@ -746,6 +830,7 @@ fn time_windows_count_from_arming_and_disarmed_by_turns_a_rule_off() {
 
 #[test]
 fn a_torn_write_to_a_file_export_leaves_only_its_prefix_in_the_file() {
+    require!(PYTHON_NBD);
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     let original = random_image(&image, 4 << 20, false);
@@ -777,6 +862,7 @@ fn failing_writes(seed: u64) -> Vec<usize> {
 
 #[test]
 fn a_seeded_probability_fails_the_same_requests_on_a_fresh_server_and_others_with_another_seed() {
+    require!(PYTHON_NBD);
     let first = failing_writes(11);
     assert!(first.len() > 5 && first.len() < 35, "about half of 40 writes fail: {first:?}");
     assert_eq!(failing_writes(11), first, "the same seed fails the same writes");
@@ -785,6 +871,7 @@ fn a_seeded_probability_fails_the_same_requests_on_a_fresh_server_and_others_wit
 
 #[test]
 fn a_cycle_passes_requests_in_its_up_part_and_fails_every_one_in_its_down_part() {
+    require!(PYTHON_NBD);
     let (server, api) = disk();
     api.set_policy(
         "disk",

@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::control::Api;
-use common::{Server, assert_same_bytes, run, run_ok, tool};
+use common::{FIO, NBDCOPY, QEMU_IO, Server, assert_same_bytes, require, run, run_ok};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
@@ -43,7 +43,7 @@ fn serve(image: &Path, path: &str, dir: &Path) -> Server {
 }
 
 fn qemu_io(uri: &str, commands: &[&str]) -> std::process::Output {
-    let mut command = tool("qemu-io", "qemu-utils");
+    let mut command = QEMU_IO.command();
     command.args(["-f", "raw"]);
     for c in commands {
         command.args(["-c", c]);
@@ -73,7 +73,7 @@ fn serves_every_request_and_injects_faults(path: &str, in_memory: bool) {
     let data = common::random_bytes((32 * MIB) as usize);
     let source = dir.path().join("in.raw");
     std::fs::write(&source, &data).unwrap();
-    let nbdcopy = || tool("nbdcopy", "libnbd-bin");
+    let nbdcopy = || NBDCOPY.command();
     run_ok(nbdcopy().args(["--connections=4", "--requests=32", "--flush"]).arg(&source).arg(&uri));
     let back = dir.path().join("out.raw");
     run_ok(nbdcopy().args(["--connections=4", "--requests=32"]).arg(&uri).arg(&back));
@@ -129,26 +129,31 @@ fn serves_every_request_and_injects_faults(path: &str, in_memory: bool) {
 
 #[test]
 fn the_default_path_serves_a_tmpfs_image_byte_for_byte_and_injects_faults() {
+    require!(NBDCOPY, QEMU_IO);
     serves_every_request_and_injects_faults("auto", true);
 }
 
 #[test]
 fn the_default_path_serves_a_disk_image_byte_for_byte_and_injects_faults() {
+    require!(NBDCOPY, QEMU_IO);
     serves_every_request_and_injects_faults("auto", false);
 }
 
 #[test]
 fn the_io_threads_fallback_serves_a_tmpfs_image_byte_for_byte_and_injects_faults() {
+    require!(NBDCOPY, QEMU_IO);
     serves_every_request_and_injects_faults("threads", true);
 }
 
 #[test]
 fn the_io_threads_fallback_serves_a_disk_image_byte_for_byte_and_injects_faults() {
+    require!(NBDCOPY, QEMU_IO);
     serves_every_request_and_injects_faults("threads", false);
 }
 
 #[test]
 fn the_server_never_runs_more_threads_than_cores_plus_four_under_load() {
+    require!(FIO);
     let dir = image_dir(false);
     let image = dir.path().join("disk.img");
     common::empty_image(&image, SIZE);
@@ -157,7 +162,7 @@ fn the_server_never_runs_more_threads_than_cores_plus_four_under_load() {
     let cores = std::thread::available_parallelism().map_or(2, usize::from);
     // Random 4k writes at depth 64 on 4 connections, clear of the failing spot: under the
     // blocking pool this grew past 100.
-    let mut fio = tool("fio", "fio");
+    let mut fio = FIO.command();
     fio.args(["--name=load", "--ioengine=nbd", "--rw=randrw", "--bs=4k", "--iodepth=64", "--numjobs=4"])
         .args(["--size=32M", "--time_based", "--runtime=3", "--group_reporting"])
         .arg(format!("--uri={uri}"));

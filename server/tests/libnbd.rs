@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Server, run_probe};
+use common::{PYTHON_NBD, Server, require, run_probe};
 
 fn writable() -> Server {
     Server::builder().export("disk", "memory:64MiB").start()
@@ -14,18 +14,21 @@ fn writable() -> Server {
 
 #[test]
 fn out_of_range_requests_get_enospc_for_writes_and_einval_otherwise_and_the_connection_goes_on() {
+    require!(PYTHON_NBD);
     let server = writable();
     run_probe("out-of-range", &[&server.uri("disk")]);
 }
 
 #[test]
 fn unknown_and_misplaced_flags_get_einval_and_the_connection_goes_on() {
+    require!(PYTHON_NBD);
     let server = writable();
     run_probe("unknown-flags", &[&server.uri("disk")]);
 }
 
 #[test]
 fn oversized_reads_and_writes_are_refused_without_allocating_their_size() {
+    require!(PYTHON_NBD);
     let server = writable();
     // Data under the oversized READs: a server that served them would copy it, touching memory.
     run_probe("fill", &[&server.uri("disk"), "40"]);
@@ -37,36 +40,42 @@ fn oversized_reads_and_writes_are_refused_without_allocating_their_size() {
 
 #[test]
 fn the_largest_reads_and_writes_and_larger_zeroes_trims_and_caches_succeed() {
+    require!(PYTHON_NBD);
     let server = writable();
     run_probe("largest", &[&server.uri("disk")]);
 }
 
 #[test]
 fn zero_length_requests_succeed_and_the_connection_goes_on() {
+    require!(PYTHON_NBD);
     let server = writable();
     run_probe("zero-length", &[&server.uri("disk")]);
 }
 
 #[test]
 fn writes_to_a_read_only_export_get_eperm_and_the_connection_goes_on() {
+    require!(PYTHON_NBD);
     let server = Server::builder().export("ro", "memory:8MiB").args(["--read-only", "ro"]).start();
     run_probe("read-only", &[&server.uri("ro")]);
 }
 
 #[test]
 fn block_status_reports_data_and_holes_with_and_without_req_one() {
+    require!(PYTHON_NBD);
     let server = writable();
     run_probe("block-status", &[&server.uri("disk")]);
 }
 
 #[test]
 fn df_reads_arrive_in_one_chunk_and_need_structured_replies() {
+    require!(PYTHON_NBD);
     let server = writable();
     run_probe("df", &[&server.uri("disk")]);
 }
 
 #[test]
 fn fast_zero_zeroes_or_fails_with_enotsup_changing_nothing() {
+    require!(PYTHON_NBD);
     let server = writable();
     run_probe("fast-zero", &[&server.uri("disk")]);
     let dir = tempfile::tempdir().unwrap();
@@ -78,6 +87,7 @@ fn fast_zero_zeroes_or_fails_with_enotsup_changing_nothing() {
 
 #[test]
 fn option_phase_lists_informs_aborts_and_goes() {
+    require!(PYTHON_NBD);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("nbdfault.yaml");
     std::fs::write(
@@ -91,12 +101,14 @@ fn option_phase_lists_informs_aborts_and_goes() {
 
 #[test]
 fn old_clients_without_structured_replies_or_fixed_newstyle_work() {
+    require!(PYTHON_NBD);
     let server = Server::builder().export("disk", "memory:8MiB").start();
     run_probe("old-clients", &[&server.uri("disk")]);
 }
 
 #[test]
 fn four_connections_with_128_requests_in_flight_each_read_back_every_byte() {
+    require!(PYTHON_NBD);
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     common::empty_image(&image, 64 << 20);
@@ -113,6 +125,7 @@ fn four_connections_with_128_requests_in_flight_each_read_back_every_byte() {
 
 #[test]
 fn zeroes_and_trims_of_nearly_4_gib_succeed_and_leave_a_file_export_sparse() {
+    require!(PYTHON_NBD);
     use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("huge.img");
@@ -128,6 +141,7 @@ fn zeroes_and_trims_of_nearly_4_gib_succeed_and_leave_a_file_export_sparse() {
 
 #[test]
 fn connections_writing_neighbouring_blocks_of_the_same_chunks_at_once_lose_nothing() {
+    require!(PYTHON_NBD);
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     common::empty_image(&image, 8 << 20);

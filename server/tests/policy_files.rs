@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::control::json_lines;
-use common::{NBDFAULT, PYTHON, python_script, run, run_ok};
+use common::{NBDFAULT, PYTHON, PYTHON_JSONSCHEMA, PYTHON_YAML, python_script, require, run, run_ok};
 
 fn scenarios() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/scenarios");
@@ -88,12 +88,40 @@ fn policy_check_fails_on_broken_copies_of_scenarios_naming_file_line_and_column_
     assert!(String::from_utf8_lossy(&output.stderr).contains("missing.yaml: cannot read"));
 }
 
+#[test]
+fn policy_check_reports_every_error_of_a_file_at_once_each_with_line_column_and_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("three-in-one-rule.yaml");
+    std::fs::write(
+        &path,
+        "rules:\n  - name: fail-file\n    when: { op: wirte, range: 2MiB..1MiB, armed_by: go }\n    then: { error: EIOO }\n  \
+         - name: torn-read\n    when: { op: read }\n    then: { torn: 4KiB }\n  - name: ok\n    then: { delay: 5 }\n",
+    )
+    .unwrap();
+    let output = run(nbdfault(&["policy", "check"]).arg(&path));
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let shown = path.display();
+    let locations: Vec<&str> = stderr.lines().filter(|line| !line.starts_with("  fix: ")).collect();
+    let fixes = stderr.lines().filter(|line| line.starts_with("  fix: ")).count();
+    assert_eq!(locations.len(), 5, "one line per error:\n{stderr}");
+    assert_eq!(fixes, 5, "each error has its fix:\n{stderr}");
+    for (line, column, what) in
+        [(3, 17, "wirte"), (3, 31, "inverted"), (4, 20, "EIOO"), (5, 5, "`torn` tears a write"), (9, 20, "no unit")]
+    {
+        let prefix = format!("{shown}:{line}:{column}: ");
+        assert!(
+            locations.iter().any(|l| l.starts_with(&prefix) && l.contains(what)),
+            "expected an error at {line}:{column} about {what}:\n{stderr}"
+        );
+    }
+}
+
 /// Runs `schema_check.py` with Debian's Python; returns each file's schema errors.
 fn schema_errors(schema: &Path, files: &[PathBuf]) -> Vec<(String, Vec<String>)> {
-    let check = Command::new(PYTHON).args(["-c", "import jsonschema, yaml"]).output();
     assert!(
-        check.is_ok_and(|o| o.status.success()),
-        "{PYTHON} cannot import jsonschema and yaml: install the Debian packages python3-jsonschema and python3-yaml"
+        PYTHON_JSONSCHEMA.is_available() && PYTHON_YAML.is_available(),
+        "the test must start with require!(PYTHON_JSONSCHEMA, PYTHON_YAML)"
     );
     let mut command = Command::new(PYTHON);
     command.arg(python_script("schema_check.py")).arg(schema).args(files);
@@ -109,6 +137,7 @@ fn schema_errors(schema: &Path, files: &[PathBuf]) -> Vec<(String, Vec<String>)>
 
 #[test]
 fn the_policy_schema_accepts_every_scenario_and_refuses_broken_ones() {
+    require!(PYTHON_JSONSCHEMA, PYTHON_YAML);
     let dir = tempfile::tempdir().unwrap();
     let schema = dir.path().join("policy.schema.json");
     std::fs::write(&schema, run_ok(&mut nbdfault(&["policy", "schema"]))).unwrap();
@@ -139,6 +168,7 @@ fn the_policy_schema_accepts_every_scenario_and_refuses_broken_ones() {
 
 #[test]
 fn a_replayed_fault_log_is_a_policy_that_check_and_the_schema_accept() {
+    require!(PYTHON_JSONSCHEMA, PYTHON_YAML);
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("faults.jsonl");
     let common = r#""time_ns":1000,"export":"disk","connection":1,"cookie":7,"flags":[]"#;

@@ -525,31 +525,6 @@ fn structured_replies_carry_reads_as_data_chunks_and_errors_as_error_chunks() {
     assert_eq!(&client.read_chunk().payload[8..], b"structured");
 }
 
-impl RawClient {
-    /// The error of a reply to a request without data: a simple reply, or (structured) chunks
-    /// ending with DONE.
-    fn read_reply_errno(&mut self, cookie: u64) -> u32 {
-        let mut magic = [0u8; 4];
-        self.stream.peek(&mut magic).unwrap();
-        if u32::from_be_bytes(magic) == SIMPLE_REPLY_MAGIC {
-            let (error, got) = self.read_simple_reply();
-            assert_eq!(got, cookie);
-            return error;
-        }
-        let mut error = 0;
-        loop {
-            let chunk = self.read_chunk();
-            assert_eq!(chunk.cookie, cookie);
-            if chunk.chunk_type & 0x8000 != 0 {
-                error = u32_at(&chunk.payload, 0);
-            }
-            if chunk.flags & REPLY_FLAG_DONE != 0 {
-                return error;
-            }
-        }
-    }
-}
-
 #[test]
 fn cookies_are_echoed_verbatim() {
     let server = server();

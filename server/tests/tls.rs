@@ -11,7 +11,10 @@ use std::path::Path;
 
 use common::pki::{Pki, write};
 use common::raw::RawClient;
-use common::{NBDFAULT, Server, ServerBuilder, assert_same_bytes, random_bytes, run, run_ok, tool};
+use common::{
+    CURL, NBDCOPY, NBDFAULT, NBDINFO, QEMU_IMG, QEMU_IO, Server, ServerBuilder, assert_same_bytes, random_bytes,
+    require, run, run_ok,
+};
 
 const OPT_STARTTLS: u32 = 5;
 const OPT_GO: u32 = 7;
@@ -33,15 +36,16 @@ fn nbds(server: &Server, export: &str, certificates: &Path) -> String {
 }
 
 fn nbdinfo(uri: &str) -> std::process::Output {
-    run(tool("nbdinfo", "libnbd-bin").arg("--json").arg(uri))
+    run(NBDINFO.command().arg("--json").arg(uri))
 }
 
 #[test]
 fn nbdinfo_and_nbdcopy_move_data_over_nbds_when_tls_is_required() {
+    require!(NBDCOPY, NBDINFO);
     let pki = Pki::new();
     let server = tls_server(&pki, "require").start();
     let uri = nbds(&server, "disk", &pki.dir);
-    let info = common::json(&run_ok(tool("nbdinfo", "libnbd-bin").arg("--json").arg(&uri)));
+    let info = common::json(&run_ok(NBDINFO.command().arg("--json").arg(&uri)));
     assert_eq!(info["exports"][0]["export-size"], 64 << 20, "{info}");
     assert_eq!(info["TLS"], true, "nbdinfo does not report TLS: {info}");
 
@@ -50,8 +54,8 @@ fn nbdinfo_and_nbdcopy_move_data_over_nbds_when_tls_is_required() {
     let back = dir.path().join("back.img");
     let data = random_bytes(8 << 20);
     std::fs::write(&source, &data).unwrap();
-    run_ok(tool("nbdcopy", "libnbd-bin").arg(&source).arg(&uri));
-    run_ok(tool("nbdcopy", "libnbd-bin").arg(&uri).arg(&back));
+    run_ok(NBDCOPY.command().arg(&source).arg(&uri));
+    run_ok(NBDCOPY.command().arg(&uri).arg(&back));
     let copied = std::fs::read(&back).unwrap();
     assert_same_bytes(&copied[..data.len()], &data, "the image copied in and out over TLS");
     assert!(server.stderr().contains("tls=true"), "the server does not log the TLS attachment");
@@ -59,6 +63,7 @@ fn nbdinfo_and_nbdcopy_move_data_over_nbds_when_tls_is_required() {
 
 #[test]
 fn require_refuses_plain_clients_with_err_tls_reqd() {
+    require!(NBDINFO);
     let pki = Pki::new();
     let server = tls_server(&pki, "require").start();
     let plain = nbdinfo(&server.uri("disk"));
@@ -83,15 +88,16 @@ fn require_refuses_plain_clients_with_err_tls_reqd() {
 
 #[test]
 fn on_lets_clients_choose_plain_text_or_tls() {
+    require!(NBDCOPY);
     let pki = Pki::new();
     let server = tls_server(&pki, "on").start();
     let data = random_bytes(1 << 20);
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("source.img");
     std::fs::write(&source, &data).unwrap();
-    run_ok(tool("nbdcopy", "libnbd-bin").arg(&source).arg(nbds(&server, "disk", &pki.dir)));
+    run_ok(NBDCOPY.command().arg(&source).arg(nbds(&server, "disk", &pki.dir)));
     let back = dir.path().join("back.img");
-    run_ok(tool("nbdcopy", "libnbd-bin").arg(server.uri("disk")).arg(&back));
+    run_ok(NBDCOPY.command().arg(server.uri("disk")).arg(&back));
     assert_same_bytes(&std::fs::read(&back).unwrap()[..data.len()], &data, "written over TLS, read in plain text");
 }
 
@@ -108,6 +114,7 @@ fn without_tls_starttls_is_refused_by_policy() {
 
 #[test]
 fn the_server_certificate_is_checked_by_the_client() {
+    require!(NBDINFO);
     let pki = Pki::new();
     let server = tls_server(&pki, "require").start();
     // A client that trusts another CA refuses the server.
@@ -119,9 +126,10 @@ fn the_server_certificate_is_checked_by_the_client() {
 
 #[test]
 fn verify_peer_admits_only_clients_with_a_certificate_from_the_ca() {
+    require!(NBDINFO);
     let pki = Pki::new();
     let server = tls_server(&pki, "require").arg("--tls-verify-peer").start();
-    run_ok(tool("nbdinfo", "libnbd-bin").arg(nbds(&server, "disk", &pki.dir)));
+    run_ok(NBDINFO.command().arg(nbds(&server, "disk", &pki.dir)));
     let anonymous = nbdinfo(&nbds(&server, "disk", &pki.anonymous_client()));
     assert!(!anonymous.status.success(), "a client without a certificate attached under --tls-verify-peer");
     let stranger = nbdinfo(&nbds(&server, "disk", &pki.stranger_client()));
@@ -131,11 +139,12 @@ fn verify_peer_admits_only_clients_with_a_certificate_from_the_ca() {
 
 #[test]
 fn qemu_io_and_qemu_img_work_with_tls_creds_x509() {
+    require!(QEMU_IMG, QEMU_IO);
     let pki = Pki::new();
     let server = tls_server(&pki, "require").arg("--tls-verify-peer").start();
     let object = format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", pki.dir.display());
     let image = format!("driver=nbd,host=127.0.0.1,port={},export=disk,tls-creds=tls0", server.port());
-    let output = run_ok(tool("qemu-io", "qemu-utils").args([
+    let output = run_ok(QEMU_IO.command().args([
         "--object",
         &object,
         "--image-opts",
@@ -150,14 +159,7 @@ fn qemu_io_and_qemu_img_work_with_tls_creds_x509() {
         "read -P 0 0 1M",
     ]));
     assert!(!output.contains("Pattern verification failed"), "{output}");
-    let info = run_ok(tool("qemu-img", "qemu-utils").args([
-        "info",
-        "--output=json",
-        "--object",
-        &object,
-        "--image-opts",
-        &image,
-    ]));
+    let info = run_ok(QEMU_IMG.command().args(["info", "--output=json", "--object", &object, "--image-opts", &image]));
     assert_eq!(common::json(&info)["virtual-size"], 64 << 20, "{info}");
 }
 
@@ -203,20 +205,17 @@ fn missing_or_bad_certificate_files_stop_the_server_with_the_file_named() {
 
 #[test]
 fn the_control_api_is_served_over_https_with_the_same_certificates() {
+    require!(CURL);
     let pki = Pki::new();
     let server = tls_server(&pki, "require").with_control().start();
     let control = server.control.expect("control address");
     let url = format!("https://{control}");
     let health = run_ok(
-        tool("curl", "curl")
-            .args(["-sS", "--fail", "--cacert"])
-            .arg(pki.path("ca-cert.pem"))
-            .arg(format!("{url}/v1/health")),
+        CURL.command().args(["-sS", "--fail", "--cacert"]).arg(pki.path("ca-cert.pem")).arg(format!("{url}/v1/health")),
     );
     assert!(health.contains("\"ok\""), "{health}");
-    let plain = run(tool("curl", "curl")
-        .args(["-sS", "--fail", "--max-time", "10"])
-        .arg(format!("http://{control}/v1/health")));
+    let plain =
+        run(CURL.command().args(["-sS", "--fail", "--max-time", "10"]).arg(format!("http://{control}/v1/health")));
     assert!(!plain.status.success(), "the control API answered plain HTTP while TLS is on");
 
     // nbdfault ctl: with the CA it talks; without it, it refuses the unknown certificate.

@@ -2,6 +2,9 @@
 //! it: the sync family, fadvise, fallocate, drop_caches, mount. Memory mappings, extent maps and
 //! page flags have modules of their own.
 
+pub mod btrfs;
+pub mod cgroup;
+pub mod fanotify;
 pub mod fiemap;
 pub mod mapping;
 pub mod pageflags;
@@ -98,6 +101,18 @@ pub fn sync_file_range(file: &File, how: RangeSync) -> io::Result<()> {
     check(unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, flags) })
 }
 
+/// `pwrite(2)` of `data` at `offset` through a new `O_DIRECT` description of `path`, from a
+/// page-aligned copy of `data` (O_DIRECT needs aligned memory, offset and length).
+pub fn pwrite_direct(path: &Path, offset: u64, data: &[u8]) -> io::Result<usize> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path)?;
+    let page = page_size();
+    let mut buf = vec![0u8; data.len() + page];
+    let skip = buf.as_ptr().align_offset(page);
+    buf[skip..skip + data.len()].copy_from_slice(data);
+    file.write_at(&buf[skip..skip + data.len()], offset)
+}
+
 /// `posix_fadvise(POSIX_FADV_DONTNEED)` over the whole file: drops clean, unmapped cached pages.
 pub fn fadvise_dontneed(file: &File) -> io::Result<()> {
     // SAFETY: plain syscall on an open descriptor.
@@ -146,6 +161,30 @@ pub fn flush_buffers(device: &Path) -> io::Result<()> {
     let file = File::open(device)?;
     // SAFETY: BLKFLSBUF takes no argument; the descriptor is open for the call.
     check(unsafe { libc::ioctl(file.as_raw_fd(), BLKFLSBUF, 0) })
+}
+
+/// A value written to a sysctl or sysfs file for a while: the old value is written back on drop.
+#[derive(Debug)]
+pub struct Setting {
+    path: std::path::PathBuf,
+    saved: String,
+}
+
+impl Setting {
+    /// Reads what `path` holds, then writes `value` to it.
+    pub fn set(path: impl Into<std::path::PathBuf>, value: &str) -> io::Result<Setting> {
+        let path = path.into();
+        let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let saved = std::fs::read_to_string(&path).map_err(with_path)?.trim().to_string();
+        std::fs::write(&path, value).map_err(with_path)?;
+        Ok(Setting { path, saved })
+    }
+}
+
+impl Drop for Setting {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, &self.saved);
+    }
 }
 
 /// The system page size.
@@ -197,6 +236,19 @@ mod tests {
         assert_eq!(outcome(&sync_file_range(&file, RangeSync::WriteAndWait)), "0");
         assert_eq!(outcome(&fadvise_dontneed(&file)), "0");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_setting_is_written_and_put_back_on_drop() {
+        let path = std::env::temp_dir().join(format!("nbdfault-setting-{}", std::process::id()));
+        std::fs::write(&path, "3000\n").unwrap();
+        let setting = Setting::set(&path, "100").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "100");
+        drop(setting);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "3000");
+        let err = Setting::set("/nonexistent/setting", "1").unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/setting"), "{err}");
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]

@@ -30,6 +30,11 @@ pub struct PageState {
     pub writeback: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<bool>,
+    /// The page heads a large folio (a compound page) / is one of its tail pages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub folio_head: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub folio_tail: Option<bool>,
 }
 
 impl PageState {
@@ -43,7 +48,14 @@ impl PageState {
             dirty: bit(KPF_DIRTY),
             writeback: bit(KPF_WRITEBACK),
             error: bit(KPF_ERROR),
+            folio_head: bit(KPF_COMPOUND_HEAD),
+            folio_tail: bit(KPF_COMPOUND_TAIL),
         }
+    }
+
+    /// True when the page belongs to a folio larger than one page.
+    pub fn in_large_folio(&self) -> Option<bool> {
+        Some(self.folio_head? || self.folio_tail?)
     }
 
     /// True for the thread's bug state: mapped in this process, yet not Uptodate.
@@ -84,8 +96,9 @@ pub fn page_state(address: usize) -> io::Result<PageState> {
             }
         }
     }
-    // MMAP is per page; keep the page's own bit.
-    flags = (flags & !(1 << KPF_MMAP)) | (own & (1 << KPF_MMAP));
+    // MMAP and the head/tail bits are per page; keep the page's own.
+    let per_page = 1 << KPF_MMAP | 1 << KPF_COMPOUND_HEAD | 1 << KPF_COMPOUND_TAIL;
+    flags = (flags & !per_page) | (own & per_page);
     Ok(PageState::decode(entry, Some(flags)))
 }
 
@@ -101,6 +114,8 @@ mod tests {
         assert_eq!(state.dirty, Some(true));
         assert_eq!(state.error, Some(true));
         assert_eq!(state.mapped_but_not_uptodate(), Some(true));
+        assert_eq!(state.in_large_folio(), Some(false));
+        assert_eq!(PageState::decode(1 << 63, Some(1 << KPF_COMPOUND_TAIL)).in_large_folio(), Some(true));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use super::{Fs, Step, StepError, SuiteConfig, Target};
 use crate::control::{Control, FaultRecord};
 use crate::kmsg::{Kmsg, KmsgLine};
+use crate::os::btrfs;
 use crate::os::fiemap::{self, Extent};
 use crate::os::mapping::{Mapping, SigBus, resident_pages};
 use crate::os::pageflags::{PageState, page_state};
@@ -40,7 +41,10 @@ pub struct TestFile {
     pub path: PathBuf,
     pub writer: File,
     pub len: u64,
+    /// Where the file's bytes are on the device (for btrfs translated from its logical
+    /// addresses through the chunk tree).
     pub extents: Vec<Extent>,
+    pub fs: Fs,
 }
 
 impl TestFile {
@@ -56,9 +60,32 @@ impl TestFile {
 
     /// Re-reads the extent map (after fallocate or allocation).
     pub fn refresh_extents(&mut self, len: u64) -> Result<(), StepError> {
-        self.extents = fiemap::extents(&self.writer, 0, len, false).step("FIEMAP")?;
+        self.extents = device_extents(self.fs, &self.writer, len, false)?;
         Ok(())
     }
+}
+
+/// FIEMAP of `file`'s first `len` bytes, with device offsets: on btrfs FIEMAP answers in logical
+/// addresses, mapped to the device through the chunk tree (an extent outside every chunk is
+/// marked unknown, so nothing treats it as located).
+fn device_extents(fs: Fs, file: &File, len: u64, sync: bool) -> Result<Vec<Extent>, StepError> {
+    let extents = fiemap::extents(file, 0, len, sync).step("FIEMAP the file")?;
+    if fs != Fs::Btrfs {
+        return Ok(extents);
+    }
+    let chunks = btrfs::chunks(file).step("read the btrfs chunk tree")?;
+    Ok(extents
+        .into_iter()
+        .map(|mut e| {
+            if e.located() {
+                match btrfs::logical_to_device(&chunks, e.physical, e.physical + e.length).first() {
+                    Some((start, _)) => e.physical = *start,
+                    None => e.flags |= fiemap::EXTENT_UNKNOWN,
+                }
+            }
+            e
+        })
+        .collect())
 }
 
 /// A policy on the export whose trigger is armed.
@@ -168,27 +195,14 @@ impl PageStates {
 /// written back when a scenario says so. (Zero would be worse: the flusher is then kicked at once
 /// whenever an inode is dirtied.) Restores the old settings on drop.
 pub struct QuietWriteback {
-    saved: Vec<(&'static str, String)>,
+    _settings: [os::Setting; 2],
 }
 
 const EXPIRE: &str = "/proc/sys/vm/dirty_expire_centisecs";
 const WRITEBACK: &str = "/proc/sys/vm/dirty_writeback_centisecs";
 
 pub fn quiet_background_writeback() -> std::io::Result<QuietWriteback> {
-    let mut saved = Vec::new();
-    for (path, value) in [(EXPIRE, "360000"), (WRITEBACK, "360000")] {
-        saved.push((path, std::fs::read_to_string(path)?.trim().to_string()));
-        std::fs::write(path, value)?;
-    }
-    Ok(QuietWriteback { saved })
-}
-
-impl Drop for QuietWriteback {
-    fn drop(&mut self) {
-        for (path, value) in &self.saved {
-            let _ = std::fs::write(path, value);
-        }
-    }
+    Ok(QuietWriteback { _settings: [os::Setting::set(EXPIRE, "360000")?, os::Setting::set(WRITEBACK, "360000")?] })
 }
 
 impl<'a> Env<'a> {
@@ -213,8 +227,9 @@ impl<'a> Env<'a> {
         // (a file export), make a fresh one.
         let reset = env.control.reset().is_ok();
         os::flush_buffers(&env.device).step("flush the device's buffer cache")?;
+        let (at, len) = super::layout::probe_range(target.fs);
         let pristine =
-            reset && env.control.read_data(0, 2048).is_ok_and(|head| super::layout::has_filesystem(target.fs, &head));
+            reset && env.control.read_data(at, len).is_ok_and(|probe| super::layout::has_filesystem(target.fs, &probe));
         if !pristine {
             target.fs.make(&env.device).step("make the filesystem")?;
         }
@@ -232,7 +247,7 @@ impl<'a> Env<'a> {
         match self.control.delete_policy() {
             Ok(()) => Ok(()),
             // No policy to remove is fine.
-            Err(crate::control::ControlError::Status { status: 404, .. }) => Ok(()),
+            Err(error) if error.status() == Some(404) => Ok(()),
             Err(e) => Err(StepError::new("remove the policy", e)),
         }
     }
@@ -259,6 +274,11 @@ impl<'a> Env<'a> {
         let target = std::ffi::CString::new(self.mnt.as_os_str().as_encoded_bytes()).unwrap_or_default();
         // SAFETY: a NUL-terminated path that outlives the call.
         unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        self.mounted = false;
+    }
+
+    /// Notes that the filesystem was unmounted by the scenario itself.
+    pub fn mark_unmounted(&mut self) {
         self.mounted = false;
     }
 
@@ -300,8 +320,8 @@ impl<'a> Env<'a> {
             .step("create the file")?;
         writer.write_all(&fill.bytes(0, len as usize)).step("write the first contents")?;
         writer.sync_all().step("fsync the first contents")?;
-        let extents = fiemap::extents(&writer, 0, len, true).step("FIEMAP the file")?;
-        let file = TestFile { path, writer, len, extents };
+        let extents = device_extents(self.fs(), &writer, len, true)?;
+        let file = TestFile { path, writer, len, extents, fs: self.fs() };
         let covered: u64 = file.device_ranges(0, len).iter().map(|(s, e)| e - s).sum();
         if covered != len {
             return Err(StepError::new(
@@ -322,12 +342,24 @@ impl<'a> Env<'a> {
     /// starting writeback: the kernel may write them back on its own within a second (a new
     /// device's share of the dirty threshold is tiny), and those writes must fail too.
     pub fn fail(&mut self, op: Op, ranges: Vec<(u64, u64)>, name: &str) -> Result<Armed, StepError> {
+        self.fail_matching(op, ranges, None, name)
+    }
+
+    /// [`Self::fail`], only for requests whose FUA flag is `fua`.
+    pub fn fail_matching(
+        &mut self,
+        op: Op,
+        ranges: Vec<(u64, u64)>,
+        fua: Option<bool>,
+        name: &str,
+    ) -> Result<Armed, StepError> {
         let policy = FailPolicy {
             name: name.to_string(),
             op,
             ranges: merge_ranges(ranges),
             trigger: self.next_trigger(),
             delay: self.delay,
+            fua,
         };
         self.control.put_policy(&policy.to_yaml()).step("put the policy")?;
         let since = self.control.last_fault_seq().step("read the fault log")?;
@@ -340,10 +372,10 @@ impl<'a> Env<'a> {
         let policy = &armed.policy;
         self.control.disarm(&policy.trigger).step("disarm the trigger")?;
         let records = self.control.faults_since(armed.since).step("read the fault log")?;
-        self.last_records = records.iter().map(|r| r.raw.clone()).collect();
+        self.last_records = records.iter().map(crate::control::record_json).collect();
         Ok(records
             .into_iter()
-            .filter(|r| r.failed)
+            .filter(|r| r.failed())
             .filter(|r| policy.ranges.is_empty() || policy.ranges.iter().any(|(s, e)| r.overlaps(*s, *e)))
             .collect())
     }
@@ -370,9 +402,30 @@ impl<'a> Env<'a> {
         Ok(failed)
     }
 
-    /// The bytes the server stores for file bytes `offset..offset + len`.
+    /// The device ranges a write of file bytes `offset..offset + len` goes to. In place on XFS
+    /// and ext4: the file's blocks. Copy-on-write on btrfs: somewhere in the data block groups,
+    /// so all of them (nothing else writes data while a scenario runs).
+    pub fn write_ranges(&self, file: &TestFile, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, StepError> {
+        match self.fs() {
+            Fs::Btrfs => {
+                let chunks = btrfs::chunks(&file.writer).step("read the btrfs chunk tree")?;
+                Ok(merge_ranges(btrfs::ranges_of_kind(&chunks, btrfs::BLOCK_GROUP_DATA)))
+            }
+            Fs::Xfs | Fs::Ext4 => Ok(file.device_ranges(offset, len)),
+        }
+    }
+
+    /// The bytes the server stores for file bytes `offset..offset + len`. On btrfs the extent map
+    /// is read again first: a successful copy-on-write moves the file's blocks.
     pub fn disk(&self, file: &TestFile, offset: u64, len: u64) -> Result<Vec<u8>, String> {
-        let ranges = fiemap::device_ranges(&file.extents, offset, len);
+        let moved;
+        let extents = if self.fs() == Fs::Btrfs {
+            moved = device_extents(Fs::Btrfs, &file.writer, offset + len, false).map_err(|e| e.to_string())?;
+            &moved
+        } else {
+            &file.extents
+        };
+        let ranges = fiemap::device_ranges(extents, offset, len);
         let covered: u64 = ranges.iter().map(|(s, e)| e - s).sum();
         if covered != len {
             return Err(format!("only {covered} of {len} bytes have blocks"));

@@ -23,7 +23,7 @@ use crate::policy::Op;
 use crate::report::Verdict;
 
 /// Per-descriptor syncfs reporting arrived in 5.8.
-fn syncfs_reports(t: &Target) -> Option<Verdict> {
+pub(super) fn syncfs_reports(t: &Target) -> Option<Verdict> {
     t.kernel.map(|k| if k.at_least(5, 8) { Verdict::Holds } else { Verdict::Violated })
 }
 
@@ -231,7 +231,7 @@ fn run(env: &mut Env, f: &mut Findings, call: Call) -> Result<(), StepError> {
     };
     let before = Description::new(file.open_again()?, call)?;
     let never_reports = file.open_again()?;
-    let policy = env.fail(Op::Write, file.device_ranges(0, LEN), "fail-file-data")?;
+    let policy = env.fail(Op::Write, env.write_ranges(&file, 0, LEN)?, "fail-file-data")?;
     if let Some(map) = &writer.map {
         map.store(0, &NEW.bytes(0, 4096)).step("store through the mapping")?.map_err(|b| StepError::new("store", b))?;
     }

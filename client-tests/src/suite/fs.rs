@@ -1,4 +1,6 @@
-//! The filesystems under test: making them (with the host's mkfs), mounting, unmounting.
+//! The filesystems under test: making them (with the host's mkfs), mounting, unmounting. XFS and
+//! ext4 are what the invariant catalogue (docs/invariants.md) covers; btrfs (copy-on-write, checksummed) is the third, with its
+//! own columns and findings.
 
 use std::fmt;
 use std::path::Path;
@@ -12,15 +14,26 @@ use crate::os;
 pub enum Fs {
     Xfs,
     Ext4,
+    Btrfs,
 }
 
 impl Fs {
-    pub const ALL: [Fs; 2] = [Fs::Xfs, Fs::Ext4];
+    pub const ALL: [Fs; 3] = [Fs::Xfs, Fs::Ext4, Fs::Btrfs];
 
     pub fn name(self) -> &'static str {
         match self {
             Fs::Xfs => "xfs",
             Fs::Ext4 => "ext4",
+            Fs::Btrfs => "btrfs",
+        }
+    }
+
+    /// The mkfs program, as the guest's initramfs names it.
+    pub fn mkfs_program(self) -> &'static str {
+        match self {
+            Fs::Xfs => "mkfs.xfs",
+            Fs::Ext4 => "mkfs.ext4",
+            Fs::Btrfs => "mkfs.btrfs",
         }
     }
 
@@ -43,6 +56,12 @@ impl Fs {
                 c.args(["-F", "-q", "-E", "nodiscard"]);
                 c
             }
+            // Single data and DUP metadata on one device; 4096-byte sectors are btrfs's default.
+            Fs::Btrfs => {
+                let mut c = Command::new("mkfs.btrfs");
+                c.args(["-f", "-q", "-K"]);
+                c
+            }
         };
         cmd.arg(device);
         cmd
@@ -52,7 +71,7 @@ impl Fs {
     /// scenarios; `noinit_itable` keeps the device quiet.
     pub fn mount_options(self) -> &'static str {
         match self {
-            Fs::Xfs => "",
+            Fs::Xfs | Fs::Btrfs => "",
             Fs::Ext4 => "noinit_itable",
         }
     }
@@ -99,12 +118,13 @@ impl FromStr for Fs {
         match s {
             "xfs" => Ok(Fs::Xfs),
             "ext4" => Ok(Fs::Ext4),
-            other => Err(format!("unknown filesystem `{other}`: use xfs or ext4")),
+            "btrfs" => Ok(Fs::Btrfs),
+            other => Err(format!("unknown filesystem `{other}`: use xfs, ext4 or btrfs")),
         }
     }
 }
 
-/// Parses `xfs`, `ext4` or `all`.
+/// Parses `xfs`, `ext4`, `btrfs`, a comma-separated list of them, or `all`.
 pub fn parse_list(s: &str) -> Result<Vec<Fs>, String> {
     if s == "all" {
         return Ok(Fs::ALL.to_vec());
@@ -118,10 +138,10 @@ mod tests {
 
     #[test]
     fn filesystem_lists_parse_all_and_commas() {
-        assert_eq!(parse_list("all").unwrap(), vec![Fs::Xfs, Fs::Ext4]);
+        assert_eq!(parse_list("all").unwrap(), vec![Fs::Xfs, Fs::Ext4, Fs::Btrfs]);
         assert_eq!(parse_list("ext4").unwrap(), vec![Fs::Ext4]);
-        assert_eq!(parse_list("ext4,xfs").unwrap(), vec![Fs::Ext4, Fs::Xfs]);
-        assert!(parse_list("btrfs").unwrap_err().contains("xfs or ext4"));
+        assert_eq!(parse_list("ext4,btrfs").unwrap(), vec![Fs::Ext4, Fs::Btrfs]);
+        assert!(parse_list("zfs").unwrap_err().contains("xfs, ext4 or btrfs"));
     }
 
     #[test]
@@ -136,6 +156,11 @@ mod tests {
 
     #[test]
     fn xfs_images_get_4096_byte_sectors_and_mount_as_such() {
+        nbdfault_testing::require!(
+            nbdfault_testing::MKFS_XFS,
+            nbdfault_testing::MKFS_EXT4,
+            nbdfault_testing::MKFS_BTRFS
+        );
         let image = std::env::temp_dir().join(format!("nbdfault-fs-image-{}", std::process::id()));
         std::fs::File::create(&image).unwrap().set_len(1 << 30).unwrap();
         Fs::Xfs.make_image(&image).unwrap();
@@ -143,7 +168,13 @@ mod tests {
         // sb_sectsize, big-endian u16 at offset 102.
         assert_eq!(u16::from_be_bytes([sb[102], sb[103]]), 4096);
         Fs::Ext4.make_image(&image).unwrap();
-        assert!(crate::suite::layout::has_filesystem(Fs::Ext4, &std::fs::read(&image).unwrap()[..2048]));
+        let probe = |fs: Fs, bytes: &[u8]| {
+            let (at, len) = crate::suite::layout::probe_range(fs);
+            crate::suite::layout::has_filesystem(fs, &bytes[at as usize..(at + len) as usize])
+        };
+        assert!(probe(Fs::Ext4, &std::fs::read(&image).unwrap()));
+        Fs::Btrfs.make_image(&image).unwrap();
+        assert!(probe(Fs::Btrfs, &std::fs::read(&image).unwrap()));
         std::fs::remove_file(image).unwrap();
     }
 

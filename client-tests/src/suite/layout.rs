@@ -30,11 +30,24 @@ fn le_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-/// True when the first 2 KiB of a device hold a superblock of `fs`.
-pub fn has_filesystem(fs: super::Fs, first_2k: &[u8]) -> bool {
+/// The device bytes (offset, length) that show whether a device holds `fs`: the first 2 KiB for
+/// XFS and ext4, btrfs's magic in its superblock at 64 KiB.
+pub fn probe_range(fs: super::Fs) -> (u64, u64) {
     match fs {
-        super::Fs::Xfs => first_2k.get(0..4) == Some(b"XFSB".as_slice()),
-        super::Fs::Ext4 => first_2k.len() >= 1024 + 0x3A && le_u16(first_2k, 1024 + 0x38) == 0xEF53,
+        super::Fs::Xfs | super::Fs::Ext4 => (0, 2048),
+        super::Fs::Btrfs => (BTRFS_SUPER + 0x40, 8),
+    }
+}
+
+/// btrfs's primary superblock.
+const BTRFS_SUPER: u64 = 64 * 1024;
+
+/// True when `probe` (the bytes at [`probe_range`]) shows a superblock of `fs`.
+pub fn has_filesystem(fs: super::Fs, probe: &[u8]) -> bool {
+    match fs {
+        super::Fs::Xfs => probe.get(0..4) == Some(b"XFSB".as_slice()),
+        super::Fs::Ext4 => probe.len() >= 1024 + 0x3A && le_u16(probe, 1024 + 0x38) == 0xEF53,
+        super::Fs::Btrfs => probe.get(0..8) == Some(b"_BHRfS_M".as_slice()),
     }
 }
 
@@ -59,6 +72,43 @@ pub fn xfs_log_range(sb: &[u8]) -> Result<(u64, u64), LayoutError> {
     let agbno = logstart & ((1u64 << agblklog) - 1);
     let start = (agno * agblocks + agbno) * blocksize;
     Ok((start, start + logblocks * blocksize))
+}
+
+/// Where ext4 keeps inode `ino` on the device: the byte offset of its on-disk inode, from the
+/// superblock (the 1024 bytes at device offset 1024) and the group descriptor table (read at
+/// `gdt_offset`, which [`ext4_gdt_offset`] gives) as `read(offset, len)` returns them.
+pub fn ext4_inode_offset(
+    sb: &[u8],
+    ino: u64,
+    read: &mut dyn FnMut(u64, u64) -> Option<Vec<u8>>,
+) -> Result<u64, LayoutError> {
+    if sb.len() < 0x100 {
+        return Err(LayoutError::Short(sb.len()));
+    }
+    if le_u16(sb, 0x38) != 0xEF53 {
+        return Err(LayoutError::BadMagic { fs: "ext4", found: format!("{:#06x}", le_u16(sb, 0x38)) });
+    }
+    let blocksize = 1024u64 << le_u32(sb, 0x18);
+    let per_group = u64::from(le_u32(sb, 0x28));
+    let inode_size = u64::from(le_u16(sb, 0x58));
+    let desc_size = if le_u32(sb, 0x60) & 0x80 != 0 { u64::from(le_u16(sb, 0xFE)).max(32) } else { 32 };
+    let group = (ino - 1) / per_group;
+    let gdt = (u64::from(le_u32(sb, 0x14)) + 1) * blocksize;
+    let desc = read(gdt + group * desc_size, desc_size).ok_or(LayoutError::Short(0))?;
+    let mut table = u64::from(le_u32(&desc, 8));
+    if desc_size >= 64 {
+        table |= u64::from(le_u32(&desc, 0x28)) << 32;
+    }
+    Ok(table * blocksize + ((ino - 1) % per_group) * inode_size)
+}
+
+/// The block of the first leaf (or index block) below an inode's extent root, when the tree is
+/// deeper than the inode: `i_block` is the 60 bytes at offset 0x28 of the on-disk inode.
+pub fn ext4_first_tree_block(i_block: &[u8]) -> Option<u64> {
+    if i_block.len() < 24 || le_u16(i_block, 0) != 0xF30A || le_u16(i_block, 6) == 0 || le_u16(i_block, 2) == 0 {
+        return None;
+    }
+    Some(u64::from(le_u32(i_block, 16)) | u64::from(le_u16(i_block, 20)) << 32)
 }
 
 /// The device byte ranges of an internal ext4 journal, from the 1024-byte superblock found at
@@ -101,6 +151,7 @@ pub fn ext4_journal_ranges(sb: &[u8]) -> Result<Vec<(u64, u64)>, LayoutError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nbdfault_testing::{DEBUGFS, MKFS_EXT4, MKFS_XFS, XFS_DB, require};
     use std::process::Command;
 
     fn xfs_sb(blocksize: u32, logstart: u64, agblocks: u32, logblocks: u32, agblklog: u8) -> Vec<u8> {
@@ -133,6 +184,8 @@ mod tests {
         dev[1024 + 0x38..1024 + 0x3A].copy_from_slice(&0xEF53u16.to_le_bytes());
         assert!(has_filesystem(super::super::Fs::Ext4, &dev));
         assert!(!has_filesystem(super::super::Fs::Ext4, &dev[..1070]));
+        assert!(has_filesystem(super::super::Fs::Btrfs, b"_BHRfS_M"));
+        assert!(!has_filesystem(super::super::Fs::Btrfs, &dev[..8]));
     }
 
     #[test]
@@ -140,6 +193,18 @@ mod tests {
         assert_eq!(xfs_log_range(&xfs_sb(4096, 0, 1, 1, 1)), Err(LayoutError::External("XFS")));
         assert!(matches!(xfs_log_range(&[0u8; 512]), Err(LayoutError::BadMagic { .. })));
         assert_eq!(xfs_log_range(&[0u8; 10]), Err(LayoutError::Short(10)));
+    }
+
+    #[test]
+    fn ext4_first_tree_block_reads_the_first_index_entry() {
+        let mut ib = vec![0u8; 60];
+        ib[0..2].copy_from_slice(&0xF30Au16.to_le_bytes());
+        ib[2..4].copy_from_slice(&1u16.to_le_bytes());
+        assert_eq!(ext4_first_tree_block(&ib), None, "depth 0: the extents are in the inode");
+        ib[6..8].copy_from_slice(&1u16.to_le_bytes());
+        ib[12..16].copy_from_slice(&16u32.to_le_bytes());
+        ib[16..20].copy_from_slice(&33795u32.to_le_bytes());
+        assert_eq!(ext4_first_tree_block(&ib), Some(33795));
     }
 
     #[test]
@@ -173,6 +238,7 @@ mod tests {
 
     #[test]
     fn xfs_log_range_matches_xfs_db_on_a_real_filesystem() {
+        require!(MKFS_XFS, XFS_DB);
         let img = image("xfs");
         run(Command::new("mkfs.xfs").args(["-f", "-q", "-K"]).arg(&img));
         let bytes = std::fs::read(&img).unwrap();
@@ -194,6 +260,7 @@ mod tests {
 
     #[test]
     fn ext4_journal_range_matches_debugfs_on_a_real_filesystem() {
+        require!(MKFS_EXT4, DEBUGFS);
         let img = image("ext4");
         run(Command::new("mkfs.ext4").args(["-F", "-q", "-E", "nodiscard"]).arg(&img));
         let bytes = std::fs::read(&img).unwrap();

@@ -1,5 +1,5 @@
 //! A failed log (XFS) or journal (ext4) write, on purpose: XFS shuts down and ext4 aborts its
-//! journal. On XFS this is also the research's way to the thread's bug state on 5.10: the dirty
+//! journal. On XFS this is also a way to the thread's bug state on 5.10: the dirty
 //! mapped page's writeback then fails at submission, which cleared Uptodate before 5.19.
 
 use std::os::unix::fs::FileExt;
@@ -20,10 +20,11 @@ use crate::policy::Op;
 use crate::report::Verdict;
 
 /// ext4 leaves the pages dirty and Uptodate after an abort; XFS follows the submission rule.
-fn page_kept(t: &Target) -> Option<Verdict> {
+pub(super) fn page_kept(t: &Target) -> Option<Verdict> {
     match t.fs {
         Fs::Xfs => submission_fixed(t),
         Fs::Ext4 => Some(Verdict::Holds),
+        Fs::Btrfs => None,
     }
 }
 
@@ -76,6 +77,14 @@ fn log_ranges(env: &Env) -> Result<Vec<(u64, u64)>, StepError> {
         Fs::Ext4 => {
             let sb = env.control.read_data(1024, 1024).step("read the ext4 superblock")?;
             ext4_journal_ranges(&sb).step("find the ext4 journal")
+        }
+        // btrfs has no log area: every metadata write is copy-on-write into the metadata (and
+        // system) block groups, both copies. Failing them is its equivalent.
+        Fs::Btrfs => {
+            let mnt = std::fs::File::open(&env.mnt).step("open the mount point")?;
+            let chunks = crate::os::btrfs::chunks(&mnt).step("read the btrfs chunk tree")?;
+            let kinds = crate::os::btrfs::BLOCK_GROUP_METADATA | crate::os::btrfs::BLOCK_GROUP_SYSTEM;
+            Ok(crate::os::btrfs::ranges_of_kind(&chunks, kinds))
         }
     }
 }
@@ -154,6 +163,7 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
                 }),
             );
         }
+        Fs::Btrfs => {}
         Fs::Ext4 => {
             let dirty = states.first().and_then(|s| s.dirty.zip(s.uptodate));
             let read = match &views.read {

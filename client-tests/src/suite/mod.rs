@@ -2,16 +2,23 @@
 //! fails the writeback of chosen blocks through the control API and fills in the verdicts of the
 //! checks it declares.
 
+mod direct;
 mod env;
 mod errseq;
+mod eviction;
+mod folio;
 pub mod fs;
+mod fsnotify;
+mod journal;
 pub mod layout;
 mod logfail;
+mod pressure;
 mod readfault;
 mod recovery;
 mod submission;
 mod unwritten;
 mod views;
+mod xfsmeta;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -27,22 +34,22 @@ use crate::invariants::Class;
 use crate::report::{CheckResult, KernelInfo, Report, Verdict};
 use crate::version::{KernelVersion, RunningKernel};
 
-/// The kernel and filesystem a check runs on, for the research's expectations.
+/// The kernel and filesystem a check runs on, for the catalogue's expectations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target {
     pub fs: Fs,
     pub kernel: Option<KernelVersion>,
 }
 
-/// What the research predicts for a target, if anything.
+/// What the catalogue (docs/invariants.md) predicts for a target, if anything.
 pub type Expectation = fn(&Target) -> Option<Verdict>;
 
-/// The research expects a guaranteed invariant to hold everywhere.
+/// The catalogue expects a guaranteed invariant to hold everywhere.
 pub fn always_holds(_: &Target) -> Option<Verdict> {
     Some(Verdict::Holds)
 }
 
-/// The research makes no prediction.
+/// The catalogue makes no prediction.
 pub fn unknown(_: &Target) -> Option<Verdict> {
     None
 }
@@ -155,6 +162,16 @@ pub fn scenarios() -> Vec<&'static Scenario> {
         &readfault::SCENARIO,
         &submission::SCENARIO,
         &logfail::SCENARIO,
+        &eviction::SCENARIO,
+        &fsnotify::SCENARIO,
+        &direct::SCENARIO,
+        &pressure::SCENARIO,
+        &folio::SCENARIO,
+        &journal::FLUSH,
+        &journal::FUA,
+        &xfsmeta::RETRY_FOREVER,
+        &xfsmeta::MAX_RETRIES,
+        &xfsmeta::RETRY_TIMEOUT,
     ]);
     all
 }
@@ -218,10 +235,13 @@ pub fn run_suite(config: &SuiteConfig, progress: &mut dyn FnMut(&str)) -> Result
         let target = Target { fs, kernel: running.version };
         let mut checks = Vec::new();
         for scenario in &chosen {
+            if scenario.checks.iter().all(|c| c.only.is_some_and(|only| only != fs)) {
+                continue;
+            }
             progress(&format!("{fs}: {} ({})", scenario.name, scenario.about));
             let t0 = Instant::now();
             let results = run_scenario(config, scenario, target);
-            let failing = results.iter().filter(|c| c.fails_run()).count();
+            let failing = results.iter().filter(|c| crate::report::fails_run_on(c, fs.name())).count();
             let summary: Vec<String> = results.iter().map(|c| format!("{} {}", c.id, c.verdict.word())).collect();
             progress(&format!(
                 "{fs}: {} done in {:.1} s{}: {}",

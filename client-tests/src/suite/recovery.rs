@@ -58,7 +58,7 @@ fn store(map: &Mapping, offset: u64, data: &[u8]) -> Result<(), StepError> {
 fn run_two_errors(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
     let file = env.create("two-errors", OLD, LEN)?;
     let map = Mapping::shared(&file.writer, LEN as usize).step("mmap the file")?;
-    let ranges = file.device_ranges(0, LEN);
+    let ranges = env.write_ranges(&file, 0, LEN)?;
     let first = env.fail(Op::Write, ranges.clone(), "fail-file-data")?;
     store(&map, 0, &NEW.bytes(0, 4096))?;
     let failed_first = env.sync_and_heal(first)?;
@@ -79,7 +79,7 @@ fn run_two_errors(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
 fn run_recovery(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
     let file = env.create("recovery", OLD, LEN)?;
     let map = Mapping::shared(&file.writer, LEN as usize).step("mmap the file")?;
-    let policy = env.fail(Op::Write, file.device_ranges(0, LEN), "fail-file-data")?;
+    let policy = env.fail(Op::Write, env.write_ranges(&file, 0, LEN)?, "fail-file-data")?;
     store(&map, 0, &NEW.bytes(0, 4096))?;
     file.writer.write_all_at(&NEW.bytes(4096, 4096), 4096).step("write()")?;
     let failed = env.sync_and_heal(policy)?;

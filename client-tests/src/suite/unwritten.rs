@@ -24,14 +24,15 @@ fn zeros_expected(t: &Target) -> Option<Verdict> {
                 k.at_least(6, 15) || (k.major, k.minor) == (6, 12) || ((k.major, k.minor) == (6, 6) && k.patch >= 90);
             if fixed { Verdict::Holds } else { Verdict::Violated }
         }),
+        Fs::Btrfs => None,
     }
 }
 
-/// XFS skips the on-disk size update on error; the research has no ext4 prediction.
+/// XFS skips the on-disk size update on error; the catalogue has no ext4 prediction.
 fn size_reverts(t: &Target) -> Option<Verdict> {
     match t.fs {
         Fs::Xfs => Some(Verdict::Holds),
-        Fs::Ext4 => unknown(t),
+        Fs::Ext4 | Fs::Btrfs => unknown(t),
     }
 }
 
@@ -120,6 +121,9 @@ fn run_unwritten(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
         }
     };
     env.seed(&file, 0, &STALE.bytes(0, LEN as usize))?;
+    // btrfs writes into preallocated extents in place (no copy-on-write), but fail its whole data
+    // area in case it does not.
+    let ranges = if env.fs() == Fs::Btrfs { env.write_ranges(&file, 0, LEN)? } else { ranges };
     let policy = env.fail(Op::Write, ranges, "fail-unwritten")?;
     file.writer.write_all_at(&NEW.bytes(0, LEN as usize), 0).step("write()")?;
     let failed = env.sync_and_heal(policy)?;
@@ -159,6 +163,7 @@ fn run_append(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
         }
     };
     env.seed(&file, OLD_LEN, &STALE.bytes(OLD_LEN, APPENDED as usize))?;
+    let ranges = if env.fs() == Fs::Btrfs { env.write_ranges(&file, OLD_LEN, APPENDED)? } else { ranges };
     let policy = env.fail(Op::Write, ranges, "fail-appended")?;
     file.writer.write_all_at(&NEW.bytes(OLD_LEN, APPENDED as usize), OLD_LEN).step("append with write()")?;
     let failed = env.sync_and_heal(policy)?;

@@ -78,6 +78,7 @@ pub fn data_error_lines(fs: Fs) -> &'static [&'static str] {
     match fs {
         Fs::Xfs => &["writeback error on inode", "writeback error on sector", "lost async page write"],
         Fs::Ext4 => &["writing to inode", "Buffer I/O error", "lost async page write"],
+        Fs::Btrfs => &["errs: wr", "lost page write", "writeback error", "lost async page write"],
     }
 }
 
@@ -89,18 +90,20 @@ pub const SHUTDOWN_LINES: &[&str] = &[
     "Remounting filesystem read-only",
     "Aborting journal",
     "aborted journal",
+    "forced readonly",
+    "Transaction aborted",
 ];
 
 fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
     let file = env.create("views", OLD, LEN)?;
     let map = Mapping::shared(&file.writer, LEN as usize).step("mmap the file")?;
-    let policy = env.fail(Op::Write, file.device_ranges(0, LEN), "fail-file-data")?;
+    let policy = env.fail(Op::Write, env.write_ranges(&file, 0, LEN)?, "fail-file-data")?;
     map.store(0, &NEW.bytes(0, STORED as usize))
         .step("store through the mapping")?
         .map_err(|bus| StepError::new("store through the mapping", bus))?;
     file.writer.write_all_at(&NEW.bytes(STORED, (DIRTY - STORED) as usize), STORED).step("write()")?;
     let failed = env.sync_and_heal(policy)?;
-    f.share("failed_requests", json!({ "count": failed.len(), "first": failed[0].raw }));
+    f.share("failed_requests", json!({ "count": failed.len(), "first": crate::control::record_json(&failed[0]) }));
 
     // While cached.
     let cached = env.views(&file, Some(&map), 0, DIRTY)?;

@@ -159,7 +159,11 @@ impl Apt {
         let sources = sources_list(&self.mirror);
         let sources_path = self.dir.join("sources.list");
         let changed = std::fs::read_to_string(&sources_path).ok().as_deref() != Some(sources.as_str());
-        std::fs::write(&sources_path, &sources)?;
+        // Rewritten only when it changes: apt rebuilds its binary cache (seconds) whenever the
+        // sources list is newer than the cache.
+        if changed {
+            std::fs::write(&sources_path, &sources)?;
+        }
         let stamp = self.dir.join("lists/.updated");
         let fresh = std::fs::metadata(&stamp)
             .and_then(|m| m.modified())
@@ -235,6 +239,11 @@ impl Apt {
             versions.dedup();
             AptError::NoMatch { spec: spec.to_string(), available: versions.join(", ") }
         })
+    }
+
+    /// Whether the package's `.deb` is already in the cache.
+    pub fn has_downloaded(&self, package: &KernelPackage) -> bool {
+        find_deb(&self.dir.join("debs"), package).is_some()
     }
 
     /// Downloads the package (once) and returns the path of the `.deb`.

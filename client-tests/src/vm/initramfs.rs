@@ -159,6 +159,28 @@ pub fn parse_ldd(text: &str) -> Result<Vec<PathBuf>, String> {
     Ok(libs)
 }
 
+/// A copy of `binary` without debug information, in `dir`: a debug build of the suite is about
+/// 55 MiB, mostly DWARF, and the guest kernel copies every byte of the initramfs under emulation
+/// (about 6 s of boot per kernel). Falls back to `binary` itself when `objcopy` (binutils) is
+/// missing or fails.
+pub fn without_debug_info(binary: &Path, dir: &Path) -> PathBuf {
+    let copy = dir.join("guest-binary");
+    match Command::new("objcopy").arg("--strip-debug").arg(binary).arg(&copy).output() {
+        Ok(out) if out.status.success() => copy,
+        Ok(out) => {
+            tracing::warn!(
+                "objcopy --strip-debug failed, the guest gets the binary as built: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            binary.to_path_buf()
+        }
+        Err(e) => {
+            tracing::warn!("no objcopy ({e}), the guest gets the binary as built");
+            binary.to_path_buf()
+        }
+    }
+}
+
 /// What goes into the initramfs.
 pub struct Contents<'a> {
     pub init_script: &'a str,
@@ -233,6 +255,7 @@ mod tests {
 
     #[test]
     fn cpio_archive_lists_files_dirs_links_and_devices() {
+        nbdfault_testing::require!(nbdfault_testing::CPIO);
         let mut cpio = Cpio::default();
         cpio.file("/bin/tool", 0o755, b"#!/bin/sh\n");
         cpio.symlink("/bin/sh", "busybox");
@@ -261,6 +284,19 @@ mod tests {
     fn a_dynamic_host_program_brings_its_loader() {
         let libs = shared_libraries(&find_tool("ls").unwrap()).unwrap();
         assert!(libs.iter().any(|l| l.to_string_lossy().contains("ld-linux")), "{libs:?}");
+    }
+
+    #[test]
+    fn the_guest_binary_copy_has_no_debug_info_and_still_runs() {
+        let dir = std::env::temp_dir().join(format!("nbdfault-strip-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let copy = without_debug_info(&exe, &dir);
+        assert_ne!(copy, exe, "objcopy (binutils) strips a copy");
+        assert!(std::fs::metadata(&copy).unwrap().len() < std::fs::metadata(&exe).unwrap().len());
+        let out = Command::new(&copy).arg("--list").output().unwrap();
+        assert!(out.status.success(), "the stripped test binary still lists its tests");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

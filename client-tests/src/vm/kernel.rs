@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 use super::debian::{Apt, AptError, KernelPackage, companions, find_deb};
 use super::modules::{Module, ModuleError, ModuleTree};
 
-/// The modules the guest needs: the NBD driver, both filesystems, and the network card.
+/// The modules the guest needs: the NBD driver, XFS and ext4, and the network card.
 pub const WANTED_MODULES: &[&str] = &["nbd", "xfs", "ext4", "virtio_pci", "virtio_net"];
+/// Loaded when the kernel has them: btrfs (a kernel without it runs the suite on XFS and ext4).
+pub const OPTIONAL_MODULES: &[&str] = &["btrfs"];
 
 /// Why a kernel could not be made ready.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +40,14 @@ struct Manifest {
     /// The packages unpacked, `NAME=VERSION` (several for the split 7.x packaging).
     #[serde(default)]
     parts: Vec<String>,
+    /// The modules asked for when it was unpacked; a cache entry made for another list is
+    /// unpacked again.
+    #[serde(default)]
+    asked: Vec<String>,
+}
+
+fn asked_modules() -> Vec<String> {
+    WANTED_MODULES.iter().chain(OPTIONAL_MODULES).map(|m| m.to_string()).collect()
 }
 
 /// A kernel ready to boot.
@@ -147,7 +157,9 @@ pub fn fetch_parts(
                     apt.update(refresh)?;
                     lists_read = true;
                 }
-                progress(&format!("downloading {} {}", part.name, part.version));
+                if !apt.has_downloaded(&part) {
+                    progress(&format!("downloading {} {}", part.name, part.version));
+                }
                 apt.download(&part)?
             }
         };
@@ -194,7 +206,7 @@ pub fn custom(vmlinuz: &Path, modules_dir: Option<&Path>) -> Result<PreparedKern
         Some(dir) => {
             let tree = ModuleTree::open(dir)?;
             let release = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            (release, tree.resolve(WANTED_MODULES, &[])?)
+            (release, tree.resolve(WANTED_MODULES, OPTIONAL_MODULES)?)
         }
         None => ("custom".to_string(), Vec::new()),
     };
@@ -212,6 +224,9 @@ fn load_cached(dir: &Path, package: &KernelPackage) -> Result<Option<PreparedKer
     let Ok(manifest) = serde_json::from_str::<Manifest>(&text) else {
         return Ok(None);
     };
+    if manifest.asked != asked_modules() {
+        return Ok(None);
+    }
     let mut mods = Vec::new();
     for name in &manifest.modules {
         mods.push(Module {
@@ -256,7 +271,7 @@ fn unpack(parts: &[(KernelPackage, PathBuf)], package: &KernelPackage, dir: &Pat
     let result = (|| {
         let (vmlinuz, modules_root) = extract(parts, &scratch)?;
         let release = modules_root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let mods = ModuleTree::open(&modules_root)?.resolve(WANTED_MODULES, &[])?;
+        let mods = ModuleTree::open(&modules_root)?.resolve(WANTED_MODULES, OPTIONAL_MODULES)?;
         let staging = dir.with_extension(format!("staging-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(staging.join("modules"))?;
@@ -273,6 +288,7 @@ fn unpack(parts: &[(KernelPackage, PathBuf)], package: &KernelPackage, dir: &Pat
             release,
             modules: names,
             parts: parts.iter().map(|(p, _)| format!("{}={}", p.name, p.version)).collect(),
+            asked: asked_modules(),
         };
         std::fs::write(
             staging.join("kernel.json"),
@@ -343,6 +359,7 @@ mod tests {
             release: "6.1.0-test".into(),
             modules: vec!["nbd.ko".into()],
             parts: vec![],
+            asked: asked_modules(),
         };
         std::fs::write(dir.join("kernel.json"), serde_json::to_string(&manifest).unwrap()).unwrap();
         let k = load_cached(&dir, &package).unwrap().unwrap();

@@ -33,11 +33,11 @@ pub struct VmArgs {
     /// Boot this kernel image instead of a Debian package (see --modules).
     #[arg(long)]
     pub vmlinuz: Option<PathBuf>,
-    /// With --vmlinuz: the lib/modules/RELEASE directory holding nbd, xfs, ext4 and virtio_net
+    /// With --vmlinuz: the lib/modules/RELEASE directory holding nbd, xfs, ext4, virtio_net (and btrfs)
     /// (leave out when they are built in).
     #[arg(long, requires = "vmlinuz")]
     pub modules: Option<PathBuf>,
-    /// xfs, ext4, or all.
+    /// xfs, ext4, btrfs, a comma-separated list of them, or all.
     #[arg(long, default_value = "all")]
     pub fs: String,
     /// Only these scenarios (comma-separated; see `scenarios`).
@@ -414,18 +414,20 @@ fn boot_and_run(
 
     let temp = TempDir::new().map_err(|e| format!("cannot make a temporary directory: {e}"))?;
     let tool = |name: &str| initramfs::find_tool(name).map_err(|e| e.to_string());
-    let programs = [
-        ("/bin/busybox", tool("busybox")?),
-        ("/sbin/nbd-client", tool(&args.nbd_client)?),
-        ("/sbin/mkfs.xfs", tool("mkfs.xfs")?),
-        ("/sbin/mkfs.ext4", tool("mkfs.ext4")?),
-    ];
+    // mkfs only for the filesystems asked for: btrfs-progs need not be installed for XFS and ext4.
+    let mut programs =
+        vec![("/bin/busybox".to_string(), tool("busybox")?), ("/sbin/nbd-client".to_string(), tool(&args.nbd_client)?)];
+    for fs in filesystems {
+        programs.push((format!("/sbin/{}", fs.mkfs_program()), tool(fs.mkfs_program())?));
+    }
+    let programs: Vec<(&str, PathBuf)> = programs.iter().map(|(g, h)| (g.as_str(), h.clone())).collect();
     let files: Vec<(&str, PathBuf)> =
         [("/etc/mke2fs.conf", PathBuf::from("/etc/mke2fs.conf"))].into_iter().filter(|(_, p)| p.is_file()).collect();
     let init = guest::init_script();
+    let guest_binary = initramfs::without_debug_info(guest_binary, &temp.0);
     let archive = initramfs::build(&initramfs::Contents {
         init_script: &init,
-        guest_binary,
+        guest_binary: &guest_binary,
         modules: &kernel.modules,
         programs: &programs,
         files: &files,
@@ -576,6 +578,7 @@ mod tests {
 
     #[test]
     fn busybox_static_is_static() {
+        nbdfault_testing::require!(nbdfault_testing::BUSYBOX);
         let busybox = initramfs::find_tool("busybox").expect("install busybox-static");
         assert!(is_static_executable(&busybox).unwrap());
     }

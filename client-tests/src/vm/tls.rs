@@ -299,6 +299,7 @@ mod tests {
 
     #[test]
     fn openssl_makes_certificates_in_nbdkits_layout() {
+        nbdfault_testing::require!(nbdfault_testing::OPENSSL);
         let dir = std::env::temp_dir().join(format!("nbdfault-vm-tls-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         make_certificates(&dir, "IP:127.0.0.1").unwrap();

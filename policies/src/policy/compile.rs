@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::compiled::{ActionSpec, Compiled, Outcome, Rule, Window};
-use super::grammar::{PolicySpec, Then, When};
+use super::compiled::{ActionSpec, Compiled, Counting, Outcome, Rule, Window};
+use super::grammar::{CountScope, PolicySpec, Then, When};
 use crate::decision::Reply;
 use crate::index::{IndexEntry, RuleIndex};
 use crate::random::name_hash;
@@ -101,6 +101,7 @@ impl Rule {
             name,
             ops,
             ranges: when.ranges.iter().map(|range| (range.start, range.end_or_max())).collect(),
+            lengths: when.lengths.clone(),
             flags_set: when.flags_set,
             flags_clear: when.flags_clear,
             connections: when.connections.clone(),
@@ -109,6 +110,10 @@ impl Rule {
             disarmed_by: when.disarmed_by.iter().map(|name| triggers.id(name)).collect(),
             window,
             nth: when.nth,
+            counting: Counting {
+                per_arming: when.count.map_or(!when.armed_by.is_empty(), |count| count == CountScope::PerArming),
+                explicit: when.count.is_some(),
+            },
             limit: when.limit,
             threshold,
             outcome: Outcome {

@@ -35,6 +35,8 @@ pub(crate) struct Rule {
     pub ops: u8,
     /// Half-open ranges; empty means every offset.
     pub ranges: Vec<(u64, u64)>,
+    /// Request lengths admitted, both bounds included; empty means every length.
+    pub lengths: Vec<(u64, u64)>,
     /// Flags that must be set, and flags that must be clear ([`crate::RequestFlags::bits`]).
     pub flags_set: u8,
     pub flags_clear: u8,
@@ -45,6 +47,7 @@ pub(crate) struct Rule {
     pub disarmed_by: Vec<usize>,
     pub window: Option<Window>,
     pub nth: Nth,
+    pub counting: Counting,
     pub limit: Option<u64>,
     /// Fires when a draw is below this; `None` means always.
     pub threshold: Option<u64>,
@@ -76,6 +79,16 @@ impl Window {
             }
         }
     }
+}
+
+/// What the occurrence counts (`nth`, `limit`, the draws of `probability`) count over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Counting {
+    /// Restart at each new arming of the `armed_by` triggers (`count: per_arming`, the default
+    /// with `armed_by`); otherwise count from the policy's installation (`count: lifetime`).
+    pub per_arming: bool,
+    /// `count:` was written, so the author chose; warnings about ambiguity stay quiet.
+    pub explicit: bool,
 }
 
 /// Which occurrences may fire, counting the requests that met every other condition (1-based).
@@ -149,6 +162,7 @@ impl Rule {
     /// True when the rule decides every request of its operations: nothing else narrows it.
     pub(crate) fn always_fires(&self) -> bool {
         self.ranges.is_empty()
+            && self.lengths.is_empty()
             && self.flags_set == 0
             && self.flags_clear == 0
             && self.connections.is_none()

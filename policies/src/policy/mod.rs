@@ -19,14 +19,17 @@ mod limits;
 mod values;
 mod warnings;
 
-use crate::error::PolicyError;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use crate::error::{PolicyError, PolicyErrors};
 use compiled::Compiled;
 use de::ParseContext;
 use grammar::PolicySpec;
 
 #[cfg(test)]
 pub(crate) use grammar::mapping_keys;
-pub(crate) use grammar::since_values;
+pub(crate) use grammar::{count_values, since_values};
 pub use limits::PolicyLimits;
 pub use warnings::PolicyWarning;
 
@@ -42,19 +45,19 @@ pub struct Policy {
 impl Policy {
     /// Reads, checks and compiles a policy within the default [`PolicyLimits`]. `origin` names
     /// the source in error messages.
-    pub fn from_yaml(text: &str, origin: &str) -> Result<Policy, PolicyError> {
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Policy, PolicyErrors> {
         Policy::from_yaml_within(text, origin, &PolicyLimits::DEFAULT)
     }
 
     /// Reads, checks and compiles a policy; input over one of `limits` is refused before it is
     /// parsed, with an error naming the limit. The work is bounded by the limits, but it is
     /// work: a server runs this off the threads that serve I/O.
-    pub fn from_yaml_within(text: &str, origin: &str, limits: &PolicyLimits) -> Result<Policy, PolicyError> {
+    ///
+    /// A refused policy gets every error the parser can find, not only the first (see
+    /// [`PolicyErrors`]).
+    pub fn from_yaml_within(text: &str, origin: &str, limits: &PolicyLimits) -> Result<Policy, PolicyErrors> {
         limits::prescan(text, limits).map_err(|over| PolicyError::new(origin, over.line, over.column, over.invalid))?;
-        let mut spec = {
-            let _context = ParseContext::start(limits.max_rules);
-            serde_yaml::from_str::<PolicySpec>(text).map_err(|error| PolicyError::from_yaml_error(origin, &error))?
-        };
+        let mut spec = read_every_error(text, origin, limits)?;
         Ok(Policy {
             source: text.to_string(),
             origin: origin.to_string(),
@@ -109,12 +112,45 @@ impl Policy {
     }
 }
 
+/// How long the passes after the first may take together: each reads the whole file again.
+const RECOVERY_TIME: Duration = Duration::from_secs(2);
+
+/// Reads the policy; on an error, reads it again skipping what failed, until it reads to the
+/// end, finds an error it cannot go past, or has found [`PolicyErrors::MAX`] errors (see
+/// [`de`]'s comment for how).
+fn read_every_error(text: &str, origin: &str, limits: &PolicyLimits) -> Result<PolicySpec, PolicyErrors> {
+    let started = Instant::now();
+    let mut errors = Vec::new();
+    let mut skip = HashSet::new();
+    loop {
+        let read = {
+            let _context = ParseContext::start(limits.max_rules, skip);
+            let read = serde_yaml::from_str::<PolicySpec>(text);
+            let (skipped, failed) = ParseContext::finish();
+            skip = skipped;
+            read.map_err(|error| (error, failed))
+        };
+        match read {
+            Ok(spec) if errors.is_empty() => return Ok(spec),
+            Ok(_) => return Err(PolicyErrors::new(errors, false)),
+            Err((error, failed)) => {
+                errors.push(PolicyError::from_yaml_error(origin, &error));
+                let Some(failed) = failed else { return Err(PolicyErrors::new(errors, false)) };
+                if errors.len() >= PolicyErrors::MAX || started.elapsed() > RECOVERY_TIME {
+                    return Err(PolicyErrors::new(errors, true));
+                }
+                skip.insert(failed);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn refused(text: &str) -> PolicyError {
-        Policy::from_yaml(text, "test.yaml").expect_err("the policy should be refused")
+        Policy::from_yaml(text, "test.yaml").expect_err("the policy should be refused").first().clone()
     }
 
     #[test]
@@ -184,6 +220,16 @@ mod tests {
             ("rules: [{ when: { cycle: { up: 1s, down: 0 } }, then: {} }]", "never down"),
             ("rules: [{ then: { delay: 50 } }]", "no unit"),
             ("rules: [{ when: { range: 0..1MB }, then: {} }]", "ambiguous"),
+            ("rules: [{ when: { length: 64KiB..4KiB }, then: {} }]", "inverted"),
+            ("rules: [{ when: { nth: 1, count: per_arming }, then: {} }]", "there are none"),
+            ("rules: [{ when: { armed_by: go, count: per_armng }, then: {} }]", "unknown variant"),
+            ("rules: [{ when: { length: 0 }, then: {} }]", "never reach the rules"),
+            ("rules: [{ when: { length: '<1' }, then: {} }]", "only admits length 0"),
+            ("rules: [{ when: { length: '<0' }, then: {} }]", "admits no length"),
+            ("rules: [{ when: { length: 8GiB }, then: {} }]", "at most 4294967295 bytes"),
+            ("rules: [{ when: { length: 64KB }, then: {} }]", "ambiguous"),
+            ("rules: [{ when: { op: [write, flush], length: 4KiB }, then: {} }]", "flush has no length"),
+            ("rules: [{ when: { length: [] }, then: {} }]", "empty list"),
             ("seed: 1\n", "no rules"),
             ("", "no rules"),
             ("rules: {}", "invalid type"),
@@ -202,13 +248,107 @@ mod tests {
     fn rules_over_the_limit_are_refused_at_the_first_one_too_many() {
         let limits = PolicyLimits { max_rules: 2, ..PolicyLimits::DEFAULT };
         let text = "rules:\n  - then: {}\n  - then: {}\n  - then: {}\n";
-        let error = Policy::from_yaml_within(text, "many.yaml", &limits).unwrap_err();
+        let errors = Policy::from_yaml_within(text, "many.yaml", &limits).unwrap_err();
+        assert_eq!(errors.len(), 1, "a limit is one error, not one per rule over it: {errors}");
+        let error = errors.first();
         assert_eq!(error.line, 4, "{error}");
         assert!(error.message.contains("max_rules"), "{error}");
         let schedule = "schedule:\n  - { request: 0, op: read, rule: a, then: {} }\n  - { request: 1, op: read, rule: a, then: {} }\nrules:\n  - then: {}\n";
         let error = Policy::from_yaml_within(schedule, "many.yaml", &limits).unwrap_err();
-        assert!(error.message.contains("max_rules"), "{error}");
+        assert!(error.first().message.contains("max_rules"), "{error}");
         Policy::from_yaml_within("rules:\n  - then: {}\n  - then: {}\n", "two.yaml", &limits).unwrap();
+    }
+
+    /// Every error of a policy, as `(line, column, start of the message)`.
+    fn every_error(text: &str) -> Vec<(usize, usize, String)> {
+        let errors = Policy::from_yaml(text, "all.yaml").expect_err("the policy should be refused");
+        assert!(!errors.truncated);
+        errors
+            .iter()
+            .map(|error| {
+                assert!(!error.fix.is_empty(), "{error}");
+                (error.line, error.column, error.message.chars().take(80).collect())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_error_of_a_rule_and_of_every_rule_is_reported_at_once() {
+        let errors = every_error(
+            "rules:
+  - name: three-errors
+    when: { op: wirte, range: 2MiB..1MiB }
+    then: { error: EIOO, delay: 50 }
+  - name: bad-count
+    when: { op: read, nth: 0 }
+    then: { torn: 4KiB }
+  - name: torn-read
+    when: { op: read }
+    then: { torn: 4KiB }
+  - name: fine
+    then: { error: EIO }
+  - name: unknown-field
+    when: { rnage: 0..4KiB }
+    then: { delay: 5 }
+  - { name: two-bad-ops, when: { op: [flsh, raed] }, then: {} }
+  - { name: fine, then: {} }
+",
+        );
+        let at: Vec<(usize, usize)> = errors.iter().map(|(line, column, _)| (*line, *column)).collect();
+        assert_eq!(
+            at,
+            [(3, 17), (3, 31), (4, 20), (4, 33), (6, 28), (8, 5), (14, 13), (15, 20), (16, 39), (16, 45), (17, 5)],
+            "{errors:#?}"
+        );
+        assert!(errors[0].2.contains("unknown variant `wirte`"), "{errors:?}");
+        assert!(errors[1].2.contains("inverted"), "{errors:?}");
+        assert!(errors[5].2.contains("`torn` tears a write"), "{errors:?}");
+        assert!(errors[10].2.contains("already used"), "{errors:?}");
+    }
+
+    #[test]
+    fn what_stands_in_for_a_broken_part_raises_no_error_of_its_own() {
+        // Without its `op`, the rule would match every operation, which `torn` refuses; with an
+        // empty `nth`, `nth` itself would be refused; with no rule left, the policy.
+        for (text, only) in [
+            ("rules: [{ when: { op: wirte }, then: { torn: 4KiB } }]", "unknown variant"),
+            ("rules: [{ when: { op: write, nth: { first: 0 } }, then: {} }]", "a count of 0"),
+            ("rules: [{ when: { op: write }, then: { torn: { persist: 0..8KiB, align: 0x } } }]", "`0x`"),
+            ("rules: [{ when: { op: [] }, then: {} }]", "empty list"),
+            ("rules: [{ when: { op: [wirte] }, then: {} }]", "unknown variant"),
+            ("rules:\n  - when: { op: write }\n    then: { error: EIOO, persist: true }\n", "unknown variant"),
+            ("seed: x\nrules: [{ then: {} }]", "invalid type"),
+            ("rules: [{ name: 'a b', then: {} }, { name: c, then: {} }]", "not a valid"),
+        ] {
+            let errors = every_error(text);
+            assert_eq!(errors.len(), 1, "{text}: {errors:#?}");
+            assert!(errors[0].2.contains(only) || errors[0].2.starts_with(only), "{text}: {errors:?}");
+        }
+        // A YAML syntax error stops the reading: what comes before it is reported, nothing after.
+        let errors = every_error(
+            "rules: [{ when: { op: wirte }, then: {error: EIOO} }\n  - broken: [\n  - { then: { error: EIOO } }\n",
+        );
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(errors[2].2.contains("did not find expected"), "{errors:#?}");
+    }
+
+    #[test]
+    fn at_most_max_errors_are_reported_and_the_rest_announced() {
+        let text: String = std::iter::once("rules:\n".to_string())
+            .chain((0..30).map(|i| format!("  - {{ name: r{i}, when: {{ op: wirte }}, then: {{}} }}\n")))
+            .collect();
+        let errors = Policy::from_yaml(&text, "many.yaml").unwrap_err();
+        assert_eq!(errors.len(), PolicyErrors::MAX);
+        assert!(errors.truncated);
+        assert!(errors.to_string().ends_with("many.yaml: more errors may follow; fix these first"), "{errors}");
+    }
+
+    #[test]
+    fn an_unquoted_greater_than_length_gets_a_fix_that_quotes_it() {
+        let error = refused("rules:\n  - when: { op: write, length: >=1MiB }\n    then: { error: EIO }\n");
+        assert!(error.fix.contains("\">=1MiB\""), "{error}");
+        let error = refused("rules:\n  - when:\n      op: write\n      length: >=1MiB\n    then: { error: EIO }\n");
+        assert!(error.fix.contains("quote"), "{error}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde::de::{self, Deserializer, Visitor};
 
 use super::de::ListOf;
 use crate::error::Invalid;
-use crate::units::{ByteRange, DurationSpread, HumanDuration, ParsingVisitor, UnitError, parse_size};
+use crate::units::{ByteRange, DurationSpread, HumanDuration, ParsingVisitor, UnitError, format_size, parse_size};
 
 /// A value with a unit, parsed with a fix that says how to write it.
 pub(super) struct Unit<T>(pub(super) T);
@@ -50,6 +50,67 @@ impl UnitKind for Size {
 impl<'de, T: UnitKind> Deserialize<'de> for Unit<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_any(ParsingVisitor::<T>::with_fix(T::EXPECTING, T::FIX)).map(Unit)
+    }
+}
+
+impl UnitKind for LengthRange {
+    const EXPECTING: &'static str = "a request length such as 64KiB, a range such as 4KiB..64KiB, or \">=1MiB\"";
+    const FIX: &'static str = "write a length such as 64KiB, an inclusive range such as 4KiB..64KiB (1MiB.. and ..4KiB leave a side open), or a comparison such as \">=1MiB\" (quoted: YAML reads a leading > as a folded block)";
+}
+
+/// The lengths a `length:` condition admits, both bounds included: `64KiB`, `4KiB..64KiB`,
+/// `1MiB..`, `..4KiB`, `>=1MiB`, `>1MiB`, `<=4KiB`, `<4KiB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct LengthRange {
+    pub(super) min: u64,
+    pub(super) max: u64,
+}
+
+/// The longest request NBD can carry: its length field has 32 bits.
+const MAX_REQUEST_LENGTH: u64 = u32::MAX as u64;
+
+impl FromStr for LengthRange {
+    type Err = UnitError;
+    fn from_str(text: &str) -> Result<LengthRange, UnitError> {
+        let trimmed = text.trim();
+        let (min, max) = if let Some(rest) = trimmed.strip_prefix(">=") {
+            (parse_size(rest)?, u64::MAX)
+        } else if let Some(rest) = trimmed.strip_prefix("<=") {
+            (0, parse_size(rest)?)
+        } else if let Some(rest) = trimmed.strip_prefix('>') {
+            (parse_size(rest)?.saturating_add(1), u64::MAX)
+        } else if let Some(rest) = trimmed.strip_prefix('<') {
+            let below = parse_size(rest)?;
+            if below == 0 {
+                return Err(UnitError::new(format!("`{text}` admits no length: a length is never below 0")));
+            }
+            (0, below - 1)
+        } else if let Some((min, max)) = trimmed.split_once("..") {
+            let min = if min.trim().is_empty() { 0 } else { parse_size(min)? };
+            let max = if max.trim().is_empty() { u64::MAX } else { parse_size(max)? };
+            if max < min {
+                return Err(UnitError::new(format!(
+                    "`{text}` is inverted: the start ({min}) is past the end ({max}); swap them"
+                )));
+            }
+            (min, max)
+        } else {
+            let exact = parse_size(trimmed)?;
+            (exact, exact)
+        };
+        // Requests of length 0 are answered by the protocol layer and never reach the rules.
+        if max == 0 {
+            return Err(UnitError::new(format!(
+                "`{text}` only admits length 0, and requests of length 0 never reach the rules"
+            )));
+        }
+        if min > MAX_REQUEST_LENGTH {
+            return Err(UnitError::new(format!(
+                "`{text}` only admits lengths over {}, and an NBD request is at most {MAX_REQUEST_LENGTH} bytes",
+                format_size(MAX_REQUEST_LENGTH)
+            )));
+        }
+        Ok(LengthRange { min: min.max(1), max: max.min(MAX_REQUEST_LENGTH) })
     }
 }
 

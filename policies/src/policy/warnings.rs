@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use super::Policy;
-use super::compiled::Rule;
+use super::compiled::{Nth, Rule};
 
 impl Policy {
     /// What is legal but most likely not what the author meant: rules that can never decide,
@@ -46,6 +46,9 @@ impl Policy {
                     "raise the probability, or remove the rule".to_string(),
                 ));
             }
+            if let Some((message, fix)) = counting_warning(rule, &self.compiled.triggers) {
+                found.push((rule, message, fix));
+            }
             if let Some((trigger, _)) = &rule.outcome.stall
                 && rule.armed_by.iter().any(|&id| self.compiled.triggers[id] == *trigger)
             {
@@ -70,12 +73,60 @@ impl Policy {
     }
 }
 
+/// What is ambiguous about what a rule's occurrence counts count over, if anything.
+fn counting_warning(rule: &Rule, triggers: &[std::sync::Arc<str>]) -> Option<(String, String)> {
+    let counted = rule.nth != Nth::default() || rule.limit.is_some() || rule.threshold.is_some();
+    let name = &rule.name;
+    if !counted {
+        return rule.counting.explicit.then(|| {
+            (
+                format!("rule `{name}` has `count`, but no `nth`, `limit` or `probability` to count for"),
+                "remove `count`, or add the `nth`, `limit` or `probability` it was meant for".to_string(),
+            )
+        });
+    }
+    if rule.counting.explicit {
+        return None;
+    }
+    let names = |ids: &[usize]| ids.iter().map(|&id| format!("`{}`", triggers[id])).collect::<Vec<_>>().join(", ");
+    if rule.armed_by.len() > 1 {
+        return Some((
+            format!(
+                "rule `{name}` counts `nth`, `limit` and `probability` per arming, and restarts whenever any of {} is armed again",
+                names(&rule.armed_by)
+            ),
+            "write `count: per_arming` to confirm, or `count: lifetime` to count across armings".to_string(),
+        ));
+    }
+    if rule.armed_by.is_empty() && !rule.disarmed_by.is_empty() {
+        return Some((
+            format!(
+                "rule `{name}` is switched by `disarmed_by` ({}), but its `nth`, `limit` and `probability` count over the policy's lifetime: they do not restart when the rule is switched on again",
+                names(&rule.disarmed_by)
+            ),
+            "write `count: lifetime` to confirm; to restart the counts, switch the rule with `armed_by` instead"
+                .to_string(),
+        ));
+    }
+    if rule.window.is_some_and(|window| window.cycle.is_some()) {
+        return Some((
+            format!(
+                "rule `{name}` is active in each `down` part of `cycle`, but its `nth`, `limit` and `probability` count over the policy's lifetime, not per period"
+            ),
+            "write `count: lifetime` to confirm; for a count per period, arm a trigger at each period and use `armed_by`".to_string(),
+        ));
+    }
+    None
+}
+
 /// Something legal in a policy that is probably a mistake. Displays like a [`crate::PolicyError`] with
 /// `warning: ` before the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyWarning {
+    /// The policy's origin; empty for a warning about an export without a policy.
     pub origin: String,
-    /// 1-based; the rule's `name:` when it has one, else line 1.
+    /// 1-based; the rule's `name:` when it has one, else line 1. 0 when the warning is about the
+    /// policy as a whole (a trigger it never names): no line, no column.
     pub line: usize,
     pub column: usize,
     pub message: String,
@@ -84,7 +135,60 @@ pub struct PolicyWarning {
 
 impl fmt::Display for PolicyWarning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: warning: {}\n  fix: {}", self.origin, self.line, self.column, self.message, self.fix)
+        match (self.origin.is_empty(), self.line) {
+            (true, _) => write!(f, "warning: {}", self.message)?,
+            (false, 0) => write!(f, "{}: warning: {}", self.origin, self.message)?,
+            (false, line) => write!(f, "{}:{line}:{}: warning: {}", self.origin, self.column, self.message)?,
+        }
+        write!(f, "\n  fix: {}", self.fix)
+    }
+}
+
+impl PolicyWarning {
+    /// The warning for arming (`armed: true`) or disarming a trigger through the control API when
+    /// no rule of the export's policy names it: the change cannot alter any decision, which most
+    /// often means a typo. `None` when a rule names the trigger.
+    pub fn for_trigger(policy: Option<&Policy>, trigger: &str, armed: bool) -> Option<PolicyWarning> {
+        let verb = if armed { "arming" } else { "disarming" };
+        let Some(policy) = policy else {
+            return Some(PolicyWarning {
+                origin: String::new(),
+                line: 0,
+                column: 0,
+                message: format!(
+                    "the export has no policy, so no rule names the trigger `{trigger}`: {verb} it changes nothing until a policy that names it is installed"
+                ),
+                fix: "install the policy first (`nbdfault ctl set-policy`), or ignore this if you set the trigger ahead of the policy on purpose".to_string(),
+            });
+        };
+        if policy.compiled.triggers.iter().any(|name| **name == *trigger) {
+            return None;
+        }
+        // Bounded work: the API answers this on the runtime, and a policy may name many triggers.
+        const SHOWN: usize = 16;
+        const SEARCHED: usize = 1024;
+        let names = policy.trigger_names();
+        let known: Vec<String> = names.iter().take(SEARCHED).map(|name| name.to_string()).collect();
+        let listed = match names.len() {
+            n if n > SHOWN => format!("{}, and {} more", known[..SHOWN].join(", "), n - SHOWN),
+            _ => known.join(", "),
+        };
+        let fix = match crate::error::closest(trigger, &known) {
+            Some(best) => format!("write `{best}` instead of `{trigger}` (the policy's triggers: {listed})"),
+            None if known.is_empty() => {
+                format!("this policy names no trigger; add `armed_by: {trigger}` to the rule that should wait for it")
+            }
+            None => format!(
+                "the policy's triggers are: {listed}; or name `{trigger}` in a rule (`armed_by`, `disarmed_by`, `stall`)"
+            ),
+        };
+        Some(PolicyWarning {
+            origin: policy.origin.clone(),
+            line: 0,
+            column: 0,
+            message: format!("no rule of this policy names the trigger `{trigger}`, so {verb} it changes nothing"),
+            fix,
+        })
     }
 }
 
@@ -142,5 +246,60 @@ mod tests {
         );
         let clean = Policy::from_yaml(include_str!("../../scenarios/issue-example.yaml"), "ok.yaml").unwrap();
         assert!(clean.warnings().is_empty());
+    }
+
+    #[test]
+    fn ambiguous_counting_scopes_are_warned_about_until_count_says_which() {
+        let policy = Policy::from_yaml(
+            "rules:
+  - { name: both, when: { op: read, armed_by: [a, b], nth: 1 }, then: { error: EIO } }
+  - { name: switched-off, when: { op: write, disarmed_by: stop, limit: 3 }, then: { error: EIO } }
+  - { name: flaky, when: { op: trim, cycle: { up: 9s, down: 1s }, nth: 1 }, then: { error: EIO } }
+  - { name: pointless, when: { op: flush, armed_by: go, count: lifetime }, then: { error: EIO } }
+  - { name: plain, when: { op: cache, armed_by: go, nth: 1 }, then: { error: EIO } }
+  - { name: forever, when: { op: block_status, nth: 1 }, then: { error: EIO } }
+",
+            "c.yaml",
+        )
+        .unwrap();
+        let warnings: Vec<String> = policy.warnings().iter().map(ToString::to_string).collect();
+        assert_eq!(warnings.len(), 4, "{warnings:#?}");
+        assert!(warnings[0].contains("`both`") && warnings[0].contains("any of `a`, `b`"), "{}", warnings[0]);
+        assert!(warnings[1].contains("`switched-off`") && warnings[1].contains("count: lifetime"), "{}", warnings[1]);
+        assert!(warnings[2].contains("`flaky`") && warnings[2].contains("not per period"), "{}", warnings[2]);
+        assert!(warnings[3].contains("`pointless` has `count`"), "{}", warnings[3]);
+        let explicit = Policy::from_yaml(
+            "rules:
+  - { name: both, when: { op: read, armed_by: [a, b], nth: 1, count: per_arming }, then: { error: EIO } }
+  - { name: switched-off, when: { op: write, disarmed_by: stop, limit: 3, count: lifetime }, then: { error: EIO } }
+",
+            "c.yaml",
+        )
+        .unwrap();
+        assert!(explicit.warnings().is_empty(), "{:?}", explicit.warnings());
+    }
+
+    #[test]
+    fn setting_a_trigger_no_rule_names_warns_with_the_nearest_name() {
+        let policy = Policy::from_yaml(
+            "rules:\n  - { name: a, when: { armed_by: file-bad }, then: { error: EIO } }\n  - { name: b, when: { disarmed_by: go }, then: {} }\n",
+            "p.yaml",
+        )
+        .unwrap();
+        assert_eq!(PolicyWarning::for_trigger(Some(&policy), "file-bad", true), None);
+        assert_eq!(PolicyWarning::for_trigger(Some(&policy), "go", false), None);
+        let typo = PolicyWarning::for_trigger(Some(&policy), "fil-bad", true).unwrap().to_string();
+        assert_eq!(
+            typo,
+            "p.yaml: warning: no rule of this policy names the trigger `fil-bad`, so arming it changes nothing\n  \
+             fix: write `file-bad` instead of `fil-bad` (the policy's triggers: file-bad, go)"
+        );
+        let other = PolicyWarning::for_trigger(Some(&policy), "release", false).unwrap().to_string();
+        assert!(
+            other.contains("disarming it changes nothing") && other.contains("triggers are: file-bad, go"),
+            "{other}"
+        );
+        let none = PolicyWarning::for_trigger(None, "go", true).unwrap().to_string();
+        assert!(none.starts_with("warning: the export has no policy"), "{none}");
     }
 }

@@ -15,14 +15,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use nbdfault_policies::{BadSector, Policy, PolicyLimits, RuleCounter, TriggerState};
+use nbdfault_policies::{BadSector, Policy, PolicyLimits, PolicyWarning, RuleCounter, TriggerState};
 use serde::{Deserialize, Serialize};
 
 use crate::storage::file::FileDataPath;
@@ -37,14 +35,15 @@ use crate::wire::{errno, transmission_flags};
 
 /// The most bytes one `data` request reads or writes.
 pub const MAX_DATA: u64 = 64 << 20;
-/// Bytes per storage call when serving `data`: one NBD request's worth.
-const DATA_STEP: u64 = 32 << 20;
+/// Bytes per storage call when serving `data`, taken from the memory budget while in memory: a
+/// transfer holds a piece or two, never the whole range.
+const DATA_STEP: u64 = 1 << 20;
 /// The largest policy body: the policy size limit.
 const MAX_POLICY: usize = PolicyLimits::DEFAULT.max_bytes;
 /// How long a control request waits for the control worker.
-const WORKER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
-/// The spelling of the export named `""` in paths.
-pub const DEFAULT_EXPORT: &str = "@default";
+const WORKER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+/// The spelling of the export named `""` in paths, shared with every client.
+pub use nbdfault_control_client::DEFAULT_EXPORT;
 
 #[derive(Clone)]
 pub struct ControlState {
@@ -53,6 +52,8 @@ pub struct ControlState {
     clock: Clock,
     token: Option<Arc<str>>,
     worker: ControlWorker,
+    /// The server's memory budget: `data` transfers take their pieces from it.
+    memory: Arc<tokio::sync::Semaphore>,
 }
 
 impl ControlState {
@@ -62,13 +63,15 @@ impl ControlState {
         log: Arc<FaultLog>,
         clock: Clock,
         token: Option<String>,
+        memory: Arc<tokio::sync::Semaphore>,
     ) -> std::io::Result<ControlState> {
         let worker = ControlWorker::start(WORKER_DEADLINE)?;
-        Ok(ControlState { exports, log, clock, token: token.map(Arc::from), worker })
+        Ok(ControlState { exports, log, clock, token: token.map(Arc::from), worker, memory })
     }
 
     fn export(&self, name: &str) -> Result<&Arc<Export>, ApiError> {
         let name = if name == DEFAULT_EXPORT { "" } else { name };
+        crate::export::check_export_name(name).map_err(|message| ApiError::new(StatusCode::NOT_FOUND, message))?;
         self.exports.get(name).ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -142,9 +145,10 @@ pub fn router(state: ControlState) -> Router {
 
 async fn authorize(State(state): State<ControlState>, request: Request, next: Next) -> Response {
     if let Some(token) = &state.token {
-        let given = request.headers().get(header::AUTHORIZATION).and_then(|value| value.to_str().ok());
+        let given = request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes).unwrap_or_default();
         let expected = format!("Bearer {token}");
-        if given != Some(expected.as_str()) {
+        // In constant time: how much of a guess was right must not show in the time to refuse it.
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(given, expected.as_bytes())) {
             let mut response = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "this server needs `Authorization: Bearer TOKEN` (--control-token)",
@@ -161,26 +165,69 @@ async fn authorize(State(state): State<ControlState>, request: Request, next: Ne
 pub async fn serve(listener: tokio::net::TcpListener, state: ControlState, tls: Option<Arc<Tls>>, shutdown: Shutdown) {
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let app = router(state);
-    let mut stopping = shutdown.clone();
-    let stopping = async move { stopping.stopping().await };
-    let served = match tls {
+    match tls {
         Some(tls) => {
             tracing::info!(verify_peer = tls.verify_peer, "control API on https://{address}/v1/");
-            let listener = TlsListener::new(listener, tls, shutdown);
-            axum::serve(listener, app).with_graceful_shutdown(stopping).await
+            let listener = TlsListener::new(listener, tls, shutdown.clone());
+            serve_connections(listener, app, shutdown).await;
         }
         None => {
             tracing::info!("control API on http://{address}/v1/");
-            axum::serve(listener, app).with_graceful_shutdown(stopping).await
+            serve_connections(listener, app, shutdown).await;
         }
-    };
-    if let Err(error) = served {
-        tracing::error!(%error, "the control API stopped");
     }
 }
 
-/// TLS handshakes in progress on the control listener at once; more wait in the backlog.
-const MAX_TLS_HANDSHAKES: usize = 64;
+/// Control connections served at once. More wait in the listen backlog, where they hold no file
+/// descriptor of this process: idle control sockets cannot starve NBD of descriptors.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Time a client has to send the headers of a request, also the next one on a kept-alive
+/// connection: idle or half-sent requests are closed after it.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Time one request may take to be read and answered, body included (not the streaming of a
+/// `data` answer, which is bounded by its size and the client's pace).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Serves HTTP/1.1 on every connection `listener` yields, at most [`MAX_CONNECTIONS`] at once,
+/// until shutdown begins; then lets the requests in progress finish.
+async fn serve_connections<L: axum::serve::Listener>(mut listener: L, app: Router, mut shutdown: Shutdown) {
+    let app =
+        app.layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT));
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(64 << 10);
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.stopping() => break,
+            permit = Arc::clone(&connections).acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let (io, _) = tokio::select! {
+            _ = shutdown.stopping() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = http.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+        let mut stopping = shutdown.clone();
+        tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stopping.stopping() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    // Connections still open finish their request (see the shutdown branch above); the caller
+    // waits for the control task a short while only.
+    let _ = Arc::clone(&connections).acquire_many_owned(MAX_CONNECTIONS as u32).await;
+}
+
+/// TLS handshakes in progress, or done and waiting for a connection slot, at once; more wait in
+/// the backlog, holding no descriptor of this process.
+const MAX_TLS_HANDSHAKES: usize = 16;
 /// Time a control client has to finish its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -194,7 +241,9 @@ struct TlsListener {
 impl TlsListener {
     fn new(listener: tokio::net::TcpListener, tls: Arc<Tls>, mut shutdown: Shutdown) -> TlsListener {
         let address = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let (sender, accepted) = tokio::sync::mpsc::channel(MAX_TLS_HANDSHAKES);
+        // A handshake's permit is held until its stream is taken: with the one buffered slot,
+        // this listener holds at most MAX_TLS_HANDSHAKES + 1 sockets.
+        let (sender, accepted) = tokio::sync::mpsc::channel(1);
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_TLS_HANDSHAKES));
         tokio::spawn(async move {
             loop {
@@ -340,9 +389,21 @@ async fn get_policy(State(state): State<ControlState>, Path(name): Path<String>)
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyQuery {
+    /// What errors and warnings name the policy by (`nbdfault ctl set-policy` sends the file
+    /// name); the export view shows it as the policy's `origin`.
+    origin: Option<String>,
+}
+
+/// The longest `origin=` label.
+const MAX_ORIGIN: usize = 1024;
+
 async fn set_policy(
     State(state): State<ControlState>,
     Path(name): Path<String>,
+    query: Result<Query<PolicyQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
@@ -365,20 +426,46 @@ async fn set_policy(
             ApiError::bad_request(format!("cannot read the body: {error}"))
         }
     })?;
-    let origin = format!("PUT /v1/exports/{name}/policy");
+    let origin = match query.map_err(|e| ApiError::bad_request(format!("{e}; use ?origin=NAME")))?.0.origin {
+        Some(origin) if origin.is_empty() || origin.len() > MAX_ORIGIN || origin.chars().any(char::is_control) => {
+            return Err(ApiError::bad_request(format!(
+                "origin={origin:?}: give 1 to {MAX_ORIGIN} printable characters, such as the policy's file name"
+            )));
+        }
+        Some(origin) => origin,
+        None => format!("PUT /v1/exports/{name}/policy"),
+    };
     let view_state = state.clone();
     // Reading, checking, the warnings, the swap (and dropping the old policy) and the view all
     // cost time in proportion to the policy: none of it runs on the runtime.
     let answer = state
         .worker
-        .run(move || {
+        .run(move |caller| {
             let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("the policy is not UTF-8 text"))?;
-            let policy = Policy::from_yaml_within(text, &origin, &PolicyLimits::DEFAULT).map_err(|error| ApiError {
-                status: StatusCode::BAD_REQUEST,
-                message: error.to_string(),
-                extra: Some(serde_json::json!({ "line": error.line, "column": error.column, "fix": error.fix })),
+            let policy = Policy::from_yaml_within(text, &origin, &PolicyLimits::DEFAULT).map_err(|errors| {
+                let first = errors.first();
+                let every: Vec<serde_json::Value> = errors
+                    .iter()
+                    .map(|error| {
+                        serde_json::json!({
+                            "line": error.line, "column": error.column, "message": error.message, "fix": error.fix
+                        })
+                    })
+                    .collect();
+                ApiError {
+                    status: StatusCode::BAD_REQUEST,
+                    message: errors.to_string(),
+                    extra: Some(serde_json::json!({
+                        "line": first.line, "column": first.column, "fix": first.fix,
+                        "errors": every, "truncated": errors.truncated,
+                    })),
+                }
             })?;
             let warnings: Vec<String> = policy.warnings().iter().map(ToString::to_string).collect();
+            if caller.gone() {
+                // Answered 503 already: the policy must not change unannounced.
+                return Err(Refused::TimedOut(WORKER_DEADLINE).into());
+            }
             export.engine().set_policy(Some(policy));
             tracing::info!(export = %export.name, warnings = warnings.len(), "policy replaced through the control API");
             let mut view =
@@ -434,13 +521,17 @@ fn set_trigger(
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let export = state.export(&name)?;
     check_trigger_name(&trigger)?;
-    if armed {
-        export.engine().arm(&trigger, state.clock.now());
-    } else {
-        export.engine().disarm(&trigger, state.clock.now());
-    }
-    tracing::info!(export = %export.name, %trigger, armed, "trigger set");
-    Ok(axum::Json(serde_json::json!({ "trigger": trigger, "armed": armed })))
+    let engine = export.engine();
+    let changed =
+        if armed { engine.arm(&trigger, state.clock.now()) } else { engine.disarm(&trigger, state.clock.now()) };
+    // A trigger no rule names cannot change any decision: most often a typo, which would make a
+    // test pass for the wrong reason. Said in the answer, like the warnings of `PUT policy`.
+    let warnings: Vec<String> = PolicyWarning::for_trigger(engine.policy().as_deref(), &trigger, armed)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    tracing::info!(export = %export.name, %trigger, armed, changed, warnings = warnings.len(), "trigger set");
+    Ok(axum::Json(serde_json::json!({ "trigger": trigger, "armed": armed, "changed": changed, "warnings": warnings })))
 }
 
 #[derive(Deserialize)]
@@ -505,17 +596,6 @@ fn data_range(export: &Export, offset: u64, length: u64) -> Result<(), ApiError>
     }
 }
 
-/// A request body that could not be read (over the size limit, or cut short), as a JSON error.
-fn body_error(rejection: BytesRejection, too_large: &str) -> ApiError {
-    let status = rejection.status();
-    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        too_large.to_string()
-    } else {
-        format!("cannot read the body: {}", rejection.body_text())
-    };
-    ApiError::new(status, message)
-}
-
 fn storage_error(error: crate::storage::IoError) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("storage: {error}"))
 }
@@ -526,51 +606,158 @@ async fn read_data(
     query: Result<Query<DataQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(format!("{e}; use ?offset=BYTES&length=BYTES")))?;
-    let export = state.export(&name)?;
+    let export = Arc::clone(state.export(&name)?);
     let (Some(offset), Some(length)) = (query.offset, query.length) else {
         return Err(ApiError::bad_request("give both ?offset=BYTES and &length=BYTES"));
     };
-    data_range(export, offset, length)?;
-    let mut data = Vec::with_capacity(length as usize);
-    let mut at = offset;
-    while at < offset + length {
-        let take = DATA_STEP.min(offset + length - at) as u32;
-        let piece = export.storage.read(IoContext::default(), at, take).await.map_err(storage_error)?;
-        data.extend_from_slice(&piece);
-        at += u64::from(take);
+    data_range(&export, offset, length)?;
+    // Streamed piece by piece; each piece holds its share of the memory budget until the next
+    // one is asked for, which is once hyper has taken it. A storage error after the first piece
+    // can only cut the answer short.
+    struct Piece {
+        export: Arc<Export>,
+        memory: Arc<tokio::sync::Semaphore>,
+        at: u64,
+        end: u64,
+        held: Option<tokio::sync::OwnedSemaphorePermit>,
     }
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
+    let first = Piece { export, memory: Arc::clone(&state.memory), at: offset, end: offset + length, held: None };
+    let pieces = futures_util::stream::unfold(first, |mut piece| async move {
+        piece.held = None;
+        if piece.at >= piece.end {
+            return None;
+        }
+        let take = DATA_STEP.min(piece.end - piece.at) as u32;
+        let permit = Arc::clone(&piece.memory).acquire_many_owned(take).await.expect("the budget is never closed");
+        match piece.export.storage.read(IoContext::default(), piece.at, take).await {
+            Ok(data) => {
+                piece.at += u64::from(take);
+                piece.held = Some(permit);
+                Some((Ok::<_, std::io::Error>(data), piece))
+            }
+            Err(error) => {
+                tracing::warn!(export = %piece.export.name, %error, "control API: reading data failed; the answer is cut short");
+                piece.at = piece.end;
+                Some((Err(std::io::Error::other(error.to_string())), piece))
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream".to_string()), (header::CONTENT_LENGTH, length.to_string())],
+        axum::body::Body::from_stream(pieces),
+    )
+        .into_response())
 }
 
 async fn write_data(
     State(state): State<ControlState>,
     Path(name): Path<String>,
     query: Result<Query<DataQuery>, axum::extract::rejection::QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    headers: HeaderMap,
+    body: axum::body::Body,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request(format!("{e}; use ?offset=BYTES")))?;
-    let body = body.map_err(|rejection| {
-        body_error(rejection, &format!("the body is over the {MAX_DATA} byte limit of one request; split it"))
-    })?;
-    let export = state.export(&name)?;
-    let Some(offset) = query.offset else {
-        return Err(ApiError::bad_request("give ?offset=BYTES; the body is written there"));
+    let checked = (|| {
+        let Query(query) = query.map_err(|e| ApiError::bad_request(format!("{e}; use ?offset=BYTES")))?;
+        let export = state.export(&name)?;
+        let Some(offset) = query.offset else {
+            return Err(ApiError::bad_request("give ?offset=BYTES; the body is written there"));
+        };
+        let length = headers.get(header::CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+        let Some(length) = length else {
+            return Err(ApiError::new(
+                StatusCode::LENGTH_REQUIRED,
+                "give the body's Content-Length: the range is checked before anything is written",
+            ));
+        };
+        if length > MAX_DATA {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is over the {MAX_DATA} byte limit of one request; split it"),
+            ));
+        }
+        if query.length.is_some_and(|given| given != length) {
+            return Err(ApiError::bad_request("length does not match the body; leave it out"));
+        }
+        if export.read_only {
+            return Err(ApiError::new(StatusCode::CONFLICT, format!("export {:?} is read-only", export.name)));
+        }
+        data_range(export, offset, length)?;
+        Ok((Arc::clone(export), offset, length))
+    })();
+    let (export, offset, length) = match checked {
+        Ok(checked) => checked,
+        Err(error) => {
+            drain(body).await;
+            return Err(error);
+        }
     };
-    if query.length.is_some_and(|length| length != body.len() as u64) {
-        return Err(ApiError::bad_request("length does not match the body; leave it out"));
+    // Read and written piece by piece, each piece holding its share of the memory budget.
+    let mut body = body;
+    let (mut received, mut written) = (0u64, 0u64);
+    let mut piece = bytes::BytesMut::new();
+    let mut permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let cut_short = |written: u64, why: &str| {
+        ApiError::bad_request(format!(
+            "the body ended after {written} of {length} bytes were written ({why}); those bytes stay written"
+        ))
+    };
+    loop {
+        let mut data = match http_body_util::BodyExt::frame(&mut body).await {
+            None => break,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+            Some(Err(error)) => return Err(cut_short(written, &error.to_string())),
+        };
+        received += data.len() as u64;
+        if received > length {
+            return Err(cut_short(written, "more bytes than its Content-Length"));
+        }
+        while !data.is_empty() {
+            if permit.is_none() {
+                let want = DATA_STEP.min(length - written) as u32;
+                permit =
+                    Some(Arc::clone(&state.memory).acquire_many_owned(want).await.expect("the budget is never closed"));
+            }
+            let room = (DATA_STEP as usize - piece.len()).min(data.len());
+            piece.extend_from_slice(&data.split_to(room));
+            if piece.len() as u64 == DATA_STEP || written + piece.len() as u64 == length {
+                let full = piece.split().freeze();
+                let size = full.len() as u64;
+                export
+                    .storage
+                    .write(IoContext::default(), offset + written, full, false)
+                    .await
+                    .map_err(storage_error)?;
+                written += size;
+                permit = None;
+            }
+        }
     }
-    if export.read_only {
-        return Err(ApiError::new(StatusCode::CONFLICT, format!("export {:?} is read-only", export.name)));
+    if written != length {
+        return Err(cut_short(written, "shorter than its Content-Length"));
     }
-    data_range(export, offset, body.len() as u64)?;
-    let mut at = 0;
-    while at < body.len() {
-        let take = (DATA_STEP as usize).min(body.len() - at);
-        let piece = body.slice(at..at + take);
-        export.storage.write(IoContext::default(), offset + at as u64, piece, false).await.map_err(storage_error)?;
-        at += take;
-    }
-    Ok(axum::Json(serde_json::json!({ "offset": offset, "written": body.len() })))
+    Ok(axum::Json(serde_json::json!({ "offset": offset, "written": written })))
+}
+
+/// The most of a refused `data` body read and thrown away, and for how long.
+const DRAIN_BYTES: u64 = 2 * MAX_DATA;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads what is left of a refused request's body and throws it away (within bounds), so that a
+/// client still sending it reads the answer instead of a connection reset under its feet.
+async fn drain(mut body: axum::body::Body) {
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+            seen += frame.data_ref().map_or(0, |data| data.len() as u64);
+            if seen > DRAIN_BYTES {
+                return;
+            }
+        }
+    })
+    .await;
 }
 
 async fn reset(

@@ -22,7 +22,7 @@ const NICE: i32 = 10;
 pub enum Refused {
     #[error("the server is busy with other control work ({QUEUE} jobs queued); retry shortly")]
     Busy,
-    #[error("the control work took over {0:?}; it was abandoned")]
+    #[error("the control work took over {0:?} (the server is busy); it was abandoned, unless it was just finishing")]
     TimedOut(Duration),
     #[error("the control worker has stopped")]
     Stopped,
@@ -50,12 +50,22 @@ impl ControlWorker {
         Ok(ControlWorker { jobs, deadline })
     }
 
-    /// Runs `work` on the worker thread and waits for its result, at most the deadline.
-    pub async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, Refused> {
+    /// Runs `work` on the worker thread and waits for its result, at most the deadline. A job
+    /// whose caller gave up before it started is skipped; `work` can ask [`Caller::gone`] before
+    /// a step that must not happen unanswered (swapping a policy in).
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Caller<T>) -> T + Send + 'static,
+    ) -> Result<T, Refused> {
         let (answer, result) = oneshot::channel();
         let job: Job = Box::new(move || {
-            // The caller may have given up; then the result is dropped here, on this thread.
-            let _ = answer.send(work());
+            let caller = Caller(answer);
+            if caller.gone() {
+                return;
+            }
+            let value = work(&caller);
+            // The caller may have given up meanwhile; then the result is dropped here, on this thread.
+            let _ = caller.0.send(value);
         });
         match self.jobs.try_send(job) {
             Ok(()) => {}
@@ -67,6 +77,16 @@ impl ControlWorker {
             Ok(Err(_)) => Err(Refused::Stopped),
             Err(_) => Err(Refused::TimedOut(self.deadline)),
         }
+    }
+}
+
+/// The caller of a job, waiting for its answer.
+pub struct Caller<T>(oneshot::Sender<T>);
+
+impl<T> Caller<T> {
+    /// True when the caller stopped waiting (its deadline passed).
+    pub fn gone(&self) -> bool {
+        self.0.is_closed()
     }
 }
 
@@ -87,7 +107,7 @@ mod tests {
     #[tokio::test]
     async fn jobs_run_off_the_runtime_and_a_full_queue_is_refused_at_once() {
         let worker = ControlWorker::start(Duration::from_secs(5)).unwrap();
-        let name = worker.run(|| std::thread::current().name().map(str::to_string)).await.unwrap();
+        let name = worker.run(|_| std::thread::current().name().map(str::to_string)).await.unwrap();
         assert_eq!(name.as_deref(), Some("nbdfault-control"));
 
         let (release, hold) = std::sync::mpsc::channel::<()>();
@@ -103,15 +123,32 @@ mod tests {
         for _ in 0..QUEUE {
             worker.jobs.try_send(Box::new(|| {})).unwrap();
         }
-        assert_eq!(worker.run(|| ()).await, Err(Refused::Busy));
+        assert_eq!(worker.run(|_| ()).await, Err(Refused::Busy));
         release.send(()).unwrap();
-        assert_eq!(worker.run(|| 7).await, Ok(7));
+        // The queue drains; then jobs are taken again.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match worker.run(|_| 7).await {
+                Ok(value) => break assert_eq!(value, 7),
+                Err(Refused::Busy) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(refused) => panic!("{refused}"),
+            }
+        }
     }
 
     #[tokio::test]
     async fn a_job_over_the_deadline_is_reported_as_timed_out() {
         let worker = ControlWorker::start(Duration::from_millis(50)).unwrap();
-        let slow = worker.run(|| std::thread::sleep(Duration::from_millis(300))).await;
+        let (done, finished) = std::sync::mpsc::channel();
+        let slow = worker
+            .run(move |caller| {
+                std::thread::sleep(Duration::from_millis(300));
+                done.send(caller.gone()).unwrap();
+            })
+            .await;
         assert_eq!(slow, Err(Refused::TimedOut(Duration::from_millis(50))));
+        assert!(finished.recv().unwrap(), "the job sees that its caller is gone");
     }
 }

@@ -69,10 +69,6 @@ impl FaultLayer {
         &self.engine
     }
 
-    pub fn log(&self) -> &Arc<FaultLog> {
-        &self.log
-    }
-
     /// Bytes of unflushed writes a power cut would undo now.
     pub fn unflushed_bytes(&self) -> u64 {
         self.journal().bytes()

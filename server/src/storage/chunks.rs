@@ -304,6 +304,7 @@ impl ChunkStore {
     }
 
     /// Bytes of data held in memory: the pages written.
+    #[cfg(test)]
     pub fn resident_bytes(&self) -> u64 {
         self.shards
             .iter()

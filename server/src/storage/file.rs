@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -32,7 +32,6 @@ const TMPFS_MAGIC: i64 = 0x0102_1994;
 const RAMFS_MAGIC: i64 = 0x8584_58f6;
 
 pub struct FileDevice {
-    path: PathBuf,
     file: Arc<File>,
     size: u64,
     read_only: bool,
@@ -86,7 +85,6 @@ impl FileDevice {
         let engine = engine::shared();
         let inline = engine.inline();
         Ok(FileDevice {
-            path: path.to_path_buf(),
             memory_backed: inline && lives_in_memory(&file),
             file: Arc::new(file),
             size,
@@ -112,10 +110,6 @@ impl FileDevice {
             reads: path(&self.nowait_reads),
             writes: path(&self.nowait_writes),
         }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Runs a blocking file operation on the I/O threads.
@@ -444,6 +438,7 @@ impl BlockDevice for FileDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     const CTX: IoContext = IoContext { connection: 1, cookie: 1, flags: 0 };
 

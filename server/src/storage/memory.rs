@@ -32,7 +32,8 @@ impl MemoryDevice {
         MemoryDevice { size, chunks: ChunkStore::new() }
     }
 
-    /// Bytes of data held, for the control API's counters.
+    /// Bytes of data held.
+    #[cfg(test)]
     pub fn resident_bytes(&self) -> u64 {
         self.chunks.resident_bytes()
     }

@@ -20,6 +20,7 @@ impl OverlayDevice {
     }
 
     /// Bytes the overlay holds in memory.
+    #[cfg(test)]
     pub fn resident_bytes(&self) -> u64 {
         self.chunks.resident_bytes()
     }

@@ -10,12 +10,13 @@
 
 use std::io::IoSlice;
 use std::pin::Pin;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::Semaphore;
 
 use crate::shutdown::Shutdown;
 
@@ -77,6 +78,10 @@ impl std::ops::Deref for Head {
 pub struct Outbox {
     state: Mutex<State>,
     max_in_flight: u64,
+    /// The server's memory budget, shared with every other connection: what a request holds of
+    /// the connection's budget it also holds of this one. Taken a request at a time and given
+    /// back a batch of replies at a time (permits forgotten when taken, added when given back).
+    memory: Arc<Semaphore>,
 }
 
 struct State {
@@ -84,7 +89,7 @@ struct State {
     queue: Vec<Outgoing>,
     /// No reply will be added any more: the writer sends what is queued and ends.
     closed: bool,
-    /// Bytes held by requests read and not yet answered.
+    /// Bytes held by requests read and not yet answered, of both budgets.
     in_flight: u64,
     /// The writer, waiting for replies.
     writer: Option<Waker>,
@@ -93,7 +98,7 @@ struct State {
 }
 
 impl Outbox {
-    pub fn new(max_in_flight: u32) -> Outbox {
+    pub fn new(max_in_flight: u32, memory: Arc<Semaphore>) -> Outbox {
         Outbox {
             state: Mutex::new(State {
                 queue: Vec::with_capacity(64),
@@ -103,6 +108,7 @@ impl Outbox {
                 reader: None,
             }),
             max_in_flight: u64::from(max_in_flight),
+            memory,
         }
     }
 
@@ -111,10 +117,9 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Takes `cost` bytes of the budget if they are free now.
-    pub fn try_acquire(&self, cost: u32) -> bool {
-        let mut state = self.state();
-        // One request alone may always go (a cost never exceeds the budget anyway).
+    /// Reserves `cost` of the connection's bound if there is room (one request alone always
+    /// fits: a cost never exceeds the bound anyway).
+    fn reserve(&self, state: &mut State, cost: u32) -> bool {
         if state.in_flight == 0 || state.in_flight + u64::from(cost) <= self.max_in_flight {
             state.in_flight += u64::from(cost);
             true
@@ -123,23 +128,46 @@ impl Outbox {
         }
     }
 
-    /// Takes `cost` bytes of the budget, waiting until sent replies free them.
+    fn unreserve(&self, cost: u32) {
+        let mut state = self.state();
+        state.in_flight -= u64::from(cost).min(state.in_flight);
+    }
+
+    /// Takes `cost` bytes of both budgets if they are free now, or nothing.
+    pub fn try_acquire(&self, cost: u32) -> bool {
+        if !self.reserve(&mut self.state(), cost) {
+            return false;
+        }
+        match self.memory.try_acquire_many(cost) {
+            Ok(permit) => {
+                permit.forget();
+                true
+            }
+            Err(_) => {
+                self.unreserve(cost);
+                false
+            }
+        }
+    }
+
+    /// Takes `cost` bytes of both budgets: of the connection's bound once sent replies free it,
+    /// then of the server's budget. Holding the first while waiting for the second deadlocks
+    /// nothing: what holds the server's budget is freed by replies being sent, which waits for
+    /// no budget.
     pub async fn acquire(&self, cost: u32) {
         std::future::poll_fn(|cx| {
-            if self.try_acquire(cost) {
-                return Poll::Ready(());
-            }
             let mut state = self.state();
-            state.reader = Some(cx.waker().clone());
-            // Freed between the two locks: no wake-up would come.
-            if state.in_flight + u64::from(cost) <= self.max_in_flight {
-                state.reader = None;
-                state.in_flight += u64::from(cost);
+            if self.reserve(&mut state, cost) {
                 return Poll::Ready(());
             }
+            state.reader = Some(cx.waker().clone());
             Poll::Pending
         })
-        .await
+        .await;
+        // Given back if this wait is given up (the connection is ending).
+        let reserved = Reserved { outbox: self, cost };
+        self.memory.acquire_many(cost).await.expect("the memory budget is never closed").forget();
+        std::mem::forget(reserved);
     }
 
     /// Hands replies over from the connection's own task. The writer runs in that same task
@@ -198,14 +226,35 @@ impl Outbox {
 
     /// Gives back the budget of replies that were sent.
     fn release(&self, cost: u64) {
-        let waker = {
+        let (waker, cost) = {
             let mut state = self.state();
-            state.in_flight -= cost.min(state.in_flight);
-            state.reader.take()
+            let cost = cost.min(state.in_flight);
+            state.in_flight -= cost;
+            (state.reader.take(), cost)
         };
+        self.memory.add_permits(cost as usize);
         if let Some(waker) = waker {
             waker.wake();
         }
+    }
+
+    /// Gives back all the budget still held, once the connection is done: that of replies
+    /// never sent and requests abandoned.
+    pub fn release_all(&self) {
+        let held = std::mem::take(&mut self.state().in_flight);
+        self.memory.add_permits(held as usize);
+    }
+}
+
+/// The connection's bound reserved for a request still waiting for the server's budget.
+struct Reserved<'a> {
+    outbox: &'a Outbox,
+    cost: u32,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.outbox.unreserve(self.cost);
     }
 }
 

@@ -66,11 +66,15 @@ pub mod reply_type {
     pub const ERR_UNSUP: u32 = 0x8000_0001;
     pub const ERR_POLICY: u32 = 0x8000_0002;
     pub const ERR_INVALID: u32 = 0x8000_0003;
+    #[allow(dead_code)] // in the protocol's table; this server never sends it
     pub const ERR_PLATFORM: u32 = 0x8000_0004;
     pub const ERR_TLS_REQD: u32 = 0x8000_0005;
     pub const ERR_UNKNOWN: u32 = 0x8000_0006;
+    #[allow(dead_code)] // in the protocol's table; this server never sends it
     pub const ERR_SHUTDOWN: u32 = 0x8000_0007;
+    #[allow(dead_code)] // in the protocol's table; this server never sends it
     pub const ERR_BLOCK_SIZE_REQD: u32 = 0x8000_0008;
+    #[allow(dead_code)] // in the protocol's table; this server never sends it
     pub const ERR_TOO_BIG: u32 = 0x8000_0009;
 }
 
@@ -136,6 +140,7 @@ pub mod command_flags {
     pub const DF: u16 = 1 << 2;
     pub const REQ_ONE: u16 = 1 << 3;
     pub const FAST_ZERO: u16 = 1 << 4;
+    #[allow(dead_code)] // in the protocol's table; only with extended headers, which this server does not offer
     pub const PAYLOAD_LEN: u16 = 1 << 5;
 }
 
@@ -145,9 +150,11 @@ pub mod chunk {
 
     pub const NONE: u16 = 0;
     pub const OFFSET_DATA: u16 = 1;
+    #[allow(dead_code)] // in the protocol's table; this server answers reads with data chunks only
     pub const OFFSET_HOLE: u16 = 2;
     pub const BLOCK_STATUS: u16 = 5;
     pub const ERROR: u16 = 0x8001;
+    #[allow(dead_code)] // in the protocol's table; this server never sends it
     pub const ERROR_OFFSET: u16 = 0x8002;
 }
 

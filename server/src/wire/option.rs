@@ -21,6 +21,8 @@ impl OptionHeader {
         OptionHeader { magic: buf.get_u64(), code: buf.get_u32(), length: buf.get_u32() }
     }
 
+    /// What a client sends; for the tests.
+    #[cfg(test)]
     pub fn encode(&self, out: &mut BytesMut) {
         out.put_u64(self.magic);
         out.put_u32(self.code);
@@ -112,7 +114,8 @@ impl OptionRequest {
     }
 }
 
-/// The data of an INFO or GO request, as a client sends it.
+/// The data of an INFO or GO request, as a client sends it; for the tests.
+#[cfg(test)]
 pub fn info_request_data(name: &str, requests: &[u16]) -> Bytes {
     let mut data = BytesMut::with_capacity(6 + name.len() + 2 * requests.len());
     data.put_u32(name.len() as u32);
@@ -124,7 +127,9 @@ pub fn info_request_data(name: &str, requests: &[u16]) -> Bytes {
     data.freeze()
 }
 
-/// The data of a LIST_META_CONTEXT or SET_META_CONTEXT request, as a client sends it.
+/// The data of a LIST_META_CONTEXT or SET_META_CONTEXT request, as a client sends it; for the
+/// tests.
+#[cfg(test)]
 pub fn meta_context_request_data(export: &str, queries: &[&str]) -> Bytes {
     let mut data = BytesMut::new();
     data.put_u32(export.len() as u32);
@@ -285,7 +290,8 @@ impl OptionReply {
         out.put_slice(&self.data);
     }
 
-    /// Reads one reply back; used by tests and tools. Returns the reply and the bytes it used.
+    /// Reads one reply back, for the tests. Returns the reply and the bytes it used.
+    #[cfg(test)]
     pub fn decode(bytes: &[u8]) -> Option<(OptionReply, usize)> {
         let mut buf = bytes;
         if buf.len() < 20 || buf.get_u64() != OPTION_REPLY_MAGIC {

@@ -1,9 +1,12 @@
 //! Transmission-phase replies: simple replies and structured reply chunks.
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::BufMut;
+#[cfg(test)]
+use bytes::{Buf, Bytes};
 
 use super::consts::{SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, chunk};
 
+#[cfg(test)]
 pub const SIMPLE_REPLY_LEN: usize = 16;
 pub const CHUNK_HEADER_LEN: usize = 20;
 
@@ -62,6 +65,7 @@ fn cut(text: &str, limit: usize) -> &str {
 }
 
 /// A reply as a client reads it; used by the tests to check what the server sent.
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecodedReply {
     Simple { errno: u32, cookie: u64 },
@@ -70,6 +74,7 @@ pub enum DecodedReply {
 
 /// Decodes one reply header (and, for chunks, its payload) from the front of `bytes`.
 /// Simple READ replies carry data the decoder cannot know the length of; the caller takes it.
+#[cfg(test)]
 pub fn decode(bytes: &[u8]) -> Option<(DecodedReply, usize)> {
     let mut buf = bytes;
     if buf.len() < 4 {

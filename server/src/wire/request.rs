@@ -1,7 +1,9 @@
 //! Transmission-phase requests: the 28-byte header, and the protocol's rules for which requests
 //! an export accepts.
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::Buf;
+#[cfg(test)]
+use bytes::{BufMut, BytesMut};
 
 use super::consts::{command, command_flags, errno, transmission_flags};
 
@@ -34,6 +36,8 @@ impl RequestHeader {
         }
     }
 
+    /// What a client sends; for the tests.
+    #[cfg(test)]
     pub fn encode(&self, out: &mut BytesMut) {
         out.put_u32(self.magic);
         out.put_u16(self.flags);

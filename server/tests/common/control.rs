@@ -3,10 +3,10 @@
 //! fault tests drive.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use nbdfault_control_client::Client;
 use serde_json::Value;
 
 use super::{PYTHON, Server, python_script, run_ok};
@@ -53,11 +53,10 @@ impl Answer {
     }
 }
 
-/// A client for one server's control API.
+/// A client for one server's control API: the shared client (`nbdfault-control-client`), with
+/// answers of any status handed back whole.
 pub struct Api {
-    base: String,
-    token: Option<String>,
-    agent: ureq::Agent,
+    client: Client,
 }
 
 impl Api {
@@ -67,44 +66,32 @@ impl Api {
     }
 
     pub fn at(base: &str) -> Api {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .into();
-        Api { base: base.to_string(), token: None, agent }
+        Api { client: Client::new(base, None).unwrap_or_else(|error| panic!("{error}")) }
     }
 
     pub fn base(&self) -> &str {
-        &self.base
+        self.client.base()
+    }
+
+    /// The shared client itself, for its typed calls.
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 
     /// The same client, sending `Authorization: Bearer TOKEN`.
-    pub fn with_token(mut self, token: &str) -> Api {
-        self.token = Some(token.to_string());
-        self
+    pub fn with_token(self, token: &str) -> Api {
+        Api {
+            client: Client::new(self.client.base(), Some(token.to_string())).unwrap_or_else(|error| panic!("{error}")),
+        }
     }
 
     /// Sends one request and returns whatever came back.
     pub fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> Answer {
-        let url = format!("{}{path}", self.base);
-        let mut builder = ureq::http::Request::builder().method(method).uri(&url);
-        if let Some(token) = &self.token {
-            builder = builder.header("Authorization", format!("Bearer {token}"));
-        }
-        let request = builder.body(body.unwrap_or_default().to_vec()).expect("a valid request");
-        let mut response = self
-            .agent
-            .run(request)
-            .unwrap_or_else(|error| panic!("{method} {url}: no answer from the server: {error}"));
-        let headers = response
-            .headers()
-            .iter()
-            .map(|(name, value)| (name.as_str().to_lowercase(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
-            .collect();
-        let mut body = Vec::new();
-        response.body_mut().as_reader().read_to_end(&mut body).expect("reading the answer");
-        Answer { status: response.status().as_u16(), headers, body }
+        let answer = self
+            .client
+            .call(method, path, body)
+            .unwrap_or_else(|error| panic!("{method} {}{path}: no answer from the server: {error}", self.base()));
+        Answer { status: answer.status, headers: answer.headers.into_iter().collect(), body: answer.body }
     }
 
     pub fn get(&self, path: &str) -> Answer {
@@ -201,18 +188,7 @@ impl Api {
 
 /// `/v1/exports/NAME`, percent-encoded, with `@default` for the export named "".
 pub fn export_path(export: &str) -> String {
-    if export.is_empty() {
-        return "/v1/exports/@default".to_string();
-    }
-    let mut path = String::from("/v1/exports/");
-    for byte in export.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
-            path.push(byte as char);
-        } else {
-            path.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    path
+    nbdfault_control_client::export_path(export)
 }
 
 /// One JSON value per non-empty line.
@@ -223,9 +199,10 @@ pub fn json_lines(text: &str) -> Vec<Value> {
         .collect()
 }
 
-/// `/usr/bin/python3 server/tests/python/fault_probe.py SCENARIO`, checked to have libnbd.
+/// `/usr/bin/python3 server/tests/python/fault_probe.py SCENARIO`. The test says
+/// `require!(PYTHON_NBD)` first.
+#[track_caller]
 pub fn fault_probe(scenario: &str) -> Command {
-    // nbd_probe's check gives the package to install when the bindings are missing.
     drop(super::probe("ops"));
     let mut command = Command::new(PYTHON);
     command.arg(python_script("fault_probe.py")).arg(scenario);

@@ -2,13 +2,18 @@
 //! clients from Debian's packages, run with a time limit, and a raw NBD client for what no real
 //! client sends.
 //!
-//! A missing client fails its test with the Debian package to install; nothing is skipped.
+//! A test that runs a tool from a Debian package starts with `require!(TOOL, ...)` (from the
+//! nbdfault-testing crate, re-exported here): without the tool it is skipped with one line
+//! naming the package, or fails under `NBDFAULT_REQUIRE_TOOLS=1`, as in scripts/test.sh and CI.
 
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
 pub mod control;
+pub mod in_process;
 pub mod pki;
 pub mod raw;
+
+pub use nbdfault_testing::*;
 
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read};
@@ -16,7 +21,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The binary under test, built by cargo for this test run.
@@ -292,46 +297,11 @@ pub fn send_signal(pid: i32, signal: i32) {
     assert_eq!(result, 0, "kill({pid}, {signal}): {}", std::io::Error::last_os_error());
 }
 
-/// A command for `program`, which the Debian package `package` installs. Fails the test, naming
-/// the package, when it is not installed.
-pub fn tool(program: &str, package: &str) -> Command {
-    let found = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|dir| is_executable(&dir.join(program))))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "`{program}` is not installed: this test needs the Debian package {package} (apt-get install {package})"
-    );
-    Command::new(program)
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
-}
-
-/// Debian's Python, which has the libnbd bindings (a pyenv `python3` earlier on PATH does not).
-pub const PYTHON: &str = "/usr/bin/python3";
-
-/// `/usr/bin/python3 server/tests/python/nbd_probe.py SCENARIO ARGS...`, checked to have the
-/// `nbd` module first.
+/// `/usr/bin/python3 server/tests/python/nbd_probe.py SCENARIO ARGS...`. The test says
+/// `require!(PYTHON_NBD)` first.
+#[track_caller]
 pub fn probe(scenario: &str) -> Command {
-    static CHECKED: OnceLock<Result<(), String>> = OnceLock::new();
-    let checked = CHECKED.get_or_init(|| {
-        let output = Command::new(PYTHON).args(["-c", "import nbd"]).output();
-        match output {
-            Ok(output) if output.status.success() => Ok(()),
-            Ok(output) => Err(String::from_utf8_lossy(&output.stderr).into_owned()),
-            Err(error) => Err(format!("{PYTHON}: {error}")),
-        }
-    });
-    if let Err(error) = checked {
-        panic!(
-            "{PYTHON} cannot import the libnbd bindings ({}): install the Debian package python3-libnbd \
-             (apt-get install python3-libnbd)",
-            error.trim()
-        );
-    }
+    assert!(PYTHON_NBD.is_available(), "{PYTHON} cannot import nbd: the test must start with require!(PYTHON_NBD)");
     let mut command = Command::new(PYTHON);
     command.arg(python_script("nbd_probe.py")).arg(scenario);
     command

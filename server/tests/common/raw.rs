@@ -57,7 +57,16 @@ pub const CMD_FLAG_FAST_ZERO: u16 = 0x10;
 
 pub const HAS_FLAGS: u16 = 1;
 pub const READ_ONLY: u16 = 2;
+pub const SEND_FLUSH: u16 = 4;
+pub const SEND_FUA: u16 = 8;
+pub const SEND_TRIM: u16 = 0x20;
+pub const SEND_WRITE_ZEROES: u16 = 0x40;
 pub const SEND_DF: u16 = 0x80;
+pub const SEND_CACHE: u16 = 0x400;
+
+/// `base:allocation` extent flags.
+pub const STATE_HOLE: u32 = 1;
+pub const STATE_ZERO: u32 = 2;
 
 pub const REPLY_FLAG_DONE: u16 = 1;
 pub const CHUNK_NONE: u16 = 0;
@@ -67,6 +76,7 @@ pub const CHUNK_BLOCK_STATUS: u16 = 5;
 pub const CHUNK_ERROR: u16 = 0x8001;
 
 pub const EPERM: u32 = 1;
+pub const EIO: u32 = 5;
 pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
 
@@ -247,6 +257,40 @@ impl RawClient {
             cookie: u64_at(&header, 8),
             payload: self.read_exact_vec(length),
         }
+    }
+
+    /// The chunks of one structured reply, up to and including the one flagged DONE. Fails the
+    /// test if a chunk of another request comes in between.
+    pub fn read_structured_reply(&mut self, cookie: u64) -> Vec<Chunk> {
+        let mut chunks = Vec::new();
+        loop {
+            let chunk = self.read_chunk();
+            assert_eq!(chunk.cookie, cookie, "a chunk of another request in the middle of {cookie}'s reply");
+            let done = chunk.flags & REPLY_FLAG_DONE != 0;
+            chunks.push(chunk);
+            if done {
+                return chunks;
+            }
+        }
+    }
+
+    /// The error of a reply to a request without data: a simple reply, or (structured) chunks
+    /// ending with DONE.
+    pub fn read_reply_errno(&mut self, cookie: u64) -> u32 {
+        let mut magic = [0u8; 4];
+        self.stream.peek(&mut magic).unwrap();
+        if u32::from_be_bytes(magic) == SIMPLE_REPLY_MAGIC {
+            let (error, got) = self.read_simple_reply();
+            assert_eq!(got, cookie);
+            return error;
+        }
+        let mut error = 0;
+        for chunk in self.read_structured_reply(cookie) {
+            if chunk.chunk_type & 0x8000 != 0 {
+                error = u32_at(&chunk.payload, 0);
+            }
+        }
+        error
     }
 
     /// A write on a simple-reply connection that must succeed.

@@ -12,13 +12,13 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use super::compiled::DeclaredBadSector;
-use super::de::{names_read_by, present};
+use super::de::{ParseContext, names_read_by, present, recovering, recovering_list};
 use crate::error::Invalid;
 
 pub(crate) use rules::RuleSpec;
 pub(crate) use schedule::ScheduleEntry;
 pub(crate) use then::Then;
-pub(crate) use when::When;
+pub(crate) use when::{CountScope, When};
 
 /// A whole policy file, every section checked.
 pub(crate) struct PolicySpec {
@@ -46,8 +46,10 @@ impl<'de> Deserialize<'de> for PolicySpec {
                 Err(Invalid::new(NOTHING_TO_DO, NOTHING_TO_DO_FIX).into_serde())
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<PolicySpec, A::Error> {
+                let skipped = ParseContext::skipped();
                 let raw = RawPolicy::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                if raw.rules.is_empty() && raw.schedule.is_empty() && raw.bad_sectors.is_empty() {
+                let whole = ParseContext::skipped() == skipped;
+                if whole && raw.rules.is_empty() && raw.schedule.is_empty() && raw.bad_sectors.is_empty() {
                     return Err(Invalid::new(NOTHING_TO_DO, NOTHING_TO_DO_FIX).into_serde());
                 }
                 Ok(PolicySpec {
@@ -66,15 +68,15 @@ impl<'de> Deserialize<'de> for PolicySpec {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "recovering")]
     seed: u64,
     #[serde(default, deserialize_with = "present")]
     description: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "recovering_list")]
     bad_sectors: Vec<DeclaredBadSector>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "recovering_list")]
     rules: Vec<RuleSpec>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "recovering_list")]
     schedule: Vec<ScheduleEntry>,
 }
 
@@ -95,6 +97,11 @@ pub(crate) fn mapping_keys() -> Vec<(&'static str, &'static [&'static str])> {
         ("corrupt", names_read_by::<then::RawCorrupt>()),
         ("schedule_entry", names_read_by::<schedule::RawScheduleEntry>()),
     ]
+}
+
+/// The values `count:` accepts.
+pub(crate) fn count_values() -> &'static [&'static str] {
+    names_read_by::<when::CountScope>()
 }
 
 /// The values `since:` accepts.

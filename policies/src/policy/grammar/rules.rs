@@ -8,7 +8,7 @@ use serde::de::Deserializer;
 use super::then::Then;
 use super::when::When;
 use crate::error::Invalid;
-use crate::policy::de::{CONTEXT, checked_map, present};
+use crate::policy::de::{CONTEXT, checked_map, present, recovering};
 use crate::policy::values::Name;
 use crate::request::Op;
 
@@ -16,6 +16,13 @@ pub(crate) struct RuleSpec {
     pub name: Arc<str>,
     pub when: When,
     pub then: Then,
+}
+
+/// Stands in for a rule whose errors were reported; never compiled.
+impl Default for RuleSpec {
+    fn default() -> Self {
+        RuleSpec { name: Arc::from(""), when: When::default(), then: Then::default() }
+    }
 }
 
 #[derive(Deserialize)]
@@ -26,8 +33,9 @@ pub(super) struct RawRule {
     #[allow(dead_code)] // Documentation for people reading the policy.
     #[serde(default, deserialize_with = "present")]
     description: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "recovering")]
     when: When,
+    #[serde(deserialize_with = "recovering")]
     then: Then,
 }
 
@@ -103,6 +111,12 @@ pub(super) fn check_against_ops(ops: Option<&[Op]>, when: &When, then: &Then) ->
             return Err(Invalid::new(
                 "flush has no byte range, so `range` can never match it",
                 "move `flush` to a rule of its own without `range`",
+            ));
+        }
+        if !when.lengths.is_empty() && ops.contains(&Op::Flush) {
+            return Err(Invalid::new(
+                "flush has no length, so `length` can never match it",
+                "move `flush` to a rule of its own without `length`",
             ));
         }
         for (flag, carriers) in [

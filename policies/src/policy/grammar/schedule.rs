@@ -9,7 +9,7 @@ use super::rules::check_against_ops;
 use super::then::Then;
 use super::when::When;
 use crate::error::Invalid;
-use crate::policy::de::{CONTEXT, checked_map};
+use crate::policy::de::{CONTEXT, checked_map, recovering};
 use crate::policy::values::Name;
 use crate::request::Op;
 
@@ -22,12 +22,20 @@ pub(crate) struct ScheduleEntry {
     pub bad_sector: bool,
 }
 
+/// Stands in for an entry whose errors were reported; never compiled.
+impl Default for ScheduleEntry {
+    fn default() -> Self {
+        ScheduleEntry { request: 0, op: Op::Read, rule: Arc::from(""), then: Then::default(), bad_sector: false }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawScheduleEntry {
     request: u64,
     op: Op,
     rule: Name,
+    #[serde(deserialize_with = "recovering")]
     then: Then,
     /// The logged failure came from a bad sector, not from the rule itself.
     #[serde(default)]

@@ -9,7 +9,7 @@ use serde::de::{self, Deserializer, IntoDeserializer, MapAccess, Visitor};
 
 use crate::error::Invalid;
 use crate::policy::compiled::Tear;
-use crate::policy::de::{ListOf, checked_map, present};
+use crate::policy::de::{ListOf, ParseContext, checked_map, present};
 use crate::policy::values::{Name, Size, TearSize, Unit, check_name, names};
 use crate::request::Errno;
 use crate::units::{DurationSpread, HumanDuration, format_size};
@@ -225,7 +225,11 @@ impl<'de> Deserialize<'de> for TornSpec {
                 tear(size, None)
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<TornSpec, A::Error> {
+                let skipped = ParseContext::skipped();
                 let raw = RawTorn::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                if ParseContext::skipped() != skipped {
+                    return Ok(TornSpec(Tear { min: 0, max: 0, align: 512 }));
+                }
                 tear(raw.persist.0, raw.align.map(|align| align.0.0))
             }
         }

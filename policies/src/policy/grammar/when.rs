@@ -9,8 +9,8 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use crate::error::Invalid;
 use crate::policy::compiled::Nth;
-use crate::policy::de::{ListOf, checked_map, present};
-use crate::policy::values::{Count, Name, Probability, Unit, names};
+use crate::policy::de::{ListOf, ParseContext, checked_map, present};
+use crate::policy::values::{Count, LengthRange, Name, Probability, Unit, names};
 use crate::request::Op;
 use crate::units::{ByteRange, HumanDuration, format_duration};
 
@@ -19,6 +19,8 @@ use crate::units::{ByteRange, HumanDuration, format_duration};
 pub(crate) struct When {
     pub ops: Option<Vec<Op>>,
     pub ranges: Vec<ByteRange>,
+    /// Request lengths admitted, both bounds included; empty means every length.
+    pub lengths: Vec<(u64, u64)>,
     pub flags_set: u8,
     pub flags_clear: u8,
     pub connections: Option<Vec<u64>>,
@@ -32,6 +34,18 @@ pub(crate) struct When {
     pub until: Option<Duration>,
     pub since_armed: bool,
     pub cycle: Option<(Duration, Duration)>,
+    /// `count:` as written, if it was.
+    pub count: Option<CountScope>,
+}
+
+/// What occurrence counts (`nth`, `limit`, the draws of `probability`) count over.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum CountScope {
+    /// From 0 again each time the rule's `armed_by` triggers are armed again.
+    PerArming,
+    /// From the moment the policy is installed, across armings.
+    Lifetime,
 }
 
 #[derive(Deserialize)]
@@ -41,6 +55,8 @@ pub(super) struct RawWhen {
     op: Option<ListOf<Op>>,
     #[serde(default, deserialize_with = "present")]
     range: Option<ListOf<Unit<ByteRange>>>,
+    #[serde(default, deserialize_with = "present")]
+    length: Option<ListOf<Unit<LengthRange>>>,
     #[serde(default, deserialize_with = "present")]
     fua: Option<bool>,
     #[serde(default, deserialize_with = "present")]
@@ -61,6 +77,8 @@ pub(super) struct RawWhen {
     limit: Option<Count>,
     #[serde(default, deserialize_with = "present")]
     probability: Option<Probability>,
+    #[serde(default, deserialize_with = "present")]
+    count: Option<CountScope>,
     #[serde(default, deserialize_with = "present")]
     armed_by: Option<ListOf<Name>>,
     #[serde(default, deserialize_with = "present")]
@@ -132,6 +150,12 @@ fn check_when(raw: RawWhen) -> Result<When, Invalid> {
             "add `armed_by: TRIGGER`, or write `since: start`",
         ));
     }
+    if raw.count == Some(CountScope::PerArming) && armed_by.is_empty() {
+        return Err(Invalid::new(
+            "`count: per_arming` restarts the counts at each arming of the `armed_by` triggers, but there are none",
+            "add `armed_by: TRIGGER`, or write `count: lifetime`",
+        ));
+    }
     if raw.since.is_some() && from.is_none() && until.is_none() && raw.cycle.is_none() {
         return Err(Invalid::new(
             "`since` says where `from`, `until` and `cycle` count from, but none of them is set",
@@ -142,6 +166,10 @@ fn check_when(raw: RawWhen) -> Result<When, Invalid> {
     Ok(When {
         ops,
         ranges: raw.range.map(|list| list.0.into_iter().map(|range| range.0).collect()).unwrap_or_default(),
+        lengths: raw
+            .length
+            .map(|list| list.0.into_iter().map(|length| (length.0.min, length.0.max)).collect())
+            .unwrap_or_default(),
         flags_set,
         flags_clear,
         connections: raw.connection.map(|list| list.0),
@@ -155,6 +183,7 @@ fn check_when(raw: RawWhen) -> Result<When, Invalid> {
         until,
         since_armed,
         cycle: raw.cycle.map(|cycle| (cycle.up, cycle.down)),
+        count: raw.count,
     })
 }
 
@@ -199,7 +228,11 @@ impl<'de> Deserialize<'de> for NthSpec {
                 }
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<NthSpec, A::Error> {
+                let skipped = ParseContext::skipped();
                 let raw = RawNth::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                if ParseContext::skipped() != skipped {
+                    return Ok(NthSpec(Nth::default()));
+                }
                 if raw.first.is_none() && raw.every.is_none() && raw.after.is_none() {
                     return Err(Invalid::new(
                         "`nth` is empty",
@@ -229,6 +262,7 @@ impl<'de> Deserialize<'de> for NthSpec {
 }
 
 /// dm-flakey's up and down intervals.
+#[derive(Default)]
 struct Cycle {
     up: Duration,
     down: Duration,
