@@ -127,8 +127,57 @@ impl BadSectors {
     }
 
     /// Drops the declared ranges, keeping those acquired from failed writes.
+    #[cfg(test)]
     pub(crate) fn forget_declared(&mut self) {
         self.map.retain(|_, entry| !entry.declared);
+    }
+
+    /// Replaces the declared ranges with `declared` (built before, outside any lock), keeping the
+    /// acquired ones where no declared range covers them: what dropping the declared ranges and
+    /// inserting the new ones one by one does, in time that grows with the acquired ranges only.
+    /// Returns what was replaced, to be dropped outside the lock too.
+    #[must_use]
+    pub(crate) fn replace_declared(&mut self, declared: BadSectors) -> BadSectors {
+        let old = std::mem::replace(self, declared);
+        for (&start, entry) in old.map.iter().filter(|(_, entry)| !entry.declared) {
+            self.insert_where_free(start, entry);
+        }
+        old
+    }
+
+    /// Inserts the parts of `[start, entry.end)` that no entry covers.
+    fn insert_where_free(&mut self, start: u64, entry: &Entry) {
+        let covered: Vec<(u64, u64)> =
+            self.overlapping(start, entry.end).map(|(&from, other)| (from, other.end)).collect();
+        let mut at = start;
+        for (from, to) in covered {
+            if from > at {
+                self.map.insert(at, Entry { end: from, ..entry.clone() });
+            }
+            at = at.max(to);
+        }
+        if at < entry.end {
+            self.map.insert(at, entry.clone());
+        }
+    }
+
+    /// The declared ranges of a policy, inserted in order (a later one replaces an earlier one
+    /// where they overlap).
+    pub(crate) fn declared<'a>(
+        ranges: impl IntoIterator<Item = &'a crate::policy::compiled::DeclaredBadSector>,
+    ) -> BadSectors {
+        let mut map = BadSectors::default();
+        for declared in ranges {
+            map.insert(
+                declared.range.start,
+                declared.range.end_or_max(),
+                declared.errno,
+                declared.write_failures,
+                declared.name.clone(),
+                true,
+            );
+        }
+        map
     }
 
     pub(crate) fn clear(&mut self) {
@@ -209,6 +258,28 @@ mod tests {
     }
 
     proptest! {
+        /// Replacing the declared ranges at once is what forgetting them and inserting the new
+        /// ones one by one does.
+        #[test]
+        fn replacing_declared_ranges_matches_inserting_them_one_by_one(
+            before in prop::collection::vec((0u64..64, 1u64..24, any::<bool>()), 0..12),
+            after in prop::collection::vec((0u64..64, 1u64..24), 0..12),
+        ) {
+            let mut slow = BadSectors::default();
+            for &(start, length, declared) in &before {
+                slow.insert(start, start + length, Errno::EIO, 0, origin(), declared);
+            }
+            let mut fast = slow.clone();
+            slow.forget_declared();
+            let mut declared = BadSectors::default();
+            for &(start, length) in &after {
+                slow.insert(start, start + length, Errno::ENOSPC, 1, origin(), true);
+                declared.insert(start, start + length, Errno::ENOSPC, 1, origin(), true);
+            }
+            let _old = fast.replace_declared(declared);
+            prop_assert_eq!(fast.list(), slow.list());
+        }
+
         /// A byte-by-byte model: each byte is good, or bad with a count of write failures left.
         #[test]
         fn bad_sectors_behave_like_a_per_byte_model(steps in prop::collection::vec(step(), 1..40)) {

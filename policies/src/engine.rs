@@ -86,6 +86,32 @@ struct Trigger {
     armings: u64,
 }
 
+/// What a policy swap builds before it takes the lock: the time it takes grows with the policy.
+struct Prepared {
+    counters: Vec<Counter>,
+    declared: BadSectors,
+}
+
+impl Prepared {
+    fn new(policy: Option<&Policy>) -> Prepared {
+        match policy {
+            Some(policy) => Prepared {
+                counters: vec![Counter::default(); policy.compiled().rules.len()],
+                declared: BadSectors::declared(&policy.compiled().bad_sectors),
+            },
+            None => Prepared { counters: Vec::new(), declared: BadSectors::default() },
+        }
+    }
+}
+
+/// What a policy swap replaced, dropped after the lock is released: freeing a large policy
+/// takes time no request should wait for.
+struct Replaced {
+    _policy: Option<Arc<Policy>>,
+    _counters: Vec<Counter>,
+    _bad_sectors: BadSectors,
+}
+
 struct State {
     policy: Option<Arc<Policy>>,
     /// One per rule of `policy`.
@@ -116,30 +142,19 @@ impl State {
     /// Installs `policy` and hands back the one it replaces, for the caller to drop after
     /// releasing the lock: freeing a large policy takes time no request should wait for.
     #[must_use]
-    fn install(&mut self, policy: Option<Arc<Policy>>) -> Option<Arc<Policy>> {
-        self.bad_sectors.forget_declared();
-        match &policy {
-            Some(policy) => {
-                let policy = policy.compiled();
-                self.counters = vec![Counter::default(); policy.rules.len()];
-                self.policy_triggers = policy.triggers.iter().map(|name| self.trigger_slot(name)).collect();
-                for declared in &policy.bad_sectors {
-                    self.bad_sectors.insert(
-                        declared.range.start,
-                        declared.range.end_or_max(),
-                        declared.errno,
-                        declared.write_failures,
-                        declared.name.clone(),
-                        true,
-                    );
-                }
-            }
-            None => {
-                self.counters.clear();
-                self.policy_triggers.clear();
-            }
+    fn install(&mut self, policy: Option<Arc<Policy>>, prepared: Prepared) -> Replaced {
+        let Prepared { counters, declared } = prepared;
+        let bad_sectors = self.bad_sectors.replace_declared(declared);
+        let counters = std::mem::replace(&mut self.counters, counters);
+        self.policy_triggers = match &policy {
+            Some(policy) => policy.compiled().triggers.iter().map(|name| self.trigger_slot(name)).collect(),
+            None => Vec::new(),
+        };
+        Replaced {
+            _policy: std::mem::replace(&mut self.policy, policy),
+            _counters: counters,
+            _bad_sectors: bad_sectors,
         }
-        std::mem::replace(&mut self.policy, policy)
     }
 
     /// Sets a trigger; returns whether it changed.
@@ -165,7 +180,8 @@ impl Engine {
             bad_sectors: BadSectors::default(),
             scratch: Scratch::default(),
         };
-        let _none = state.install(policy);
+        let prepared = Prepared::new(policy.as_deref());
+        let _none = state.install(policy, prepared);
         Engine { state: Mutex::new(state), changes: watch::Sender::new(0), none: Arc::from(Vec::new()) }
     }
 
@@ -252,7 +268,8 @@ impl Engine {
     }
 
     pub fn set_shared_policy(&self, policy: Option<Arc<Policy>>) {
-        let replaced = self.lock().install(policy);
+        let prepared = Prepared::new(policy.as_deref());
+        let replaced = self.lock().install(policy, prepared);
         drop(replaced);
     }
 
