@@ -22,7 +22,8 @@ use std::time::Duration;
 pub use events::{Event, Events};
 pub use nbdfault_policies::FaultRecord;
 pub use types::{
-    BadSector, Counters, ExportView, FaultPage, Health, PolicyAnswer, PolicyView, RuleCounter, TriggerState,
+    BadSector, Counters, ExportView, FaultPage, Health, PolicyAnswer, PolicyView, PowerCutAnswer, PowerOff,
+    PowerOnAnswer, PowerView, RuleCounter, TriggerState,
 };
 /// TLS settings for an `https://` API (the `tls` feature): ureq's, built by the caller with its
 /// own roots, client certificate and crypto provider.
@@ -326,6 +327,28 @@ impl Client {
     /// `POST /v1/exports/{name}/reset`: back to the pristine contents.
     pub fn reset(&self, name: &str) -> Result<ExportView, Error> {
         self.json("POST", &format!("{}/reset", export_path(name)), None)
+    }
+
+    /// `POST /v1/exports/{name}/power-cut`: the power goes now; every connection of the export
+    /// drops and every unflushed write is undone; `off` says how long it stays off.
+    pub fn power_cut(&self, name: &str, off: &PowerOff) -> Result<PowerCutAnswer, Error> {
+        let mut query = Vec::new();
+        if off.off {
+            query.push("off=true".to_string());
+        }
+        if let Some(trigger) = &off.until {
+            query.push(format!("until={}", query_value(trigger)));
+        }
+        if let Some(timeout) = off.timeout {
+            query.push(format!("timeout={}ns", timeout.as_nanos()));
+        }
+        let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+        self.json("POST", &format!("{}/power-cut{query}", export_path(name)), None)
+    }
+
+    /// `POST /v1/exports/{name}/power-on`: ends an "off" after a power cut.
+    pub fn power_on(&self, name: &str) -> Result<PowerOnAnswer, Error> {
+        self.json("POST", &format!("{}/power-on", export_path(name)), None)
     }
 
     /// `GET /metrics`: the Prometheus text exposition.

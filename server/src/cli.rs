@@ -181,6 +181,28 @@ pub enum CtlCommand {
         #[arg(value_name = "NAME")]
         name: String,
     },
+    /// Cut the export's power now: every connection of it drops at once, without replies, and
+    /// every write not yet flushed is undone (when its policy keeps the journal: `volatile_cache:
+    /// true`, or a rule with `power_cut`). With --off, --until or --timeout new connections are
+    /// refused at the handshake until then (or until `power-on`).
+    PowerCut {
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Stay off until `nbdfault ctl power-on`.
+        #[arg(long)]
+        off: bool,
+        /// Stay off until this trigger is armed.
+        #[arg(long, value_name = "TRIGGER")]
+        until: Option<String>,
+        /// Stay off this long (such as 5s).
+        #[arg(long, value_name = "DURATION", value_parser = duration)]
+        timeout: Option<Duration>,
+    },
+    /// Power an export on again after a power cut that left it off.
+    PowerOn {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]

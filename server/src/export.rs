@@ -80,6 +80,11 @@ impl Export {
         self.faults.engine()
     }
 
+    /// The device's power: on, or off after a power cut; every connection attaches through it.
+    pub fn power(&self) -> &Arc<crate::fault::power::Power> {
+        self.faults.power()
+    }
+
     pub fn size(&self) -> u64 {
         self.device.size()
     }

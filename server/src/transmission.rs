@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::export::{Counters, Export};
+use crate::fault::power::Power;
 use crate::handshake::Session;
 use crate::shutdown::Shutdown;
 use crate::storage::{BlockDevice, Extent, IoContext, IoError, ZeroFlags};
@@ -56,6 +57,8 @@ pub enum End {
     /// The device asked for the connection to be dropped (an injected disconnect), or the
     /// replies could no longer be sent.
     Dropped,
+    /// The export lost power: every connection of it is dropped at once, without replies.
+    PowerCut,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,12 +97,15 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let outbox = Arc::new(Outbox::new(limits.max_in_flight, limits.memory));
+    let power = Arc::clone(session.export.power());
+    let _attached = power.attach();
+    let power_on = PowerOn { power: &power, cycle: session.power_cycle };
     let mut tasks = JoinSet::new();
-    let mut writing = pin!(write_replies(writer, &outbox, shutdown.clone()));
+    let mut writing = pin!(write_replies(writer, &outbox, shutdown.clone(), power_on));
     // What the writer ended with, once it has.
     let mut written = None;
     let outcome = {
-        let reading = read_requests(reader, &session, connection, &outbox, &mut tasks, shutdown);
+        let reading = read_requests(reader, &session, connection, &outbox, &mut tasks, power_on, shutdown);
         // Both in this task: the reader first, then the writer sends what the reader handed
         // over. When the writer ends first (an injected disconnect, a client that is gone), so
         // does the reader.
@@ -122,6 +128,13 @@ where
             () = join_all(&mut tasks) => {}
             result = &mut writing => written = Some(result),
         }
+    }
+    if let Ok(End::PowerCut) = outcome {
+        // The power went: the writer sends nothing more. The requests in flight end at once (a
+        // wait ends with the power, storage I/O is refused), and are not aborted: one aborted in
+        // the middle of a write could let the write land after the cut undid the journal.
+        join_all(&mut tasks).await;
+        written = Some(Ok(()));
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
@@ -147,6 +160,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
     connection: u64,
     outbox: &Arc<Outbox>,
     tasks: &mut JoinSet<()>,
+    power_on: PowerOn<'_>,
     shutdown: Shutdown,
 ) -> Result<End, TransmissionError> {
     let mut requests = RequestReader::new(reader);
@@ -163,6 +177,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
     let (mut stop_signal, mut abandon_signal) = (shutdown.clone(), shutdown.clone());
     let mut stopping = pin!(stop_signal.stopping());
     let mut abandoned = pin!(abandon_signal.abandoned());
+    let mut power_cut = pin!(power_on.power.cut_after(power_on.cycle));
     // Replies of requests that were done at once, handed to the writer together when the reader
     // is about to wait (or has gathered enough).
     let mut ready: Vec<Outgoing> = Vec::with_capacity(MAX_READY);
@@ -171,11 +186,14 @@ async fn read_requests<R: AsyncRead + Unpin>(
             while tasks.try_join_next().is_some() {}
         }
         let header = match requests.buffered_header() {
-            // Received already: only a cheap look at the shutdown signal, no wait set up.
+            // Received already: only a cheap look at the power and the shutdown signal, no
+            // wait set up.
+            Some(_) if !power_on.is() => break Ok(End::PowerCut),
             Some(_) if shutdown.is_stopping() => break Ok(End::Shutdown),
             Some(header) => Some(header?),
             None => tokio::select! {
                 biased;
+                () = &mut power_cut => break Ok(End::PowerCut),
                 _ = &mut stopping => break Ok(End::Shutdown),
                 header = requests.header() => header?,
             },
@@ -190,6 +208,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             outbox.hand_over(&mut ready);
             tokio::select! {
                 biased;
+                () = &mut power_cut => break Ok(End::PowerCut),
                 _ = &mut stopping => break Ok(End::Shutdown),
                 () = outbox.acquire(cost) => {}
             }
@@ -200,6 +219,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             None => tokio::select! {
                 biased;
                 payload = requests.payload(&header) => payload?,
+                () = &mut power_cut => break Ok(End::PowerCut),
                 _ = &mut abandoned => break Ok(End::Shutdown),
             },
         };
@@ -225,7 +245,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             offset = header.offset,
             length = header.length
         );
-        let ctx = IoContext { connection, cookie: header.cookie, flags: header.flags };
+        let ctx = IoContext { connection, cookie: header.cookie, flags: header.flags, power_cycle: power_on.cycle };
         let mut work = Box::pin(execute(Arc::clone(&export.device), cmd, header, payload, ctx));
         // Started here, in the order requests arrive: the device takes its order-dependent
         // decisions (the fault layer's request index, occurrence counts, seeded draws) before
@@ -272,6 +292,20 @@ fn start<T>(task: Pin<&mut impl Future<Output = T>>) -> Poll<T> {
     match Pin::new(&mut once).poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(first) => first,
         Poll::Pending => unreachable!("poll_fn above is always ready"),
+    }
+}
+
+/// The power cycle a connection attached in, and a cheap look at whether it still runs.
+#[derive(Clone, Copy)]
+pub(crate) struct PowerOn<'a> {
+    power: &'a Power,
+    cycle: u64,
+}
+
+impl PowerOn<'_> {
+    /// Whether no power cut has ended the connection's power cycle.
+    pub fn is(&self) -> bool {
+        self.power.cycle() == self.cycle
     }
 }
 

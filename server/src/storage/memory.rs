@@ -187,7 +187,7 @@ impl BlockDevice for MemoryDevice {
 mod tests {
     use super::*;
 
-    const CTX: IoContext = IoContext { connection: 1, cookie: 1, flags: 0 };
+    const CTX: IoContext = IoContext { connection: 1, cookie: 1, flags: 0, power_cycle: 0 };
 
     #[tokio::test]
     async fn unwritten_memory_reads_as_zeros_and_is_a_hole() {

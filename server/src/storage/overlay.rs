@@ -201,7 +201,7 @@ mod tests {
     use super::*;
     use crate::storage::MemoryDevice;
 
-    const CTX: IoContext = IoContext { connection: 1, cookie: 1, flags: 0 };
+    const CTX: IoContext = IoContext { connection: 1, cookie: 1, flags: 0, power_cycle: 0 };
 
     async fn base_with_pattern() -> Arc<MemoryDevice> {
         let base = Arc::new(MemoryDevice::new(4 * CHUNK_SIZE + 100));

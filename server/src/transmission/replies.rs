@@ -261,11 +261,12 @@ impl Drop for Reserved<'_> {
 /// Sends replies as they are handed over; each goes out whole. Ends when the outbox is closed
 /// and empty, on an injected disconnect, or when the client can no longer be written to. Gives
 /// up when shutdown abandons in-flight work: a client that does not read its replies must not
-/// hold the server past the grace period.
+/// hold the server past the grace period. Once the export lost power it sends nothing more.
 pub async fn write_replies<W: AsyncWrite + Unpin>(
     mut writer: W,
     outbox: &Outbox,
     mut shutdown: Shutdown,
+    power_on: super::PowerOn<'_>,
 ) -> std::io::Result<()> {
     let mut give_up = GiveUp { abandoned: Box::pin(async move { shutdown.abandoned().await }), last: None };
     let mut batch = Vec::with_capacity(64);
@@ -292,6 +293,11 @@ pub async fn write_replies<W: AsyncWrite + Unpin>(
             }
             if replies.is_empty() {
                 break;
+            }
+            if !power_on.is() {
+                // A device without power answers nothing more: the replies not sent are lost.
+                tracing::info!("the export lost power: dropping the connection");
+                return Ok(());
             }
             if !write_batch(&mut writer, &replies, &mut slices, &mut give_up).await? {
                 tracing::info!("the client did not take its replies before the shutdown grace period ended; closing");
