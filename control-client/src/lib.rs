@@ -182,8 +182,22 @@ impl Client {
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<ureq::http::Response<ureq::Body>, Error> {
+        self.send_with(agent, method, path, body, &[])
+    }
+
+    fn send_with(
+        &self,
+        agent: &ureq::Agent,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> Result<ureq::http::Response<ureq::Body>, Error> {
         let url = format!("{}{path}", self.base);
         let mut builder = ureq::http::Request::builder().method(method).uri(&url);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
         if let Some(token) = &self.token {
             builder = builder.header("Authorization", format!("Bearer {token}"));
         }
@@ -205,7 +219,18 @@ impl Client {
 
     /// Sends one request and returns the answer whatever its status: for tests of refusals.
     pub fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Answer, Error> {
-        let mut response = self.send(&self.agent, method, path, body)?;
+        self.call_with_headers(method, path, body, &[])
+    }
+
+    /// [`Client::call`] with more request headers (`Accept`, say).
+    pub fn call_with_headers(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> Result<Answer, Error> {
+        let mut response = self.send_with(&self.agent, method, path, body, headers)?;
         let headers = response
             .headers()
             .iter()

@@ -156,6 +156,19 @@ pub enum CtlCommand {
         #[arg(short, long, conflicts_with = "decisions")]
         follow: bool,
     },
+    /// Print the export's live events as they happen: every request (sampled above --rate per
+    /// second, the rest summed up per 100 ms), every fault, trigger change, policy swap and reset.
+    /// Ends when the server ends the stream (it drops a subscriber that reads too slowly).
+    Watch {
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Request events per second shown one by one; the rest are summed up. 0: every request.
+        #[arg(long, value_name = "N")]
+        rate: Option<u32>,
+        /// One JSON object per line ({"event", "id", "data"}) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Copy bytes as stored (below the fault layer) to stdout or a file.
     Data {
         #[arg(value_name = "NAME")]

@@ -225,6 +225,10 @@ fn run_ctl(args: &CtlArgs) -> Result<Vec<String>, ctl::CtlError> {
                 std::thread::sleep(Duration::from_millis(250));
             }
         }
+        CtlCommand::Watch { name, rate, json } => {
+            ctl::watch(client.api(), name, *rate, *json, &mut std::io::stdout().lock())?;
+            Ok(Vec::new())
+        }
         CtlCommand::Data { name, offset, length, output } => {
             let path = format!("{}/data?offset={offset}&length={length}", export_path(name));
             match output {

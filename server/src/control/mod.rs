@@ -7,6 +7,8 @@
 //! microseconds per request (reading a policy, its warnings, swapping it in) goes to the
 //! [`ControlWorker`].
 
+mod events;
+mod metrics;
 mod worker;
 
 pub use worker::{ControlWorker, Refused};
@@ -138,6 +140,8 @@ pub fn router(state: ControlState) -> Router {
         .route("/v1/exports/{name}/reset", post(reset))
         .route("/v1/exports/{name}/power-cut", post(power_cut))
         .route("/v1/exports/{name}/power-on", post(power_on))
+        .route("/v1/exports/{name}/events", get(events::events))
+        .route("/metrics", get(metrics::metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see docs/control-api.md") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this endpoint has no such method; see docs/control-api.md")
@@ -167,6 +171,7 @@ async fn authorize(State(state): State<ControlState>, request: Request, next: Ne
 /// Serves the API on `listener` until shutdown begins: over HTTPS when `tls` is given.
 pub async fn serve(listener: tokio::net::TcpListener, state: ControlState, tls: Option<Arc<Tls>>, shutdown: Shutdown) {
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    events::end_streams_at_shutdown(Arc::clone(&state.exports), shutdown.clone());
     let app = router(state);
     match tls {
         Some(tls) => {
@@ -473,6 +478,7 @@ async fn set_policy(
                 return Err(Refused::TimedOut(WORKER_DEADLINE).into());
             }
             export.engine().set_policy(Some(policy));
+            export.activity().policy_set(export.engine().policy().as_deref(), view_state.clock.now());
             tracing::info!(export = %export.name, warnings = warnings.len(), "policy replaced through the control API");
             let mut view =
                 serde_json::to_value(export_view(&view_state, &export)).expect("an export view always serializes");
@@ -489,6 +495,7 @@ async fn clear_policy(
 ) -> Result<axum::Json<ExportView>, ApiError> {
     let export = state.export(&name)?;
     export.engine().set_policy(None);
+    export.activity().policy_set(None, state.clock.now());
     tracing::info!(export = %export.name, "policy removed through the control API");
     Ok(axum::Json(export_view(&state, export)))
 }
@@ -530,6 +537,7 @@ fn set_trigger(
     let engine = export.engine();
     let changed =
         if armed { engine.arm(&trigger, state.clock.now()) } else { engine.disarm(&trigger, state.clock.now()) };
+    export.activity().trigger_set(&trigger, armed, state.clock.now());
     // A trigger no rule names cannot change any decision: most often a typo, which would make a
     // test pass for the wrong reason. Said in the answer, like the warnings of `PUT policy`.
     let warnings: Vec<String> = PolicyWarning::for_trigger(engine.policy().as_deref(), &trigger, armed)
@@ -868,6 +876,7 @@ async fn reset(
     let export = state.export(&name)?;
     match export.device.reset().await {
         Ok(()) => {
+            export.activity().reset(state.clock.now());
             tracing::info!(export = %export.name, "reset to pristine contents");
             Ok(axum::Json(export_view(&state, export)))
         }

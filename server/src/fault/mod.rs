@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use nbdfault_policies::{Action, Decision, Engine, Op, Reply, Request, RequestFlags, Wait};
 
+use crate::activity::Activity;
 use crate::storage::{BlockDevice, Extent, Features, IoContext, IoError, IoFuture, ZeroFlags};
 use crate::wire::command_flags;
 use journal::UndoJournal;
@@ -47,6 +48,8 @@ pub struct FaultLayer {
     log: Arc<FaultLog>,
     clock: Clock,
     journal: Mutex<UndoJournal>,
+    /// Metrics and live events of the requests that pass.
+    activity: Activity,
     power: Arc<Power>,
 }
 
@@ -79,11 +82,12 @@ impl FaultLayer {
     ) -> FaultLayer {
         FaultLayer {
             export: export.to_string(),
-            inner,
             engine,
             log,
             clock,
             journal: Mutex::new(UndoJournal::new(DEFAULT_JOURNAL_LIMIT)),
+            activity: Activity::new(inner.size()),
+            inner,
             power: Arc::new(Power::new()),
         }
     }
@@ -95,6 +99,11 @@ impl FaultLayer {
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// What the requests through this layer did: metrics and live events.
+    pub fn activity(&self) -> &Activity {
+        &self.activity
     }
 
     /// Bytes of unflushed writes a power cut would undo now.
@@ -182,6 +191,7 @@ impl FaultLayer {
     pub fn power_on(&self) -> bool {
         let changed = self.power.power_on(None, self.clock.now());
         if changed {
+            self.activity.power(true, self.clock.now());
             tracing::info!(export = %self.export, "power on");
         }
         changed
@@ -209,6 +219,7 @@ impl FaultLayer {
         let now = self.clock.now();
         let stays_off = off.clone();
         let (cycle, connections) = self.power.cut(exclusive, off, now);
+        self.activity.power(false, now);
         let journaled = self.engine.tracks_unflushed_writes();
         let (undo, unjournaled_writes) = self.journal().take_for_undo();
         let report = CutReport {
@@ -243,6 +254,7 @@ impl FaultLayer {
     fn power_on_later(&self, cycle: u64, off: Off) {
         let (power, engine, clock, export) =
             (Arc::clone(&self.power), Arc::clone(&self.engine), self.clock, self.export.clone());
+        let events = Arc::clone(&self.activity.events);
         tokio::spawn(async move {
             let mut changes = engine.trigger_changes();
             let armed = async {
@@ -265,6 +277,10 @@ impl FaultLayer {
                 () = power.on_or_cut_after(cycle) => return,
             }
             if power.power_on(Some(cycle), clock.now()) {
+                events.publish(crate::activity::events::Event::Power {
+                    time_ns: crate::activity::nanos(clock.now()),
+                    on: true,
+                });
                 tracing::info!(%export, "power on");
             }
         });
@@ -320,11 +336,16 @@ impl FaultLayer {
         Fut: std::future::Future<Output = Result<(T, u64), IoError>>,
         T: Default,
     {
+        let mut watch = self.activity.watch(op, ctx, offset, length, self.clock);
         let (request, decision) = self.decide(op, ctx, offset, length);
-        if decision.rule.is_none() {
-            return self.powered(ctx.power_cycle, perform(Action::Perform)).await.map(|(value, _)| value);
-        }
-        self.apply(request, ctx.power_cycle, decision, perform).await
+        let result = if decision.rule.is_none() {
+            self.powered(ctx.power_cycle, perform(Action::Perform)).await.map(|(value, _)| value)
+        } else {
+            watch.decided(&decision);
+            self.apply(request, ctx.power_cycle, decision, perform).await
+        };
+        watch.finish(&result);
+        result
     }
 
     /// Applies what comes after the wait: the power cut, then the action via `perform`, then the
@@ -413,7 +434,11 @@ impl Pending<'_> {
     fn record(&self, persisted: u64) {
         let waited = self.waited.unwrap_or_else(|| self.started.elapsed());
         let layer = self.layer;
-        layer.log.record(&layer.export, &self.request, &self.decision, waited, persisted, layer.clock.now());
+        let record =
+            layer.log.record(&layer.export, &self.request, &self.decision, waited, persisted, layer.clock.now());
+        if let Some(record) = record {
+            layer.activity.fault(&record);
+        }
     }
 
     /// Logs the finished request and hands its decision back.
