@@ -87,12 +87,13 @@ while dd if=/dev/nbd0 of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null; do
     sleep 0.2
 done
 [ $i -le 300 ] && say "device I/O fails after the cut"
+say "kernel: $(dmesg | grep -c 'nbd0: Receive control failed') of nbd0's connections saw the server close"
 dmesg | grep -i 'nbd0' | tail -n 4 | while read -r line; do say "kernel: $line"; done
 if nbd-client {HOST_FROM_GUEST} "$port" /dev/nbd1 -N disk -b 4096 -C 2 -t 10 >/tmp/off.log 2>&1; then
     say "attached while off"
     nbd-client -d /dev/nbd1 >/dev/null 2>&1
 else
-    say "refused while off: $(tail -n 1 /tmp/off.log)"
+    say "refused while off: $(grep -v '^Exiting' /tmp/off.log | tail -n 2 | tr '\n' ' ')"
 fi
 nbd-client -d /dev/nbd0 >/dev/null 2>&1
 i=0
