@@ -22,7 +22,8 @@ use std::time::Duration;
 pub use events::{Event, Events};
 pub use nbdfault_policies::FaultRecord;
 pub use types::{
-    BadSector, Counters, ExportView, FaultPage, Health, PolicyAnswer, PolicyView, RuleCounter, TriggerState,
+    BadSector, Counters, ExportView, FaultPage, Health, PolicyAnswer, PolicyView, PowerCutAnswer, PowerOff,
+    PowerOnAnswer, PowerView, RuleCounter, TriggerState,
 };
 /// TLS settings for an `https://` API (the `tls` feature): ureq's, built by the caller with its
 /// own roots, client certificate and crypto provider.
@@ -181,8 +182,22 @@ impl Client {
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<ureq::http::Response<ureq::Body>, Error> {
+        self.send_with(agent, method, path, body, &[])
+    }
+
+    fn send_with(
+        &self,
+        agent: &ureq::Agent,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> Result<ureq::http::Response<ureq::Body>, Error> {
         let url = format!("{}{path}", self.base);
         let mut builder = ureq::http::Request::builder().method(method).uri(&url);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
         if let Some(token) = &self.token {
             builder = builder.header("Authorization", format!("Bearer {token}"));
         }
@@ -204,7 +219,18 @@ impl Client {
 
     /// Sends one request and returns the answer whatever its status: for tests of refusals.
     pub fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Answer, Error> {
-        let mut response = self.send(&self.agent, method, path, body)?;
+        self.call_with_headers(method, path, body, &[])
+    }
+
+    /// [`Client::call`] with more request headers (`Accept`, say).
+    pub fn call_with_headers(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> Result<Answer, Error> {
+        let mut response = self.send_with(&self.agent, method, path, body, headers)?;
         let headers = response
             .headers()
             .iter()
@@ -326,6 +352,28 @@ impl Client {
     /// `POST /v1/exports/{name}/reset`: back to the pristine contents.
     pub fn reset(&self, name: &str) -> Result<ExportView, Error> {
         self.json("POST", &format!("{}/reset", export_path(name)), None)
+    }
+
+    /// `POST /v1/exports/{name}/power-cut`: the power goes now; every connection of the export
+    /// drops and every unflushed write is undone; `off` says how long it stays off.
+    pub fn power_cut(&self, name: &str, off: &PowerOff) -> Result<PowerCutAnswer, Error> {
+        let mut query = Vec::new();
+        if off.off {
+            query.push("off=true".to_string());
+        }
+        if let Some(trigger) = &off.until {
+            query.push(format!("until={}", query_value(trigger)));
+        }
+        if let Some(timeout) = off.timeout {
+            query.push(format!("timeout={}ns", timeout.as_nanos()));
+        }
+        let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+        self.json("POST", &format!("{}/power-cut{query}", export_path(name)), None)
+    }
+
+    /// `POST /v1/exports/{name}/power-on`: ends an "off" after a power cut.
+    pub fn power_on(&self, name: &str) -> Result<PowerOnAnswer, Error> {
+        self.json("POST", &format!("{}/power-on", export_path(name)), None)
     }
 
     /// `GET /metrics`: the Prometheus text exposition.

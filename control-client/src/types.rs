@@ -33,6 +33,9 @@ pub struct ExportView {
     pub requests_decided: u64,
     pub faults_logged: usize,
     pub unflushed_bytes: u64,
+    /// The device's power (absent from servers before power cuts were device-wide).
+    #[serde(default)]
+    pub power: Option<PowerView>,
     /// How a file export is read and written (absent for memory storage), as the server says it.
     #[serde(default)]
     pub data_path: Option<serde_json::Value>,
@@ -97,6 +100,58 @@ pub struct Counters {
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub errors: u64,
+}
+
+/// The power of an export's device: on, or off after a power cut.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PowerView {
+    pub on: bool,
+    /// Power cuts since the server started.
+    pub cuts: u64,
+    /// Connections attached now.
+    pub connections: u64,
+    /// Time since server start of the last cut or power-on.
+    pub since_ns: u64,
+    /// While off: the trigger whose arming powers the export on.
+    #[serde(default)]
+    pub until: Option<String>,
+    /// While off with a timeout: when the power comes back, since server start.
+    #[serde(default)]
+    pub on_at_ns: Option<u64>,
+}
+
+/// How long an export stays off after a power cut through the API.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PowerOff {
+    /// Until `POST .../power-on` (implied by the other two).
+    pub off: bool,
+    /// Until this trigger is armed.
+    pub until: Option<String>,
+    /// For this long.
+    pub timeout: Option<std::time::Duration>,
+}
+
+/// The answer to `POST .../power-cut`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PowerCutAnswer {
+    pub export: String,
+    pub power: PowerView,
+    /// Connections attached when the power went: every one of them was dropped.
+    pub dropped_connections: u64,
+    /// Writes not yet flushed that the cut undid, and their bytes.
+    pub undone_writes: u64,
+    pub undone_bytes: u64,
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+/// The answer to `POST .../power-on`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PowerOnAnswer {
+    pub export: String,
+    pub power: PowerView,
+    /// False when it was on already.
+    pub changed: bool,
 }
 
 /// The answer to `PUT .../policy`: the export afterwards and the policy's warnings.

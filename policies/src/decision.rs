@@ -17,8 +17,9 @@ pub struct Decision {
     /// This request's position in the export's request stream, from 0.
     pub request_index: u64,
     pub wait: Wait,
-    /// Undo every write not yet flushed before anything else.
-    pub power_cut: bool,
+    /// Cut the export's power before the action: drop every connection of the export, undo
+    /// every write not yet flushed, and keep the export off as [`PowerCut`] says.
+    pub power_cut: Option<PowerCut>,
     pub action: Action,
     pub reply: Reply,
     /// True when a bad sector, not the rule, chose the action and reply.
@@ -35,7 +36,7 @@ impl Decision {
             rule: None,
             request_index,
             wait: Wait::None,
-            power_cut: false,
+            power_cut: None,
             action: Action::Perform,
             reply: Reply::Ok,
             bad_sector: false,
@@ -46,7 +47,23 @@ impl Decision {
 
     /// True when the request goes through untouched: no wait, the I/O done, a successful reply.
     pub fn is_pass_through(&self) -> bool {
-        self.wait == Wait::None && !self.power_cut && self.action == Action::Perform && self.reply == Reply::Ok
+        self.wait == Wait::None && self.power_cut.is_none() && self.action == Action::Perform && self.reply == Reply::Ok
+    }
+}
+
+/// A power cut, and how long the export stays off after it: new connections are refused at the
+/// handshake until `until` is armed or `timeout` has passed (whichever comes first), or the
+/// control API powers it on. With neither, the power is back at once: clients may reconnect.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PowerCut {
+    pub until: Option<Arc<str>>,
+    pub timeout: Option<Duration>,
+}
+
+impl PowerCut {
+    /// True when the export stays off after the cut.
+    pub fn stays_off(&self) -> bool {
+        self.until.is_some() || self.timeout.is_some()
     }
 }
 

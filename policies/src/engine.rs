@@ -323,10 +323,11 @@ impl Engine {
         self.changes.subscribe()
     }
 
-    /// True when the policy can cut power: the server must then journal unflushed writes so it
-    /// can undo them. A policy swapped in later may change the answer.
+    /// True when the policy says the device has a volatile cache (`volatile_cache:`, or a rule
+    /// that cuts power): the server must then journal unflushed writes so a power cut can undo
+    /// them. A policy swapped in later may change the answer.
     pub fn tracks_unflushed_writes(&self) -> bool {
-        self.lock().policy.as_ref().is_some_and(|policy| policy.can_cut_power())
+        self.lock().policy.as_ref().is_some_and(|policy| policy.has_volatile_cache())
     }
 
     /// The bad ranges, declared and acquired, in offset order.
@@ -391,7 +392,7 @@ fn outcome(seed: u64, rule: &Rule, occurrence: u64, request: &Request, request_i
         rule: Some(rule.name.clone()),
         request_index,
         wait,
-        power_cut: outcome.power_cut,
+        power_cut: outcome.power_cut.clone(),
         action,
         reply: outcome.reply,
         bad_sector: outcome.bad_sector,
@@ -490,6 +491,7 @@ fn apply_bad_sectors(bad_sectors: &mut BadSectors, rule: Option<&Rule>, request:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decision::PowerCut;
     use crate::request::{Errno, RequestFlags};
 
     fn policy(text: &str) -> Policy {
@@ -710,7 +712,10 @@ mod tests {
         assert_eq!((short.action, short.reply), (Action::Torn { persist: 1024 }, Reply::Ok));
         assert_eq!(d(Op::Read, 512).action, Action::CorruptRead { seed: 9, bytes: 3 });
         let gone = d(Op::Trim, 512);
-        assert_eq!((gone.action, gone.reply, gone.power_cut), (Action::Skip, Reply::Disconnect, true));
+        assert_eq!(
+            (gone.action, gone.reply, gone.power_cut),
+            (Action::Skip, Reply::Disconnect, Some(PowerCut::default()))
+        );
         let held = d(Op::Read, 512);
         assert_eq!(held.wait, Wait::Until { trigger: Arc::from("release"), timeout: Some(Duration::from_secs(5)) });
         assert!(engine.tracks_unflushed_writes());
@@ -746,6 +751,32 @@ mod tests {
             engine.decide(&request, Duration::ZERO).rule.is_some()
         };
         assert_eq!([on(1, false), on(2, false), on(3, true), on(3, false)], [false, true, false, true]);
+    }
+
+    #[test]
+    fn a_power_cut_drops_the_connection_and_says_how_long_the_power_stays_off() {
+        let engine = Engine::new(Some(policy(
+            "rules:
+  - { name: now, when: { op: flush, request: 0 }, then: { power_cut: true } }
+  - { name: off, when: { op: write, request: 1 }, then: { power_cut: { until: power-on, timeout: 5s }, torn: 512 } }
+  - { name: kept, when: { op: write, request: 2 }, then: { power_cut: { timeout: 1s }, persist: true } }
+",
+        )));
+        let at = Duration::ZERO;
+        let now = engine.decide(&request(Op::Flush, 0, 0), at);
+        assert_eq!(
+            (now.reply, now.action, now.power_cut.clone()),
+            (Reply::Disconnect, Action::Skip, Some(PowerCut::default()))
+        );
+        let off = engine.decide(&request(Op::Write, 0, 4096), at);
+        assert_eq!((off.reply, off.action), (Reply::Disconnect, Action::Torn { persist: 512 }));
+        assert_eq!(
+            off.power_cut,
+            Some(PowerCut { until: Some(Arc::from("power-on")), timeout: Some(Duration::from_secs(5)) })
+        );
+        let kept = engine.decide(&request(Op::Write, 0, 4096), at);
+        assert_eq!((kept.reply, kept.action), (Reply::Disconnect, Action::Perform));
+        assert!(engine.tracks_unflushed_writes());
     }
 
     #[test]

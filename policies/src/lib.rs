@@ -19,7 +19,7 @@ mod schema;
 pub mod units;
 
 pub use bad_sectors::BadSector;
-pub use decision::{Action, Decision, Reply, Wait};
+pub use decision::{Action, Decision, PowerCut, Reply, Wait};
 pub use engine::{Engine, RuleCounter, TriggerState};
 pub use error::{PolicyError, PolicyErrors};
 pub use policy::{Policy, PolicyLimits, PolicyWarning};

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::decision::{Action, Decision, Reply, Wait};
+use crate::decision::{Action, Decision, PowerCut, Reply, Wait};
 use crate::request::{Errno, Op, Request, RequestFlags};
 
 /// What happened to a request, in one word, for people and for filtering the log.
@@ -37,7 +37,7 @@ impl Outcome {
         if decision.bad_sector {
             return Outcome::BadSector;
         }
-        if decision.power_cut {
+        if decision.power_cut.is_some() {
             return Outcome::PowerCut;
         }
         match (decision.action, decision.reply) {
@@ -83,6 +83,25 @@ pub struct StallRecord {
     pub timeout_ns: Option<u64>,
 }
 
+/// How long a power cut kept the export off: until a trigger, a timeout, or both.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerOffRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ns: Option<u64>,
+}
+
+impl PowerOffRecord {
+    fn of(cut: &PowerCut) -> Option<PowerOffRecord> {
+        cut.stays_off().then(|| PowerOffRecord {
+            until: cut.until.as_deref().map(str::to_string),
+            timeout_ns: cut.timeout.map(nanos),
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CorruptRecord {
@@ -125,6 +144,9 @@ pub struct FaultRecord {
     pub corrupt: Option<CorruptRecord>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub power_cut: bool,
+    /// With a power cut that kept the export off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_off: Option<PowerOffRecord>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub bad_sector: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -172,6 +194,8 @@ struct DecisionView<'a> {
     corrupt: Option<CorruptRecord>,
     #[serde(skip_serializing_if = "is_false")]
     power_cut: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    power_off: &'a Option<PowerOffRecord>,
     #[serde(skip_serializing_if = "is_false")]
     bad_sector: bool,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
@@ -243,7 +267,8 @@ impl FaultRecord {
             stall,
             torn_persist,
             corrupt,
-            power_cut: decision.power_cut,
+            power_cut: decision.power_cut.is_some(),
+            power_off: decision.power_cut.as_ref().and_then(PowerOffRecord::of),
             bad_sector: decision.bad_sector,
             armed: decision.armed.iter().map(|name| name.to_string()).collect(),
             disarmed: decision.disarmed.iter().map(|name| name.to_string()).collect(),
@@ -279,6 +304,7 @@ impl FaultRecord {
             torn_persist: self.torn_persist,
             corrupt: self.corrupt,
             power_cut: self.power_cut,
+            power_off: &self.power_off,
             bad_sector: self.bad_sector,
             armed: &self.armed,
             disarmed: &self.disarmed,
@@ -320,7 +346,10 @@ impl FaultRecord {
                 None if self.delay_ns > 0 => Wait::Delay(Duration::from_nanos(self.delay_ns)),
                 None => Wait::None,
             },
-            power_cut: self.power_cut,
+            power_cut: self.power_cut.then(|| PowerCut {
+                until: self.power_off.as_ref().and_then(|off| off.until.as_deref()).map(std::sync::Arc::from),
+                timeout: self.power_off.as_ref().and_then(|off| off.timeout_ns).map(Duration::from_nanos),
+            }),
             action: match self.action {
                 ActionRecord::Perform => Action::Perform,
                 ActionRecord::Skip => Action::Skip,
@@ -387,7 +416,7 @@ mod tests {
             rule: Some(Arc::from("r")),
             request_index: 3,
             wait,
-            power_cut: false,
+            power_cut: None,
             action,
             reply,
             bad_sector: false,

@@ -101,8 +101,19 @@ fn then(record: &FaultRecord) -> Vec<String> {
     } else if record.delay_ns > 0 {
         then.push(format!("delay: {}", format_duration(Duration::from_nanos(record.delay_ns))));
     }
-    if record.power_cut {
-        then.push("power_cut: true".to_string());
+    match (&record.power_off, record.power_cut) {
+        (Some(off), true) => {
+            let mut fields = Vec::new();
+            if let Some(until) = &off.until {
+                fields.push(format!("until: {until}"));
+            }
+            if let Some(timeout) = off.timeout_ns {
+                fields.push(format!("timeout: {}", format_duration(Duration::from_nanos(timeout))));
+            }
+            then.push(format!("power_cut: {{ {} }}", fields.join(", ")));
+        }
+        (None, true) => then.push("power_cut: true".to_string()),
+        (_, false) => {}
     }
     if !record.armed.is_empty() {
         then.push(format!("arm: [{}]", record.armed.join(", ")));

@@ -131,7 +131,18 @@ pub fn json_schema() -> Value {
             ] },
             "sticky": { "type": "boolean" },
             "disconnect": { "type": "boolean" },
-            "power_cut": { "type": "boolean" },
+            "power_cut": { "oneOf": [
+                { "type": "boolean" },
+                {
+                    "type": "object",
+                    "additionalProperties": false,
+                    "minProperties": 1,
+                    "properties": {
+                        "until": name.clone(),
+                        "timeout": { "$ref": "#/$defs/duration" }
+                    }
+                }
+            ] },
             "arm": { "$ref": "#/$defs/names" },
             "disarm": { "$ref": "#/$defs/names" }
         }
@@ -151,6 +162,7 @@ pub fn json_schema() -> Value {
         "properties": {
             "seed": { "type": "integer", "minimum": 0, "description": "Every random choice derives from it." },
             "description": { "type": "string" },
+            "volatile_cache": { "type": "boolean", "description": "The device loses writes not yet flushed in a power cut (a rule's or the control API's); the server journals them. Default: whether a rule has power_cut." },
             "bad_sectors": { "type": "array", "items": { "$ref": "#/$defs/bad_sector" } },
             "rules": { "type": "array", "items": { "$ref": "#/$defs/rule" } },
             "schedule": { "type": "array", "items": { "$ref": "#/$defs/schedule_entry" } }
@@ -158,7 +170,8 @@ pub fn json_schema() -> Value {
         "anyOf": [
             { "required": ["rules"] },
             { "required": ["schedule"] },
-            { "required": ["bad_sectors"] }
+            { "required": ["bad_sectors"] },
+            { "required": ["volatile_cache"], "properties": { "volatile_cache": { "const": true } } }
         ],
         "$defs": {
             "name": { "type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$" },
@@ -262,7 +275,10 @@ const THEN_DESCRIPTIONS: &[(&str, &str)] = &[
     ("corrupt", "Return read data with this many bytes damaged, chosen from the seed."),
     ("sticky", "With error on a write: the range keeps failing reads until a write succeeds over it."),
     ("disconnect", "Close the connection without replying."),
-    ("power_cut", "Undo every write not yet flushed before anything else."),
+    (
+        "power_cut",
+        "Cut the export's power: drop every connection of the export and undo every write not yet flushed; { until: TRIGGER, timeout: 30s } keeps it off (connections refused) until then.",
+    ),
     ("arm", "Arm these triggers after this decision."),
     ("disarm", "Disarm these triggers after this decision."),
 ];
@@ -293,6 +309,7 @@ mod tests {
         ("stall", "/$defs/then/properties/stall/oneOf/1"),
         ("torn", "/$defs/then/properties/torn/oneOf/2"),
         ("corrupt", "/$defs/then/properties/corrupt/oneOf/2"),
+        ("power_cut", "/$defs/then/properties/power_cut/oneOf/1"),
         ("schedule_entry", "/$defs/schedule_entry"),
     ];
 

@@ -40,6 +40,9 @@ rules:
   - name: cut
     when: { op: write_zeroes, armed_by: crash, nth: 1 }
     then: { power_cut: true, disconnect: true }
+  - name: cut-and-stay-off
+    when: { op: trim, armed_by: crash, nth: 2 }
+    then: { power_cut: { until: power-on, timeout: 3s } }
   - name: jitter
     when: { op: [read, write], probability: 0.2, connection: [1, 2] }
     then: { delay: 100us..5ms }

@@ -32,9 +32,11 @@ BUILD_PACKAGES=(gcc libc6-dev)
 
 # What the server's integration tests drive: libnbd's tools and Python binding, qemu-img/qemu-io,
 # fio's nbd engine, nbdkit for comparisons, nbd-client -l, ip and unshare for a network namespace,
-# chattr, curl, and the Python modules that check the policy schema (jsonschema, yaml).
+# chattr, curl, the Python modules that check the policy schema (jsonschema, yaml), Prometheus's
+# own exposition parser for /metrics, and headless Chromium with its WebDriver and Selenium for the
+# live page's browser test.
 SERVER_TEST_PACKAGES=(libnbd-bin python3-libnbd qemu-utils fio nbdkit nbd-client iproute2 e2fsprogs util-linux curl
-    python3-jsonschema python3-yaml)
+    python3-jsonschema python3-yaml python3-prometheus-client chromium chromium-driver python3-selenium)
 
 # What the client test suite's unit tests run on the host: mkfs and the filesystems' debuggers
 # (xfs_db, debugfs) to check layouts, cpio to list an initramfs, a static busybox, openssl for

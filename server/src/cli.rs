@@ -156,6 +156,19 @@ pub enum CtlCommand {
         #[arg(short, long, conflicts_with = "decisions")]
         follow: bool,
     },
+    /// Print the export's live events as they happen: every request (sampled above --rate per
+    /// second, the rest summed up per 100 ms), every fault, trigger change, policy swap and reset.
+    /// Ends when the server ends the stream (it drops a subscriber that reads too slowly).
+    Watch {
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Request events per second shown one by one; the rest are summed up. 0: every request.
+        #[arg(long, value_name = "N")]
+        rate: Option<u32>,
+        /// One JSON object per line ({"event", "id", "data"}) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Copy bytes as stored (below the fault layer) to stdout or a file.
     Data {
         #[arg(value_name = "NAME")]
@@ -178,6 +191,28 @@ pub enum CtlCommand {
     },
     /// Return a memory or overlay export to its pristine contents.
     Reset {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+    /// Cut the export's power now: every connection of it drops at once, without replies, and
+    /// every write not yet flushed is undone (when its policy keeps the journal: `volatile_cache:
+    /// true`, or a rule with `power_cut`). With --off, --until or --timeout new connections are
+    /// refused at the handshake until then (or until `power-on`).
+    PowerCut {
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Stay off until `nbdfault ctl power-on`.
+        #[arg(long)]
+        off: bool,
+        /// Stay off until this trigger is armed.
+        #[arg(long, value_name = "TRIGGER")]
+        until: Option<String>,
+        /// Stay off this long (such as 5s).
+        #[arg(long, value_name = "DURATION", value_parser = duration)]
+        timeout: Option<Duration>,
+    },
+    /// Power an export on again after a power cut that left it off.
+    PowerOn {
         #[arg(value_name = "NAME")]
         name: String,
     },

@@ -111,6 +111,128 @@ impl Client {
     }
 }
 
+/// `ctl watch`: prints the export's event stream as it comes, as text or JSON lines, until the
+/// server ends it. A stream the server dropped (the reader was too slow) is an error.
+pub fn watch(
+    api: &nbdfault_control_client::Client,
+    name: &str,
+    rate: Option<u32>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    for event in api.events(name, rate)? {
+        let event = event?;
+        let line = if json {
+            serde_json::json!({ "event": event.kind, "id": event.id, "data": event.data }).to_string()
+        } else {
+            describe_event(&event)
+        };
+        writeln!(out, "{line}")?;
+        out.flush()?;
+        if event.kind == "dropped" {
+            let reason = event.data["reason"].as_str().unwrap_or("the server ended the stream");
+            return Err(CtlError::Usage(format!("the event stream ended: {reason}")));
+        }
+    }
+    Ok(())
+}
+
+/// One event as a line of text: the time since server start, then what happened.
+pub fn describe_event(event: &nbdfault_control_client::Event) -> String {
+    let data = &event.data;
+    let number = |key: &str| data[key].as_u64().unwrap_or(0);
+    let text = |key: &str| data[key].as_str().unwrap_or("").to_string();
+    let seconds = |ns: u64| format!("{:>12.6}", ns as f64 / 1e9);
+    let request = |data: &serde_json::Value| {
+        let flags: Vec<&str> = data["flags"].as_array().into_iter().flatten().filter_map(|f| f.as_str()).collect();
+        format!(
+            "{:<12} offset {:>12} length {:>8} conn {}{}",
+            data["op"].as_str().unwrap_or("?"),
+            data["offset"].as_u64().unwrap_or(0),
+            data["length"].as_u64().unwrap_or(0),
+            data["connection"].as_u64().unwrap_or(0),
+            if flags.is_empty() { String::new() } else { format!(" [{}]", flags.join(",")) }
+        )
+    };
+    match event.kind.as_str() {
+        "hello" => format!(
+            "watching export {:?} ({} bytes) from {} s; {} request events per second one by one",
+            text("export"),
+            number("size"),
+            seconds(number("time_ns")).trim(),
+            match number("rate") {
+                0 => "all".to_string(),
+                rate => rate.to_string(),
+            }
+        ),
+        "request" => {
+            let took = number("end_ns").saturating_sub(number("start_ns")) as f64 / 1e6;
+            let reply = match data["errno"].as_str() {
+                Some(errno) => errno.to_string(),
+                None => text("reply"),
+            };
+            let rule = match data["rule"].as_str() {
+                Some(rule) => format!("  rule {rule} ({})", text("outcome")),
+                None => String::new(),
+            };
+            format!("{} {}  {:<10} {took:>9.3} ms{rule}", seconds(number("end_ns")), request(data), reply)
+        }
+        "pending" => {
+            let why = match data["until"].as_str() {
+                Some(trigger) => format!("stalled until {trigger} is armed"),
+                None => format!("delayed {:.3} ms", number("delay_ns") as f64 / 1e6),
+            };
+            format!("{} {}  PENDING    {why} by rule {}", seconds(number("start_ns")), request(data), text("rule"))
+        }
+        "fault" => format!(
+            "{} fault #{}: rule {} {} {} at {} length {}{}",
+            seconds(number("time_ns")),
+            number("seq"),
+            text("rule"),
+            text("outcome"),
+            text("op"),
+            number("offset"),
+            number("length"),
+            data["errno"].as_str().map(|errno| format!(" -> {errno}")).unwrap_or_default()
+        ),
+        "trigger" => format!(
+            "{} trigger {} {} (by {})",
+            seconds(number("time_ns")),
+            text("trigger"),
+            if data["armed"].as_bool() == Some(true) { "armed" } else { "disarmed" },
+            text("by").replace('_', " ")
+        ),
+        "policy" if data["installed"].as_bool() == Some(true) => {
+            let rules: Vec<&str> = data["rules"].as_array().into_iter().flatten().filter_map(|r| r.as_str()).collect();
+            format!(
+                "{} policy installed from {}: rules {}",
+                seconds(number("time_ns")),
+                text("origin"),
+                rules.join(", ")
+            )
+        }
+        "policy" => format!("{} policy removed: every request passes", seconds(number("time_ns"))),
+        "reset" => format!("{} export reset to its pristine contents", seconds(number("time_ns"))),
+        "power" if data["on"].as_bool() == Some(true) => format!("{} power on", seconds(number("time_ns"))),
+        "power" => format!("{} POWER CUT", seconds(number("time_ns"))),
+        "aggregate" => {
+            let ops = data["ops"].as_object().into_iter().flatten().map(|(op, counts)| {
+                let requests = counts["requests"].as_u64().unwrap_or(0).max(1);
+                format!(
+                    "{op} {} requests {} bytes {} errors {:.3} ms mean",
+                    counts["requests"].as_u64().unwrap_or(0),
+                    counts["bytes"].as_u64().unwrap_or(0),
+                    counts["errors"].as_u64().unwrap_or(0),
+                    counts["latency_sum_ns"].as_u64().unwrap_or(0) as f64 / requests as f64 / 1e6
+                )
+            });
+            format!("{} ... and {}", seconds(number("to_ns")), ops.collect::<Vec<_>>().join("; "))
+        }
+        "dropped" => format!("{} stream ended: {}", seconds(number("time_ns")), text("reason")),
+        other => format!("{other}: {data}"),
+    }
+}
+
 /// Reads a file, or stdin for `-`.
 pub fn read_input(path: &str) -> Result<Vec<u8>, CtlError> {
     if path == "-" {

@@ -80,6 +80,16 @@ impl Export {
         self.faults.engine()
     }
 
+    /// Metrics and live events of the export's requests.
+    pub fn activity(&self) -> &crate::activity::Activity {
+        self.faults.activity()
+    }
+
+    /// The device's power: on, or off after a power cut; every connection attaches through it.
+    pub fn power(&self) -> &Arc<crate::fault::power::Power> {
+        self.faults.power()
+    }
+
     pub fn size(&self) -> u64 {
         self.device.size()
     }

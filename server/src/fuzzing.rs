@@ -132,6 +132,7 @@ pub fn transmission(input: &[u8]) {
         export,
         structured_replies,
         meta_context: structured_replies && choice & 8 != 0,
+        power_cycle: 0,
     };
     runtime().block_on(serve(session, requests.to_vec()));
 }

@@ -27,6 +27,9 @@ pub struct Session {
     /// `base:allocation` was selected for this export.
     pub meta_context: bool,
     pub flags: u16,
+    /// The export's power cycle when the client attached: a power cut ends it, and the
+    /// connection with it.
+    pub power_cycle: u64,
 }
 
 /// How a handshake ended without an export.
@@ -44,6 +47,8 @@ pub enum HandshakeError {
     TooManyOptions,
     #[error("option {0} needs fixed newstyle, which the client did not accept")]
     NotFixedNewstyle(u32),
+    #[error("EXPORT_NAME asked for {0:?}, which is powered off after a power cut (this option cannot report errors)")]
+    PoweredOff(String),
     #[error("EXPORT_NAME asked for {0:?}, which does not exist (this option cannot report errors)")]
     UnknownExport(String),
     #[error("TLS handshake after STARTTLS failed: {0}")]
@@ -209,7 +214,9 @@ impl<'a> Negotiation<'a> {
                 let Some(export) = self.exports.get(&name) else {
                     return Err(HandshakeError::UnknownExport(name));
                 };
-                let session = self.session(export, &name);
+                let Some(session) = self.session(export, &name) else {
+                    return Err(HandshakeError::PoweredOff(name));
+                };
                 out.put_u64(export.size());
                 out.put_u16(session.flags);
                 if !self.no_zeroes {
@@ -249,7 +256,12 @@ impl<'a> Negotiation<'a> {
                     reply(out, OptionReply::error(code, reply_type::ERR_UNKNOWN, &message));
                     return Ok(Step::Continue);
                 };
-                let session = self.session(export, &name);
+                // A device without power is gone from the bus: not available, as an unknown one.
+                let Some(session) = self.session(export, &name) else {
+                    let message = export.power().refusal(&export.name).unwrap_or_default();
+                    reply(out, OptionReply::error(code, reply_type::ERR_UNKNOWN, &message));
+                    return Ok(Step::Continue);
+                };
                 // NBD_INFO_EXPORT goes out whether asked for or not: qemu never asks but needs it.
                 reply(out, OptionReply::info_export(code, export.size(), session.flags));
                 let mut sent = Vec::new();
@@ -320,14 +332,17 @@ impl<'a> Negotiation<'a> {
         Ok(Step::Continue)
     }
 
-    fn session(&self, export: &Arc<Export>, name: &str) -> Session {
-        Session {
+    /// The session a client attaching to `export` now gets; `None` while the export is powered
+    /// off.
+    fn session(&self, export: &Arc<Export>, name: &str) -> Option<Session> {
+        Some(Session {
             export: Arc::clone(export),
             structured_replies: self.structured_replies,
             // Meta contexts are only valid for the export they were selected on.
             meta_context: self.meta_context_export.as_deref() == Some(name),
             flags: export.transmission_flags(self.structured_replies),
-        }
+            power_cycle: export.power().admits()?,
+        })
     }
 }
 

@@ -14,6 +14,7 @@
 //! by making a module `pub` here with the reason beside it; the policy language is public in its
 //! own crate, `nbdfault-policies`.
 
+pub mod activity;
 pub mod cli;
 pub mod config;
 pub mod ctl;

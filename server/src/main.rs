@@ -225,6 +225,10 @@ fn run_ctl(args: &CtlArgs) -> Result<Vec<String>, ctl::CtlError> {
                 std::thread::sleep(Duration::from_millis(250));
             }
         }
+        CtlCommand::Watch { name, rate, json } => {
+            ctl::watch(client.api(), name, *rate, *json, &mut std::io::stdout().lock())?;
+            Ok(Vec::new())
+        }
         CtlCommand::Data { name, offset, length, output } => {
             let path = format!("{}/data?offset={offset}&length={length}", export_path(name));
             match output {
@@ -244,6 +248,23 @@ fn run_ctl(args: &CtlArgs) -> Result<Vec<String>, ctl::CtlError> {
         }
         CtlCommand::Reset { name } => {
             print_answer(&client.text("POST", &format!("{}/reset", export_path(name)), None)?)
+        }
+        CtlCommand::PowerCut { name, off, until, timeout } => {
+            let mut query = Vec::new();
+            if *off {
+                query.push("off=true".to_string());
+            }
+            if let Some(trigger) = until {
+                query.push(format!("until={}", ctl::query_value(trigger)));
+            }
+            if let Some(timeout) = timeout {
+                query.push(format!("timeout={}ns", timeout.as_nanos()));
+            }
+            let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+            print_answer(&client.text("POST", &format!("{}/power-cut{query}", export_path(name)), None)?)
+        }
+        CtlCommand::PowerOn { name } => {
+            print_answer(&client.text("POST", &format!("{}/power-on", export_path(name)), None)?)
         }
     }
 }

@@ -473,6 +473,7 @@ async fn handle_connection(
     };
     let export = Arc::clone(&session.export);
     Counters::add(&export.counters.connections, 1);
+    let _open = export.activity().metrics.connection_opened();
     tracing::info!(export = %export.name, structured_replies = session.structured_replies, tls = encrypted, flags = format!("{:#x}", session.flags), "client attached");
     let limits = ConnectionLimits { max_in_flight: limits.max_in_flight, memory };
     let served = match negotiated {

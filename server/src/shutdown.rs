@@ -54,7 +54,8 @@ impl Shutdown {
         wait_true(&mut self.abandon).await
     }
 
-    #[cfg(test)]
+    /// Whether the server has stopped taking new work: a cheap look, for a loop that only
+    /// waits on [`Shutdown::stopping`] when it would wait anyway.
     pub fn is_stopping(&self) -> bool {
         *self.stopping.borrow()
     }

@@ -1,20 +1,23 @@
 //! The transmission phase of one connection.
 //!
-//! A reader loop decodes requests and spawns one task per request; a single writer task sends
-//! replies in the order requests complete, each written whole. A request that waits (a slow disk,
-//! an injected delay) never holds up the requests behind it.
+//! One task per connection reads requests and writes replies: the reader starts each request as
+//! it arrives and, when the device answers at once (memory, the page cache), hands the reply to
+//! the writer in the same task. A request that has to wait (a slow disk, an injected delay) goes
+//! on in a task of its own and never holds up the requests behind it; its reply joins the others
+//! when it is done. Replies go out in the order requests complete, each written whole.
 
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::export::{Counters, Export};
+use crate::fault::power::Power;
 use crate::handshake::Session;
 use crate::shutdown::Shutdown;
 use crate::storage::{BlockDevice, Extent, IoContext, IoError, ZeroFlags};
@@ -24,7 +27,7 @@ use crate::wire::{BASE_ALLOCATION_ID, chunk, command, command_flags, errno, repl
 pub(crate) mod reader;
 mod replies;
 pub use reader::RequestReader;
-use replies::{Head, Outgoing, Reply, write_replies};
+use replies::{Head, Outbox, Outgoing, Reply, write_replies};
 
 /// What a request without a payload costs against the in-flight budget.
 const MIN_COST: u32 = 4096;
@@ -38,7 +41,8 @@ fn cost(header: &RequestHeader) -> u32 {
         _ => MIN_COST,
     }
 }
-/// The most replies the reader gathers from requests done at once before handing them over.
+/// The most replies the reader gathers from requests done at once before it lets the writer
+/// send them.
 const MAX_READY: usize = 64;
 
 /// How the transmission phase ended.
@@ -50,8 +54,11 @@ pub enum End {
     Closed,
     /// The server is shutting down.
     Shutdown,
-    /// The device asked for the connection to be dropped (an injected disconnect).
+    /// The device asked for the connection to be dropped (an injected disconnect), or the
+    /// replies could no longer be sent.
     Dropped,
+    /// The export lost power: every connection of it is dropped at once, without replies.
+    PowerCut,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,13 +83,6 @@ pub struct ConnectionLimits {
     pub memory: Arc<Semaphore>,
 }
 
-/// What a request holds while it is served, freed once its reply is sent: its share of the
-/// connection's in-flight bound and of the server's memory budget.
-pub struct Held {
-    _connection: OwnedSemaphorePermit,
-    _server: OwnedSemaphorePermit,
-}
-
 /// Serves requests from `reader` until DISC, EOF, shutdown or a protocol violation.
 pub async fn serve<R, W>(
     reader: R,
@@ -90,138 +90,195 @@ pub async fn serve<R, W>(
     session: Session,
     connection: u64,
     limits: ConnectionLimits,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) -> Result<End, TransmissionError>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let outbox = Arc::new(Outbox::new(limits.max_in_flight, limits.memory));
+    let power = Arc::clone(session.export.power());
+    let _attached = power.attach();
+    let power_on = PowerOn { power: &power, cycle: session.power_cycle };
+    let mut tasks = JoinSet::new();
+    let mut writing = pin!(write_replies(writer, &outbox, shutdown.clone(), power_on));
+    // What the writer ended with, once it has.
+    let mut written = None;
+    let outcome = {
+        let reading = read_requests(reader, &session, connection, &outbox, &mut tasks, power_on, shutdown);
+        // Both in this task: the reader first, then the writer sends what the reader handed
+        // over. When the writer ends first (an injected disconnect, a client that is gone), so
+        // does the reader.
+        tokio::select! {
+            biased;
+            outcome = reading => outcome,
+            result = &mut writing => {
+                written = Some(result);
+                Ok(End::Dropped)
+            }
+        }
+    };
+    // The client asked to leave, or finished sending (a client that half-closed the connection
+    // still reads its replies), or the server is leaving: finish what was asked first, unless
+    // the replies can no longer be sent. Otherwise the connection is broken, or the device
+    // asked to drop it: what is still in flight is abandoned.
+    if written.is_none() && matches!(outcome, Ok(End::Disconnect | End::Closed | End::Shutdown)) {
+        tokio::select! {
+            biased;
+            () = join_all(&mut tasks) => {}
+            result = &mut writing => written = Some(result),
+        }
+    }
+    if let Ok(End::PowerCut) = outcome {
+        // The power went: the writer sends nothing more. The requests in flight end at once (a
+        // wait ends with the power, storage I/O is refused), and are not aborted: one aborted in
+        // the middle of a write could let the write land after the cut undid the journal.
+        join_all(&mut tasks).await;
+        written = Some(Ok(()));
+    }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    // The writer sends what is queued, then ends.
+    outbox.close();
+    let written = match written {
+        Some(result) => result,
+        None => writing.await,
+    };
+    // What unsent replies and abandoned requests still hold goes back to the server's budget.
+    outbox.release_all();
+    // Errors writing replies only mean the client left.
+    if let Err(error) = written {
+        tracing::debug!(%error, "writing replies failed");
+    }
+    outcome
+}
+
+/// Reads requests and starts each one until DISC, EOF, shutdown or a protocol violation.
+async fn read_requests<R: AsyncRead + Unpin>(
+    reader: R,
+    session: &Session,
+    connection: u64,
+    outbox: &Arc<Outbox>,
+    tasks: &mut JoinSet<()>,
+    power_on: PowerOn<'_>,
+    shutdown: Shutdown,
+) -> Result<End, TransmissionError> {
     let mut requests = RequestReader::new(reader);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (closed_tx, mut closed) = watch::channel(false);
-    let writer_task = tokio::spawn(write_replies(writer, rx, closed_tx, shutdown.clone()));
-    let budget = Arc::new(Semaphore::new(limits.max_in_flight as usize));
-    let export = Arc::clone(&session.export);
+    let export = &session.export;
     let negotiated = Negotiated {
         size: export.size(),
         flags: session.flags,
         structured_replies: session.structured_replies,
         meta_context: session.meta_context,
     };
-    let mut tasks = JoinSet::new();
+    let structured = session.structured_replies;
+    // Waited for at every step, so made once: a fresh wait per request would register and
+    // unregister with the shutdown signal each time.
+    let (mut stop_signal, mut abandon_signal) = (shutdown.clone(), shutdown.clone());
+    let mut stopping = pin!(stop_signal.stopping());
+    let mut abandoned = pin!(abandon_signal.abandoned());
+    let mut power_cut = pin!(power_on.power.cut_after(power_on.cycle));
     // Replies of requests that were done at once, handed to the writer together when the reader
-    // is about to wait (or has gathered enough): one wake-up and one write for all of them.
-    let mut ready: Vec<Outgoing> = Vec::new();
-    let hand_over = |ready: &mut Vec<Outgoing>| {
-        if !ready.is_empty() {
-            let _ = tx.send(Outgoing::Batch(std::mem::replace(ready, Vec::with_capacity(MAX_READY))));
+    // is about to wait (or has gathered enough).
+    let mut ready: Vec<Outgoing> = Vec::with_capacity(MAX_READY);
+    let outcome = loop {
+        if !tasks.is_empty() {
+            while tasks.try_join_next().is_some() {}
+        }
+        let header = match requests.buffered_header() {
+            // Received already: only a cheap look at the power and the shutdown signal, no
+            // wait set up.
+            Some(_) if !power_on.is() => break Ok(End::PowerCut),
+            Some(_) if shutdown.is_stopping() => break Ok(End::Shutdown),
+            Some(header) => Some(header?),
+            None => tokio::select! {
+                biased;
+                () = &mut power_cut => break Ok(End::PowerCut),
+                _ = &mut stopping => break Ok(End::Shutdown),
+                header = requests.header() => header?,
+            },
+        };
+        let Some(header) = header else { break Ok(End::Closed) };
+        Counters::add(&export.counters.requests, 1);
+        // Backpressure: at the connection's bound, or when the server's memory budget is spent,
+        // stop reading requests until sent replies free budget.
+        let cost = cost(&header);
+        if !outbox.try_acquire(cost) {
+            // The replies gathered here hold budget too: they must go before waiting.
+            outbox.hand_over(&mut ready);
+            tokio::select! {
+                biased;
+                () = &mut power_cut => break Ok(End::PowerCut),
+                _ = &mut stopping => break Ok(End::Shutdown),
+                () = outbox.acquire(cost) => {}
+            }
+        }
+        // A client may finish sending a payload during the shutdown grace period, not after.
+        let payload = match requests.buffered_payload(&header) {
+            Some(payload) => payload,
+            None => tokio::select! {
+                biased;
+                payload = requests.payload(&header) => payload?,
+                () = &mut power_cut => break Ok(End::PowerCut),
+                _ = &mut abandoned => break Ok(End::Shutdown),
+            },
+        };
+        let cmd = match validate(&header, &negotiated) {
+            Ok(Command::Disc) => break Ok(End::Disconnect),
+            Ok(cmd) => cmd,
+            Err(rejection) => {
+                tracing::debug!(cookie = header.cookie, kind = header.kind, errno = rejection.errno, reason = %rejection.reason, "request refused");
+                Counters::add(&export.counters.errors, 1);
+                let (head, data) = encode_error(&header, rejection.errno, &rejection.reason, structured);
+                ready.push(Outgoing::Reply(Reply { head, data, cost }));
+                if !requests.has_request() || ready.len() >= MAX_READY {
+                    outbox.hand_over(&mut ready);
+                }
+                continue;
+            }
+        };
+        let request = Request { cmd, header, structured, cost };
+        let span = tracing::debug_span!(
+            "request",
+            cookie = header.cookie,
+            cmd = cmd.name(),
+            offset = header.offset,
+            length = header.length
+        );
+        let ctx = IoContext { connection, cookie: header.cookie, flags: header.flags, power_cycle: power_on.cycle };
+        let mut work = Box::pin(execute(Arc::clone(&export.device), cmd, header, payload, ctx));
+        // Started here, in the order requests arrive: the device takes its order-dependent
+        // decisions (the fault layer's request index, occurrence counts, seeded draws) before
+        // its first await, and that order must not depend on how the runtime happens to
+        // schedule request tasks. Whatever the request then waits for runs in its own task.
+        match span.in_scope(|| start(work.as_mut())) {
+            Poll::Ready(result) => ready.push(span.in_scope(|| request.reply(result, export))),
+            Poll::Pending => {
+                let (outbox, export, mut shutdown) = (Arc::clone(outbox), Arc::clone(export), shutdown.clone());
+                tasks.spawn(
+                    async move {
+                        // Polled again here, so it wakes through the runtime from then on.
+                        let result = tokio::select! {
+                            biased;
+                            result = work => result,
+                            _ = shutdown.abandoned() => Err(IoError::new(errno::ESHUTDOWN, "the server is shutting down")),
+                        };
+                        outbox.send(request.reply(result, &export));
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+        // Before the reader may wait for the client, the replies it holds go to the writer.
+        if !requests.has_request() {
+            outbox.hand_over(&mut ready);
+        } else if ready.len() >= MAX_READY {
+            outbox.hand_over(&mut ready);
+            // Lets the writer, in this same task, send them before more requests are read.
+            tokio::task::yield_now().await;
         }
     };
-
-    let outcome: Result<End, TransmissionError> = async {
-        loop {
-            while tasks.try_join_next().is_some() {}
-            let header = tokio::select! {
-                biased;
-                _ = closed.wait_for(|closed| *closed) => return Ok(End::Dropped),
-                _ = shutdown.stopping() => return Ok(End::Shutdown),
-                header = requests.header() => header?,
-            };
-            let Some(header) = header else { return Ok(End::Closed) };
-            Counters::add(&export.counters.requests, 1);
-            // Backpressure: at the connection's bound, or when the server's memory budget is
-            // spent, stop reading requests until replies free budget.
-            let held = match acquire(&budget, &limits.memory, cost(&header)) {
-                Some(held) => held,
-                None => {
-                    // The replies gathered here hold budget too: they must go before waiting.
-                    hand_over(&mut ready);
-                    tokio::select! {
-                        biased;
-                        _ = closed.wait_for(|closed| *closed) => return Ok(End::Dropped),
-                        _ = shutdown.stopping() => return Ok(End::Shutdown),
-                        held = acquire_waiting(&budget, &limits.memory, cost(&header)) => held,
-                    }
-                }
-            };
-            // A client may finish sending a payload during the shutdown grace period, not after.
-            let payload = tokio::select! {
-                payload = requests.payload(&header) => payload?,
-                _ = shutdown.abandoned() => return Ok(End::Shutdown),
-            };
-            let cmd = match validate(&header, &negotiated) {
-                Ok(Command::Disc) => return Ok(End::Disconnect),
-                Ok(cmd) => cmd,
-                Err(rejection) => {
-                    tracing::debug!(cookie = header.cookie, kind = header.kind, errno = rejection.errno, reason = %rejection.reason, "request refused");
-                    Counters::add(&export.counters.errors, 1);
-                    let (head, data) = encode_error(&header, rejection.errno, &rejection.reason, session.structured_replies);
-                    ready.push(Outgoing::Reply(Reply { head, data, _permit: Some(held) }));
-                    if !requests.has_request() || ready.len() >= MAX_READY {
-                        hand_over(&mut ready);
-                    }
-                    continue;
-                }
-            };
-            let request = RequestTask {
-                export: Arc::clone(&export),
-                cmd,
-                header,
-                payload,
-                ctx: IoContext { connection, cookie: header.cookie, flags: header.flags },
-                structured: session.structured_replies,
-                held,
-                shutdown: shutdown.clone(),
-            };
-            let span = tracing::debug_span!("request", cookie = header.cookie, cmd = cmd.name(), offset = header.offset, length = header.length);
-            // Started here, in the order requests arrive: the device takes its order-dependent
-            // decisions (the fault layer's request index, occurrence counts, seeded draws) before
-            // its first await, and that order must not depend on how the runtime happens to
-            // schedule request tasks. Whatever the request then waits for runs in its own task.
-            let mut task = Box::pin(request.run().instrument(span));
-            match start(task.as_mut()) {
-                Poll::Ready(outgoing) => ready.push(outgoing),
-                Poll::Pending => {
-                    // Polled again once spawned, so it wakes through the runtime from then on.
-                    let tx = tx.clone();
-                    tasks.spawn(async move {
-                        // The writer is gone only when the connection is; the reply has nobody
-                        // to go to then.
-                        let _ = tx.send(task.await);
-                    });
-                }
-            }
-            // Before the reader may wait for the client, the replies it holds go out.
-            if !requests.has_request() || ready.len() >= MAX_READY {
-                hand_over(&mut ready);
-            }
-        }
-    }
-    .await;
-    hand_over(&mut ready);
-
-    drop(tx);
-    match outcome {
-        // The client asked to leave, or finished sending (a client that half-closed the
-        // connection still reads its replies), or the server is leaving: finish what was asked
-        // first, unless the replies can no longer be sent.
-        Ok(End::Disconnect | End::Closed | End::Shutdown) => {
-            let finished = tokio::select! {
-                () = join_all(&mut tasks) => true,
-                _ = closed.wait_for(|closed| *closed) => false,
-            };
-            if !finished {
-                tasks.abort_all();
-            }
-        }
-        // The connection is broken, or the device asked to drop it.
-        _ => tasks.abort_all(),
-    }
-    while tasks.join_next().await.is_some() {}
-    // The writer ends once every reply sender is gone; its errors only mean the client left.
-    if let Ok(Err(error)) = writer_task.await {
-        tracing::debug!(%error, "writing replies failed");
-    }
+    outbox.hand_over(&mut ready);
     outcome
 }
 
@@ -238,36 +295,30 @@ fn start<T>(task: Pin<&mut impl Future<Output = T>>) -> Poll<T> {
     }
 }
 
-/// Takes `cost` from the connection's bound and the server's budget at once, or nothing.
-fn acquire(connection: &Arc<Semaphore>, server: &Arc<Semaphore>, cost: u32) -> Option<Held> {
-    let connection = Arc::clone(connection).try_acquire_many_owned(cost).ok()?;
-    let server = Arc::clone(server).try_acquire_many_owned(cost).ok()?;
-    Some(Held { _connection: connection, _server: server })
+/// The power cycle a connection attached in, and a cheap look at whether it still runs.
+#[derive(Clone, Copy)]
+pub(crate) struct PowerOn<'a> {
+    power: &'a Power,
+    cycle: u64,
 }
 
-/// Waits for `cost` from the connection's bound, then from the server's budget. Holding the
-/// first while waiting for the second deadlocks nothing: what holds the server's budget is
-/// freed by replies being sent, which waits for no budget.
-async fn acquire_waiting(connection: &Arc<Semaphore>, server: &Arc<Semaphore>, cost: u32) -> Held {
-    let connection = Arc::clone(connection).acquire_many_owned(cost).await.expect("the budget is never closed");
-    let server = Arc::clone(server).acquire_many_owned(cost).await.expect("the budget is never closed");
-    Held { _connection: connection, _server: server }
+impl PowerOn<'_> {
+    /// Whether no power cut has ended the connection's power cycle.
+    pub fn is(&self) -> bool {
+        self.power.cycle() == self.cycle
+    }
 }
 
 async fn join_all(tasks: &mut JoinSet<()>) {
     while tasks.join_next().await.is_some() {}
 }
 
-/// One request on its way through the device.
-struct RequestTask {
-    export: Arc<Export>,
+/// What the reply to a request needs once the device is done with it.
+struct Request {
     cmd: Command,
     header: RequestHeader,
-    payload: Bytes,
-    ctx: IoContext,
     structured: bool,
-    held: Held,
-    shutdown: Shutdown,
+    cost: u32,
 }
 
 /// What a successful request returns.
@@ -277,40 +328,34 @@ enum Done {
     Extents(Vec<Extent>),
 }
 
-impl RequestTask {
-    /// Serves the request and returns its reply.
-    async fn run(mut self) -> Outgoing {
-        let device = Arc::clone(&self.export.device);
-        let result = tokio::select! {
-            result = execute(&*device, self.cmd, &self.header, std::mem::take(&mut self.payload), self.ctx) => result,
-            _ = self.shutdown.abandoned() => Err(IoError::new(errno::ESHUTDOWN, "the server is shutting down")),
-        };
-        let counters = &self.export.counters;
-        match result {
+impl Request {
+    /// The reply to the request, given what the device did.
+    fn reply(self, result: Result<Done, IoError>, export: &Export) -> Outgoing {
+        let counters = &export.counters;
+        let (head, data) = match result {
             Ok(done) => {
                 match self.cmd {
                     Command::Read => Counters::add(&counters.bytes_read, u64::from(self.header.length)),
                     Command::Write => Counters::add(&counters.bytes_written, u64::from(self.header.length)),
                     _ => {}
                 }
-                let (head, data) = encode_success(&self.header, done, self.structured);
-                Outgoing::Reply(Reply { head, data, _permit: Some(self.held) })
+                encode_success(&self.header, done, self.structured)
             }
-            Err(IoError::Disconnect { reason }) => Outgoing::Disconnect { reason },
+            Err(IoError::Disconnect { reason }) => return Outgoing::Disconnect { reason },
             Err(IoError::Failed { errno, message }) => {
                 Counters::add(&counters.errors, 1);
                 tracing::debug!(errno = errno::name(errno), %message, "request failed");
-                let (head, data) = encode_error(&self.header, errno, &message, self.structured);
-                Outgoing::Reply(Reply { head, data, _permit: Some(self.held) })
+                encode_error(&self.header, errno, &message, self.structured)
             }
-        }
+        };
+        Outgoing::Reply(Reply { head, data, cost: self.cost })
     }
 }
 
 async fn execute(
-    device: &dyn BlockDevice,
+    device: Arc<dyn BlockDevice>,
     cmd: Command,
-    header: &RequestHeader,
+    header: RequestHeader,
     payload: Bytes,
     ctx: IoContext,
 ) -> Result<Done, IoError> {

@@ -76,6 +76,12 @@ pub const BUSYBOX: Tool = Tool::program("busybox", "busybox-static");
 pub const PYTHON_NBD: Tool = Tool::python_module("nbd", "python3-libnbd");
 pub const PYTHON_JSONSCHEMA: Tool = Tool::python_module("jsonschema", "python3-jsonschema");
 pub const PYTHON_YAML: Tool = Tool::python_module("yaml", "python3-yaml");
+/// The Prometheus project's own exposition parsers, which read `/metrics` in the tests.
+pub const PYTHON_PROMETHEUS: Tool = Tool::python_module("prometheus_client", "python3-prometheus-client");
+/// A real browser for the live page's test, driven through WebDriver by Selenium.
+pub const CHROMIUM: Tool = Tool::program("chromium", "chromium");
+pub const CHROMEDRIVER: Tool = Tool::program("chromedriver", "chromium-driver");
+pub const PYTHON_SELENIUM: Tool = Tool::python_module("selenium", "python3-selenium");
 
 /// Every tool above, for the check that the package lists name each package.
 pub const ALL: &[Tool] = &[
@@ -103,6 +109,10 @@ pub const ALL: &[Tool] = &[
     PYTHON_NBD,
     PYTHON_JSONSCHEMA,
     PYTHON_YAML,
+    PYTHON_PROMETHEUS,
+    CHROMIUM,
+    CHROMEDRIVER,
+    PYTHON_SELENIUM,
 ];
 
 impl Tool {

@@ -30,7 +30,7 @@ impl Compiled {
             ranges: &rule.ranges,
             requests: rule.requests.as_deref(),
         }));
-        let cuts_power = rules.iter().any(|rule| rule.outcome.power_cut);
+        let cuts_power = rules.iter().any(|rule| rule.outcome.power_cut.is_some());
         Compiled {
             seed: spec.seed,
             rules,
@@ -38,7 +38,7 @@ impl Compiled {
             bad_sectors: spec.bad_sectors,
             triggers: triggers.names,
             index,
-            cuts_power,
+            volatile_cache: spec.volatile_cache.unwrap_or(cuts_power),
         }
     }
 }
@@ -66,7 +66,8 @@ impl Rule {
             Some(ops) => ops.iter().fold(0, |bits, op| bits | op.bit()),
             None => Op::ALL.iter().fold(0, |bits, op| bits | op.bit()),
         };
-        let reply = if then.disconnect {
+        // A power cut drops every connection of the export: nobody hears a reply.
+        let reply = if then.disconnect || then.power_cut.is_some() {
             Reply::Disconnect
         } else if let Some(errno) = then.error {
             Reply::Error(errno)
@@ -90,6 +91,9 @@ impl Rule {
             triggers.id(&trigger);
             (trigger, timeout)
         });
+        if let Some(until) = then.power_cut.as_ref().and_then(|cut| cut.until.as_ref()) {
+            triggers.id(until);
+        }
         let window = (when.from.is_some() || when.until.is_some() || when.cycle.is_some()).then(|| Window {
             since_armed: when.since_armed,
             from: when.from.unwrap_or_default(),

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::decision::Reply;
+use crate::decision::{PowerCut, Reply};
 use crate::index::RuleIndex;
 use crate::request::Errno;
 use crate::units::{ByteRange, DurationSpread};
@@ -23,7 +23,9 @@ pub(crate) struct Compiled {
     /// Every trigger the policy names; rules refer to them by position.
     pub triggers: Vec<Arc<str>>,
     pub index: RuleIndex,
-    pub cuts_power: bool,
+    /// The device loses unflushed writes in a power cut: `volatile_cache:`, or by default
+    /// whether a rule cuts power. The server journals unflushed writes then.
+    pub volatile_cache: bool,
 }
 
 /// One rule, ready for matching.
@@ -121,7 +123,7 @@ pub(crate) struct Outcome {
     pub stall: Option<(Arc<str>, Option<Duration>)>,
     pub action: ActionSpec,
     pub reply: Reply,
-    pub power_cut: bool,
+    pub power_cut: Option<PowerCut>,
     /// With `sticky: true`, the errno the failed range keeps returning to reads.
     pub sticky: Option<Errno>,
     pub arm: Arc<[Arc<str>]>,

@@ -100,10 +100,10 @@ impl Policy {
         names
     }
 
-    /// True when some rule can cut power, so the server must keep an undo journal of unflushed
-    /// writes.
-    pub fn can_cut_power(&self) -> bool {
-        self.compiled.cuts_power
+    /// True when the device loses unflushed writes in a power cut (`volatile_cache:`, by default
+    /// whether a rule can cut power), so the server must keep an undo journal of them.
+    pub fn has_volatile_cache(&self) -> bool {
+        self.compiled.volatile_cache
     }
 
     /// The compiled form, which is all the engine reads.
@@ -222,6 +222,14 @@ mod tests {
             ("rules: [{ when: { range: 0..1MB }, then: {} }]", "ambiguous"),
             ("rules: [{ when: { length: 64KiB..4KiB }, then: {} }]", "inverted"),
             ("rules: [{ when: { nth: 1, count: per_arming }, then: {} }]", "there are none"),
+            ("rules: [{ then: { power_cut: true, error: EIO } }]", "`error` would never be sent"),
+            ("rules: [{ when: { op: write }, then: { power_cut: true, drop: true } }]", "`drop` reports success"),
+            ("rules: [{ when: { op: read }, then: { power_cut: true, corrupt: 2 } }]", "`corrupt` hands damaged data"),
+            ("rules: [{ then: { power_cut: {} } }]", "how long the export stays off"),
+            ("rules: [{ then: { power_cut: { timeout: 0 } } }]", "for no time at all"),
+            ("rules: [{ then: { power_cut: { until: 'a b' } } }]", "not a valid"),
+            ("rules: [{ then: { power_cut: { untl: on } } }]", "unknown field `untl`"),
+            ("volatile_cache: false", "no rules"),
             ("rules: [{ when: { armed_by: go, count: per_armng }, then: {} }]", "unknown variant"),
             ("rules: [{ when: { length: 0 }, then: {} }]", "never reach the rules"),
             ("rules: [{ when: { length: '<1' }, then: {} }]", "only admits length 0"),
@@ -352,6 +360,22 @@ mod tests {
     }
 
     #[test]
+    fn the_journal_follows_volatile_cache_and_by_default_power_cut_rules() {
+        let journals = |text: &str| Policy::from_yaml(text, "v.yaml").unwrap().has_volatile_cache();
+        assert!(journals("rules: [{ when: { armed_by: cut }, then: { power_cut: true } }]"));
+        assert!(journals("rules: [{ when: { armed_by: cut }, then: { power_cut: { until: on, timeout: 5s } } }]"));
+        assert!(journals("volatile_cache: true"), "a policy of only a volatile cache is useful: API power cuts");
+        assert!(
+            !journals("volatile_cache: false\nrules: [{ then: { power_cut: true } }]"),
+            "a device with power-loss protection"
+        );
+        assert!(!journals("rules: [{ then: { power_cut: false } }]"));
+        assert!(!journals("rules: [{ then: {} }]"));
+        let policy = Policy::from_yaml("rules: [{ then: { power_cut: { until: power-on } } }]", "v.yaml").unwrap();
+        assert_eq!(policy.trigger_names(), ["power-on"], "the power-on trigger is one the policy names");
+    }
+
+    #[test]
     fn the_issue_example_is_accepted() {
         let policy =
             Policy::from_yaml(include_str!("../../scenarios/issue-example.yaml"), "issue-example.yaml").unwrap();
@@ -361,6 +385,6 @@ mod tests {
         );
         assert_eq!(policy.seed(), 42);
         assert_eq!(policy.trigger_names(), ["go"]);
-        assert!(!policy.can_cut_power());
+        assert!(!policy.has_volatile_cache());
     }
 }

@@ -46,6 +46,15 @@ impl Policy {
                     "raise the probability, or remove the rule".to_string(),
                 ));
             }
+            if let Some(until) = rule.outcome.power_cut.as_ref().and_then(|cut| cut.until.as_ref())
+                && rule.armed_by.iter().any(|&id| self.compiled.triggers[id] == *until)
+            {
+                found.push((
+                    rule,
+                    format!("rule `{}` keeps the power off until `{until}` is armed, but it only cuts while `{until}` is armed, so the power is back at once", rule.name),
+                    "power on with another trigger than the one in `armed_by`, such as `power-on`, or write `power_cut: true`".to_string(),
+                ));
+            }
             if let Some((message, fix)) = counting_warning(rule, &self.compiled.triggers) {
                 found.push((rule, message, fix));
             }
@@ -246,6 +255,18 @@ mod tests {
         );
         let clean = Policy::from_yaml(include_str!("../../scenarios/issue-example.yaml"), "ok.yaml").unwrap();
         assert!(clean.warnings().is_empty());
+    }
+
+    #[test]
+    fn a_power_cut_kept_off_until_its_own_armed_by_trigger_is_warned_about() {
+        let policy = Policy::from_yaml(
+            "rules:\n  - { name: crash, when: { armed_by: crash, nth: 1 }, then: { power_cut: { until: crash } } }\n",
+            "p.yaml",
+        )
+        .unwrap();
+        let warnings: Vec<String> = policy.warnings().iter().map(ToString::to_string).collect();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("the power is back at once"), "{}", warnings[0]);
     }
 
     #[test]

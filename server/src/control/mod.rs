@@ -7,6 +7,9 @@
 //! microseconds per request (reading a policy, its warnings, swapping it in) goes to the
 //! [`ControlWorker`].
 
+mod events;
+mod metrics;
+mod page;
 mod worker;
 
 pub use worker::{ControlWorker, Refused};
@@ -28,6 +31,7 @@ use crate::storage::file::FileDataPath;
 use crate::export::{CounterValues, Export, Exports};
 use crate::fault::Clock;
 use crate::fault::log::FaultLog;
+use crate::fault::power::{Off, PowerView};
 use crate::shutdown::Shutdown;
 use crate::storage::IoContext;
 use crate::tls::Tls;
@@ -135,11 +139,20 @@ pub fn router(state: ControlState) -> Router {
             get(read_data).put(write_data).layer(DefaultBodyLimit::max(MAX_DATA as usize)),
         )
         .route("/v1/exports/{name}/reset", post(reset))
+        .route("/v1/exports/{name}/power-cut", post(power_cut))
+        .route("/v1/exports/{name}/power-on", post(power_on))
+        .route("/v1/exports/{name}/events", get(events::events))
+        .route("/metrics", get(metrics::metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see docs/control-api.md") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this endpoint has no such method; see docs/control-api.md")
         })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        // The live page's files: the same for everyone and free of data, so served without the
+        // token; the page then calls the API above with it.
+        .route("/", get(page::index))
+        .route("/page/app.js", get(page::script))
+        .route("/page/style.css", get(page::style))
         .with_state(state)
 }
 
@@ -164,6 +177,7 @@ async fn authorize(State(state): State<ControlState>, request: Request, next: Ne
 /// Serves the API on `listener` until shutdown begins: over HTTPS when `tls` is given.
 pub async fn serve(listener: tokio::net::TcpListener, state: ControlState, tls: Option<Arc<Tls>>, shutdown: Shutdown) {
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    events::end_streams_at_shutdown(Arc::clone(&state.exports), shutdown.clone());
     let app = router(state);
     match tls {
         Some(tls) => {
@@ -336,6 +350,8 @@ struct ExportView {
     requests_decided: u64,
     faults_logged: usize,
     unflushed_bytes: u64,
+    /// On, or off after a power cut (and until when); how many cuts; connections attached.
+    power: PowerView,
     /// How a file (or an overlay's base file) is read and written; absent for memory storage.
     #[serde(skip_serializing_if = "Option::is_none")]
     data_path: Option<FileDataPath>,
@@ -365,6 +381,7 @@ fn export_view(state: &ControlState, export: &Export) -> ExportView {
         requests_decided: engine.requests_decided(),
         faults_logged: state.log.count(&export.name),
         unflushed_bytes: export.faults.unflushed_bytes(),
+        power: export.power().view(),
         data_path: export.storage.data_path(),
     }
 }
@@ -467,6 +484,7 @@ async fn set_policy(
                 return Err(Refused::TimedOut(WORKER_DEADLINE).into());
             }
             export.engine().set_policy(Some(policy));
+            export.activity().policy_set(export.engine().policy().as_deref(), view_state.clock.now());
             tracing::info!(export = %export.name, warnings = warnings.len(), "policy replaced through the control API");
             let mut view =
                 serde_json::to_value(export_view(&view_state, &export)).expect("an export view always serializes");
@@ -483,6 +501,7 @@ async fn clear_policy(
 ) -> Result<axum::Json<ExportView>, ApiError> {
     let export = state.export(&name)?;
     export.engine().set_policy(None);
+    export.activity().policy_set(None, state.clock.now());
     tracing::info!(export = %export.name, "policy removed through the control API");
     Ok(axum::Json(export_view(&state, export)))
 }
@@ -524,6 +543,7 @@ fn set_trigger(
     let engine = export.engine();
     let changed =
         if armed { engine.arm(&trigger, state.clock.now()) } else { engine.disarm(&trigger, state.clock.now()) };
+    export.activity().trigger_set(&trigger, armed, state.clock.now());
     // A trigger no rule names cannot change any decision: most often a typo, which would make a
     // test pass for the wrong reason. Said in the answer, like the warnings of `PUT policy`.
     let warnings: Vec<String> = PolicyWarning::for_trigger(engine.policy().as_deref(), &trigger, armed)
@@ -532,6 +552,101 @@ fn set_trigger(
         .collect();
     tracing::info!(export = %export.name, %trigger, armed, changed, warnings = warnings.len(), "trigger set");
     Ok(axum::Json(serde_json::json!({ "trigger": trigger, "armed": armed, "changed": changed, "warnings": warnings })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PowerCutQuery {
+    /// Stay off until `POST .../power-on` (or `until`, or `timeout`).
+    #[serde(default)]
+    off: bool,
+    /// Stay off until this trigger is armed.
+    until: Option<String>,
+    /// Stay off this long, such as `5s`.
+    timeout: Option<String>,
+}
+
+/// `POST /v1/exports/{name}/power-cut`: the power goes now. Every connection of the export drops
+/// at once, without replies; every write not yet flushed is undone (when the policy keeps the
+/// journal: `volatile_cache:`, or a rule with `power_cut`); with `off`, `until` or `timeout`
+/// new connections are refused at the handshake until then.
+async fn power_cut(
+    State(state): State<ControlState>,
+    Path(name): Path<String>,
+    query: Result<Query<PowerCutQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let usage = "use ?off=true (until POST .../power-on), ?until=TRIGGER and/or ?timeout=DURATION";
+    let Query(query) = query.map_err(|e| ApiError::bad_request(format!("{e}; {usage}")))?;
+    let export = state.export(&name)?;
+    if let Some(trigger) = &query.until {
+        check_trigger_name(trigger)?;
+    }
+    let timeout = query
+        .timeout
+        .as_deref()
+        .map(nbdfault_policies::units::parse_duration)
+        .transpose()
+        .map_err(|error| ApiError::bad_request(format!("timeout: {error}; {usage}")))?;
+    if timeout.is_some_and(|timeout| timeout.is_zero()) {
+        return Err(ApiError::bad_request(format!("timeout=0 keeps the export off for no time; {usage}")));
+    }
+    let off = (query.off || query.until.is_some() || timeout.is_some()).then(|| Off {
+        until: query.until.as_deref().map(Arc::from),
+        on_at: timeout.map(|timeout| state.clock.now() + timeout),
+    });
+    let engine = export.engine();
+    let mut warnings = Vec::new();
+    if let Some(trigger) = &query.until {
+        if engine.is_armed(trigger) && timeout.is_none() {
+            warnings.push(format!(
+                "warning: the trigger `{trigger}` is armed already, so the power is back at once\n  \
+                 fix: disarm `{trigger}` first, or power on with another trigger"
+            ));
+        }
+        warnings.extend(
+            PolicyWarning::for_trigger(engine.policy().as_deref(), trigger, true)
+                .filter(|_| engine.policy().is_some())
+                .map(|warning| warning.to_string()),
+        );
+    }
+    let report = export.faults.cut_power(off).await.map_err(storage_error)?;
+    if !report.journaled {
+        warnings.push(format!(
+            "warning: export {:?} keeps no journal of unflushed writes, so the power cut undid none of them\n  \
+             fix: install a policy with `volatile_cache: true` (or a rule with `power_cut`) before the writes the cut should lose",
+            export.name
+        ));
+    }
+    if report.unjournaled_writes > 0 {
+        warnings.push(format!(
+            "warning: {} writes since the last flush did not fit in the journal and survived the power cut\n  \
+             fix: flush more often, or cut before that many unflushed writes",
+            report.unjournaled_writes
+        ));
+    }
+    Ok(axum::Json(serde_json::json!({
+        "export": export.name,
+        "power": export.power().view(),
+        "dropped_connections": report.connections,
+        "undone_writes": report.undone_writes,
+        "undone_bytes": report.undone_bytes,
+        "warnings": warnings,
+    })))
+}
+
+/// `POST /v1/exports/{name}/power-on`: ends an "off" after a power cut at once.
+async fn power_on(
+    State(state): State<ControlState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let export = state.export(&name)?;
+    let changed = export.faults.power_on();
+    Ok(axum::Json(serde_json::json!({
+        "export": export.name,
+        "power": export.power().view(),
+        "changed": changed,
+        "warnings": Vec::<String>::new(),
+    })))
 }
 
 #[derive(Deserialize)]
@@ -767,6 +882,7 @@ async fn reset(
     let export = state.export(&name)?;
     match export.device.reset().await {
         Ok(()) => {
+            export.activity().reset(state.clock.now());
             tracing::info!(export = %export.name, "reset to pristine contents");
             Ok(axum::Json(export_view(&state, export)))
         }

@@ -50,7 +50,7 @@ impl FaultLog {
         Ok(log)
     }
 
-    /// Logs a finished request. Requests no rule touched are not logged.
+    /// Logs a finished request and returns its record. Requests no rule touched are not logged.
     pub fn record(
         &self,
         export: &str,
@@ -59,14 +59,10 @@ impl FaultLog {
         waited: Duration,
         persisted: u64,
         elapsed: Duration,
-    ) {
-        if decision.rule.is_none() {
-            return;
-        }
+    ) -> Option<Arc<FaultRecord>> {
+        decision.rule.as_ref()?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        let Some(mut record) = FaultRecord::new(seq, elapsed, export, request, decision, persisted) else {
-            return;
-        };
+        let mut record = FaultRecord::new(seq, elapsed, export, request, decision, persisted)?;
         record.waited_ns = Some(u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX));
         tracing::info!(
             seq,
@@ -90,7 +86,8 @@ impl FaultLog {
             records.pop_front();
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        records.push_back(record);
+        records.push_back(Arc::clone(&record));
+        Some(record)
     }
 
     /// Records with `seq > since`, of one export or all, oldest first.

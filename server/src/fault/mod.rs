@@ -7,6 +7,7 @@
 
 pub mod journal;
 pub mod log;
+pub mod power;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,10 +15,12 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use nbdfault_policies::{Action, Decision, Engine, Op, Reply, Request, RequestFlags, Wait};
 
+use crate::activity::Activity;
 use crate::storage::{BlockDevice, Extent, Features, IoContext, IoError, IoFuture, ZeroFlags};
 use crate::wire::command_flags;
 use journal::UndoJournal;
 use log::FaultLog;
+use power::{Off, Power};
 
 /// How much a power-cut journal may hold per export before later writes become undoable no more.
 pub const DEFAULT_JOURNAL_LIMIT: u64 = 1 << 30;
@@ -45,6 +48,28 @@ pub struct FaultLayer {
     log: Arc<FaultLog>,
     clock: Clock,
     journal: Mutex<UndoJournal>,
+    /// Metrics and live events of the requests that pass.
+    activity: Activity,
+    power: Arc<Power>,
+}
+
+/// What a power cut did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CutReport {
+    /// False when the cut found the power cycle it was to end already over (its request's
+    /// connection died in an earlier cut): it did nothing.
+    pub happened: bool,
+    /// Connections attached when the power went.
+    pub connections: u64,
+    /// Unflushed writes undone, and their bytes.
+    pub undone_writes: usize,
+    pub undone_bytes: u64,
+    /// Writes since the last flush that did not fit in the journal: they survived the cut.
+    pub unjournaled_writes: u64,
+    /// Whether the journal was kept (the policy says the device has a volatile cache).
+    pub journaled: bool,
+    /// The export stays off after it.
+    pub off: bool,
 }
 
 impl FaultLayer {
@@ -57,16 +82,28 @@ impl FaultLayer {
     ) -> FaultLayer {
         FaultLayer {
             export: export.to_string(),
-            inner,
             engine,
             log,
             clock,
             journal: Mutex::new(UndoJournal::new(DEFAULT_JOURNAL_LIMIT)),
+            activity: Activity::new(inner.size()),
+            inner,
+            power: Arc::new(Power::new()),
         }
+    }
+
+    /// The device's power: attach connections through it, cut it, power it on.
+    pub fn power(&self) -> &Arc<Power> {
+        &self.power
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// What the requests through this layer did: metrics and live events.
+    pub fn activity(&self) -> &Activity {
+        &self.activity
     }
 
     /// Bytes of unflushed writes a power cut would undo now.
@@ -92,10 +129,21 @@ impl FaultLayer {
         (request, decision)
     }
 
-    /// Waits as the decision says. Only this request's task waits.
-    async fn wait(&self, wait: &Wait) -> Duration {
+    /// Waits as the decision says. Only this request's task waits. `None` when a power cut
+    /// ended the request's power cycle meanwhile: its connection is dead.
+    async fn wait(&self, wait: &Wait, cycle: u64) -> Option<Duration> {
+        if *wait == Wait::None {
+            return Some(Duration::ZERO);
+        }
         // tokio's clock, so a paused test clock measures the wait it skipped.
         let started = tokio::time::Instant::now();
+        tokio::select! {
+            () = self.wait_for(wait) => Some(started.elapsed()),
+            () = self.power.cut_after(cycle) => None,
+        }
+    }
+
+    async fn wait_for(&self, wait: &Wait) {
         match wait {
             Wait::None => {}
             Wait::Delay(delay) => tokio::time::sleep(*delay).await,
@@ -117,19 +165,125 @@ impl FaultLayer {
                 }
             }
         }
-        started.elapsed()
     }
 
-    /// Undoes every write since the last successful flush, newest first.
-    async fn power_cut(&self) -> Result<(), IoError> {
-        let (undo, lost) = self.journal().take_for_undo();
-        if lost > 0 {
-            tracing::warn!(writes = lost, "power cut: the undo journal was full; these writes survive it");
+    /// Does a request's storage I/O, unless a power cut ended the power cycle its connection
+    /// attached in: then nothing reaches storage, and the connection is being dropped.
+    async fn powered<T>(
+        &self,
+        cycle: u64,
+        io: impl std::future::Future<Output = Result<T, IoError>>,
+    ) -> Result<T, IoError> {
+        let Some(_gate) = self.power.enter(cycle).await else {
+            return Err(power_lost());
+        };
+        io.await
+    }
+
+    /// Cuts the power now (the control API): every connection of the export drops, every write
+    /// not yet flushed is undone, and the export stays off as `off` says.
+    pub async fn cut_power(&self, off: Option<Off>) -> Result<CutReport, IoError> {
+        let exclusive = self.power.exclusive().await;
+        self.cut_locked(&exclusive, None, off).await
+    }
+
+    /// Powers the export on; returns whether it was off.
+    pub fn power_on(&self) -> bool {
+        let changed = self.power.power_on(None, self.clock.now());
+        if changed {
+            self.activity.power(true, self.clock.now());
+            tracing::info!(export = %self.export, "power on");
+        }
+        changed
+    }
+
+    /// The cut itself, holding the gate alone: the next power cycle starts (every connection
+    /// attached before dies, and none of their I/O reaches storage any more), the export stays
+    /// off as `off` says, and the journal is undone, newest first. With `only_in`, the cut only
+    /// happens if that power cycle is still the current one (a request's own cut).
+    async fn cut_locked(
+        &self,
+        exclusive: &tokio::sync::RwLockWriteGuard<'_, ()>,
+        only_in: Option<u64>,
+        mut off: Option<Off>,
+    ) -> Result<CutReport, IoError> {
+        if only_in.is_some_and(|cycle| cycle != self.power.cycle()) {
+            return Ok(CutReport::default());
+        }
+        // Off until a trigger that is armed already: on at once, as a stall on it would not wait.
+        if off.as_ref().is_some_and(|off| {
+            off.on_at.is_none() && off.until.as_ref().is_some_and(|trigger| self.engine.is_armed(trigger))
+        }) {
+            off = None;
+        }
+        let now = self.clock.now();
+        let stays_off = off.clone();
+        let (cycle, connections) = self.power.cut(exclusive, off, now);
+        self.activity.power(false, now);
+        let journaled = self.engine.tracks_unflushed_writes();
+        let (undo, unjournaled_writes) = self.journal().take_for_undo();
+        let report = CutReport {
+            happened: true,
+            connections,
+            undone_writes: undo.len(),
+            undone_bytes: undo.iter().map(|(_, before)| before.len() as u64).sum(),
+            unjournaled_writes,
+            journaled,
+            off: stays_off.is_some(),
+        };
+        tracing::warn!(
+            export = %self.export, cycle, connections, undone_writes = report.undone_writes,
+            undone_bytes = report.undone_bytes, off = report.off, "power cut"
+        );
+        if unjournaled_writes > 0 {
+            tracing::warn!(
+                writes = unjournaled_writes,
+                "power cut: the undo journal was full; these writes survive it"
+            );
         }
         for (offset, before) in undo {
             self.inner.write(IoContext::default(), offset, before, false).await?;
         }
-        Ok(())
+        if let Some(off) = stays_off.filter(|off| off.until.is_some() || off.on_at.is_some()) {
+            self.power_on_later(cycle, off);
+        }
+        Ok(report)
+    }
+
+    /// Powers the export on when `off` says, unless a power-on or another cut comes first.
+    fn power_on_later(&self, cycle: u64, off: Off) {
+        let (power, engine, clock, export) =
+            (Arc::clone(&self.power), Arc::clone(&self.engine), self.clock, self.export.clone());
+        let events = Arc::clone(&self.activity.events);
+        tokio::spawn(async move {
+            let mut changes = engine.trigger_changes();
+            let armed = async {
+                let Some(trigger) = &off.until else { return std::future::pending().await };
+                while !engine.is_armed(trigger) {
+                    if changes.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            };
+            let timeout = async {
+                match off.on_at {
+                    Some(on_at) => tokio::time::sleep(on_at.saturating_sub(clock.now())).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = armed => {}
+                () = timeout => {}
+                () = power.on_or_cut_after(cycle) => return,
+            }
+            if power.power_on(Some(cycle), clock.now()) {
+                events.publish(crate::activity::events::Event::Power {
+                    time_ns: crate::activity::nanos(clock.now()),
+                    on: true,
+                });
+                tracing::info!(%export, "power on");
+            }
+        });
     }
 
     /// Remembers what `[offset, offset + length)` holds before it is overwritten, when the policy
@@ -182,16 +336,21 @@ impl FaultLayer {
         Fut: std::future::Future<Output = Result<(T, u64), IoError>>,
         T: Default,
     {
+        let mut watch = self.activity.watch(op, ctx, offset, length, self.clock);
         let (request, decision) = self.decide(op, ctx, offset, length);
-        if decision.rule.is_none() {
-            return perform(Action::Perform).await.map(|(value, _)| value);
-        }
-        self.apply(request, decision, perform).await
+        let result = if decision.rule.is_none() {
+            self.powered(ctx.power_cycle, perform(Action::Perform)).await.map(|(value, _)| value)
+        } else {
+            watch.decided(&decision);
+            self.apply(request, ctx.power_cycle, decision, perform).await
+        };
+        watch.finish(&result);
+        result
     }
 
     /// Applies what comes after the wait: the power cut, then the action via `perform`, then the
     /// reply. `perform` gets the action and returns the result and the bytes it persisted.
-    async fn apply<T, F, Fut>(&self, request: Request, decision: Decision, perform: F) -> Result<T, IoError>
+    async fn apply<T, F, Fut>(&self, request: Request, cycle: u64, decision: Decision, perform: F) -> Result<T, IoError>
     where
         F: FnOnce(Action) -> Fut,
         Fut: std::future::Future<Output = Result<(T, u64), IoError>>,
@@ -205,16 +364,41 @@ impl FaultLayer {
             waited: None,
             logged: false,
         };
-        pending.waited = Some(self.wait(&pending.decision.wait).await);
-        if pending.decision.power_cut {
-            self.power_cut().await?;
-        }
-        let (result, persisted) = match pending.decision.action {
-            Action::Skip => (Ok(T::default()), 0),
-            action => match perform(action).await {
-                Ok((value, persisted)) => (Ok(value), persisted),
-                Err(error) => (Err(error), 0),
+        let Some(waited) = self.wait(&pending.decision.wait, cycle).await else {
+            // The power went while this request waited: it never reached the device.
+            pending.finish(0);
+            return Err(power_lost());
+        };
+        pending.waited = Some(waited);
+        let action = pending.decision.action;
+        let done = match pending.decision.power_cut.clone() {
+            // Cut, then the action, both holding the gate alone: a write torn by the power cut
+            // reached the medium, so it is not journaled for the next cut either.
+            Some(cut) => {
+                let exclusive = self.power.exclusive().await;
+                let off = cut.stays_off().then(|| Off {
+                    until: cut.until.clone(),
+                    on_at: cut.timeout.map(|timeout| self.clock.now() + timeout),
+                });
+                let report = self.cut_locked(&exclusive, Some(cycle), off).await?;
+                let done = match action {
+                    _ if !report.happened => Err(power_lost()),
+                    Action::Skip => Ok((T::default(), 0)),
+                    action => perform(action).await,
+                };
+                if report.happened {
+                    self.journal().clear();
+                }
+                done
+            }
+            None => match action {
+                Action::Skip => Ok((T::default(), 0)),
+                action => self.powered(cycle, perform(action)).await,
             },
+        };
+        let (result, persisted) = match done {
+            Ok((value, persisted)) => (Ok(value), persisted),
+            Err(error) => (Err(error), 0),
         };
         let decision = pending.finish(persisted);
         let rule = decision.rule.as_deref().unwrap_or("a bad sector");
@@ -252,7 +436,11 @@ impl Pending<'_> {
     fn record(&self, persisted: u64) {
         let waited = self.waited.unwrap_or_else(|| self.started.elapsed());
         let layer = self.layer;
-        layer.log.record(&layer.export, &self.request, &self.decision, waited, persisted, layer.clock.now());
+        let record =
+            layer.log.record(&layer.export, &self.request, &self.decision, waited, persisted, layer.clock.now());
+        if let Some(record) = record {
+            layer.activity.fault(&record);
+        }
     }
 
     /// Logs the finished request and hands its decision back.
@@ -270,6 +458,12 @@ impl Drop for Pending<'_> {
             self.record(0);
         }
     }
+}
+
+/// The error of a request whose connection a power cut killed: the connection is being dropped,
+/// so no reply is sent.
+fn power_lost() -> IoError {
+    IoError::Disconnect { reason: "the export lost power".to_string() }
 }
 
 /// What a read returns: the data, or with a corrupting action the data with some bytes changed.
@@ -392,8 +586,8 @@ mod tests {
     use crate::storage::MemoryDevice;
     use nbdfault_policies::Policy;
 
-    const CTX: IoContext = IoContext { connection: 1, cookie: 9, flags: 0 };
-    const FUA: IoContext = IoContext { connection: 1, cookie: 10, flags: command_flags::FUA };
+    const CTX: IoContext = IoContext { connection: 1, cookie: 9, flags: 0, power_cycle: 0 };
+    const FUA: IoContext = IoContext { connection: 1, cookie: 10, flags: command_flags::FUA, power_cycle: 0 };
 
     struct Fixture {
         storage: Arc<MemoryDevice>,
@@ -524,7 +718,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_power_cut_undoes_unflushed_writes_and_keeps_flushed_and_fua_ones() {
-        let f = fixture("rules: [{name: cut, when: {op: write, armed_by: cut}, then: {power_cut: true, error: EIO}}]");
+        let f = fixture("rules: [{name: cut, when: {op: write, armed_by: cut}, then: {power_cut: true}}]");
         f.layer.write(CTX, 0, block(1), false).await.unwrap();
         f.layer.flush(CTX).await.unwrap();
         f.layer.write(CTX, 0, block(2), false).await.unwrap();
@@ -533,11 +727,96 @@ mod tests {
         f.layer.write_zeroes(CTX, 16384, 4096, ZeroFlags::default()).await.unwrap();
         assert_eq!(f.layer.unflushed_bytes(), 2 * 4096);
         f.layer.engine().arm("cut", Duration::ZERO);
-        assert!(f.layer.write(CTX, 65536, block(9), false).await.is_err());
+        assert!(matches!(f.layer.write(CTX, 65536, block(9), false).await, Err(IoError::Disconnect { .. })));
         assert_eq!(stored(&f.storage, 0, 1).await[0], 1, "the flushed write survives");
         assert_eq!(stored(&f.storage, 8192, 1).await[0], 4, "the FUA write survives");
         assert_eq!(stored(&f.storage, 65536, 1).await[0], 0, "the cutting write never happened");
         assert_eq!(f.layer.unflushed_bytes(), 0);
+        // Every request of the power cycle before the cut is refused, whatever connection sent it.
+        let other = IoContext { connection: 2, ..CTX };
+        assert!(matches!(f.layer.read(other, 0, 512).await, Err(IoError::Disconnect { .. })));
+        assert!(matches!(f.layer.write(other, 0, block(7), false).await, Err(IoError::Disconnect { .. })));
+        assert_eq!(stored(&f.storage, 0, 1).await[0], 1, "no write of a dead connection lands");
+        f.layer.engine().disarm("cut", Duration::ZERO);
+        let after = IoContext { power_cycle: 1, ..CTX };
+        f.layer.write(after, 0, block(8), false).await.unwrap();
+        assert_eq!(stored(&f.storage, 0, 1).await[0], 8, "a connection attached after the cut writes");
+    }
+
+    #[tokio::test]
+    async fn a_cut_through_the_api_undoes_the_journal_of_a_volatile_cache_and_counts_it() {
+        let f = fixture("volatile_cache: true");
+        f.layer.write(CTX, 0, block(1), false).await.unwrap();
+        f.layer.flush(CTX).await.unwrap();
+        f.layer.write(CTX, 0, block(2), false).await.unwrap();
+        f.layer.write(IoContext { connection: 2, ..CTX }, 4096, block(3), false).await.unwrap();
+        let report = f.layer.cut_power(None).await.unwrap();
+        assert_eq!((report.happened, report.journaled, report.off), (true, true, false));
+        assert_eq!((report.undone_writes, report.undone_bytes), (2, 8192));
+        assert_eq!(stored(&f.storage, 0, 1).await[0], 1);
+        assert_eq!(stored(&f.storage, 4096, 1).await[0], 0);
+        assert_eq!(f.layer.power().admits(), Some(1), "on again at once");
+        // Without a volatile cache nothing is journaled, so nothing is undone.
+        let f = fixture("rules: [{when: {op: trim}, then: {}}]");
+        f.layer.write(CTX, 0, block(2), false).await.unwrap();
+        let report = f.layer.cut_power(None).await.unwrap();
+        assert_eq!((report.journaled, report.undone_writes), (false, 0));
+        assert_eq!(stored(&f.storage, 0, 1).await[0], 2);
+    }
+
+    #[tokio::test]
+    async fn a_power_cut_ends_a_stalled_request_of_another_connection_without_its_write() {
+        let f = fixture(
+            "rules:\n  - {name: hold, when: {op: write, connection: 2}, then: {stall: never-armed}}\n  \
+             - {name: cut, when: {op: flush, connection: 1}, then: {power_cut: true}}\n",
+        );
+        let layer = f.layer.clone();
+        let held = IoContext { connection: 2, ..CTX };
+        let mut stalled = tokio::spawn(async move { layer.write(held, 0, block(5), false).await });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(futures_poll_pending(&mut stalled).await);
+        assert!(matches!(f.layer.flush(CTX).await, Err(IoError::Disconnect { .. })));
+        assert!(matches!(stalled.await.unwrap(), Err(IoError::Disconnect { .. })));
+        assert_eq!(stored(&f.storage, 0, 1).await[0], 0, "the stalled write never happened");
+    }
+
+    #[tokio::test]
+    async fn a_write_torn_by_the_power_cut_keeps_its_first_bytes_through_the_next_cut() {
+        let f = fixture("rules: [{name: cut, when: {op: write, request: 1}, then: {power_cut: true, torn: 1KiB}}]");
+        f.layer.write(CTX, 0, block(1), false).await.unwrap();
+        assert!(f.layer.write(CTX, 8192, block(2), false).await.is_err());
+        assert_eq!(stored(&f.storage, 0, 1).await[0], 0, "the unflushed write is undone");
+        let torn = stored(&f.storage, 8192, 4096).await;
+        assert!(torn[..1024].iter().all(|&b| b == 2) && torn[1024..].iter().all(|&b| b == 0));
+        assert_eq!(f.layer.unflushed_bytes(), 0, "what reached the medium at the cut is not journaled");
+        f.layer.cut_power(None).await.unwrap();
+        assert_eq!(stored(&f.storage, 8192, 1).await[0], 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_cut_the_export_stays_off_until_its_trigger_or_timeout_or_a_power_on() {
+        let f = fixture("rules: [{name: cut, when: {op: flush}, then: {power_cut: {until: power-on, timeout: 10s}}}]");
+        let power = f.layer.power().clone();
+        assert!(f.layer.flush(CTX).await.is_err());
+        assert_eq!(power.admits(), None);
+        f.layer.engine().arm("power-on", Duration::ZERO);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(power.admits(), Some(1), "arming the trigger powers on");
+        // Armed already at the next cut: on at once, unless a timeout says otherwise.
+        let now = IoContext { power_cycle: 1, ..CTX };
+        assert!(f.layer.flush(now).await.is_err());
+        assert_eq!(power.admits(), None, "the timeout keeps it off while the trigger is armed");
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(power.admits(), Some(2), "the timeout powers on");
+        f.layer.cut_power(Some(Off::default())).await.unwrap();
+        assert_eq!(power.admits(), None);
+        assert!(f.layer.power_on());
+        assert!(!f.layer.power_on(), "on already");
+        assert_eq!(power.admits(), Some(3));
     }
 
     #[tokio::test]

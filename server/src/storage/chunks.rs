@@ -1,12 +1,24 @@
 //! A sparse, sharded map of fixed-size chunks: the memory backend's contents and the overlay's
 //! copy-on-write layer. Absent chunks cost nothing; what they read as is up to the owner.
+//!
+//! A chunk is the unit of the allocation map (extents, whole-chunk TRIM); its bytes are held a
+//! page at a time, allocated when first written. A 4 KiB write into a fresh region allocates one
+//! page and copies into it, with nothing to zero or fetch first, and scattered small writes hold
+//! only the pages they wrote.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Mutex, MutexGuard};
 
-/// Bytes per chunk. Big enough that a 1 GiB disk is at most 16384 entries, small enough that a
-/// 4 KiB write into a fresh region allocates little.
+use bytes::BytesMut;
+
+/// Bytes per chunk. Big enough that a 1 GiB disk is at most 16384 entries in the allocation
+/// map, small enough that allocation answers stay precise.
 pub const CHUNK_SIZE: u64 = 64 * 1024;
+/// Bytes per page: the unit chunks are allocated and copied in.
+pub const PAGE_SIZE: u64 = 4096;
+const PAGES: usize = (CHUNK_SIZE / PAGE_SIZE) as usize;
 const SHARDS: usize = 64;
 
 /// What the store holds for one chunk.
@@ -19,18 +31,77 @@ pub enum ChunkState {
     Data,
 }
 
-enum Slot {
-    Zero,
-    Data(Box<[u8]>),
+type Page = Box<[u8; PAGE_SIZE as usize]>;
+
+/// A chunk: the pages written so far, and what the others read as.
+struct Chunk {
+    /// Pages not held read as zeros (a zeroed chunk, or memory's), rather than as the owner's
+    /// default (an overlay's base).
+    zeros: bool,
+    pages: [Option<Page>; PAGES],
+}
+
+impl Chunk {
+    fn new(zeros: bool) -> Chunk {
+        Chunk { zeros, pages: Default::default() }
+    }
+
+    fn state(&self) -> ChunkState {
+        if self.zeros && self.pages.iter().all(Option::is_none) { ChunkState::Zero } else { ChunkState::Data }
+    }
+
+    fn page(&self, page: usize) -> Option<&[u8]> {
+        self.pages[page].as_deref().map(|bytes| &bytes[..])
+    }
+
+    fn page_mut(&mut self, page: usize) -> Option<&mut [u8]> {
+        self.pages[page].as_deref_mut().map(|bytes| &mut bytes[..])
+    }
+
+    /// Holds `page` with `bytes` (a whole page), copied without zeroing first; zeros without.
+    fn hold(&mut self, page: usize, bytes: Option<&[u8]>) -> &mut [u8] {
+        let fresh: Box<[u8]> = match bytes {
+            Some(bytes) => bytes.into(),
+            None => vec![0; PAGE_SIZE as usize].into_boxed_slice(),
+        };
+        &mut self.pages[page].insert(fresh.try_into().expect("a page's worth of bytes"))[..]
+    }
 }
 
 /// Writing part of an absent chunk needs its previous contents first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NeedsContents;
 
+/// Chunk indices are integers the store chose itself, not input an attacker shapes for
+/// collisions: a multiply-xorshift mix (splitmix64's finaliser) spreads them over the table at a
+/// fraction of SipHash's cost.
+#[derive(Default)]
+struct IndexHasher(u64);
+
+impl Hasher for IndexHasher {
+    fn finish(&self) -> u64 {
+        let mut x = self.0;
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^ (x >> 31)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+type Shard = HashMap<u64, Chunk, BuildHasherDefault<IndexHasher>>;
+
 #[derive(Default)]
 pub struct ChunkStore {
-    shards: Vec<Mutex<HashMap<u64, Slot>>>,
+    shards: Vec<Mutex<Shard>>,
     /// The state of every chunk that holds something, in order, so extent queries jump over
     /// holes instead of probing each chunk. Updated under the chunk's shard lock (always shard
     /// first, then this), and read on its own.
@@ -40,7 +111,7 @@ pub struct ChunkStore {
 impl ChunkStore {
     pub fn new() -> ChunkStore {
         ChunkStore {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             held: Mutex::new(BTreeMap::new()),
         }
     }
@@ -55,31 +126,57 @@ impl ChunkStore {
         self.held().range(first..end).take(limit).map(|(&index, &state)| (index, state)).collect()
     }
 
-    fn shard(&self, index: u64) -> MutexGuard<'_, HashMap<u64, Slot>> {
+    fn shard(&self, index: u64) -> MutexGuard<'_, Shard> {
         // A panic while holding a shard cannot leave a chunk half-updated (each update is one
         // assignment or copy), so a poisoned lock is still safe to use.
         self.shards[(index % SHARDS as u64) as usize].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Copies bytes `start..start + out.len()` of chunk `index` into `out` when the chunk holds
-    /// something, and says what it held.
+    /// Copies bytes `start..start + out.len()` of chunk `index`, within one page (see
+    /// [`page_pieces`]), into `out` when the store holds them or knows them to be zeros, and says
+    /// which: `Absent` leaves `out` alone, for the owner to fill.
     pub fn read(&self, index: u64, start: usize, out: &mut [u8]) -> ChunkState {
-        match self.shard(index).get(&index) {
-            None => ChunkState::Absent,
-            Some(Slot::Zero) => {
+        let shard = self.shard(index);
+        let Some(chunk) = shard.get(&index) else { return ChunkState::Absent };
+        let page = start / PAGE_SIZE as usize;
+        let at = start % PAGE_SIZE as usize;
+        match chunk.page(page) {
+            Some(bytes) => {
+                out.copy_from_slice(&bytes[at..at + out.len()]);
+                ChunkState::Data
+            }
+            None if chunk.zeros => {
                 out.fill(0);
                 ChunkState::Zero
             }
-            Some(Slot::Data(data)) => {
-                out.copy_from_slice(&data[start..start + out.len()]);
-                ChunkState::Data
-            }
+            None => ChunkState::Absent,
         }
     }
 
-    /// Writes `data` at `start` inside chunk `index`. A write covering the whole chunk always
-    /// succeeds; a partial write into an absent chunk needs `contents` (the chunk's previous
-    /// bytes) and returns [`NeedsContents`] without them.
+    /// Appends bytes `start..start + length` of chunk `index`, within one page, to `out` when
+    /// the store holds them or knows them to be zeros (nothing when `Absent`).
+    pub fn read_into(&self, index: u64, start: usize, length: usize, out: &mut BytesMut) -> ChunkState {
+        let shard = self.shard(index);
+        let Some(chunk) = shard.get(&index) else { return ChunkState::Absent };
+        let page = start / PAGE_SIZE as usize;
+        let at = start % PAGE_SIZE as usize;
+        match chunk.page(page) {
+            Some(bytes) => {
+                out.extend_from_slice(&bytes[at..at + length]);
+                ChunkState::Data
+            }
+            None if chunk.zeros => {
+                out.resize(out.len() + length, 0);
+                ChunkState::Zero
+            }
+            None => ChunkState::Absent,
+        }
+    }
+
+    /// Writes `data` at `start` inside chunk `index`. Pages the write covers whole never need
+    /// anything else; a page it covers in part needs that page's previous bytes: kept ones, zeros
+    /// in a zeroed chunk, or else from `contents` (the whole chunk's previous bytes). Without
+    /// them it returns [`NeedsContents`] and changes nothing.
     pub fn write(
         &self,
         index: u64,
@@ -87,47 +184,105 @@ impl ChunkStore {
         data: &[u8],
         contents: Option<Box<[u8]>>,
     ) -> Result<(), NeedsContents> {
+        self.write_with(index, start, data, false, contents.as_deref())
+    }
+
+    /// Writes `data` at `start` inside chunk `index`; what was never written reads as zeros.
+    pub fn write_over_zeros(&self, index: u64, start: usize, data: &[u8]) {
+        let _ = self.write_with(index, start, data, true, None);
+    }
+
+    fn write_with(
+        &self,
+        index: u64,
+        start: usize,
+        data: &[u8],
+        zeros: bool,
+        contents: Option<&[u8]>,
+    ) -> Result<(), NeedsContents> {
+        let page_size = PAGE_SIZE as usize;
+        let end = start + data.len();
         let mut shard = self.shard(index);
-        if data.len() as u64 == CHUNK_SIZE {
-            shard.insert(index, Slot::Data(data.into()));
+        let (chunk, created) = match shard.entry(index) {
+            Entry::Occupied(slot) => (slot.into_mut(), false),
+            Entry::Vacant(slot) => {
+                if contents.is_none() && !zeros && (start % page_size != 0 || end % page_size != 0) {
+                    return Err(NeedsContents);
+                }
+                (slot.insert(Chunk::new(zeros)), true)
+            }
+        };
+        if !chunk.zeros && contents.is_none() {
+            // Check first, so a refused write changes nothing.
+            let partial = |page: usize| {
+                let (from, to) = (page * page_size, (page + 1) * page_size);
+                chunk.pages[page].is_none() && (start > from || end < to)
+            };
+            let (first, last) = (start / page_size, (end - 1) / page_size);
+            if !data.is_empty() && (partial(first) || partial(last)) {
+                return Err(NeedsContents);
+            }
+        }
+        let was = if created { ChunkState::Absent } else { chunk.state() };
+        let mut position = start;
+        while position < end {
+            let page = position / page_size;
+            let at = position % page_size;
+            let take = (page_size - at).min(end - position);
+            let piece = &data[position - start..position - start + take];
+            if let Some(bytes) = chunk.page_mut(page) {
+                bytes[at..at + take].copy_from_slice(piece);
+            } else {
+                // A new page: a copy of what is written when it covers the page, else the
+                // page's previous bytes (zeros, or from `contents`) with the piece over them.
+                let before = contents
+                    .filter(|_| !chunk.zeros)
+                    .map(|contents| &contents[page * page_size..(page + 1) * page_size]);
+                if take == page_size {
+                    chunk.hold(page, Some(piece));
+                } else {
+                    chunk.hold(page, before)[at..at + take].copy_from_slice(piece);
+                }
+            }
+            position += take;
+        }
+        if was != ChunkState::Data {
             self.held().insert(index, ChunkState::Data);
-            return Ok(());
         }
-        match shard.get(&index) {
-            Some(Slot::Data(_)) => {}
-            Some(Slot::Zero) => {
-                shard.insert(index, Slot::Data(vec![0; CHUNK_SIZE as usize].into_boxed_slice()));
-                self.held().insert(index, ChunkState::Data);
-            }
-            None => {
-                let contents = contents.ok_or(NeedsContents)?;
-                debug_assert_eq!(contents.len() as u64, CHUNK_SIZE);
-                shard.insert(index, Slot::Data(contents));
-                self.held().insert(index, ChunkState::Data);
-            }
-        }
-        let Some(Slot::Data(chunk)) = shard.get_mut(&index) else { unreachable!("a data slot was just ensured") };
-        chunk[start..start + data.len()].copy_from_slice(data);
         Ok(())
     }
 
-    /// Zeroes bytes `start..start + length` of a chunk that holds data; other chunks are left
-    /// alone. Returns what the chunk held before.
+    /// Zeroes bytes `start..start + length` of a chunk that holds something. Returns what the
+    /// chunk held before; `Absent` when the owner must write the zeros itself (the chunk, or a
+    /// page only partly in the range, reads as the owner's default).
     pub fn zero_part(&self, index: u64, start: usize, length: usize) -> ChunkState {
-        match self.shard(index).get_mut(&index) {
-            None => ChunkState::Absent,
-            Some(Slot::Zero) => ChunkState::Zero,
-            Some(Slot::Data(chunk)) => {
-                chunk[start..start + length].fill(0);
-                ChunkState::Data
+        let page_size = PAGE_SIZE as usize;
+        let mut shard = self.shard(index);
+        let Some(chunk) = shard.get_mut(&index) else { return ChunkState::Absent };
+        let state = chunk.state();
+        let end = start + length;
+        let mut position = start;
+        while position < end {
+            let page = position / page_size;
+            let at = position % page_size;
+            let take = (page_size - at).min(end - position);
+            let zeros = chunk.zeros;
+            match chunk.page_mut(page) {
+                Some(bytes) => bytes[at..at + take].fill(0),
+                // Reads as zeros already.
+                None if zeros => {}
+                None if take == page_size => _ = chunk.hold(page, None),
+                None => return ChunkState::Absent,
             }
+            position += take;
         }
+        state
     }
 
     /// Marks a whole chunk as zeros without storing them.
     pub fn set_zero(&self, index: u64) {
         let mut shard = self.shard(index);
-        shard.insert(index, Slot::Zero);
+        shard.insert(index, Chunk::new(true));
         self.held().insert(index, ChunkState::Zero);
     }
 
@@ -148,14 +303,14 @@ impl ChunkStore {
         self.held().clear();
     }
 
-    /// Bytes of chunk data held in memory.
+    /// Bytes of data held in memory: the pages written.
     #[cfg(test)]
     pub fn resident_bytes(&self) -> u64 {
         self.shards
             .iter()
             .map(|shard| {
                 let shard = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                shard.values().filter(|slot| matches!(slot, Slot::Data(_))).count() as u64 * CHUNK_SIZE
+                shard.values().map(|chunk| chunk.pages.iter().flatten().count() as u64).sum::<u64>() * PAGE_SIZE
             })
             .sum()
     }
@@ -164,16 +319,23 @@ impl ChunkStore {
 /// Splits `[offset, offset + length)` into per-chunk pieces: `(chunk index, start in chunk,
 /// length in chunk, position in the request)`.
 pub fn pieces(offset: u64, length: u64) -> impl Iterator<Item = (u64, usize, usize, usize)> {
+    split(CHUNK_SIZE, offset, length)
+}
+
+/// Like [`pieces`], also cut at page boundaries: each piece lies within one page of one chunk.
+pub fn page_pieces(offset: u64, length: u64) -> impl Iterator<Item = (u64, usize, usize, usize)> {
+    split(PAGE_SIZE, offset, length)
+}
+
+fn split(unit: u64, offset: u64, length: u64) -> impl Iterator<Item = (u64, usize, usize, usize)> {
     let end = offset + length;
     let mut position = offset;
     std::iter::from_fn(move || {
         if position >= end {
             return None;
         }
-        let index = position / CHUNK_SIZE;
-        let start = (position % CHUNK_SIZE) as usize;
-        let take = (CHUNK_SIZE - start as u64).min(end - position) as usize;
-        let piece = (index, start, take, (position - offset) as usize);
+        let take = (unit - position % unit).min(end - position) as usize;
+        let piece = (position / CHUNK_SIZE, (position % CHUNK_SIZE) as usize, take, (position - offset) as usize);
         position += take as u64;
         Some(piece)
     })

@@ -440,7 +440,7 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    const CTX: IoContext = IoContext { connection: 1, cookie: 1, flags: 0 };
+    const CTX: IoContext = IoContext { connection: 1, cookie: 1, flags: 0, power_cycle: 0 };
 
     fn image(size: u64) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();

@@ -3,7 +3,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use super::chunks::{CHUNK_SIZE, ChunkState, ChunkStore, pieces};
+use super::chunks::{CHUNK_SIZE, ChunkState, ChunkStore, page_pieces};
 use super::{BlockDevice, Extent, Features, IoContext, IoFuture, ZeroFlags};
 use crate::wire::allocation;
 
@@ -11,6 +11,16 @@ use crate::wire::allocation;
 const CHUNKS_PER_YIELD: usize = 1024;
 /// How many held chunks one BLOCK_STATUS answer describes at most.
 const MAX_HELD_PER_REPLY: usize = 16384;
+
+/// `length` zero bytes: a slice of one static buffer when it is long enough, so reading holes
+/// neither allocates nor fills memory.
+fn zeros(length: usize) -> Bytes {
+    static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+    match ZEROS.get(..length) {
+        Some(zeros) => Bytes::from_static(zeros),
+        None => Bytes::from(vec![0; length]),
+    }
+}
 
 pub struct MemoryDevice {
     size: u64,
@@ -29,37 +39,67 @@ impl MemoryDevice {
     }
 
     fn read_now(&self, offset: u64, length: u32) -> Bytes {
-        let mut out = BytesMut::zeroed(length as usize);
-        for (index, start, take, position) in pieces(offset, u64::from(length)) {
-            // Absent chunks read as the zeros `out` already holds.
-            self.chunks.read(index, start, &mut out[position..position + take]);
+        let length = length as usize;
+        let mut out = BytesMut::new();
+        for (index, start, take, position) in page_pieces(offset, length as u64) {
+            if out.capacity() == 0 {
+                // Nothing but zeros so far: no buffer until data shows up.
+                if self.chunks.read(index, start, &mut []) != ChunkState::Data {
+                    continue;
+                }
+                out.reserve(length);
+                out.resize(position, 0);
+            }
+            if self.chunks.read_into(index, start, take, &mut out) == ChunkState::Absent {
+                out.resize(out.len() + take, 0);
+            }
+        }
+        if out.capacity() == 0 {
+            // A read of nothing but holes shares one buffer of zeros.
+            return zeros(length);
         }
         out.freeze()
     }
 
     fn write_now(&self, offset: u64, data: &[u8]) {
-        for (index, start, take, position) in pieces(offset, data.len() as u64) {
-            let piece = &data[position..position + take];
-            let fresh = || Some(vec![0; CHUNK_SIZE as usize].into_boxed_slice());
-            if self.chunks.write(index, start, piece, None).is_err() {
-                // An absent chunk is all zeros, which is what it starts from.
-                let _ = self.chunks.write(index, start, piece, fresh());
-            }
+        for (index, start, take, position) in page_pieces(offset, data.len() as u64) {
+            // An absent chunk is all zeros, which is what it starts from.
+            self.chunks.write_over_zeros(index, start, &data[position..position + take]);
         }
     }
 
     /// Zeroes a range: whole chunks are dropped (they read as zeros), partial ones are zeroed in
-    /// place. Yields now and then so a 4 GiB request does not hold a worker thread.
+    /// place. Only chunks that hold something are visited, so zeroing a huge empty range costs
+    /// little. A range over many chunks lets the requests behind it go first, and yields now
+    /// and then so a 4 GiB request does not hold a worker thread.
     async fn zero_range(&self, offset: u64, length: u64) {
-        for (count, (index, start, take, _)) in pieces(offset, length).enumerate() {
-            if take as u64 == CHUNK_SIZE {
+        let end = offset + length;
+        // Whole chunks from `first` to `last` (excluded), and the partial ones around them.
+        let (first, last) = (offset.div_ceil(CHUNK_SIZE), end / CHUNK_SIZE);
+        if first > last {
+            // Inside one chunk.
+            self.chunks.zero_part(offset / CHUNK_SIZE, (offset % CHUNK_SIZE) as usize, length as usize);
+            return;
+        }
+        if offset % CHUNK_SIZE != 0 {
+            let start = offset % CHUNK_SIZE;
+            self.chunks.zero_part(offset / CHUNK_SIZE, start as usize, (CHUNK_SIZE - start) as usize);
+        }
+        if end % CHUNK_SIZE != 0 {
+            self.chunks.zero_part(last, 0, (end % CHUNK_SIZE) as usize);
+        }
+        if last - first > CHUNKS_PER_YIELD as u64 {
+            tokio::task::yield_now().await;
+        }
+        let mut from = first;
+        while from < last {
+            let held = self.chunks.held_in(from, last, CHUNKS_PER_YIELD);
+            let Some(&(next, _)) = held.last() else { break };
+            for (index, _) in held {
                 self.chunks.remove(index);
-            } else {
-                self.chunks.zero_part(index, start, take);
             }
-            if count % CHUNKS_PER_YIELD == CHUNKS_PER_YIELD - 1 {
-                tokio::task::yield_now().await;
-            }
+            from = next + 1;
+            tokio::task::yield_now().await;
         }
     }
 
@@ -147,7 +187,7 @@ impl BlockDevice for MemoryDevice {
 mod tests {
     use super::*;
 
-    const CTX: IoContext = IoContext { connection: 1, cookie: 1, flags: 0 };
+    const CTX: IoContext = IoContext { connection: 1, cookie: 1, flags: 0, power_cycle: 0 };
 
     #[tokio::test]
     async fn unwritten_memory_reads_as_zeros_and_is_a_hole() {

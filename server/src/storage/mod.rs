@@ -32,6 +32,10 @@ pub struct IoContext {
     pub cookie: u64,
     /// The request's command flags as they arrived (`NBD_CMD_FLAG_*`).
     pub flags: u16,
+    /// The power cycle of the export the connection attached in (see
+    /// [`crate::fault::power::Power`]): after a power cut, the fault layer lets no I/O of an
+    /// older cycle reach storage.
+    pub power_cycle: u64,
 }
 
 /// What WRITE_ZEROES may do and must not do.

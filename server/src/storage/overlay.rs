@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::chunks::{CHUNK_SIZE, ChunkState, ChunkStore, pieces};
+use super::chunks::{CHUNK_SIZE, ChunkState, ChunkStore, page_pieces, pieces};
 use super::{BlockDevice, Extent, Features, IoContext, IoFuture, ZeroFlags};
 use crate::wire::allocation;
 
@@ -35,12 +35,14 @@ impl OverlayDevice {
         Ok(chunk.into_boxed_slice())
     }
 
+    /// Writes a piece within one chunk. Whole pages need nothing from the base; a page written
+    /// in part is first copied from it.
     async fn write_piece(&self, ctx: IoContext, index: u64, start: usize, data: &[u8]) -> Result<(), super::IoError> {
         if self.chunks.write(index, start, data, None).is_ok() {
             return Ok(());
         }
         let contents = self.base_chunk(ctx, index).await?;
-        // Another writer may have filled the chunk meanwhile; `write` then ignores `contents`.
+        // Another writer may have filled the pages meanwhile; `write` then ignores `contents`.
         self.chunks.write(index, start, data, Some(contents)).expect("contents were supplied");
         Ok(())
     }
@@ -73,7 +75,7 @@ impl BlockDevice for OverlayDevice {
         Box::pin(async move {
             let mut out = BytesMut::zeroed(length as usize);
             let mut from_base: Vec<(usize, u64, usize)> = Vec::new();
-            for (index, start, take, position) in pieces(offset, u64::from(length)) {
+            for (index, start, take, position) in page_pieces(offset, u64::from(length)) {
                 if self.chunks.read(index, start, &mut out[position..position + take]) == ChunkState::Absent {
                     match from_base.last_mut() {
                         Some((at, _, len)) if *at + *len == position => *len += take,
@@ -199,7 +201,7 @@ mod tests {
     use super::*;
     use crate::storage::MemoryDevice;
 
-    const CTX: IoContext = IoContext { connection: 1, cookie: 1, flags: 0 };
+    const CTX: IoContext = IoContext { connection: 1, cookie: 1, flags: 0, power_cycle: 0 };
 
     async fn base_with_pattern() -> Arc<MemoryDevice> {
         let base = Arc::new(MemoryDevice::new(4 * CHUNK_SIZE + 100));

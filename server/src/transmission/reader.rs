@@ -39,6 +39,9 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
     /// A header that is not a request, or a WRITE too large even to drain, is an error: the
     /// connection cannot go on.
     pub async fn header(&mut self) -> Result<Option<RequestHeader>, TransmissionError> {
+        if let Some(header) = self.buffered_header() {
+            return header.map(Some);
+        }
         while self.buffer.len() < REQUEST_HEADER_LEN {
             let at_boundary = self.buffer.is_empty();
             match self.fill(REQUEST_HEADER_LEN).await {
@@ -49,16 +52,22 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
                 Err(error) => return Err(error.into()),
             }
         }
-        let bytes: &[u8; REQUEST_HEADER_LEN] = self.buffer[..REQUEST_HEADER_LEN].try_into().expect("length checked");
+        self.buffered_header().expect("a whole header is buffered").map(Some)
+    }
+
+    /// The next request's header if it is already received, without waiting for the client.
+    pub fn buffered_header(&mut self) -> Option<Result<RequestHeader, TransmissionError>> {
+        let bytes: &[u8; REQUEST_HEADER_LEN] =
+            self.buffer.get(..REQUEST_HEADER_LEN)?.try_into().expect("length checked");
         let header = RequestHeader::decode(bytes);
         self.buffer.advance(REQUEST_HEADER_LEN);
         if header.magic != REQUEST_MAGIC {
-            return Err(TransmissionError::BadMagic(header.magic));
+            return Some(Err(TransmissionError::BadMagic(header.magic)));
         }
         if header.kind == command::WRITE && header.length > MAX_DRAIN {
-            return Err(TransmissionError::PayloadTooLarge(header.length));
+            return Some(Err(TransmissionError::PayloadTooLarge(header.length)));
         }
-        Ok(Some(header))
+        Some(Ok(header))
     }
 
     /// The payload that follows `header`: a WRITE's data, empty for every other request. A
@@ -79,6 +88,19 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
             }
         }
         Ok(self.buffer.split_to(length).freeze())
+    }
+
+    /// The payload that follows `header` if it is already received (see [`Self::payload`]);
+    /// `None` when reading it would wait for the client.
+    pub fn buffered_payload(&mut self, header: &RequestHeader) -> Option<Bytes> {
+        if header.kind != command::WRITE || header.length == 0 {
+            return Some(Bytes::new());
+        }
+        let length = header.length as usize;
+        if header.length > MAX_PAYLOAD || self.buffer.len() < length {
+            return None;
+        }
+        Some(self.buffer.split_to(length).freeze())
     }
 
     /// Whether the next request (its header, and a WRITE's payload) is already received, so

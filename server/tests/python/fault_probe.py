@@ -237,8 +237,83 @@ def busy(uri, offset, stop_file, results_file):
     h.shutdown()
 
 
+# ---- connections: several handles, one script ----------------------------------------------------
+
+
+def connections(uri, count, *operations):
+    """Opens `count` connections to `uri`, then runs the operations in order, each on the
+    connection its prefix names, and prints one JSON line per operation as `ops` does, with
+    "connection": N. `N:OP` is an operation of `ops` (write, read, flush, zero, trim) on
+    connection N (from 1); `N:reconnect` opens connection N again; `N:start-stall OFFSET` sends a
+    write of 4 KiB at OFFSET without waiting for its reply; `N:stalled` waits for that reply;
+    `pause` prints {"op": "pause"} and waits for a line on stdin (the test acts in between).
+    """
+    handles = [connect(uri) for _ in range(int(count))]
+    pending = {}
+    for text in operations:
+        if text == "pause":
+            print(json.dumps({"op": "pause"}), flush=True)
+            if not sys.stdin.readline():
+                sys.exit("connections: stdin closed during a pause")
+            continue
+        number, _, command = text.partition(":")
+        index = int(number) - 1
+        words = command.split()
+        name, args = words[0], words[1:]
+        fua = nbd.CMD_FLAG_FUA if "fua" in args else 0
+        args = [int(a, 0) for a in args if a != "fua"]
+        result = {"op": text, "connection": index + 1, "errno": None}
+        h = handles[index]
+        try:
+            if name == "reconnect":
+                handles[index] = connect(uri)
+            elif name == "start-stall":
+                (offset,) = args
+                buf = nbd.Buffer.from_bytearray(bytearray(pattern(0x5A, 4 * KIB)))
+                done = {}
+
+                def finished(err, done=done):
+                    done["errno"] = errno_name(err.value) if err.value else None
+                    return 1
+
+                h.aio_pwrite(buf, offset, completion=finished)
+                pending[index] = (buf, done)
+            elif name == "stalled":
+                _, done = pending.pop(index)
+                deadline = time.monotonic() + PATIENCE
+                while "errno" not in done and not h.aio_is_dead() and time.monotonic() < deadline:
+                    h.poll(100)
+                if "errno" in done:
+                    result["errno"] = done["errno"]
+                elif h.aio_is_dead():
+                    result["errno"] = "ENOTCONN"
+                else:
+                    sys.exit(f"connections: the stalled write on connection {index + 1} never finished")
+            elif name == "write":
+                offset, length, byte = args
+                h.pwrite(pattern(byte, length), offset, fua)
+            elif name == "read":
+                offset, length = args
+                result["data"] = bytes(h.pread(length, offset)).hex()
+            elif name == "flush":
+                h.flush()
+            elif name == "zero":
+                offset, length = args
+                h.zero(length, offset, fua)
+            elif name == "trim":
+                offset, length = args
+                h.trim(length, offset, fua)
+            else:
+                sys.exit(f"connections: unknown operation {text!r}")
+        except nbd.Error as error:
+            result["errno"] = errno_name(error.errnum) if error.errnum else "ENOTCONN"
+            result["message"] = error.string
+        print(json.dumps(result), flush=True)
+
+
 SCENARIOS = {
     "ops": ops,
+    "connections": connections,
     "overtaken": overtaken,
     "stalled": stalled,
     "busy": busy,

@@ -23,13 +23,15 @@ pub(crate) use when::{CountScope, When};
 /// A whole policy file, every section checked.
 pub(crate) struct PolicySpec {
     pub seed: u64,
+    pub volatile_cache: Option<bool>,
     pub description: Option<String>,
     pub bad_sectors: Vec<DeclaredBadSector>,
     pub rules: Vec<RuleSpec>,
     pub schedule: Vec<ScheduleEntry>,
 }
 
-const NOTHING_TO_DO: &str = "the policy has no rules, no schedule and no bad sectors, so it would do nothing";
+const NOTHING_TO_DO: &str =
+    "the policy has no rules, no schedule, no bad sectors and no `volatile_cache: true`, so it would do nothing";
 const NOTHING_TO_DO_FIX: &str =
     "add `rules:` with at least one rule, such as `rules: [{ when: { op: flush }, then: { error: EIO } }]`";
 
@@ -49,11 +51,14 @@ impl<'de> Deserialize<'de> for PolicySpec {
                 let skipped = ParseContext::skipped();
                 let raw = RawPolicy::deserialize(de::value::MapAccessDeserializer::new(map))?;
                 let whole = ParseContext::skipped() == skipped;
-                if whole && raw.rules.is_empty() && raw.schedule.is_empty() && raw.bad_sectors.is_empty() {
+                let nothing = raw.rules.is_empty() && raw.schedule.is_empty() && raw.bad_sectors.is_empty();
+                // A device with a volatile cache and nothing else loses writes to API power cuts.
+                if whole && nothing && raw.volatile_cache != Some(true) {
                     return Err(Invalid::new(NOTHING_TO_DO, NOTHING_TO_DO_FIX).into_serde());
                 }
                 Ok(PolicySpec {
                     seed: raw.seed,
+                    volatile_cache: raw.volatile_cache,
                     description: raw.description,
                     bad_sectors: raw.bad_sectors,
                     rules: raw.rules,
@@ -72,6 +77,8 @@ struct RawPolicy {
     seed: u64,
     #[serde(default, deserialize_with = "present")]
     description: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    volatile_cache: Option<bool>,
     #[serde(default, deserialize_with = "recovering_list")]
     bad_sectors: Vec<DeclaredBadSector>,
     #[serde(default, deserialize_with = "recovering_list")]
@@ -95,6 +102,7 @@ pub(crate) fn mapping_keys() -> Vec<(&'static str, &'static [&'static str])> {
         ("stall", names_read_by::<then::RawStall>()),
         ("torn", names_read_by::<then::RawTorn>()),
         ("corrupt", names_read_by::<then::RawCorrupt>()),
+        ("power_cut", names_read_by::<then::RawPowerCut>()),
         ("schedule_entry", names_read_by::<schedule::RawScheduleEntry>()),
     ]
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IntoDeserializer, MapAccess, Visitor};
 
+use crate::decision::PowerCut;
 use crate::error::Invalid;
 use crate::policy::compiled::Tear;
 use crate::policy::de::{ListOf, ParseContext, checked_map, present};
@@ -26,7 +27,7 @@ pub(crate) struct Then {
     pub corrupt: Option<(u32, Option<u64>)>,
     pub sticky: bool,
     pub disconnect: bool,
-    pub power_cut: bool,
+    pub power_cut: Option<PowerCut>,
     pub arm: Vec<Arc<str>>,
     pub disarm: Vec<Arc<str>>,
 }
@@ -53,7 +54,7 @@ pub(super) struct RawThen {
     #[serde(default, deserialize_with = "present")]
     disconnect: Option<bool>,
     #[serde(default, deserialize_with = "present")]
-    power_cut: Option<bool>,
+    power_cut: Option<PowerCutSpec>,
     #[serde(default, deserialize_with = "present")]
     arm: Option<ListOf<Name>>,
     #[serde(default, deserialize_with = "present")]
@@ -77,11 +78,17 @@ fn check_then(raw: RawThen) -> Result<Then, Invalid> {
         corrupt: raw.corrupt.map(|corrupt| (corrupt.bytes, corrupt.seed)),
         sticky: raw.sticky.unwrap_or(false),
         disconnect: raw.disconnect.unwrap_or(false),
-        power_cut: raw.power_cut.unwrap_or(false),
+        power_cut: raw.power_cut.and_then(|cut| cut.0),
         arm: names(raw.arm),
         disarm: names(raw.disarm),
     };
-    let fails = then.error.is_some() || then.disconnect;
+    if then.error.is_some() && then.power_cut.is_some() {
+        return Err(Invalid::new(
+            "a power cut drops every connection of the export, so `error` would never be sent",
+            "keep `power_cut` (the client hears nothing), or `error` without it",
+        ));
+    }
+    let fails = then.error.is_some() || then.disconnect || then.power_cut.is_some();
     if then.delay.is_some() && then.stall.is_some() {
         return Err(Invalid::new(
             "`delay` and `stall` both say how long to hold the request",
@@ -102,7 +109,7 @@ fn check_then(raw: RawThen) -> Result<Then, Invalid> {
     }
     if then.drop && fails {
         return Err(Invalid::new(
-            "`drop` reports success while losing the write, which contradicts `error`/`disconnect`",
+            "`drop` reports success while losing the write, which contradicts `error`/`disconnect`/`power_cut`",
             "remove `drop` (a failed write is not done anyway), or remove the error",
         ));
     }
@@ -116,7 +123,7 @@ fn check_then(raw: RawThen) -> Result<Then, Invalid> {
     if then.corrupt.is_some() && fails {
         return Err(Invalid::new(
             "`corrupt` hands damaged data to the client, but a failed read hands it no data",
-            "remove `error`/`disconnect` to return corrupted data, or remove `corrupt`",
+            "remove `error`/`disconnect`/`power_cut` to return corrupted data, or remove `corrupt`",
         ));
     }
     if then.sticky && then.error.is_none() {
@@ -174,6 +181,57 @@ impl<'de> Deserialize<'de> for StallSpec {
             }
         }
         deserializer.deserialize_any(StallVisitor)
+    }
+}
+
+/// `power_cut: true` or `power_cut: { until: TRIGGER, timeout: 30s }` (the export stays off
+/// until the trigger is armed or the timeout passes); `power_cut: false` is no power cut.
+struct PowerCutSpec(Option<PowerCut>);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPowerCut {
+    #[serde(default, deserialize_with = "present")]
+    until: Option<Name>,
+    #[serde(default, deserialize_with = "present")]
+    timeout: Option<Unit<HumanDuration>>,
+}
+
+impl<'de> Deserialize<'de> for PowerCutSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PowerCutVisitor;
+        impl<'de> Visitor<'de> for PowerCutVisitor {
+            type Value = PowerCutSpec;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true, or a mapping such as { until: power-on, timeout: 30s }")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<PowerCutSpec, E> {
+                Ok(PowerCutSpec(v.then(PowerCut::default)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<PowerCutSpec, A::Error> {
+                let skipped = ParseContext::skipped();
+                let raw = RawPowerCut::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                let timeout = raw.timeout.map(|timeout| timeout.0.0);
+                if ParseContext::skipped() == skipped {
+                    if raw.until.is_none() && timeout.is_none() {
+                        return Err(Invalid::new(
+                            "`power_cut: {}` says nothing about how long the export stays off",
+                            "write `power_cut: true` (power back at once), or give `until: TRIGGER` and/or `timeout: 30s`",
+                        )
+                        .into_serde());
+                    }
+                    if timeout.is_some_and(|timeout| timeout.is_zero()) {
+                        return Err(Invalid::new(
+                            "`timeout: 0` keeps the export off for no time at all",
+                            "write `power_cut: true` for power back at once, or give a timeout such as 5s",
+                        )
+                        .into_serde());
+                    }
+                }
+                Ok(PowerCutSpec(Some(PowerCut { until: raw.until.map(|name| name.0), timeout })))
+            }
+        }
+        deserializer.deserialize_any(PowerCutVisitor)
     }
 }
 

@@ -1,0 +1,222 @@
+//! The power of an export's device, as a real disk has one: a power cut drops every connection of
+//! the export at once (the host's I/O to it is lost in flight) and undoes every write not yet
+//! flushed (the fault layer's journal); the device may then stay off until a trigger is armed, a
+//! timeout passes or the control API powers it on. While it is off, clients cannot attach: the
+//! handshake answers `NBD_REP_ERR_UNKNOWN` ("export not available"), as a disk that lost power is
+//! gone from the bus rather than failing requests.
+//!
+//! Ordering. Every request of the export does its storage I/O holding the [`Power::gate`] shared,
+//! and only if its connection attached in the current power cycle; a cut holds the gate alone
+//! while it starts the next cycle and undoes the journal. So no write of a connection from before
+//! the cut reaches storage after it, and nothing reads the storage half undone.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard, watch};
+
+/// How long the export stays off after a cut, besides `POST .../power-on`, which always ends it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Off {
+    /// Until this trigger is armed.
+    pub until: Option<Arc<str>>,
+    /// Until this time since server start.
+    pub on_at: Option<Duration>,
+}
+
+/// The power state as the control API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PowerView {
+    pub on: bool,
+    /// Power cuts since the server started.
+    pub cuts: u64,
+    /// Connections attached now.
+    pub connections: u64,
+    /// Time since server start of the last cut or power-on; zero if neither happened.
+    pub since_ns: u64,
+    /// While off: the trigger whose arming powers the export on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<Arc<str>>,
+    /// While off with a timeout: the time since server start when the power comes back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_at_ns: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct State {
+    /// Power cuts so far: the current power cycle.
+    cycle: u64,
+    off: Option<Off>,
+    since: Duration,
+}
+
+pub struct Power {
+    /// Read without a lock on every request, under the gate.
+    cycle: AtomicU64,
+    state: watch::Sender<State>,
+    /// Shared by requests doing storage I/O; held alone by a cut.
+    gate: RwLock<()>,
+    attached: Arc<AtomicU64>,
+    /// Serializes state changes (cuts and power-ons) with their watch updates.
+    changes: Mutex<()>,
+}
+
+/// A connection attached to the export; counted until dropped.
+pub struct Attachment {
+    attached: Arc<AtomicU64>,
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.attached.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Default for Power {
+    fn default() -> Self {
+        Power::new()
+    }
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Power {
+    pub fn new() -> Power {
+        Power {
+            cycle: AtomicU64::new(0),
+            state: watch::Sender::new(State::default()),
+            gate: RwLock::new(()),
+            attached: Arc::new(AtomicU64::new(0)),
+            changes: Mutex::new(()),
+        }
+    }
+
+    /// The current power cycle: how many cuts there were.
+    pub fn cycle(&self) -> u64 {
+        self.cycle.load(Ordering::Acquire)
+    }
+
+    /// The power cycle a client attaching now gets, or `None` while the export is off.
+    pub fn admits(&self) -> Option<u64> {
+        let state = self.state.borrow();
+        state.off.is_none().then_some(state.cycle)
+    }
+
+    /// Why a client cannot attach now, for the handshake's error message; `None` when it can.
+    pub fn refusal(&self, export: &str) -> Option<String> {
+        let state = self.state.borrow();
+        let off = state.off.as_ref()?;
+        let mut until = Vec::new();
+        if let Some(trigger) = &off.until {
+            until.push(format!("the trigger {trigger:?} is armed"));
+        }
+        if let Some(on_at) = off.on_at {
+            until.push(format!("{:.1} s after server start", on_at.as_secs_f64()));
+        }
+        until.push("the control API powers it on (POST .../power-on)".to_string());
+        Some(format!("export {export:?} is powered off after a power cut, until {}", until.join(", or ")))
+    }
+
+    /// Counts a connection as attached until the attachment is dropped.
+    pub fn attach(&self) -> Attachment {
+        self.attached.fetch_add(1, Ordering::Relaxed);
+        Attachment { attached: Arc::clone(&self.attached) }
+    }
+
+    /// Resolves once a cut ends power cycle `cycle`: a connection attached in it is dead then.
+    pub async fn cut_after(&self, cycle: u64) {
+        let mut state = self.state.subscribe();
+        // The sender lives as long as `self`, which this borrows.
+        let _ = state.wait_for(|state| state.cycle > cycle).await;
+    }
+
+    /// Storage I/O of a request of a connection attached in `cycle`: `None` when a cut has ended
+    /// that cycle (the request's connection is dead, its I/O must not happen).
+    pub async fn enter(&self, cycle: u64) -> Option<RwLockReadGuard<'_, ()>> {
+        let guard = self.gate.read().await;
+        (self.cycle() == cycle).then_some(guard)
+    }
+
+    /// Waits until no request does storage I/O, then holds everyone else off. The caller then
+    /// [`Power::cut`]s (or finds it need not) and undoes the journal while holding this.
+    pub async fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().await
+    }
+
+    /// Starts the next power cycle (every connection attached before it dies) and leaves the
+    /// export off as `off` says; call it holding [`Power::exclusive`]. Returns the new cycle and
+    /// how many connections were attached.
+    pub fn cut(&self, _exclusive: &RwLockWriteGuard<'_, ()>, off: Option<Off>, now: Duration) -> (u64, u64) {
+        let _changes = self.changes.lock().unwrap_or_else(PoisonError::into_inner);
+        // Counted before the connections learn of the cut and start to leave.
+        let attached = self.attached.load(Ordering::Relaxed);
+        let cycle = self.cycle() + 1;
+        self.cycle.store(cycle, Ordering::Release);
+        self.state.send_replace(State { cycle, off, since: now });
+        (cycle, attached)
+    }
+
+    /// Powers the export on; returns whether it was off. With `cycle`, only if it is still off
+    /// from the cut that started that cycle (a later cut, or a power-on, came first otherwise).
+    pub fn power_on(&self, cycle: Option<u64>, now: Duration) -> bool {
+        let _changes = self.changes.lock().unwrap_or_else(PoisonError::into_inner);
+        self.state.send_if_modified(|state| {
+            if state.off.is_none() || cycle.is_some_and(|cycle| cycle != state.cycle) {
+                return false;
+            }
+            state.off = None;
+            state.since = now;
+            true
+        })
+    }
+
+    /// Resolves when the power is on, or a cut after `cycle` came.
+    pub async fn on_or_cut_after(&self, cycle: u64) {
+        let mut state = self.state.subscribe();
+        let _ = state.wait_for(|state| state.off.is_none() || state.cycle != cycle).await;
+    }
+
+    pub fn view(&self) -> PowerView {
+        let state = self.state.borrow().clone();
+        PowerView {
+            on: state.off.is_none(),
+            cuts: state.cycle,
+            connections: self.attached.load(Ordering::Relaxed),
+            since_ns: nanos(state.since),
+            until: state.off.as_ref().and_then(|off| off.until.clone()),
+            on_at_ns: state.off.as_ref().and_then(|off| off.on_at).map(nanos),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_cut_ends_the_cycle_of_every_attached_connection_and_refuses_new_ones_while_off() {
+        let power = Power::new();
+        let cycle = power.admits().unwrap();
+        let first = power.attach();
+        let second = power.attach();
+        assert!(power.enter(cycle).await.is_some());
+        let exclusive = power.exclusive().await;
+        let (next, attached) = power.cut(&exclusive, Some(Off::default()), Duration::from_secs(3));
+        drop(exclusive);
+        assert_eq!((next, attached), (1, 2));
+        assert!(power.enter(cycle).await.is_none(), "the old cycle's I/O is refused");
+        power.cut_after(cycle).await;
+        assert_eq!(power.admits(), None);
+        assert!(power.refusal("disk").unwrap().contains("powered off"));
+        assert!(!power.power_on(Some(0), Duration::ZERO), "a power-on for an older cut changes nothing");
+        assert!(power.power_on(Some(1), Duration::from_secs(4)));
+        assert_eq!(power.admits(), Some(1));
+        drop((first, second));
+        let view = power.view();
+        assert_eq!((view.on, view.cuts, view.connections, view.since_ns), (true, 1, 0, 4_000_000_000));
+    }
+}
