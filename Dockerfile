@@ -24,19 +24,23 @@ COPY Cargo.toml Cargo.lock ./
 COPY server/Cargo.toml server/
 COPY policies/Cargo.toml policies/
 COPY client-tests/Cargo.toml client-tests/
+COPY control-client/Cargo.toml control-client/
+COPY testing/Cargo.toml testing/
 RUN set -eux; \
-    mkdir -p server/src policies/src policies/benches client-tests/src; \
+    mkdir -p server/src policies/src policies/benches client-tests/src control-client/src testing/src; \
     echo 'fn main() {}' > server/src/main.rs; \
     echo 'fn main() {}' > client-tests/src/main.rs; \
     echo 'fn main() {}' > policies/benches/decide.rs; \
-    touch server/src/lib.rs policies/src/lib.rs client-tests/src/lib.rs; \
+    touch server/src/lib.rs policies/src/lib.rs client-tests/src/lib.rs control-client/src/lib.rs testing/src/lib.rs; \
     cargo build --release --locked -p nbdfault; \
-    cargo clean --release -p nbdfault -p nbdfault-policies
+    cargo clean --release -p nbdfault -p nbdfault-policies -p nbdfault-control-client
 
-# The sources of the two crates the binary is made of (client-tests keeps its placeholders).
+# The sources of the crates the binary is made of (client-tests and testing keep their
+# placeholders).
 # /rootfs/var/lib/nbdfault becomes the state directory; a named volume mounted there starts with
 # its owner, the runtime's nonroot user.
 COPY policies policies
+COPY control-client control-client
 COPY server server
 RUN set -eux; \
     cargo build --release --locked -p nbdfault; \

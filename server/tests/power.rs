@@ -7,11 +7,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::control::{Api, fault_probe, poll};
+use common::control::{Api, Connections, fault_probe, poll};
 use common::raw::{self, RawClient};
 use common::{NBDFAULT, NBDINFO, PYTHON_NBD, Server, require, run, run_ok};
 use serde_json::{Value, json};
@@ -22,55 +21,6 @@ fn disk() -> (Server, Api) {
     let server = Server::builder().export("disk", "memory:16MiB").with_control().start();
     let api = Api::new(&server);
     (server, api)
-}
-
-/// `fault_probe.py connections`: a script over several libnbd connections that stops at each
-/// `pause` until the test says go on.
-struct Connections {
-    child: Child,
-    stdin: ChildStdin,
-    lines: BufReader<ChildStdout>,
-}
-
-impl Connections {
-    fn start(uri: &str, count: usize, operations: &[&str]) -> Connections {
-        let mut command = fault_probe("connections");
-        command.arg(uri).arg(count.to_string()).args(operations);
-        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
-        let mut child = command.spawn().expect("fault_probe.py starts");
-        let stdin = child.stdin.take().unwrap();
-        let lines = BufReader::new(child.stdout.take().unwrap());
-        Connections { child, stdin, lines }
-    }
-
-    /// The results up to the next `pause` (or the end).
-    fn until_pause(&mut self) -> Vec<Value> {
-        let mut results = Vec::new();
-        loop {
-            let mut line = String::new();
-            let read = self.lines.read_line(&mut line).expect("reading fault_probe.py's output");
-            if read == 0 {
-                return results;
-            }
-            let result: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-            if result["op"] == "pause" {
-                return results;
-            }
-            results.push(result);
-        }
-    }
-
-    /// Lets the script go on after a pause.
-    fn go_on(&mut self) {
-        self.stdin.write_all(b"go\n").and_then(|()| self.stdin.flush()).expect("fault_probe.py reads its stdin");
-    }
-
-    fn finish(mut self) -> Vec<Value> {
-        let results = self.until_pause();
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "fault_probe.py connections failed: {status}");
-        results
-    }
 }
 
 /// The errno of a result, `None` for success.

@@ -76,6 +76,11 @@ pub struct VmArgs {
     /// After the table, tell in plain words what the overwrite scenario saw (the demo).
     #[arg(long)]
     pub story: bool,
+    /// Print the URL of the server's live page (open it in a browser on this host to see the
+    /// oracle's writes and failures land), and keep the server, and so the page, up after the
+    /// guest is done until Enter or Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
 }
 
 /// Options shared by `vm` and `kernel`.
@@ -453,6 +458,10 @@ fn boot_and_run(
         server::Server::start(server_binary, &exports, &temp.0.join("server.log")).map_err(|e| e.to_string())?;
     progress
         .say(&format!("nbdfault serve ready: NBD on {}, control API on {}", server.ready.nbd, server.ready.control));
+    if args.watch {
+        let first = filesystems.first().map(|fs| fs.name()).unwrap_or_default();
+        progress.say(&format!("live page: {}", live_page_url(server.ready.control, first)));
+    }
 
     let params = guest::GuestParams {
         nbd_port: server.ready.nbd.port(),
@@ -480,6 +489,13 @@ fn boot_and_run(
         }
     })
     .map_err(|e| format!("cannot run qemu: {e}"))?;
+    if args.watch && !INTERRUPTED.load(Ordering::SeqCst) {
+        progress.say(&format!(
+            "the guest is done; the live page stays up at {} until Enter or Ctrl-C",
+            live_page_url(server.ready.control, filesystems.first().map(|fs| fs.name()).unwrap_or_default())
+        ));
+        wait_for_enter_or_interrupt();
+    }
     let server_exit = server.stop();
     if INTERRUPTED.load(Ordering::SeqCst) {
         return Err("interrupted: qemu and the server were stopped and the temporary files removed".into());
@@ -525,6 +541,26 @@ fn boot_and_run(
     Ok((reports, failing))
 }
 
+/// The server's live page for one export (the control API listens on the host's loopback).
+fn live_page_url(control: std::net::SocketAddr, export: &str) -> String {
+    format!("http://{control}/?export={export}")
+}
+
+/// Returns when a line (or the end) comes on stdin, or on Ctrl-C.
+fn wait_for_enter_or_interrupt() {
+    let (done, waiting) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        let _ = done.send(());
+    });
+    while !INTERRUPTED.load(Ordering::SeqCst) {
+        if waiting.recv_timeout(Duration::from_millis(200)) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            return;
+        }
+    }
+}
+
 fn summarize(reports: &[Report], failing: usize, progress: &Progress) {
     if failing == 0 {
         progress.say("no guaranteed invariant was violated and every check ran");
@@ -561,6 +597,12 @@ mod tests {
         assert!(lines[0].starts_with("VERSION  DEBIAN VERSION  PACKAGE"), "{table}");
         assert!(lines[1].starts_with("7.2.13   7.2.13-1        linux-image-7.2.13+deb14-amd64  sid"), "{table}");
         assert!(lines[2].ends_with("linux-image-6.1.0-56-amd64      bookworm, bookworm-security"), "{table}");
+    }
+
+    #[test]
+    fn the_live_page_url_names_the_export() {
+        let control = "127.0.0.1:41707".parse().unwrap();
+        assert_eq!(live_page_url(control, "xfs"), "http://127.0.0.1:41707/?export=xfs");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 mod events;
 mod metrics;
+mod page;
 mod worker;
 
 pub use worker::{ControlWorker, Refused};
@@ -147,6 +148,11 @@ pub fn router(state: ControlState) -> Router {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this endpoint has no such method; see docs/control-api.md")
         })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        // The live page's files: the same for everyone and free of data, so served without the
+        // token; the page then calls the API above with it.
+        .route("/", get(page::index))
+        .route("/page/app.js", get(page::script))
+        .route("/page/style.css", get(page::style))
         .with_state(state)
 }
 

@@ -3,7 +3,8 @@
 //! fault tests drive.
 
 use std::collections::BTreeMap;
-use std::process::Command;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nbdfault_control_client::Client;
@@ -263,4 +264,53 @@ pub fn ops<S: AsRef<str>>(uri: &str, ops: &[S]) -> Vec<OpResult> {
 
 fn decode_hex(hex: &str) -> Vec<u8> {
     (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex")).collect()
+}
+
+/// `fault_probe.py connections`: a script over several libnbd connections that stops at each
+/// `pause` until the test says go on.
+pub struct Connections {
+    child: Child,
+    stdin: ChildStdin,
+    lines: BufReader<ChildStdout>,
+}
+
+impl Connections {
+    pub fn start(uri: &str, count: usize, operations: &[&str]) -> Connections {
+        let mut command = fault_probe("connections");
+        command.arg(uri).arg(count.to_string()).args(operations);
+        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = command.spawn().expect("fault_probe.py starts");
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap());
+        Connections { child, stdin, lines }
+    }
+
+    /// The results up to the next `pause` (or the end).
+    pub fn until_pause(&mut self) -> Vec<Value> {
+        let mut results = Vec::new();
+        loop {
+            let mut line = String::new();
+            let read = self.lines.read_line(&mut line).expect("reading fault_probe.py's output");
+            if read == 0 {
+                return results;
+            }
+            let result: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            if result["op"] == "pause" {
+                return results;
+            }
+            results.push(result);
+        }
+    }
+
+    /// Lets the script go on after a pause.
+    pub fn go_on(&mut self) {
+        self.stdin.write_all(b"go\n").and_then(|()| self.stdin.flush()).expect("fault_probe.py reads its stdin");
+    }
+
+    pub fn finish(mut self) -> Vec<Value> {
+        let results = self.until_pause();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "fault_probe.py connections failed: {status}");
+        results
+    }
 }
