@@ -47,6 +47,9 @@ step "the kernel's nbd-client over TLS with a client certificate, kernel 6.1 in 
 build_client_tests
 "$CLIENT_TESTS_BIN/nbdfault-client-tests" vm-tls --kernel 6.1
 
+step "a device-wide power cut met by the kernel's nbd-client -C 2, kernel 6.1 in qemu (about 15 s)"
+"$CLIENT_TESTS_BIN/nbdfault-client-tests" vm-power-cut --kernel 6.1
+
 step "the Docker image: built from the Dockerfile, run, attached, faulted, stopped"
 bash docker/ci-smoke-test.sh
 
