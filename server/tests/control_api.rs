@@ -100,6 +100,8 @@ fn an_unknown_export_or_endpoint_gets_404_with_a_json_error_on_every_route() {
         ("GET", "/v1/exports/nope/data?offset=0&length=1"),
         ("PUT", "/v1/exports/nope/data?offset=0"),
         ("POST", "/v1/exports/nope/reset"),
+        ("POST", "/v1/exports/nope/power-cut"),
+        ("POST", "/v1/exports/nope/power-on"),
         // The server has no export "", so @default is unknown too.
         ("GET", "/v1/exports/@default"),
     ] {
