@@ -302,6 +302,9 @@ struct Count<'l> {
     /// The start of the last node read (as a character index, and a position) and the depth
     /// around it: where a bound on the rest of the text starts if the parser stops.
     resume: (usize, Position, usize),
+    /// Whether an anchored collection ended after that node: where the parser stops early, it
+    /// ends what is open, so such a collection may really go on into the rest.
+    ended_since_resume: bool,
 }
 
 impl<'l> Count<'l> {
@@ -316,6 +319,7 @@ impl<'l> Count<'l> {
             largest: (0, 0),
             open: Vec::new(),
             resume: (0, Position::start(), 0),
+            ended_since_resume: false,
         }
     }
 
@@ -324,6 +328,7 @@ impl<'l> Count<'l> {
         let node = |count: &mut Count<'_>| {
             let at = Position { line: span.start.line(), column: span.start.col() + 1 };
             count.resume = (span.start.index(), at, count.depth);
+            count.ended_since_resume = false;
         };
         match *event {
             Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
@@ -344,6 +349,7 @@ impl<'l> Count<'l> {
                 if self.open.last().is_some_and(|&(_, _, at)| at == self.depth) {
                     let (anchor, before, _) = self.open.pop().expect("checked above");
                     self.anchor(anchor, self.nodes - before, reach + 1 - self.depth);
+                    self.ended_since_resume = true;
                 }
                 self.depth = self.depth.saturating_sub(1);
                 self.reached(reach);
@@ -433,7 +439,7 @@ impl<'l> Count<'l> {
     ///   only, so each `:` on the rest of the last line read can add a level around what is open.
     /// - Nodes: at most three per character that is not white space (`? ` alone is a mapping, an
     ///   empty key and an empty value); aliases at most the largest anchor read, and none to an
-    ///   anchor not read.
+    ///   anchor not read or whose collection the parser ended only where it stopped.
     fn bound_rest(self, source: &Source<'_>, stop: &Stop) -> Result<Measure, OverLimit> {
         let (index, mut position, around) = self.resume;
         let start = source.text.char_indices().nth(index).map_or(source.text.len(), |(at, _)| at);
@@ -529,7 +535,7 @@ impl<'l> Count<'l> {
                 ),
             })
         };
-        if aliases > 0 && (anchors > 0 || !self.open.is_empty()) {
+        if aliases > 0 && (anchors > 0 || !self.open.is_empty() || self.ended_since_resume) {
             return over_nodes("what follows has aliases (`*name`) to anchors that were not read".to_string());
         }
         let nodes = self.nodes.saturating_add(solid.saturating_mul(3)).saturating_add(1);

@@ -123,6 +123,9 @@ fn where_the_parsers_could_part_the_rest_is_bounded_instead() {
     let bomb = format!("x: &a: [b]\n{}", (0..20).map(|i| format!("y{i}: &b{i} [*a, *a]\n")).collect::<String>());
     let error = over(&bomb);
     assert!(error.invalid.message.contains("max_nodes") && error.invalid.message.contains("anchor"), "{bomb}");
+    // Stopping at `*a:`, the parser ends the mapping `&a`; libyaml reads the alias inside it.
+    let error = over("&a\n'k': *a:\n");
+    assert!(error.invalid.message.contains("max_nodes") && error.invalid.message.contains("anchors"));
 }
 
 #[test]
