@@ -459,7 +459,7 @@ check_compose() {
     done
     [[ $size == 1073741824 ]] || fail "compose: export disk on $nbd is '$size' bytes, not the volume's 1 GiB image"
     ok "compose up with compose.host.yaml: export disk (1 GiB on the volume) on $nbd"
-    "${compose[@]}" exec -T nbdfault nbdfault ctl exports disk </dev/null | grep '"name":"disk"' >/dev/null ||
+    "${compose[@]}" exec -T nbdfault nbdfault ctl exports disk </dev/null | grep -E '"name": ?"disk"' >/dev/null ||
         fail "docker-compose exec -T nbdfault nbdfault ctl exports disk"
     ok "docker-compose exec -T nbdfault nbdfault ctl exports disk"
     curl -fsS --max-time 10 -X POST "http://127.0.0.1:$control_port/v1/exports/disk/triggers/$TRIGGER" >/dev/null ||

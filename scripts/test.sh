@@ -125,6 +125,9 @@ bash scripts/client-tests-matrix.sh
 step "the kernel's nbd-client over TLS with a client certificate, kernel 6.1 in qemu"
 "$BIN/nbdfault-client-tests" vm-tls --kernel 6.1
 
+step "a device-wide power cut met by the kernel's nbd-client -C 2, kernel 6.1 in qemu"
+"$BIN/nbdfault-client-tests" vm-power-cut --kernel 6.1
+
 step "the Docker image: built from the Dockerfile, run, attached, faulted, stopped; compose"
 bash docker/ci-smoke-test.sh
 
