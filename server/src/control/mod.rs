@@ -611,7 +611,12 @@ async fn power_cut(
                 .map(|warning| warning.to_string()),
         );
     }
-    let report = export.faults.cut_power(off).await.map_err(storage_error)?;
+    // The cut runs to its end even if the caller hangs up: a power cut is not undone halfway.
+    let faults = Arc::clone(&export.faults);
+    let report = tokio::spawn(async move { faults.cut_power(off).await })
+        .await
+        .map_err(|error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("the power cut failed: {error}")))?
+        .map_err(storage_error)?;
     if !report.journaled {
         warnings.push(format!(
             "warning: export {:?} keeps no journal of unflushed writes, so the power cut undid none of them\n  \

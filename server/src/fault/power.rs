@@ -7,15 +7,19 @@
 //!
 //! Ordering. Every request of the export does its storage I/O holding the [`Power::gate`] shared,
 //! and only if its connection attached in the current power cycle; a cut holds the gate alone
-//! while it starts the next cycle and undoes the journal. So no write of a connection from before
-//! the cut reaches storage after it, and nothing reads the storage half undone.
+//! while it starts the next cycle and undoes the journal. A request dropped while its I/O still
+//! runs on a storage thread (its client went away) lets go of the gate early, so the cut also
+//! waits for the storage to settle ([`crate::storage::BlockDevice::settle`]) before it undoes
+//! anything, and holds the gate in a task of its own, which a dropped caller does not cancel. So
+//! no write of a connection from before the cut reaches storage after it, and nothing reads the
+//! storage half undone.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard, watch};
+use tokio::sync::{OwnedRwLockWriteGuard, RwLock, RwLockReadGuard, watch};
 
 /// How long the export stays off after a cut, besides `POST .../power-on`, which always ends it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -56,12 +60,16 @@ pub struct Power {
     /// Read without a lock on every request, under the gate.
     cycle: AtomicU64,
     state: watch::Sender<State>,
-    /// Shared by requests doing storage I/O; held alone by a cut.
-    gate: RwLock<()>,
+    /// Shared by requests doing storage I/O (borrowed: no count per request); held alone by a
+    /// cut, owned, so the task that undoes the journal keeps it however its caller ends.
+    gate: Arc<RwLock<()>>,
     attached: Arc<AtomicU64>,
     /// Serializes state changes (cuts and power-ons) with their watch updates.
     changes: Mutex<()>,
 }
+
+/// The gate held alone: no request does storage I/O while it is held.
+pub type Exclusive = OwnedRwLockWriteGuard<()>;
 
 /// A connection attached to the export; counted until dropped.
 pub struct Attachment {
@@ -89,7 +97,7 @@ impl Power {
         Power {
             cycle: AtomicU64::new(0),
             state: watch::Sender::new(State::default()),
-            gate: RwLock::new(()),
+            gate: Arc::new(RwLock::new(())),
             attached: Arc::new(AtomicU64::new(0)),
             changes: Mutex::new(()),
         }
@@ -143,14 +151,14 @@ impl Power {
 
     /// Waits until no request does storage I/O, then holds everyone else off. The caller then
     /// [`Power::cut`]s (or finds it need not) and undoes the journal while holding this.
-    pub async fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
-        self.gate.write().await
+    pub async fn exclusive(&self) -> Exclusive {
+        Arc::clone(&self.gate).write_owned().await
     }
 
     /// Starts the next power cycle (every connection attached before it dies) and leaves the
     /// export off as `off` says; call it holding [`Power::exclusive`]. Returns the new cycle and
     /// how many connections were attached.
-    pub fn cut(&self, _exclusive: &RwLockWriteGuard<'_, ()>, off: Option<Off>, now: Duration) -> (u64, u64) {
+    pub fn cut(&self, _exclusive: &Exclusive, off: Option<Off>, now: Duration) -> (u64, u64) {
         let _changes = self.changes.lock().unwrap_or_else(PoisonError::into_inner);
         // Counted before the connections learn of the cut and start to leave.
         let attached = self.attached.load(Ordering::Relaxed);
