@@ -532,6 +532,92 @@ fn with_a_control_token_every_endpoint_needs_the_bearer_token() {
     run_ok(ctl(&anonymous).env("NBDFAULT_CONTROL_TOKEN", "s3cret").args(["exports", ""]));
 }
 
+// ---- what a web page may make a browser send: CSRF, DNS rebinding ---------------------------------
+
+#[test]
+fn a_write_from_another_origin_is_refused_with_403_naming_csrf_and_changes_nothing() {
+    let (server, api) = disk();
+    api.set_policy("disk", FAIL_WRITES);
+    let own = format!("http://{}", server.control.unwrap());
+    for (method, path) in [
+        ("POST", "/v1/exports/disk/triggers/go"),
+        ("DELETE", "/v1/exports/disk/policy"),
+        ("PUT", "/v1/exports/disk/policy"),
+        ("POST", "/v1/exports/disk/reset"),
+        ("POST", "/v1/exports/disk/power-cut"),
+    ] {
+        for headers in [
+            vec![("Origin", "http://evil.example")],
+            vec![("Origin", "http://127.0.0.1:1")],
+            vec![("Origin", "null")],
+            vec![("Sec-Fetch-Site", "cross-site")],
+            vec![("Sec-Fetch-Site", "same-site"), ("Origin", own.as_str())],
+        ] {
+            let answer = api
+                .client()
+                .call_with_headers(method, path, Some(b"rules: []"), &headers)
+                .unwrap_or_else(|error| panic!("{method} {path}: {error}"));
+            assert_eq!(answer.status, 403, "{method} {path} {headers:?}: {}", answer.text());
+            let error = answer.text();
+            assert!(error.contains("cross-site request forgery") && error.contains(method), "{error}");
+        }
+    }
+    let export = api.export("disk");
+    assert!(export["triggers"].as_array().unwrap().is_empty(), "a refused request armed a trigger: {export}");
+    assert_eq!(export["policy"]["rules"][0]["rule"], "fail-writes", "a refused request changed the policy");
+    assert_eq!(export["power"]["cuts"], 0, "{export}");
+
+    // The page's own origin, and clients that send no Origin (this one, curl, ctl), pass.
+    let answer =
+        api.client().call_with_headers("POST", "/v1/exports/disk/triggers/go", None, &[("Origin", &own)]).unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let answer = api
+        .client()
+        .call_with_headers(
+            "DELETE",
+            "/v1/exports/disk/triggers/go",
+            None,
+            &[("Sec-Fetch-Site", "same-origin"), ("Origin", &own)],
+        )
+        .unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    api.arm("disk", "go");
+    run_ok(ctl(&api).args(["disarm", "disk", "go"]));
+    // Reading needs no origin check: another origin cannot read the answer.
+    let answer =
+        api.client().call_with_headers("GET", "/v1/exports/disk", None, &[("Origin", "http://evil.example")]).unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+}
+
+/// One HTTP/1.1 request with the given `Host`, sent by hand (HTTP clients set `Host` themselves).
+fn request_with_host(address: std::net::SocketAddr, path: &str, host: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or_else(|| panic!("{answer}"));
+    (status, answer)
+}
+
+#[test]
+fn on_loopback_a_request_addressed_to_a_foreign_host_name_is_refused_against_dns_rebinding() {
+    let (server, _api) = disk();
+    let address = server.control.unwrap();
+    let port = address.port();
+    for path in ["/v1/exports", "/", "/metrics"] {
+        let (status, answer) = request_with_host(address, path, &format!("evil.example:{port}"));
+        assert_eq!(status, 403, "{path}: {answer}");
+        assert!(answer.contains("DNS rebinding") && answer.contains("evil.example"), "{answer}");
+    }
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}"), format!("[::1]:{port}"), "10.0.2.2:1".into()]
+    {
+        let (status, answer) = request_with_host(address, "/v1/exports", &host);
+        assert_eq!(status, 200, "{host}: {answer}");
+    }
+}
+
 // ---- nbdfault ctl -----------------------------------------------------------------------------
 
 /// `nbdfault ctl --url URL` for this API, without the environment's settings.

@@ -9,6 +9,7 @@
 
 mod events;
 mod metrics;
+mod origin;
 mod page;
 mod worker;
 
@@ -176,9 +177,12 @@ async fn authorize(State(state): State<ControlState>, request: Request, next: Ne
 
 /// Serves the API on `listener` until shutdown begins: over HTTPS when `tls` is given.
 pub async fn serve(listener: tokio::net::TcpListener, state: ControlState, tls: Option<Arc<Tls>>, shutdown: Shutdown) {
-    let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let local = listener.local_addr().ok();
+    let address = local.map(|a| a.to_string()).unwrap_or_default();
     events::end_streams_at_shutdown(Arc::clone(&state.exports), shutdown.clone());
-    let app = router(state);
+    // Before everything else, the page's files too: what a web page may not make a browser send.
+    let guard = origin::Guard { loopback: local.is_some_and(|address| address.ip().is_loopback()) };
+    let app = router(state).layer(middleware::from_fn_with_state(guard, origin::guard));
     match tls {
         Some(tls) => {
             tracing::info!(verify_peer = tls.verify_peer, "control API on https://{address}/v1/");
