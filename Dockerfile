@@ -6,6 +6,18 @@
 # Configuration file, environment, volumes, the control token: docs/docker.md.
 
 # ---------------------------------------------------------------------------------------------
+# The workspace's skeleton: its manifests and Cargo.lock, with every Rust source replaced by a
+# stub and every other file left out. It changes only when a manifest, the lock file or the set of
+# source files does, so the dependencies below are compiled in a layer of their own and rebuilt
+# only then, whatever targets the manifests declare.
+FROM rust:1.95-bookworm AS skeleton
+WORKDIR /src
+COPY . .
+RUN set -eu; \
+    find . -type f ! -name Cargo.toml ! -name Cargo.lock ! -name '*.rs' -delete; \
+    find . -type f -name '*.rs' -exec sh -c 'for file; do echo "fn main() {}" > "$file"; done' sh {} +
+
+# ---------------------------------------------------------------------------------------------
 # Build stage: the official Rust image, the toolchain this project is tested with.
 FROM rust:1.95-bookworm AS builder
 WORKDIR /src
@@ -16,33 +28,18 @@ ENV CARGO_PROFILE_RELEASE_DEBUG=false \
     CARGO_PROFILE_RELEASE_STRIP=symbols \
     CARGO_TERM_COLOR=never
 
-# Dependencies in their own layer, rebuilt only when a manifest or Cargo.lock changes. Cargo loads
-# the whole workspace, so every member needs its manifest and a placeholder for each target.
-# --locked: exactly the versions in Cargo.lock, or the build fails. The placeholders' outputs are
-# cleaned afterwards: they would look newer than the real sources copied below, and be kept.
-COPY Cargo.toml Cargo.lock ./
-COPY server/Cargo.toml server/
-COPY policies/Cargo.toml policies/
-COPY client-tests/Cargo.toml client-tests/
-COPY control-client/Cargo.toml control-client/
-COPY testing/Cargo.toml testing/
-RUN set -eux; \
-    mkdir -p server/src policies/src policies/benches client-tests/src control-client/src testing/src; \
-    echo 'fn main() {}' > server/src/main.rs; \
-    echo 'fn main() {}' > client-tests/src/main.rs; \
-    echo 'fn main() {}' > policies/benches/decide.rs; \
-    touch server/src/lib.rs policies/src/lib.rs client-tests/src/lib.rs control-client/src/lib.rs testing/src/lib.rs; \
-    cargo build --release --locked -p nbdfault; \
-    cargo clean --release -p nbdfault -p nbdfault-policies -p nbdfault-control-client
+# The dependencies, from the skeleton. --locked: exactly the versions in Cargo.lock, or the build
+# fails.
+COPY --from=skeleton /src ./
+RUN cargo build --release --locked -p nbdfault
 
-# The sources of the crates the binary is made of (client-tests and testing keep their
-# placeholders).
+# The real sources. They are touched so that they are newer than the stubs' build, which cargo
+# then never keeps, whatever times COPY gave them.
 # /rootfs/var/lib/nbdfault becomes the state directory; a named volume mounted there starts with
 # its owner, the runtime's nonroot user.
-COPY policies policies
-COPY control-client control-client
-COPY server server
+COPY . .
 RUN set -eux; \
+    find . -type f -name '*.rs' -exec touch {} +; \
     cargo build --release --locked -p nbdfault; \
     target/release/nbdfault --version; \
     mkdir -p /rootfs/var/lib/nbdfault

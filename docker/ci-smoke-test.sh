@@ -22,6 +22,9 @@
 #  8. removes everything it started, also on failure: the container, the images (they live in the
 #     private engine's data root), the engine and its containerd, their mounts, the temp directory.
 #
+# `--download-packages` only downloads the packages of step 1 (apt-get --download-only), so that a
+# later run installs them without waiting for the network (scripts/test.sh does it early).
+#
 # Env: SMOKE_STOP_LIMIT_MS, SMOKE_KEEP=1 (keep the temp directory for a post-mortem; the engine is
 # stopped anyway), DEBIAN_MIRROR (for debootstrap), TMPDIR.
 set -euo pipefail
@@ -456,7 +459,7 @@ check_compose() {
     done
     [[ $size == 1073741824 ]] || fail "compose: export disk on $nbd is '$size' bytes, not the volume's 1 GiB image"
     ok "compose up with compose.host.yaml: export disk (1 GiB on the volume) on $nbd"
-    "${compose[@]}" exec -T nbdfault nbdfault ctl exports disk </dev/null | grep '"name":"disk"' >/dev/null ||
+    "${compose[@]}" exec -T nbdfault nbdfault ctl exports disk </dev/null | grep -E '"name": ?"disk"' >/dev/null ||
         fail "docker-compose exec -T nbdfault nbdfault ctl exports disk"
     ok "docker-compose exec -T nbdfault nbdfault ctl exports disk"
     curl -fsS --max-time 10 -X POST "http://127.0.0.1:$control_port/v1/exports/disk/triggers/$TRIGGER" >/dev/null ||
@@ -478,6 +481,12 @@ check_compose() {
 }
 
 main() {
+    if [[ ${1:-} == --download-packages ]]; then
+        ((EUID == 0)) || fail "run as root (apt-get)"
+        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --download-only \
+            --no-install-recommends "${PACKAGES[@]}" >/dev/null
+        return
+    fi
     check_host
     SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/nbdfault-smoke.XXXXXX")
     chmod 755 "$SCRATCH" # the container's user reaches its data directory through it

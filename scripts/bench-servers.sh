@@ -5,6 +5,9 @@
 #
 #   scripts/bench-servers.sh [ROUNDS] [SECONDS_PER_RUN] [GROUPS]
 #   NBDFAULT_BIN=/path/to/nbdfault scripts/bench-servers.sh ...   # another build of nbdfault
+#   NBDFAULT_BEFORE_BIN=/path/to/old/nbdfault scripts/bench-servers.sh ...  # and an older build
+#       beside it, as one more server of the tmpfs, memory and overlay groups ("nbdfault
+#       before"), for an A/B in one run
 #
 # GROUPS (default all, comma-separated):
 #   tmpfs    a 1 GiB image in /dev/shm: nbdfault file export (also with a 1,000-rule policy that
@@ -90,15 +93,18 @@ servers_of() {
         [[ $1 == tmpfs ]] && img=$shm_dir/disk.img || img=$disk_dir/disk.img
         echo "nbdfault|$nbdfault serve -q --listen 127.0.0.1:$port --no-control --export disk=file:$img"
         [[ $1 == tmpfs ]] && echo "nbdfault + 1,000 rules|$nbdfault serve -q --listen 127.0.0.1:$port --no-control --export disk=file:$img --policy disk=$policy"
+        [[ $1 == tmpfs && -n ${NBDFAULT_BEFORE_BIN:-} ]] && echo "nbdfault before|$NBDFAULT_BEFORE_BIN serve -q --listen 127.0.0.1:$port --no-control --export disk=file:$img"
         echo "nbdkit file|nbdkit --foreground --exit-with-parent --port $port --ipaddr 127.0.0.1 --exportname disk file file=$img"
         echo "qemu-nbd|qemu-nbd --persistent --shared=8 --bind 127.0.0.1 --port $port --export-name disk --format raw --cache=writeback --aio=threads $img"
         ;;
     memory)
         echo "nbdfault|$nbdfault serve -q --listen 127.0.0.1:$port --no-control --export disk=memory:1GiB"
+        [[ -n ${NBDFAULT_BEFORE_BIN:-} ]] && echo "nbdfault before|$NBDFAULT_BEFORE_BIN serve -q --listen 127.0.0.1:$port --no-control --export disk=memory:1GiB"
         echo "nbdkit memory|nbdkit --foreground --exit-with-parent --port $port --ipaddr 127.0.0.1 --exportname disk memory 1G"
         ;;
     overlay)
         echo "nbdfault|$nbdfault serve -q --listen 127.0.0.1:$port --no-control --export disk=overlay:$shm_dir/disk.img"
+        [[ -n ${NBDFAULT_BEFORE_BIN:-} ]] && echo "nbdfault before|$NBDFAULT_BEFORE_BIN serve -q --listen 127.0.0.1:$port --no-control --export disk=overlay:$shm_dir/disk.img"
         echo "nbdkit cow|nbdkit --foreground --exit-with-parent --port $port --ipaddr 127.0.0.1 --exportname disk --filter=cow file file=$shm_dir/disk.img"
         ;;
     esac
@@ -204,17 +210,18 @@ rounds = max(run["round"] for run in runs)
 for group in groups:
     names = servers[group]
     ours = [name for name in names if name.startswith("nbdfault")]
+    rules = [name for name in ours if "rules" in name]
     peers = [name for name in names if not name.startswith("nbdfault")]
     print(f"\n### {group}: IOPS, median of {rounds} rounds\n")
-    print("| row | " + " | ".join(names) + " | nbdfault / best peer |" + (" policy cost |" if len(ours) > 1 else ""))
-    print("|---" * (len(names) + 2 + (len(ours) > 1)) + "|")
+    print("| row | " + " | ".join(names) + " | nbdfault / best peer |" + (" policy cost |" if rules else ""))
+    print("|---" * (len(names) + 2 + bool(rules)) + "|")
     for row in rows:
         iops = {name: median(group, name, row, "iops") for name in names}
         best = max(iops[name] for name in peers)
         line = f"| {row} | " + " | ".join(f"{iops[name]:,.0f}" for name in names)
         line += f" | {iops['nbdfault'] / best:.2f} |"
-        if len(ours) > 1:
-            line += f" {1 - iops[ours[1]] / iops['nbdfault']:+.1%} |"
+        if rules:
+            line += f" {1 - iops[rules[0]] / iops['nbdfault']:+.1%} |"
         print(line)
     print(f"\n### {group}: server threads (most seen) / peak RSS MiB / CPU us per request, medians\n")
     print("| row | " + " | ".join(names) + " |")

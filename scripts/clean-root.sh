@@ -5,6 +5,10 @@
 # on every machine, not only on a fresh one. scripts/test.sh (and so CI) runs the tier only here.
 #
 #   bash scripts/clean-root.sh               # the tier, strict: a missing tool fails its test
+#   bash scripts/clean-root.sh --lints --copy-binaries DIR
+#                                            # what scripts/test.sh runs: clippy first (in the
+#                                            # same target dir), the tier, then the static
+#                                            # nbdfault and nbdfault-client-tests copied to DIR
 #   bash scripts/clean-root.sh --only-rust   # only Rust, gcc and libc6-dev: tests that need an
 #                                            # outside tool skip, each with one line saying why
 #   bash scripts/clean-root.sh --only-rust -- cargo test --workspace --locked --offline
@@ -16,7 +20,9 @@
 #       package lists; made once (about 40 s), unpacked afresh for every run
 #   ~/.cache/nbdfault/clean-root/debs/       downloaded packages, hard-linked in and out
 #   ~/.cache/nbdfault/clean-root/target/     the tier's target dir, so a run rebuilds only the
-#                                            workspace (separate for --only-rust)
+#                                            workspace (separate for --only-rust); the build is
+#                                            the static one the VMs run, without incremental
+#                                            caches (a CI run builds each crate once)
 #   the host's Rust toolchain (`rustc --print sysroot`) and cargo-nextest, read-only, and the
 #   host's crate registry ($CARGO_HOME/registry), read-write; crates are fetched on the host.
 # Needs root (chroot, mounts, namespaces) on Debian with debootstrap (installed when missing).
@@ -102,6 +108,9 @@ in_root() {
 prepare_root() {
     local root=$1
     cp /etc/resolv.conf "$root/etc/resolv.conf"
+    # debootstrap writes no /etc/hosts; a Debian install has one, and without it "localhost"
+    # is a DNS question (chromedriver's clients ask for it) that many resolvers do not answer.
+    printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"
     printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
     chmod 755 "$root/usr/sbin/policy-rc.d"
     echo force-unsafe-io >"$root/etc/dpkg/dpkg.cfg.d/nbdfault-unsafe-io"
@@ -175,10 +184,17 @@ cleanup() {
 main() {
     mode=strict
     command=()
+    lints=false
+    copy_to=""
     while (($#)); do
         case $1 in
         --only-rust) mode=only-rust ;;
         --shell) mode=shell ;;
+        --lints) lints=true ;;
+        --copy-binaries)
+            copy_to=${2:?--copy-binaries needs a directory}
+            shift
+            ;;
         --)
             shift
             command=("$@")
@@ -236,13 +252,20 @@ main() {
     environment=(HOME=/root PATH=/opt/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
         LANG=C.UTF-8 TERM="${TERM:-dumb}" CI="${CI:-}" CARGO_HOME=/root/.cargo CARGO_TARGET_DIR=/target
         CARGO_NET_OFFLINE=true CARGO_BUILD_TARGET=x86_64-unknown-linux-gnu
-        RUSTFLAGS='-C target-feature=+crt-static' NEXTEST_HIDE_PROGRESS_BAR=1)
+        RUSTFLAGS='-C target-feature=+crt-static' CARGO_INCREMENTAL=0 NEXTEST_HIDE_PROGRESS_BAR=1)
 
+    # What is built while the packages install (it needs only BUILD_PACKAGES): the lints if asked
+    # for, and the tier's build; then, with every package in, the command.
+    build=()
+    $lints && build+=("cargo clippy --workspace --all-targets --locked -- -D warnings")
     case $mode in
     strict)
         packages='"${TEST_PACKAGES[@]}"'
         environment+=(NBDFAULT_REQUIRE_TOOLS=1)
-        ((${#command[@]})) || command=(cargo nextest run --workspace --locked --no-fail-fast)
+        if ((${#command[@]} == 0)); then
+            build+=("cargo nextest run --workspace --locked --no-run")
+            command=(cargo nextest run --workspace --locked --no-fail-fast)
+        fi
         ;;
     only-rust)
         packages='"${BUILD_PACKAGES[@]}"'
@@ -253,15 +276,35 @@ main() {
         command=(bash -i)
         ;;
     esac
+    build_script=""
+    for step in "${build[@]}"; do
+        build_script+="t0=\$SECONDS; echo \"==> $step\" >&2; $step; echo \"==> done in \$((SECONDS - t0)) s\" >&2; "
+    done
 
-    # Inside: the packages, installed by the function a user's run of the scripts uses, then the tests.
+    # Inside: the packages, installed by the function a user's run of the scripts uses (the C
+    # compiler first, then the rest while the workspace builds), then the command.
     # shellcheck disable=SC2016 # expanded inside the root
     script='
+    set -eo pipefail
     cd /src
     source scripts/lib/packages.sh
-    install_packages '"$packages"'
+    install_packages "${BUILD_PACKAGES[@]}"
+    build=$NBDFAULT_CLEAN_ROOT_BUILD
+    unset NBDFAULT_CLEAN_ROOT_BUILD
+    if [[ -n $build ]]; then
+        install_packages '"$packages"' >/tmp/packages.log 2>&1 &
+        installing=$!
+        echo "==> C compiler in after $SECONDS s; building while the other packages install" >&2
+        status=0
+        bash -euo pipefail -c "$build" || status=$?
+        wait "$installing" || { cat /tmp/packages.log >&2; echo "==> installing the packages failed" >&2; exit 1; }
+        ((status == 0)) || exit $status
+    else
+        install_packages '"$packages"'
+    fi
     echo "==> clean root ready in $SECONDS s ($(dpkg-query -W | wc -l) packages); running: $*" >&2
     exec "$@"'
+    environment+=("NBDFAULT_CLEAN_ROOT_BUILD=$build_script")
 
     log "mode $mode; entering the root"
     local run_in_root=(in_root "$RUN/root" "${binds[@]}" -- /usr/bin/env -i "${environment[@]}" /bin/bash -c "$script"
@@ -285,6 +328,11 @@ main() {
         log "the tests left the checkout changed; they must write under target/ or a temporary directory:"
         git -C "$RUN/root/src" status --short >&2
         status=1
+    fi
+    if ((status == 0)) && [[ -n $copy_to ]]; then
+        mkdir -p "$copy_to"
+        cp "$target/x86_64-unknown-linux-gnu/debug/nbdfault" "$target/x86_64-unknown-linux-gnu/debug/nbdfault-client-tests" "$copy_to/"
+        log "copied the static nbdfault and nbdfault-client-tests to $copy_to"
     fi
     log "done (status $status)"
     return $status

@@ -33,6 +33,10 @@ enum Command {
     /// Boot a Debian kernel in qemu and attach its nbd-client over TLS (client certificate) to
     /// `nbdfault serve --tls require`; a plain attach must be refused.
     VmTls(vm::tls::TlsArgs),
+    /// Boot a Debian kernel in qemu, attach it with two connections (`nbd-client -C 2`), cut the
+    /// export's power through the control API: both connections must drop, unflushed data go,
+    /// clients be refused while off, and flushed data read back after power-on.
+    VmPowerCut(vm::power_cut::PowerCutArgs),
     /// Fetch and unpack a Debian kernel into the cache, and print where it is.
     Kernel(vm::KernelArgs),
     /// List the Debian kernels `vm --kernel` can boot (version, package, suite), newest first.
@@ -144,6 +148,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Vm(args) => vm::main(args),
         Command::VmTls(args) => vm::tls::main(args),
+        Command::VmPowerCut(args) => vm::power_cut::main(args),
         Command::Kernel(args) => vm::kernel_main(args),
         Command::Kernels(args) => vm::kernels_main(args),
         Command::Matrix(args) => write_matrix(args),

@@ -35,6 +35,11 @@ pub const DEFAULT_EXPORT: &str = "@default";
 
 /// How long one ordinary call may take, answer included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a connection may sit idle and still carry the next call. The server closes a
+/// kept-alive connection that has been idle for its header timeout (10 s); a call sent on it just
+/// as that happens is lost with the connection ("Peer disconnected"). Well under that, a
+/// connection is never reused near the moment the server drops it, however slow the machine.
+pub const MAX_IDLE: Duration = Duration::from_secs(3);
 /// The largest answer read into memory (a `data` read is at most 64 MiB; the fault log's memory
 /// holds at most 262,144 records).
 const MAX_ANSWER: u64 = 256 << 20;
@@ -160,7 +165,14 @@ impl Client {
             });
         }
         let agent = |timeout: Option<Duration>| -> ureq::Agent {
-            configure(ureq::Agent::config_builder().http_status_as_error(false).timeout_global(timeout)).build().into()
+            configure(
+                ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(timeout)
+                    .max_idle_age(MAX_IDLE),
+            )
+            .build()
+            .into()
         };
         Ok(Client {
             base: trimmed.to_string(),

@@ -12,8 +12,21 @@ CLIENT_TEST_PACKAGES=(qemu-system-x86 qemu-utils nbd-client busybox-static xfspr
 
 # Builds nbdfault and nbdfault-client-tests statically linked (the guest has no C library), for
 # the explicit target so build scripts stay dynamic. The harness finds the server next to itself
-# and puts itself into the guest. Sets CLIENT_TESTS_BIN.
+# and puts itself into the guest. Sets CLIENT_TESTS_BIN. With CLIENT_TESTS_PREBUILT=DIR, uses the
+# two binaries in DIR instead (scripts/test.sh: those the clean root built and tested).
 build_client_tests() {
+    if [[ -n ${CLIENT_TESTS_PREBUILT:-} ]]; then
+        local binary
+        for binary in nbdfault nbdfault-client-tests; do
+            [[ -x $CLIENT_TESTS_PREBUILT/$binary ]] || {
+                echo "CLIENT_TESTS_PREBUILT=$CLIENT_TESTS_PREBUILT has no $binary" >&2
+                return 1
+            }
+        done
+        echo "==> using the static nbdfault and nbdfault-client-tests in $CLIENT_TESTS_PREBUILT" >&2
+        CLIENT_TESTS_BIN=$CLIENT_TESTS_PREBUILT
+        return 0
+    fi
     local target_dir=${CARGO_TARGET_DIR:-target}
     echo "==> building nbdfault and nbdfault-client-tests (static, $target_dir)" >&2
     RUSTFLAGS='-C target-feature=+crt-static' cargo build --locked \

@@ -20,10 +20,12 @@ install_packages() {
         sudo=(sudo)
     fi
     echo "==> installing ${missing[*]}" >&2
-    "${sudo[@]}" apt-get update -qq
+    # Another apt run (a user's, or scripts/test.sh's own in the background) may hold the lock.
+    local wait=(-o DPkg::Lock::Timeout=600)
+    "${sudo[@]}" apt-get "${wait[@]}" update -qq
     # qemu-utils is named with qemu-system-x86 so both come from the same Debian release: a newer
     # qemu-utils (from backports) would otherwise be removed, taking qemu-img and qemu-io with it.
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get "${wait[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 # What building the workspace needs beyond Rust: a C compiler and linker for rustc and the crates

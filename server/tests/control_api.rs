@@ -100,6 +100,8 @@ fn an_unknown_export_or_endpoint_gets_404_with_a_json_error_on_every_route() {
         ("GET", "/v1/exports/nope/data?offset=0&length=1"),
         ("PUT", "/v1/exports/nope/data?offset=0"),
         ("POST", "/v1/exports/nope/reset"),
+        ("POST", "/v1/exports/nope/power-cut"),
+        ("POST", "/v1/exports/nope/power-on"),
         // The server has no export "", so @default is unknown too.
         ("GET", "/v1/exports/@default"),
     ] {
@@ -111,7 +113,8 @@ fn an_unknown_export_or_endpoint_gets_404_with_a_json_error_on_every_route() {
     // No export can be named with a leading @, so such a name is refused saying why.
     let error = error_of(&api.call("GET", "/v1/exports/@disk", None));
     assert!(error.contains("starts with @"), "{error}");
-    for (method, path) in [("GET", "/v1/nope"), ("GET", "/"), ("POST", "/v1/exports/disk/nope")] {
+    // "/" is the live page (docs/control-api.md); a path beside it is not.
+    for (method, path) in [("GET", "/v1/nope"), ("GET", "/page/nope.js"), ("POST", "/v1/exports/disk/nope")] {
         let answer = api.call(method, path, None);
         assert_eq!(answer.status, 404, "{method} {path}");
         error_of(&answer);

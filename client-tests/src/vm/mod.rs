@@ -7,6 +7,7 @@ pub mod guest;
 pub mod initramfs;
 pub mod kernel;
 pub mod modules;
+pub mod power_cut;
 pub mod qemu;
 pub mod server;
 pub mod tls;

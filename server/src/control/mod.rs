@@ -202,6 +202,8 @@ pub const MAX_CONNECTIONS: usize = 32;
 /// Time a client has to send the headers of a request, also the next one on a kept-alive
 /// connection: idle or half-sent requests are closed after it.
 pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+// The shared client stops reusing an idle connection long before the server closes it.
+const _: () = assert!(nbdfault_control_client::MAX_IDLE.as_secs() * 3 <= HEADER_TIMEOUT.as_secs());
 /// Time one request may take to be read and answered, body included (not the streaming of a
 /// `data` answer, which is bounded by its size and the client's pace).
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);

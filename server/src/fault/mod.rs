@@ -382,11 +382,13 @@ impl FaultLayer {
                 });
                 let report = self.cut_locked(&exclusive, Some(cycle), off).await?;
                 let done = match action {
-                    Action::Skip => Ok((T::default(), 0)),
                     _ if !report.happened => Err(power_lost()),
+                    Action::Skip => Ok((T::default(), 0)),
                     action => perform(action).await,
                 };
-                self.journal().clear();
+                if report.happened {
+                    self.journal().clear();
+                }
                 done
             }
             None => match action {

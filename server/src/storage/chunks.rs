@@ -364,6 +364,34 @@ mod tests {
     }
 
     #[test]
+    fn whole_pages_need_no_contents_and_a_refused_partial_page_changes_nothing() {
+        let store = ChunkStore::new();
+        store.write(5, 4096, &[1; PAGE_SIZE as usize], None).unwrap();
+        assert_eq!(store.resident_bytes(), PAGE_SIZE);
+        // The other pages of the chunk still read as the owner's default.
+        assert_eq!(store.read(5, 0, &mut [0; 4]), ChunkState::Absent);
+        assert_eq!(store.read(5, 4096, &mut [0; 4]), ChunkState::Data);
+        assert_eq!(store.write(5, 10, b"x", None), Err(NeedsContents));
+        assert_eq!(store.write(5, 4000, &[2; 200], None), Err(NeedsContents), "straddles a held and an absent page");
+        assert_eq!(store.resident_bytes(), PAGE_SIZE);
+        let mut out = [0; 2];
+        store.read(5, 4096, &mut out);
+        assert_eq!(out, [1, 1], "a refused write left the held page alone");
+    }
+
+    #[test]
+    fn writes_over_zeros_hold_only_the_pages_written() {
+        let store = ChunkStore::new();
+        store.write_over_zeros(2, 8190, b"abcd");
+        assert_eq!(store.resident_bytes(), 2 * PAGE_SIZE);
+        let mut out = [9; 6];
+        assert_eq!(store.read(2, 8189, &mut out[..3]), ChunkState::Data);
+        assert_eq!(&out[..3], b"\0ab");
+        assert_eq!(store.read(2, 0, &mut out), ChunkState::Zero, "a page never written reads as zeros");
+        assert_eq!(out, [0; 6]);
+    }
+
+    #[test]
     fn whole_chunk_write_needs_no_contents() {
         let store = ChunkStore::new();
         store.write(3, 0, &vec![1; CHUNK_SIZE as usize], None).unwrap();

@@ -382,3 +382,28 @@ fn reuse<'b>(mut slices: Vec<IoSlice<'_>>) -> Vec<IoSlice<'b>> {
     slices.clear();
     slices.into_iter().map(|_| unreachable!("the vector is empty")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_held_by_requests_goes_back_to_the_server_as_replies_are_sent_and_when_the_connection_ends() {
+        let memory = Arc::new(Semaphore::new(10 << 20));
+        let outbox = Outbox::new(1 << 20, Arc::clone(&memory));
+        assert!(outbox.try_acquire(4096) && outbox.try_acquire(4096) && outbox.try_acquire(4096));
+        assert_eq!(memory.available_permits(), (10 << 20) - 3 * 4096);
+        // The connection's own bound refuses what would pass it; the server's budget is untouched.
+        assert!(!outbox.try_acquire(1 << 20));
+        assert_eq!(memory.available_permits(), (10 << 20) - 3 * 4096);
+        outbox.release(4096);
+        assert_eq!(memory.available_permits(), (10 << 20) - 2 * 4096);
+        // Replies never sent and requests abandoned: given back when the connection is done.
+        outbox.release_all();
+        assert_eq!(memory.available_permits(), 10 << 20);
+        // A spent server budget refuses too, and takes nothing from the connection's bound.
+        let spent = Outbox::new(1 << 20, Arc::new(Semaphore::new(100)));
+        assert!(!spent.try_acquire(4096));
+        assert_eq!(spent.state().in_flight, 0);
+    }
+}

@@ -214,6 +214,19 @@ impl Server {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// The CPU time the server process has used so far (user and system, every thread): work
+    /// done, which a loaded machine does not inflate the way it does time on the clock.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("/proc/PID/stat");
+        // The fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat[stat.rfind(')').expect("(comm)") + 2..].split(' ').collect();
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+        let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        // SAFETY: sysconf only reads its argument.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_nanos(ticks * 1_000_000_000 / per_second)
+    }
+
     /// The most memory the server process has held (VmHWM), in bytes.
     pub fn peak_memory(&self) -> u64 {
         self.memory_status("VmHWM:")
@@ -317,15 +330,22 @@ pub fn run(command: &mut Command) -> Output {
 }
 
 pub fn run_within(command: &mut Command, timeout: Duration) -> Output {
+    run_counting_cpu(command, timeout).0
+}
+
+/// Runs a command as [`run_within`] does; also returns the CPU time it used (user and system,
+/// of the command itself and its waited-for children). A bound on work done, unlike the time on
+/// the clock, holds on a loaded machine.
+pub fn run_counting_cpu(command: &mut Command, timeout: Duration) -> (Output, Duration) {
     let shown = show(command);
     command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = command.spawn().unwrap_or_else(|error| panic!("cannot run {shown}: {error}"));
     let stdout = collect(child.stdout.take().expect("piped"));
     let stderr = collect(child.stderr.take().expect("piped"));
     let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for a command") {
-            break status;
+    let (status, cpu) = loop {
+        if let Some(reaped) = wait_counting_cpu(child.id() as libc::pid_t) {
+            break reaped;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
@@ -344,7 +364,28 @@ pub fn run_within(command: &mut Command, timeout: Duration) -> Output {
         std::thread::sleep(Duration::from_millis(1));
     }
     let take = |text: &Arc<Mutex<String>>| text.lock().unwrap().clone().into_bytes();
-    Output { status, stdout: take(&stdout), stderr: take(&stderr) }
+    (Output { status, stdout: take(&stdout), stderr: take(&stderr) }, cpu)
+}
+
+/// Reaps `pid` if it has exited: its status and the CPU time it used.
+fn wait_counting_cpu(pid: libc::pid_t) -> Option<(ExitStatus, Duration)> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live locals, written by the kernel for the call's duration.
+    match unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) } {
+        0 => None,
+        reaped if reaped == pid => {
+            let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+            Some((ExitStatus::from_raw(status), time(usage.ru_utime) + time(usage.ru_stime)))
+        }
+        _ => {
+            let error = std::io::Error::last_os_error();
+            assert_eq!(error.kind(), std::io::ErrorKind::Interrupted, "waiting for a command: {error}");
+            None
+        }
+    }
 }
 
 /// Runs a command and fails the test, showing its output, unless it succeeds. Returns stdout.

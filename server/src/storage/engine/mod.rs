@@ -197,19 +197,27 @@ mod tests {
         let (_dir, file) = file_with(&[0; 4096]);
         let engine = engine();
         let finished = Arc::new(AtomicUsize::new(0));
-        // The only I/O thread is busy; the next job waits in the queue, then its caller leaves.
-        let busy = engine.run(|| std::thread::sleep(Duration::from_millis(100)));
+        // The only I/O thread is busy until released; the next job waits in the queue behind it,
+        // then its caller leaves. (Jobs are queued when their future is first polled.)
+        let (started, running) = std::sync::mpsc::channel();
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let mut busy = Box::pin(engine.run(move || {
+            started.send(()).unwrap();
+            hold.recv().unwrap();
+        }));
+        assert!(futures_poll_once(busy.as_mut()).await.is_none());
+        running.recv().unwrap();
         let counted = Arc::clone(&finished);
         let file_for_job = Arc::clone(&file);
-        let dropped = engine.run(move || {
+        let mut dropped = Box::pin(engine.run(move || {
             std::os::unix::fs::FileExt::write_all_at(&*file_for_job, b"written after the caller left", 0).unwrap();
             counted.fetch_add(1, Ordering::SeqCst);
-        });
-        let (busy, dropped) = (Box::pin(busy), Box::pin(dropped));
+        }));
         // Polled once (so it is queued), then dropped: a request cancelled in flight.
-        let mut dropped = dropped;
-        assert!(futures_poll_once(dropped.as_mut()).await.is_none());
+        assert!(futures_poll_once(dropped.as_mut()).await.is_none(), "the only thread is busy");
         drop(dropped);
+        assert_eq!(finished.load(Ordering::SeqCst), 0);
+        release.send(()).unwrap();
         busy.await.unwrap();
         // The queue runs in order on the single thread: a later job sees the dropped one done.
         engine.run(|| ()).await.unwrap();
@@ -224,15 +232,22 @@ mod tests {
         let finished = Arc::new(AtomicUsize::new(0));
         let threads = Threads::start(2).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        // No job can finish before every one is queued: they wait for the gate.
+        let gate = Arc::new(std::sync::RwLock::new(()));
+        let closed = gate.write().unwrap();
         for _ in 0..8 {
             let counted = Arc::clone(&finished);
+            let gate = Arc::clone(&gate);
             let job = threads.run(move || {
+                drop(gate.read().unwrap());
                 std::thread::sleep(Duration::from_millis(5));
                 counted.fetch_add(1, Ordering::SeqCst);
             });
             // Queued, and its caller gone at once.
             runtime.block_on(async { assert!(futures_poll_once(Box::pin(job).as_mut()).await.is_none()) });
         }
+        assert_eq!(finished.load(Ordering::SeqCst), 0);
+        drop(closed);
         drop(threads);
         assert_eq!(finished.load(Ordering::SeqCst), 8, "every queued job ran before the threads ended");
     }
