@@ -742,7 +742,7 @@ fn over_https_foreign_hosts_and_origins_are_refused_and_curl_ctl_and_the_pages_o
     let (status, _) = curl(
         "PUT",
         "/v1/exports/disk/policy",
-        &[format!("Origin: https://evil.example"), "Content-Type: application/yaml".into()],
+        &["Origin: https://evil.example".into(), "Content-Type: application/yaml".into()],
     );
     assert_eq!(status, 403);
     let (status, body) = curl("POST", "/v1/exports/disk/triggers/go", &["Sec-Fetch-Site: cross-site".into()]);
