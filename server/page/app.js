@@ -12,7 +12,7 @@ const COLORS = { read: "#4ea1ff", write: "#3fcf6f", other: "#9aa5b1", failed: "#
 // The disk map's plot inside the canvas, in CSS pixels: room for offset labels left, time below.
 const MARGIN = { left: 74, right: 10, top: 8, bottom: 24 };
 // Smallest marks, in CSS pixels: a 4 KiB write on a 1 TiB disk is still seen; failed ones larger.
-const SIZE = { ok: 4, pending: 8, failed: 10 };
+const SIZE = { ok: 6, pending: 10, failed: 12 };
 
 const state = {
   token: null,
@@ -391,8 +391,15 @@ function drawAxes(context, g) {
 // ---- a mark's request, shown when pointed at or pinned -----------------------------------------
 let detailShown = "";
 
+/// A position in the largest unit it reaches, to two decimals: "444.94 MiB", not "455620 KiB"
+/// (the exact bytes are on the next line).
+function position(n) {
+  for (const [name, unit] of UNITS) if (n >= unit) return `${+(n / unit).toFixed(2)} ${name}`;
+  return bytes(n);
+}
+
 function describeMark(mark) {
-  const lines = [[`${mark.op} ${bytes(mark.length || 0)} at ${bytes(mark.offset)}`, ""], [`offset ${mark.offset}, length ${mark.length}`, ""]];
+  const lines = [[`${mark.op} ${bytes(mark.length || 0)} at ${position(mark.offset)}`, ""], [`offset ${mark.offset}, length ${mark.length}`, ""]];
   if (mark.pending) {
     const held = mark.until ? `stalled until trigger ${mark.until}` : `delayed ${(mark.delayNs / 1e6).toFixed(1)} ms`;
     lines.push([`pending: ${held}`, "bad"]);
