@@ -40,6 +40,41 @@ def pattern(byte, length):
     return bytes([byte]) * length
 
 
+def parse(words):
+    """An operation's words as its name, its FUA flag and its numbers."""
+    name, args = words[0], words[1:]
+    fua = nbd.CMD_FLAG_FUA if "fua" in args else 0
+    return name, fua, [int(a, 0) for a in args if a != "fua"]
+
+
+def request(h, name, fua, args, result):
+    """Sends one synchronous request of `ops` (write, read, flush, zero, trim, cache, status) on
+    h, a read's data into result; False for a name that is none of them."""
+    if name == "write":
+        offset, length, byte = args
+        h.pwrite(pattern(byte, length), offset, fua)
+    elif name == "read":
+        offset, length = args
+        result["data"] = bytes(h.pread(length, offset)).hex()
+    elif name == "flush":
+        h.flush()
+    elif name == "zero":
+        offset, length = args
+        h.zero(length, offset, fua)
+    elif name == "trim":
+        offset, length = args
+        h.trim(length, offset, fua)
+    elif name == "cache":
+        offset, length = args
+        h.cache(length, offset)
+    elif name == "status":
+        offset, length = args
+        h.block_status(length, offset, lambda *a: 0)
+    else:
+        return False
+    return True
+
+
 # ---- ops: a sequence of synchronous requests ----------------------------------------------------
 
 
@@ -52,35 +87,12 @@ def ops(uri, *operations):
     """
     h = connect(uri)
     for text in operations:
-        words = text.split()
-        name, args = words[0], words[1:]
-        fua = nbd.CMD_FLAG_FUA if "fua" in args else 0
-        args = [int(a, 0) for a in args if a != "fua"]
+        name, fua, args = parse(text.split())
         result = {"op": text, "errno": None}
         try:
-            if name == "write":
-                offset, length, byte = args
-                h.pwrite(pattern(byte, length), offset, fua)
-            elif name == "read":
-                offset, length = args
-                result["data"] = bytes(h.pread(length, offset)).hex()
-            elif name == "flush":
-                h.flush()
-            elif name == "zero":
-                offset, length = args
-                h.zero(length, offset, fua)
-            elif name == "trim":
-                offset, length = args
-                h.trim(length, offset, fua)
-            elif name == "cache":
-                offset, length = args
-                h.cache(length, offset)
-            elif name == "status":
-                offset, length = args
-                h.block_status(length, offset, lambda *a: 0)
-            elif name == "reconnect":
+            if name == "reconnect":
                 h = connect(uri)
-            else:
+            elif not request(h, name, fua, args, result):
                 sys.exit(f"ops: unknown operation {text!r}")
         except nbd.Error as error:
             result["errno"] = errno_name(error.errnum) if error.errnum else "ENOTCONN"
@@ -302,10 +314,7 @@ def connections(uri, count, *operations):
             continue
         number, _, command = text.partition(":")
         index = int(number) - 1
-        words = command.split()
-        name, args = words[0], words[1:]
-        fua = nbd.CMD_FLAG_FUA if "fua" in args else 0
-        args = [int(a, 0) for a in args if a != "fua"]
+        name, fua, args = parse(command.split())
         result = {"op": text, "connection": index + 1, "errno": None}
         h = handles[index]
         try:
@@ -333,21 +342,7 @@ def connections(uri, count, *operations):
                     result["errno"] = "ENOTCONN"
                 else:
                     sys.exit(f"connections: the stalled write on connection {index + 1} never finished")
-            elif name == "write":
-                offset, length, byte = args
-                h.pwrite(pattern(byte, length), offset, fua)
-            elif name == "read":
-                offset, length = args
-                result["data"] = bytes(h.pread(length, offset)).hex()
-            elif name == "flush":
-                h.flush()
-            elif name == "zero":
-                offset, length = args
-                h.zero(length, offset, fua)
-            elif name == "trim":
-                offset, length = args
-                h.trim(length, offset, fua)
-            else:
+            elif not request(h, name, fua, args, result):
                 sys.exit(f"connections: unknown operation {text!r}")
         except nbd.Error as error:
             result["errno"] = errno_name(error.errnum) if error.errnum else "ENOTCONN"
