@@ -813,15 +813,15 @@ mod tests {
         layer.flush(CTX).await.unwrap();
 
         // Every I/O thread busy until `hold` is dropped.
-        let gate = Arc::new(std::sync::RwLock::new(()));
-        let hold = gate.write().unwrap();
         let (started, running) = std::sync::mpsc::channel();
-        let mut busy = Vec::new();
+        let (mut busy, mut hold) = (Vec::new(), Vec::new());
         for _ in 0..engine::IO_THREADS {
-            let (gate, started) = (Arc::clone(&gate), started.clone());
+            let (release, wait) = std::sync::mpsc::channel::<()>();
+            hold.push(release);
+            let started = started.clone();
             let mut job = Box::pin(engine::shared().run(move || {
                 let _ = started.send(());
-                drop(gate.read());
+                let _ = wait.recv();
             }));
             assert!(pending_after_one_poll(&mut job));
             busy.push(job);

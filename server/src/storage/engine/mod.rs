@@ -240,12 +240,14 @@ mod tests {
         // A job that panics loses its result, not its thread: the fence still needs both.
         assert!(threads.run(|| panic!("a job that panics")).await.is_err());
         let finished = Arc::new(AtomicUsize::new(0));
-        let gate = Arc::new(std::sync::RwLock::new(()));
-        let hold = gate.write().unwrap();
+        // The jobs wait until `hold` is dropped.
+        let mut hold = Vec::new();
         for _ in 0..3 {
-            let (gate, counted) = (Arc::clone(&gate), Arc::clone(&finished));
+            let (release, wait) = std::sync::mpsc::channel::<()>();
+            hold.push(release);
+            let counted = Arc::clone(&finished);
             let mut job = Box::pin(threads.run(move || {
-                drop(gate.read());
+                let _ = wait.recv();
                 counted.fetch_add(1, Ordering::SeqCst);
             }));
             // Queued, then its caller leaves.
