@@ -4,18 +4,30 @@
 // frame into a canvas, and every buffer is bounded, so fio at full speed cannot freeze the tab.
 "use strict";
 
-const WINDOW_NS = 30e9;          // the disk map shows the last 30 s
-const MAX_MARKS = 20000;         // requests kept for drawing
+const MAX_MARKS = 20000;         // answered requests kept for drawing
+const MAX_ALERTS = 5000;         // failed, stalled and delayed ones, kept apart so a flood cannot push them out
 const MAX_QUEUE = 50000;         // events waiting for the next frame; beyond, the oldest go
 const MAX_FAULTS = 20;           // rows of the fault table
 const COLORS = { read: "#4ea1ff", write: "#3fcf6f", other: "#9aa5b1", failed: "#ff2020", pending: "#ffb020" };
+// The disk map's plot inside the canvas, in CSS pixels: room for offset labels left, time below.
+const MARGIN = { left: 74, right: 10, top: 8, bottom: 24 };
+// Smallest marks, in CSS pixels: a 4 KiB write on a 1 TiB disk is still seen; failed ones larger.
+const SIZE = { ok: 6, pending: 10, failed: 12 };
 
 const state = {
   token: null,
   export: null,         // the export's view (GET /v1/exports/{name})
   hello: null,          // the stream's first event
   clockAt: 0,           // performance.now() when hello came
-  marks: [],            // {start, end, offset, length, op, failed, pending, key}
+  windowNs: 30e9,       // the map shows this much time
+  paused: null,         // the server time the map stands still at, or null: live
+  view: null,           // the offsets shown: [from, to), or null: the whole export
+  mouse: null,          // {x, y} over the canvas, CSS pixels
+  drag: null,           // {y0, y1} while a range of offsets is being selected
+  pinned: null,         // the mark whose request stays shown
+  drawn: { offsets: [], times: [] },  // the axis labels last drawn, for tests and the curious
+  marks: [],            // answered requests: {start, end, offset, length, op, failed, pending, ...}
+  alerts: [],           // failed and held requests, the same shape
   pending: new Map(),   // connection:cookie:offset -> mark, for stalled and delayed requests
   bins: [],             // aggregated requests: {start, end, bin, count, op}
   queue: [],
@@ -77,7 +89,7 @@ async function stream(name) {
   if (state.abort) state.abort.abort();
   const abort = new AbortController();
   state.abort = abort;
-  Object.assign(state, { marks: [], bins: [], queue: [], faults: [], hello: null });
+  Object.assign(state, { marks: [], alerts: [], bins: [], queue: [], faults: [], hello: null, view: null, pinned: null, paused: null });
   state.pending.clear();
   state.stats.clear();
   const response = await fetch(`/v1/exports/${segment(name)}/events?rate=2000`, { headers: headers(), signal: abort.signal });
@@ -122,9 +134,9 @@ function stat(op, requests, bytes, errors, latencyNs) {
   if (list.length > 5000) list.splice(0, list.length - 5000);
 }
 
-function addMark(mark) {
-  state.marks.push(mark);
-  if (state.marks.length > MAX_MARKS) state.marks.splice(0, state.marks.length - MAX_MARKS);
+function addMark(list, mark, limit) {
+  list.push(mark);
+  if (list.length > limit) list.splice(0, list.length - limit);
 }
 
 let refreshSoon = false;
@@ -138,20 +150,27 @@ function handle(kind, data) {
     case "request": {
       const key = `${data.connection}:${data.cookie}:${data.offset}`;
       const failed = data.reply !== "ok";
+      const done = { end: data.end_ns, pending: false, failed, reply: data.reply, errno: data.errno, rule: data.rule, outcome: data.outcome, flags: data.flags };
       const waiting = state.pending.get(key);
       if (waiting) {
         state.pending.delete(key);
-        Object.assign(waiting, { end: data.end_ns, pending: false, failed });
+        Object.assign(waiting, done);
       } else {
-        addMark({ start: data.start_ns, end: data.end_ns, offset: data.offset, length: data.length, op: data.op, failed, pending: false });
+        const mark = Object.assign({ start: data.start_ns, offset: data.offset, length: data.length, op: data.op, connection: data.connection, cookie: data.cookie }, done);
+        if (failed) addMark(state.alerts, mark, MAX_ALERTS);
+        else addMark(state.marks, mark, MAX_MARKS);
       }
       stat(data.op, 1, failed ? 0 : data.length, failed ? 1 : 0, data.end_ns - data.start_ns);
       break;
     }
     case "pending": {
-      const mark = { start: data.start_ns, end: null, offset: data.offset, length: data.length, op: data.op, failed: false, pending: true };
+      const mark = {
+        start: data.start_ns, end: null, offset: data.offset, length: data.length, op: data.op, connection: data.connection,
+        cookie: data.cookie, failed: false, pending: true, rule: data.rule, until: data.until, delayNs: data.delay_ns,
+      };
       state.pending.set(`${data.connection}:${data.cookie}:${data.offset}`, mark);
-      addMark(mark);
+      if (state.pending.size > MAX_ALERTS) state.pending.delete(state.pending.keys().next().value);
+      addMark(state.alerts, mark, MAX_ALERTS);
       break;
     }
     case "aggregate":
@@ -185,43 +204,293 @@ function frame() {
   if (batch.length) drawFaults();
   if (refreshSoon) { refreshSoon = false; refresh(); }
   draw();
+  drawStats();
   requestAnimationFrame(frame);
 }
 
-function draw() {
+// ---- the disk map's scales and axes --------------------------------------------------------
+const UNITS = [["TiB", 2 ** 40], ["GiB", 2 ** 30], ["MiB", 2 ** 20], ["KiB", 2 ** 10]];
+
+/// An offset or length the way a storage engineer says it: "256 MiB", "1.5 GiB", "4 KiB", "512 B".
+function bytes(n) {
+  if (n === 0) return "0";
+  for (const [name, unit] of UNITS) if (n >= unit && n % unit === 0) return `${n / unit} ${name}`;
+  for (const [name, unit] of UNITS) if (n >= unit) return `${+(n / unit).toFixed(2)} ${name}`;
+  return `${n} B`;
+}
+
+/// Offsets to label between `from` and `to`: multiples of a power of two, one per `pixels / 40`.
+function offsetTicks(from, to, pixels) {
+  const most = Math.max(2, Math.floor(pixels / 40));
+  let step = 512;
+  while ((to - from) / step > most) step *= 2;
+  const ticks = [];
+  for (let offset = Math.ceil(from / step) * step; offset <= to; offset += step) ticks.push(offset);
+  return ticks;
+}
+
+const TIME_STEPS_S = [0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600];
+
+/// Server times (ns) to label between `from` and `to`: round seconds, one per `pixels / 80`.
+function timeTicks(from, to, pixels) {
+  const most = Math.max(2, Math.floor(pixels / 80));
+  const step = (TIME_STEPS_S.find((s) => (to - from) / (s * 1e9) <= most) || 3600) * 1e9;
+  const ticks = [];
+  // None before the server started.
+  for (let t = Math.max(0, Math.ceil(from / step) * step); t <= to; t += step) ticks.push(t);
+  return ticks;
+}
+
+function seconds(ns) {
+  const s = ns / 1e9;
+  return (Number.isInteger(+s.toFixed(1)) ? s.toFixed(0) : s.toFixed(1)) + " s";
+}
+
+/// Where things are on the canvas now: plot rectangle, time and offset scales.
+function geometry() {
   const canvas = document.getElementById("map");
+  const width = canvas.clientWidth, height = canvas.clientHeight;
+  const plot = { left: MARGIN.left, top: MARGIN.top, right: width - MARGIN.right, bottom: height - MARGIN.bottom };
+  const size = (state.hello && state.hello.size) || 1;
+  const [from, to] = state.view || [0, size];
+  const right = state.paused ?? now(), left = right - state.windowNs;
+  const x = (t) => plot.left + ((t - left) / state.windowNs) * (plot.right - plot.left);
+  const y = (offset) => plot.top + ((offset - from) / (to - from)) * (plot.bottom - plot.top);
+  const offsetAt = (py) => from + ((py - plot.top) / (plot.bottom - plot.top)) * (to - from);
+  return { canvas, width, height, plot, size, from, to, left, right, x, y, offsetAt };
+}
+
+/// A mark's rectangle (CSS pixels), at least SIZE for its kind, or null when out of view.
+function rect(g, mark) {
+  const kind = mark.failed ? "failed" : mark.pending ? "pending" : "ok";
+  const end = mark.end ?? g.right;
+  if (end < g.left || mark.start > g.right) return null;
+  if (mark.offset + (mark.length || 1) < g.from || mark.offset >= g.to) return null;
+  const min = SIZE[kind];
+  let x0 = g.x(mark.start), x1 = g.x(end), y0 = g.y(mark.offset), y1 = g.y(mark.offset + (mark.length || 1));
+  // Too small to see: grown around its time, down from its offset, and kept inside the plot.
+  if (x1 - x0 < min) { const c = (x0 + x1) / 2; x0 = c - min / 2; x1 = c + min / 2; }
+  if (y1 - y0 < min) y1 = y0 + min;
+  const shiftX = Math.min(0, g.plot.right - x1), shiftY = Math.min(0, g.plot.bottom - y1);
+  return { kind, x: x0 + shiftX, y: Math.max(g.plot.top, y0 + shiftY), w: x1 - x0, h: y1 - y0 };
+}
+
+/// The mark under the pointer: failed first, then held, then the newest answered one.
+function hit(g, px, py) {
+  if (px < g.plot.left || px > g.plot.right || py < g.plot.top || py > g.plot.bottom) return null;
+  const near = (r) => r && px >= r.x - 2 && px <= r.x + r.w + 2 && py >= r.y - 2 && py <= r.y + r.h + 2;
+  for (const wanted of ["failed", "pending"]) {
+    for (let i = state.alerts.length - 1; i >= 0; i--) {
+      const mark = state.alerts[i], r = rect(g, mark);
+      if (r && r.kind === wanted && near(r)) return mark;
+    }
+  }
+  for (const list of [state.alerts, state.marks]) {
+    for (let i = list.length - 1; i >= 0; i--) if (near(rect(g, list[i]))) return list[i];
+  }
+  return null;
+}
+
+function draw() {
+  const g = geometry();
+  const { canvas, width, height, plot } = g;
+  const ratio = window.devicePixelRatio || 1;
+  if (canvas.width !== Math.round(width * ratio) || canvas.height !== Math.round(height * ratio)) {
+    canvas.width = Math.round(width * ratio);
+    canvas.height = Math.round(height * ratio);
+  }
   const context = canvas.getContext("2d");
-  const { width, height } = canvas;
+  context.setTransform(ratio, 0, 0, ratio, 0, 0);
   context.fillStyle = "#10161d";
   context.fillRect(0, 0, width, height);
   if (!state.hello) return;
-  const size = state.hello.size || 1;
-  const right = now(), left = right - WINDOW_NS;
-  const x = (t) => ((t - left) / WINDOW_NS) * width;
-  const y = (offset) => (offset / size) * height;
-  context.fillStyle = "rgba(154,165,177,0.25)";
+  drawAxes(context, g);
+  context.save();
+  context.beginPath();
+  context.rect(plot.left, plot.top, plot.right - plot.left, plot.bottom - plot.top);
+  context.clip();
   for (const bin of state.bins) {
-    if (bin.end < left) continue;
+    if (bin.end < g.left) continue;
+    const from = bin.bin * state.hello.bin_bytes, to = from + state.hello.bin_bytes;
+    if (to < g.from || from > g.to) continue;
     context.globalAlpha = Math.min(1, 0.15 + bin.count / 50);
     context.fillStyle = COLORS[bin.op] || COLORS.other;
-    context.fillRect(x(bin.start), y(bin.bin * state.hello.bin_bytes), Math.max(2, x(bin.end) - x(bin.start)), Math.max(2, y(state.hello.bin_bytes)));
+    context.fillRect(g.x(bin.start), g.y(from), Math.max(2, g.x(bin.end) - g.x(bin.start)), Math.max(2, g.y(to) - g.y(from)));
   }
   context.globalAlpha = 1;
-  // Failed and pending requests last, on top.
+  for (const mark of state.marks) {
+    const r = rect(g, mark);
+    if (!r) continue;
+    context.fillStyle = COLORS[mark.op] || COLORS.other;
+    context.fillRect(r.x, r.y, r.w, r.h);
+  }
+  // Held, then failed requests last: on top, larger, outlined so they stand out of a crowd.
   for (const pass of ["ok", "pending", "failed"]) {
-    for (const mark of state.marks) {
-      const kind = mark.failed ? "failed" : mark.pending ? "pending" : "ok";
-      if (kind !== pass) continue;
-      const end = mark.end ?? right;
-      if (end < left) continue;
-      const big = kind !== "ok";
-      context.fillStyle = big ? COLORS[kind] : (COLORS[mark.op] || COLORS.other);
-      const w = Math.max(big ? 6 : 3, x(end) - x(mark.start));
-      const h = Math.max(big ? 6 : 3, y(mark.length || 1));
-      context.fillRect(x(mark.start) - (big ? 3 : 0), y(mark.offset) - (big ? 2 : 0), w, h);
+    for (const mark of state.alerts) {
+      const r = rect(g, mark);
+      if (!r || r.kind !== pass) continue;
+      context.fillStyle = pass === "ok" ? (COLORS[mark.op] || COLORS.other) : COLORS[pass];
+      context.fillRect(r.x, r.y, r.w, r.h);
+      if (pass !== "ok") {
+        context.strokeStyle = "#10161d";
+        context.lineWidth = 1.5;
+        context.strokeRect(r.x, r.y, r.w, r.h);
+      }
     }
   }
-  drawStats();
+  const shown = state.pinned || (state.mouse && !state.drag ? hit(g, state.mouse.x, state.mouse.y) : null);
+  const r = shown && rect(g, shown);
+  if (r) {
+    context.strokeStyle = "#ffffff";
+    context.lineWidth = 2;
+    context.strokeRect(r.x - 2, r.y - 2, r.w + 4, r.h + 4);
+  }
+  if (state.drag) {
+    const top = Math.min(state.drag.y0, state.drag.y1), bottom = Math.max(state.drag.y0, state.drag.y1);
+    context.fillStyle = "rgba(255,255,255,0.15)";
+    context.fillRect(plot.left, top, plot.right - plot.left, bottom - top);
+  }
+  context.restore();
+  drawDetail(shown, r);
+}
+
+function drawAxes(context, g) {
+  const { plot } = g;
+  context.font = "11px system-ui, sans-serif";
+  context.lineWidth = 1;
+  context.fillStyle = "#c6ccd2";
+  context.strokeStyle = "rgba(198,204,210,0.12)";
+  context.textAlign = "right";
+  context.textBaseline = "middle";
+  const offsets = offsetTicks(g.from, g.to, plot.bottom - plot.top);
+  state.drawn.offsets = offsets.map(bytes);
+  for (const offset of offsets) {
+    const py = Math.round(g.y(offset)) + 0.5;
+    context.beginPath();
+    context.moveTo(plot.left - 4, py);
+    context.lineTo(plot.right, py);
+    context.stroke();
+    context.fillText(bytes(offset), plot.left - 7, Math.min(Math.max(py, plot.top + 5), plot.bottom - 5));
+  }
+  context.textAlign = "center";
+  context.textBaseline = "top";
+  const times = timeTicks(g.left, g.right, plot.right - plot.left);
+  state.drawn.times = times.map(seconds);
+  for (const t of times) {
+    const px = Math.round(g.x(t)) + 0.5;
+    context.beginPath();
+    context.moveTo(px, plot.top);
+    context.lineTo(px, plot.bottom + 4);
+    context.stroke();
+    context.fillText(seconds(t), px, plot.bottom + 7);
+  }
+  context.strokeStyle = "rgba(198,204,210,0.5)";
+  context.strokeRect(plot.left + 0.5, plot.top + 0.5, plot.right - plot.left - 1, plot.bottom - plot.top - 1);
+}
+
+// ---- a mark's request, shown when pointed at or pinned -----------------------------------------
+let detailShown = "";
+
+/// A position in the largest unit it reaches, to two decimals: "444.94 MiB", not "455620 KiB"
+/// (the exact bytes are on the next line).
+function position(n) {
+  for (const [name, unit] of UNITS) if (n >= unit) return `${+(n / unit).toFixed(2)} ${name}`;
+  return bytes(n);
+}
+
+function describeMark(mark) {
+  const lines = [[`${mark.op} ${bytes(mark.length || 0)} at ${position(mark.offset)}`, ""], [`offset ${mark.offset}, length ${mark.length}`, ""]];
+  if (mark.pending) {
+    const held = mark.until ? `stalled until trigger ${mark.until}` : `delayed ${(mark.delayNs / 1e6).toFixed(1)} ms`;
+    lines.push([`pending: ${held}`, "bad"]);
+  } else {
+    const reply = mark.reply === "ok" ? "ok" : `${mark.reply}${mark.errno ? " " + mark.errno : ""}`;
+    lines.push([`reply ${reply}, ${((mark.end - mark.start) / 1e6).toFixed(3)} ms`, mark.failed ? "bad" : ""]);
+  }
+  if (mark.rule) lines.push([`rule ${mark.rule}${mark.outcome ? ", outcome " + mark.outcome : ""}`, ""]);
+  if (mark.flags && mark.flags.length) lines.push([`flags ${mark.flags.join(" ")}`, ""]);
+  lines.push([`started ${seconds(mark.start)}, connection ${mark.connection}, cookie ${mark.cookie}`, ""]);
+  return lines;
+}
+
+function drawDetail(mark, r) {
+  const box = document.getElementById("detail");
+  if (!mark || !r) {
+    box.hidden = true;
+    detailShown = "";
+    return;
+  }
+  const lines = describeMark(mark);
+  const text = lines.map(([line]) => line).join("\n") + (mark === state.pinned ? "\npinned" : "");
+  if (text !== detailShown) {
+    detailShown = text;
+    box.replaceChildren(...lines.map(([line, className]) => {
+      const div = document.createElement("div");
+      div.textContent = line;
+      if (className) div.className = className;
+      return div;
+    }));
+    box.classList.toggle("pinned", mark === state.pinned);
+  }
+  box.hidden = false;
+  const canvas = document.getElementById("map");
+  const left = r.x + r.w + 12 + box.offsetWidth > canvas.clientWidth ? r.x - 12 - box.offsetWidth : r.x + r.w + 12;
+  box.style.left = Math.max(0, left) + "px";
+  box.style.top = Math.max(0, Math.min(r.y - 8, canvas.clientHeight - box.offsetHeight)) + "px";
+}
+
+// ---- pointing, pinning, zooming ------------------------------------------------------------
+function setView(view) {
+  const size = (state.hello && state.hello.size) || 1;
+  state.view = view && view[1] - view[0] < size ? view : null;
+  const whole = document.getElementById("whole");
+  whole.hidden = state.view === null;
+  document.getElementById("range").textContent = state.view ? `offsets ${bytes(state.view[0])} to ${bytes(state.view[1])}` : "";
+}
+
+function controls() {
+  const canvas = document.getElementById("map");
+  const point = (event) => {
+    const box = canvas.getBoundingClientRect();
+    return { x: event.clientX - box.left, y: event.clientY - box.top };
+  };
+  canvas.addEventListener("mousemove", (event) => {
+    state.mouse = point(event);
+    if (state.drag) state.drag.y1 = state.mouse.y;
+  });
+  canvas.addEventListener("mouseleave", () => { state.mouse = null; state.drag = null; });
+  canvas.addEventListener("mousedown", (event) => {
+    const at = point(event);
+    state.drag = { y0: at.y, y1: at.y };
+  });
+  canvas.addEventListener("mouseup", (event) => {
+    const at = point(event), drag = state.drag;
+    state.drag = null;
+    if (!drag || !state.hello) return;
+    const g = geometry();
+    if (Math.abs(at.y - drag.y0) > 5) {
+      const clamp = (py) => Math.min(Math.max(py, g.plot.top), g.plot.bottom);
+      const a = g.offsetAt(clamp(drag.y0)), b = g.offsetAt(clamp(at.y));
+      // Outward to a power of two near a 32nd of the range: ends a person can read.
+      let granule = 512;
+      while (granule * 64 <= Math.abs(b - a)) granule *= 2;
+      const from = Math.max(0, Math.floor(Math.min(a, b) / granule) * granule);
+      const to = Math.min(g.size, Math.max(from + 4096, Math.ceil(Math.max(a, b) / granule) * granule));
+      setView([from, to]);
+    } else {
+      const mark = hit(g, at.x, at.y);
+      state.pinned = mark && mark !== state.pinned ? mark : null;
+    }
+  });
+  canvas.addEventListener("dblclick", () => { setView(null); state.pinned = null; });
+  document.getElementById("whole").onclick = () => setView(null);
+  const windowSelect = document.getElementById("window");
+  windowSelect.onchange = () => { state.windowNs = Number(windowSelect.value) * 1e9; };
+  const pause = document.getElementById("pause");
+  pause.onclick = () => {
+    state.paused = state.paused === null ? now() : null;
+    pause.textContent = state.paused === null ? "pause" : "resume";
+  };
 }
 
 function cell(row, text, className) {
@@ -264,6 +533,8 @@ function drawFaults() {
 }
 
 // ---- the export's state: rules, triggers ---------------------------------------------------
+let tablesShown = "";
+
 async function refresh() {
   if (state.export === null) return;
   let view;
@@ -273,6 +544,10 @@ async function refresh() {
     return status(error.message);
   }
   state.export = view;
+  // Rebuilt only when something changed: a button under the pointer stays the same button.
+  const shown = JSON.stringify([view.name, view.policy && [view.policy.origin, view.policy.rules], view.triggers]);
+  if (shown === tablesShown) return;
+  tablesShown = shown;
   document.getElementById("policy-origin").textContent = view.policy ? view.policy.origin : "none: every request passes";
   const rules = document.querySelector("#rules tbody");
   rules.replaceChildren();
@@ -308,7 +583,7 @@ async function refresh() {
 
 async function start() {
   loadToken();
-  document.getElementById("window-s").textContent = WINDOW_NS / 1e9;
+  controls();
   let exports;
   try {
     exports = await api("GET", "/v1/exports");
@@ -339,12 +614,27 @@ async function start() {
   requestAnimationFrame(frame);
 }
 
-// For tests and the curious: where the map draws an offset.
+// For tests and the curious: where the map draws things, and the axis labels it drew.
 window.nbdfaultPage = {
   state,
+  /// The canvas row (device pixels, for getImageData) where `offset` is drawn.
   yOf(offset) {
-    const canvas = document.getElementById("map");
-    return state.hello ? Math.floor((offset / state.hello.size) * canvas.height) : null;
+    return state.hello ? Math.floor(geometry().y(offset) * (window.devicePixelRatio || 1)) : null;
+  },
+  /// The middle of the newest mark at `offset` (CSS pixels from the canvas' corner), or null.
+  pointOf(offset) {
+    if (!state.hello) return null;
+    const g = geometry();
+    for (const list of [state.alerts, state.marks]) {
+      for (let i = list.length - 1; i >= 0; i--) {
+        const r = list[i].offset === offset && rect(g, list[i]);
+        if (r) return { x: r.x + r.w / 2, y: r.y + r.h / 2 };
+      }
+    }
+    return null;
+  },
+  labels() {
+    return state.drawn;
   },
 };
 

@@ -261,6 +261,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE", env = "NBDFAULT_CONTROL_TOKEN_FILE", conflicts_with = "control_token")]
     pub control_token_file: Option<PathBuf>,
 
+    /// A host name the control API may be addressed as (`http://NAME:PORT/`): a container's
+    /// service name, this machine's name. IP addresses and localhost always work; requests to
+    /// other names are refused (403) against DNS rebinding. Repeat, or separate with commas.
+    #[arg(long, value_name = "NAME", env = "NBDFAULT_CONTROL_ALLOW_HOST", value_delimiter = ',')]
+    pub control_allow_host: Vec<String>,
+
     /// Append every injected fault to this file, one JSON object per line.
     #[arg(long, value_name = "FILE", env = "NBDFAULT_FAULT_LOG")]
     pub fault_log: Option<PathBuf>,
@@ -348,6 +354,7 @@ impl ServeArgs {
             no_control: self.no_control,
             control_token: self.control_token.clone(),
             control_token_file: self.control_token_file.clone(),
+            control_allow_hosts: self.control_allow_host.clone(),
             fault_log: self.fault_log.clone(),
             handshake_timeout: self.handshake_timeout,
             max_connections: self.max_connections,

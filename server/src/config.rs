@@ -29,6 +29,9 @@ struct ConfigFile {
     pub control: Option<String>,
     #[serde(default)]
     pub control_token: Option<String>,
+    /// Host names the control API may be addressed as, besides IP addresses and localhost.
+    #[serde(default)]
+    pub control_allow_hosts: Option<Vec<String>>,
     #[serde(default)]
     pub fault_log: Option<PathBuf>,
     #[serde(default)]
@@ -85,6 +88,7 @@ pub struct Overrides {
     pub no_control: bool,
     pub control_token: Option<String>,
     pub control_token_file: Option<PathBuf>,
+    pub control_allow_hosts: Vec<String>,
     pub fault_log: Option<PathBuf>,
     pub handshake_timeout: Option<Duration>,
     pub max_handshakes: Option<usize>,
@@ -180,6 +184,9 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     pub control: Option<SocketAddr>,
     pub control_token: Option<String>,
+    /// Host names the control API may be addressed as besides IP addresses and localhost:
+    /// checked, lower case.
+    pub control_allow_hosts: Vec<String>,
     pub fault_log: Option<PathBuf>,
     pub limits: Limits,
     /// TLS for NBD and the control API; `None` when TLS is off.
@@ -205,6 +212,21 @@ fn parse_address(text: &str, what: &str) -> Result<SocketAddr, ConfigError> {
     text.trim().parse().map_err(|_| {
         invalid(format!("{what} `{text}` is not an address: write IP:PORT, such as 127.0.0.1:10809 or [::1]:10809"))
     })
+}
+
+/// Names for the control API: the flags' (or env's) when given, else the file's; each checked.
+fn control_allow_hosts(overrides: &Overrides, from_file: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+    let names = if overrides.control_allow_hosts.is_empty() {
+        from_file.unwrap_or_default()
+    } else {
+        overrides.control_allow_hosts.clone()
+    };
+    // An empty item (an empty NBDFAULT_CONTROL_ALLOW_HOST, a trailing comma) allows nothing.
+    names
+        .iter()
+        .filter(|name| !name.trim().is_empty())
+        .map(|name| crate::control::allowed_host_name(name).map_err(invalid))
+        .collect()
 }
 
 /// The control token: from the flag or env, a file, or the configuration file. An empty token
@@ -444,6 +466,7 @@ impl Config {
             listen,
             control,
             control_token: control_token(overrides, file.control_token)?,
+            control_allow_hosts: control_allow_hosts(overrides, file.control_allow_hosts)?,
             tls: tls_settings(overrides, file.tls, base_dir)?,
             fault_log: overrides.fault_log.clone().or(file.fault_log),
             limits,
@@ -607,6 +630,22 @@ mod tests {
         assert_eq!(Config::load(&overrides).unwrap().control_token.as_deref(), Some("s3cret"));
         let missing = Overrides { control_token_file: Some(dir.path().join("nope")), ..Default::default() };
         assert!(Config::load(&missing).unwrap_err().to_string().contains("cannot read the control token file"));
+    }
+
+    #[test]
+    fn control_host_names_come_from_flags_or_the_file_checked_and_in_lower_case() {
+        let yaml = "listen: ['127.0.0.1:0']\ncontrol_allow_hosts: [NBDfault, test-box.example.]\n";
+        let from_file = load_yaml(yaml, &Overrides::default()).unwrap();
+        assert_eq!(from_file.control_allow_hosts, ["nbdfault", "test-box.example"]);
+        let flags = Overrides { control_allow_hosts: vec!["box".into(), String::new()], ..Default::default() };
+        assert_eq!(load_yaml(yaml, &flags).unwrap().control_allow_hosts, ["box"], "the flags replace the file's");
+        let bad = Overrides { control_allow_hosts: vec!["nbdfault:10810".into()], ..Default::default() };
+        let error = load_yaml(yaml, &bad).unwrap_err().to_string();
+        assert!(
+            error.contains("`nbdfault:10810` is not a host name") && error.contains("without scheme or port"),
+            "{error}"
+        );
+        assert!(load_yaml("listen: ['127.0.0.1:0']\n", &Overrides::default()).unwrap().control_allow_hosts.is_empty());
     }
 
     #[test]

@@ -180,7 +180,8 @@ impl Server {
                     config.control_token.clone(),
                     Arc::clone(&memory),
                 )
-                .map_err(|source| StartError::Control { address, hint: "", source })?;
+                .map_err(|source| StartError::Control { address, hint: "", source })?
+                .allow_hosts(config.control_allow_hosts.clone());
                 Some((listener, state))
             }
             None => None,

@@ -287,6 +287,7 @@ fn help_describes_every_serve_flag_and_version_prints_the_version() {
         "--control",
         "--no-control",
         "--control-token",
+        "--control-allow-host",
         "--fault-log",
         "--handshake-timeout",
         "--max-connections",

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::control::{Answer, Api, fault_probe, json_lines, ops, poll};
-use common::{NBDFAULT, PYTHON_NBD, Server, random_bytes, require, run, run_ok};
+use common::{CURL, NBDFAULT, PYTHON_NBD, Server, random_bytes, require, run, run_ok};
 use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
@@ -533,6 +533,232 @@ fn with_a_control_token_every_endpoint_needs_the_bearer_token() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("401"), "{output:?}");
     run_ok(ctl(&anonymous).args(["--token", "s3cret", "health"]));
     run_ok(ctl(&anonymous).env("NBDFAULT_CONTROL_TOKEN", "s3cret").args(["exports", ""]));
+}
+
+// ---- what a web page may make a browser send: CSRF, DNS rebinding ---------------------------------
+
+#[test]
+fn a_write_from_another_origin_is_refused_with_403_naming_csrf_and_changes_nothing() {
+    let (server, api) = disk();
+    api.set_policy("disk", FAIL_WRITES);
+    let own = format!("http://{}", server.control.unwrap());
+    for (method, path) in [
+        ("POST", "/v1/exports/disk/triggers/go"),
+        ("DELETE", "/v1/exports/disk/policy"),
+        ("PUT", "/v1/exports/disk/policy"),
+        ("POST", "/v1/exports/disk/reset"),
+        ("POST", "/v1/exports/disk/power-cut"),
+    ] {
+        for headers in [
+            vec![("Origin", "http://evil.example")],
+            vec![("Origin", "http://127.0.0.1:1")],
+            vec![("Origin", "null")],
+            vec![("Sec-Fetch-Site", "cross-site")],
+            vec![("Sec-Fetch-Site", "same-site"), ("Origin", own.as_str())],
+        ] {
+            let answer = api
+                .client()
+                .call_with_headers(method, path, Some(b"rules: []"), &headers)
+                .unwrap_or_else(|error| panic!("{method} {path}: {error}"));
+            assert_eq!(answer.status, 403, "{method} {path} {headers:?}: {}", answer.text());
+            let error = answer.text();
+            assert!(error.contains("cross-site request forgery") && error.contains(method), "{error}");
+        }
+    }
+    let export = api.export("disk");
+    assert!(export["triggers"].as_array().unwrap().is_empty(), "a refused request armed a trigger: {export}");
+    assert_eq!(export["policy"]["rules"][0]["rule"], "fail-writes", "a refused request changed the policy");
+    assert_eq!(export["power"]["cuts"], 0, "{export}");
+
+    // The page's own origin, and clients that send no Origin (this one, curl, ctl), pass.
+    let answer =
+        api.client().call_with_headers("POST", "/v1/exports/disk/triggers/go", None, &[("Origin", &own)]).unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let answer = api
+        .client()
+        .call_with_headers(
+            "DELETE",
+            "/v1/exports/disk/triggers/go",
+            None,
+            &[("Sec-Fetch-Site", "same-origin"), ("Origin", &own)],
+        )
+        .unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    api.arm("disk", "go");
+    run_ok(ctl(&api).args(["disarm", "disk", "go"]));
+    // Reading needs no origin check: another origin cannot read the answer.
+    let answer =
+        api.client().call_with_headers("GET", "/v1/exports/disk", None, &[("Origin", "http://evil.example")]).unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+}
+
+/// One HTTP/1.1 request with the given `Host`, sent by hand (HTTP clients set `Host` themselves).
+fn request_with_host(address: std::net::SocketAddr, path: &str, host: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or_else(|| panic!("{answer}"));
+    (status, answer)
+}
+
+#[test]
+fn a_request_addressed_to_a_foreign_host_name_is_refused_against_dns_rebinding_and_ip_or_localhost_pass() {
+    let (server, _api) = disk();
+    let address = server.control.unwrap();
+    let port = address.port();
+    for path in ["/v1/exports", "/", "/metrics", "/page/app.js", "/v1/exports/disk/events"] {
+        let (status, answer) = request_with_host(address, path, &format!("evil.example:{port}"));
+        assert_eq!(status, 403, "{path}: {answer}");
+        assert!(answer.contains("DNS rebinding") && answer.contains("evil.example"), "{answer}");
+        assert!(answer.contains("--control-allow-host"), "the refusal says how to allow a name: {answer}");
+    }
+    // The listener's own address, loopback names and addresses, and any IP address (which no
+    // rebinding page can be served from): a qemu guest reaches the host as 10.0.2.2.
+    for host in [
+        address.to_string(),
+        format!("localhost:{port}"),
+        format!("LOCALHOST.:{port}"),
+        format!("[::1]:{port}"),
+        "10.0.2.2:1".into(),
+        "127.0.0.1".into(),
+    ] {
+        let (status, answer) = request_with_host(address, "/v1/exports", &host);
+        assert_eq!(status, 200, "{host}: {answer}");
+    }
+}
+
+#[test]
+fn a_name_given_with_control_allow_host_or_its_environment_variable_is_answered_and_is_its_own_origin() {
+    for server in [
+        Server::builder().export("disk", "memory:1MiB").args(["--control-allow-host", "nbdfault,Test-Box.example"]),
+        Server::builder().export("disk", "memory:1MiB").env("NBDFAULT_CONTROL_ALLOW_HOST", "nbdfault,test-box.example"),
+    ] {
+        let server = server.with_control().start();
+        let address = server.control.unwrap();
+        let port = address.port();
+        for host in [format!("nbdfault:{port}"), format!("TEST-BOX.example:{port}"), "nbdfault".into()] {
+            let (status, answer) = request_with_host(address, "/v1/exports", &host);
+            assert_eq!(status, 200, "{host}: {answer}");
+        }
+        for host in [format!("evil.example:{port}"), format!("nbdfault.evil.example:{port}")] {
+            let (status, answer) = request_with_host(address, "/v1/exports", &host);
+            assert_eq!(status, 403, "{host}: {answer}");
+        }
+        // A page served under the allowed name calls the API with that origin.
+        let api = Api::new(&server);
+        api.set_policy("disk", FAIL_WRITES);
+        let origin = format!("http://nbdfault:{port}");
+        let answer = api
+            .client()
+            .call_with_headers(
+                "POST",
+                "/v1/exports/disk/triggers/go",
+                None,
+                &[("Host", &format!("nbdfault:{port}")), ("Origin", &origin)],
+            )
+            .unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    let output = run(Command::new(NBDFAULT).args(["serve", "--control-allow-host", "nbdfault:10810"]));
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("`nbdfault:10810` is not a host name") && stderr.contains("without scheme or port"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_listener_beyond_loopback_checks_host_and_origin_too_and_the_token_still_holds() {
+    // 0.0.0.0, with a token as such a listener should have: the checks come first (403), the
+    // token after (401), and a token does not make a forged request pass.
+    let server = Server::builder()
+        .default_addresses()
+        .export("disk", "memory:1MiB")
+        .args(["--listen", "127.0.0.1:0", "--control", "0.0.0.0:0", "--control-token", "s3cret"])
+        .start();
+    let port = server.control.expect("control address").port();
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let api = Api::at(&format!("http://{address}")).with_token("s3cret");
+    api.set_policy("disk", FAIL_WRITES);
+    let anonymous = Api::at(&format!("http://{address}"));
+    let (status, answer) = request_with_host(address, "/v1/exports", &format!("evil.example:{port}"));
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer.contains("DNS rebinding"), "{answer}");
+    let (status, answer) = request_with_host(address, "/v1/exports", &format!("127.0.0.1:{port}"));
+    assert_eq!(status, 401, "past the Host check, the token is wanted: {answer}");
+
+    let own = format!("http://{address}");
+    let bearer = "Bearer s3cret";
+    let forged = [("Origin", "http://evil.example"), ("Authorization", bearer)];
+    let answer = anonymous.client().call_with_headers("POST", "/v1/exports/disk/triggers/go", None, &forged).unwrap();
+    assert_eq!(answer.status, 403, "a forged request with the token: {}", answer.text());
+    assert!(answer.text().contains("cross-site request forgery"), "{}", answer.text());
+    let answer = anonymous
+        .client()
+        .call_with_headers("POST", "/v1/exports/disk/triggers/go", None, &[("Origin", &own)])
+        .unwrap();
+    assert_eq!(answer.status, 401, "the page's own origin without the token: {}", answer.text());
+    assert!(api.export("disk")["triggers"].as_array().unwrap().is_empty(), "a refused request armed the trigger");
+    let answer = anonymous
+        .client()
+        .call_with_headers("POST", "/v1/exports/disk/triggers/go", None, &[("Origin", &own), ("Authorization", bearer)])
+        .unwrap();
+    assert_eq!(answer.status, 200, "the page's own origin with the token: {}", answer.text());
+    run_ok(ctl(&anonymous).args(["--token", "s3cret", "disarm", "disk", "go"]));
+}
+
+#[test]
+fn over_https_foreign_hosts_and_origins_are_refused_and_curl_ctl_and_the_pages_origin_pass() {
+    require!(CURL);
+    let pki = common::pki::Pki::new();
+    let server = Server::builder()
+        .export("disk", "memory:1MiB")
+        .args(["--tls", "require", "--tls-certificates"])
+        .arg(&pki.dir)
+        .with_control()
+        .start();
+    let address = server.control.unwrap();
+    let own = format!("https://{address}");
+    // curl checks the certificate against 127.0.0.1 and sends the headers given.
+    let curl = |method: &str, path: &str, headers: &[String]| {
+        let mut command = CURL.command();
+        command.args(["-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}", "-X", method, "--cacert"]);
+        command.arg(pki.path("ca-cert.pem"));
+        for header in headers {
+            command.args(["-H", header]);
+        }
+        let out = run_ok(command.arg(format!("{own}{path}")));
+        let (body, status) = out.trim_end().rsplit_once('\n').unwrap();
+        (status.parse::<u16>().unwrap(), body.to_string())
+    };
+    let port = address.port();
+    let (status, body) = curl("GET", "/v1/exports", &[format!("Host: evil.example:{port}")]);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("DNS rebinding"), "{body}");
+    let (status, _) = curl(
+        "PUT",
+        "/v1/exports/disk/policy",
+        &["Origin: https://evil.example".into(), "Content-Type: application/yaml".into()],
+    );
+    assert_eq!(status, 403);
+    let (status, body) = curl("POST", "/v1/exports/disk/triggers/go", &["Sec-Fetch-Site: cross-site".into()]);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("cross-site request forgery"), "{body}");
+    let (status, body) = curl("POST", "/v1/exports/disk/triggers/go", &[format!("Origin: {own}")]);
+    assert_eq!(status, 200, "the page's own https origin: {body}");
+    let (status, body) = curl("DELETE", "/v1/exports/disk/triggers/go", &[]);
+    assert_eq!(status, 200, "curl without Origin: {body}");
+    let exports = run_ok(
+        Command::new(NBDFAULT)
+            .args(["ctl", "--url", &own, "--tls-certificates"])
+            .arg(&pki.dir)
+            .args(["arm", "disk", "go"]),
+    );
+    assert!(exports.contains("go"), "{exports}");
 }
 
 // ---- nbdfault ctl -----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 //! start `nbdfault serve`, boot qemu, attach with the real nbd-client, run the suite inside, and
 //! collect its report.
 
+pub mod check;
 pub mod debian;
 pub mod guest;
 pub mod initramfs;

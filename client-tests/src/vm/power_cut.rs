@@ -15,64 +15,32 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
 use clap::Args;
 use nbdfault_control_client::{Client, PowerOff};
 
+use super::check::{Check, CheckArgs, GUEST_DIR, init_preamble};
 use super::guest::HOST_FROM_GUEST;
-use super::{CacheLock, Common, Progress, TempDir, cache_dir, find_guest_binary, find_server, initramfs, kernel, qemu};
 
 /// Bytes of each block the guest writes.
 const BLOCK: usize = 64 << 10;
 /// Where the second, unflushed block goes, in blocks.
 const UNFLUSHED_AT: usize = 16;
-/// Where the guest finds its blocks.
-const GUEST_DIR: &str = "/etc/nbdfault";
 /// Console lines of the check start with this.
 const MARK: &str = "power-cut: ";
 
 /// Arguments of `vm-power-cut`.
 #[derive(Args, Debug)]
 pub struct PowerCutArgs {
-    /// The client kernel: a version prefix such as 6.1 or 6.12, a package name, or a .deb path.
-    #[arg(long)]
-    pub kernel: String,
     #[command(flatten)]
-    pub common: Common,
-    /// The nbdfault server binary (default: next to this program, then PATH).
-    #[arg(long)]
-    pub server: Option<PathBuf>,
-    /// The statically linked nbdfault-client-tests to put in the guest.
-    #[arg(long)]
-    pub guest_binary: Option<PathBuf>,
-    /// Give up on the guest after this many seconds.
-    #[arg(long, default_value_t = 300)]
-    pub timeout: u64,
-    /// The qemu binary.
-    #[arg(long, default_value = "qemu-system-x86_64")]
-    pub qemu: PathBuf,
+    pub check: CheckArgs,
 }
 
 /// The guest's `/init` for the check.
 pub fn init_script() -> String {
     let attach = format!("nbd-client {HOST_FROM_GUEST} \"$port\" /dev/nbd0 -N disk -b 4096 -C 2 -t 10");
-    format!(
-        r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-say() {{ echo "nbdfault-init: {MARK}$*"; }}
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
-for m in /lib/modules/*.ko; do
-    insmod "$m" 2>/dev/null
-done
-ip link set lo up
-ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via {HOST_FROM_GUEST} || say "no network"
-port="$NBDFAULT_NBD_PORT"
-if ! {attach} >/tmp/attach.log 2>&1; then
+    let steps = format!(
+        r#"if ! {attach} >/tmp/attach.log 2>&1; then
     say "attach failed: $(tail -n 2 /tmp/attach.log | tr '\n' ' ')"
     poweroff -f
 fi
@@ -112,7 +80,8 @@ nbd-client -d /dev/nbd0 >/dev/null 2>&1
 say "done"
 poweroff -f
 "#
-    )
+    );
+    init_preamble(MARK) + &steps
 }
 
 /// What the guest reported, and what the host saw of the server at each step.
@@ -195,78 +164,37 @@ fn act(client: &Client, line: &str, findings: &mut Findings) {
 
 /// `vm-power-cut`: everything, start to finish.
 pub fn main(args: PowerCutArgs) -> Result<ExitCode, String> {
-    let progress = Progress(Instant::now());
-    super::catch_interrupts();
-    qemu::check_available(&args.qemu)?;
-    let server_binary = find_server(args.server.as_deref())?;
-    let guest_binary = find_guest_binary(args.guest_binary.as_deref())?;
-    let cache = cache_dir(args.common.cache.as_deref());
-    let kernel = {
-        let _lock = CacheLock::take(&cache).map_err(|e| format!("cannot lock the cache {}: {e}", cache.display()))?;
-        kernel::prepare(&cache, &args.common.mirror, &args.kernel, args.common.refresh, &mut |s| progress.say(s))
-            .map_err(|e| e.to_string())?
-    };
-    let temp = TempDir::new().map_err(|e| format!("cannot make a temporary directory: {e}"))?;
+    let check = Check::prepare(&args.check)?;
+    let temp = &check.temp.0;
     let block = |seed: u64| -> Vec<u8> {
         (0..BLOCK as u64).map(|i| (i.wrapping_add(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8 | 1).collect()
     };
     let blocks = [("flushed.bin", block(1)), ("unflushed.bin", block(2)), ("zeros.bin", vec![0; BLOCK])];
     for (name, data) in &blocks {
-        std::fs::write(temp.0.join(name), data).map_err(|e| format!("cannot write {name}: {e}"))?;
+        std::fs::write(temp.join(name), data).map_err(|e| format!("cannot write {name}: {e}"))?;
     }
-    let tool = |name: &str| initramfs::find_tool(name).map_err(|e| e.to_string());
-    let programs = [("/bin/busybox", tool("busybox")?), ("/sbin/nbd-client", tool("nbd-client")?)];
     let guest_paths: Vec<String> = blocks.iter().map(|(name, _)| format!("{GUEST_DIR}/{name}")).collect();
     let files: Vec<(&str, PathBuf)> =
-        guest_paths.iter().map(String::as_str).zip(blocks.iter().map(|(name, _)| temp.0.join(name))).collect();
-    let init = init_script();
-    let archive = initramfs::build(&initramfs::Contents {
-        init_script: &init,
-        guest_binary: &guest_binary,
-        modules: &kernel.modules,
-        programs: &programs,
-        files: &files,
-    })
-    .map_err(|e| e.to_string())?;
-    let initrd = temp.0.join("initramfs.cpio");
-    std::fs::write(&initrd, &archive).map_err(|e| format!("cannot write the initramfs: {e}"))?;
+        guest_paths.iter().map(String::as_str).zip(blocks.iter().map(|(name, _)| temp.join(name))).collect();
 
-    let policy = temp.0.join("volatile-cache.yaml");
+    let policy = temp.join("volatile-cache.yaml");
     std::fs::write(&policy, "volatile_cache: true\n").map_err(|e| format!("cannot write the policy: {e}"))?;
     let policy_arg = format!("disk={}", policy.display());
     let exports = [("disk".to_string(), "memory:64MiB".to_string())];
-    let log = temp.0.join("server.log");
-    let server = super::server::Server::start_with(&server_binary, &exports, &["--policy", &policy_arg], &log)
+    let log = temp.join("server.log");
+    let server = super::server::Server::start_with(&check.server_binary, &exports, &["--policy", &policy_arg], &log)
         .map_err(|e| e.to_string())?;
     let client =
         Client::new(&format!("http://{}", server.ready.control), None).map_err(|e| format!("control API: {e}"))?;
-    progress.say(&format!("nbdfault serve on {}, export disk with volatile_cache: true", server.ready.nbd));
+    check.progress.say(&format!("nbdfault serve on {}, export disk with volatile_cache: true", server.ready.nbd));
 
-    let config = qemu::QemuConfig {
-        qemu: args.qemu.clone(),
-        kernel: kernel.vmlinuz.clone(),
-        initrd,
-        append: format!("console=ttyS0 panic=-1 loglevel=4 NBDFAULT_NBD_PORT={}", server.ready.nbd.port()),
-        memory_mib: 512,
-        cpus: 2,
-        report: temp.0.join("report.serial"),
-        console_log: temp.0.join("console.log"),
-        timeout: Duration::from_secs(args.timeout),
-    };
-    progress.say(&format!("booting {} under qemu (TCG)", kernel.release));
     let mut findings = Findings::default();
-    let outcome = qemu::run(&config, &mut |line| {
-        if let Some(text) = super::guest::progress_text(line).and_then(|t| t.strip_prefix(MARK)) {
-            let text = text.trim().to_string();
-            progress.say(&format!("  guest: {text}"));
-            act(&client, &text, &mut findings);
-            findings.lines.push(text);
-        }
-    })
-    .map_err(|e| format!("cannot run qemu: {e}"))?;
+    check.boot(&init_script(), &files, server.ready.nbd.port(), MARK, &mut |text| {
+        act(&client, text, &mut findings);
+        findings.lines.push(text.to_string());
+    })?;
     let _ = server.stop();
-    progress.say(&format!("guest finished in {:.0} s", outcome.elapsed.as_secs_f64()));
-    progress.say(&format!(
+    check.progress.say(&format!(
         "server: {:?} connections before the cut, dropped {:?}, undid {:?} writes, off {:?}; {:?} connections after power-on",
         findings.connections_before,
         findings.dropped,
@@ -274,23 +202,10 @@ pub fn main(args: PowerCutArgs) -> Result<ExitCode, String> {
         findings.off,
         findings.connections_after
     ));
-
-    let problems = findings.problems();
-    if problems.is_empty() {
-        progress.say(
-            "power cut with nbd-client -C 2: both connections dropped, the device failed, clients refused while \
-             off, flushed data kept and unflushed data gone after power-on",
-        );
-        return Ok(ExitCode::SUCCESS);
-    }
-    for problem in &problems {
-        progress.say(&format!("FAILED: {problem}"));
-    }
-    let console = std::fs::read_to_string(&config.console_log).unwrap_or_default();
-    let tail: Vec<&str> = console.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+    let passed = "power cut with nbd-client -C 2: both connections dropped, the device failed, clients refused while \
+                  off, flushed data kept and unflushed data gone after power-on";
     let server_log = std::fs::read_to_string(&log).unwrap_or_default();
-    eprintln!("last console lines:\n{}\nserver log:\n{server_log}", tail.join("\n"));
-    Ok(ExitCode::from(1))
+    Ok(check.verdict(&findings.problems(), passed, &server_log))
 }
 
 #[cfg(test)]

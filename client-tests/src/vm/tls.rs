@@ -10,38 +10,20 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::time::{Duration, Instant};
 
 use clap::Args;
 
+use super::check::{Check, CheckArgs, GUEST_DIR, init_preamble};
 use super::guest::HOST_FROM_GUEST;
-use super::{CacheLock, Common, Progress, TempDir, cache_dir, find_guest_binary, find_server, initramfs, kernel, qemu};
 
 /// Bytes the guest writes through the device and reads back.
 const PATTERN_LEN: usize = 4 << 20;
-/// Where the guest finds the certificates and the pattern.
-const GUEST_DIR: &str = "/etc/nbdfault";
 
 /// Arguments of `vm-tls`.
 #[derive(Args, Debug)]
 pub struct TlsArgs {
-    /// The client kernel: a version prefix such as 6.1 or 6.12, a package name, or a .deb path.
-    #[arg(long)]
-    pub kernel: String,
     #[command(flatten)]
-    pub common: Common,
-    /// The nbdfault server binary (default: next to this program, then PATH).
-    #[arg(long)]
-    pub server: Option<PathBuf>,
-    /// The statically linked nbdfault-client-tests to put in the guest.
-    #[arg(long)]
-    pub guest_binary: Option<PathBuf>,
-    /// Give up on the guest after this many seconds.
-    #[arg(long, default_value_t = 300)]
-    pub timeout: u64,
-    /// The qemu binary.
-    #[arg(long, default_value = "qemu-system-x86_64")]
-    pub qemu: PathBuf,
+    pub check: CheckArgs,
 }
 
 /// Console lines of the check start with this.
@@ -53,22 +35,8 @@ pub fn init_script() -> String {
         "-enable-tls -cacertfile {GUEST_DIR}/ca-cert.pem -certfile {GUEST_DIR}/client-cert.pem \
          -keyfile {GUEST_DIR}/client-key.pem -tlshostname {HOST_FROM_GUEST}"
     );
-    format!(
-        r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-say() {{ echo "nbdfault-init: {MARK}$*"; }}
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
-for m in /lib/modules/*.ko; do
-    insmod "$m" 2>/dev/null
-done
-ip link set lo up
-ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via {HOST_FROM_GUEST} || say "no network"
-port="$NBDFAULT_NBD_PORT"
-if nbd-client {HOST_FROM_GUEST} "$port" /dev/nbd0 -N disk -b 4096 -t 30 >/tmp/plain.log 2>&1; then
+    let steps = format!(
+        r#"if nbd-client {HOST_FROM_GUEST} "$port" /dev/nbd0 -N disk -b 4096 -t 30 >/tmp/plain.log 2>&1; then
     say "plain attached"
     nbd-client -d /dev/nbd0 >/dev/null 2>&1
 else
@@ -88,7 +56,8 @@ say "done"
 poweroff -f
 "#,
         mib = PATTERN_LEN >> 20
-    )
+    );
+    init_preamble(MARK) + &steps
 }
 
 fn openssl(dir: &Path, args: &[&str]) -> Result<(), String> {
@@ -177,80 +146,40 @@ impl Findings {
 
 /// `vm-tls`: everything, start to finish.
 pub fn main(args: TlsArgs) -> Result<ExitCode, String> {
-    let progress = Progress(Instant::now());
-    super::catch_interrupts();
-    qemu::check_available(&args.qemu)?;
-    let server_binary = find_server(args.server.as_deref())?;
-    let guest_binary = find_guest_binary(args.guest_binary.as_deref())?;
-    let cache = cache_dir(args.common.cache.as_deref());
-    let kernel = {
-        let _lock = CacheLock::take(&cache).map_err(|e| format!("cannot lock the cache {}: {e}", cache.display()))?;
-        kernel::prepare(&cache, &args.common.mirror, &args.kernel, args.common.refresh, &mut |s| progress.say(s))
-            .map_err(|e| e.to_string())?
-    };
-    let temp = TempDir::new().map_err(|e| format!("cannot make a temporary directory: {e}"))?;
-    let pki = temp.0.join("pki");
+    let check = Check::prepare(&args.check)?;
+    let temp = &check.temp.0;
+    let pki = temp.join("pki");
     std::fs::create_dir_all(&pki).map_err(|e| format!("cannot make {}: {e}", pki.display()))?;
     make_certificates(&pki, &format!("IP:{HOST_FROM_GUEST},IP:127.0.0.1,DNS:localhost"))?;
     let pattern: Vec<u8> =
         (0..PATTERN_LEN).map(|i| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes()[0]).collect();
-    let pattern_path = temp.0.join("pattern.bin");
+    let pattern_path = temp.join("pattern.bin");
     std::fs::write(&pattern_path, &pattern).map_err(|e| format!("cannot write the pattern: {e}"))?;
-    progress.say("certificates made with openssl (CA, server for 10.0.2.2, client)");
+    check.progress.say("certificates made with openssl (CA, server for 10.0.2.2, client)");
 
-    let tool = |name: &str| initramfs::find_tool(name).map_err(|e| e.to_string());
-    let programs = [("/bin/busybox", tool("busybox")?), ("/sbin/nbd-client", tool("nbd-client")?)];
     let guest_file = |name: &str| format!("{GUEST_DIR}/{name}");
     let names = ["ca-cert.pem", "client-cert.pem", "client-key.pem"];
     let guest_paths: Vec<String> = names.iter().map(|n| guest_file(n)).chain([guest_file("pattern.bin")]).collect();
     let host_paths: Vec<PathBuf> = names.iter().map(|n| pki.join(n)).chain([pattern_path.clone()]).collect();
     let files: Vec<(&str, PathBuf)> = guest_paths.iter().map(String::as_str).zip(host_paths).collect();
-    let init = init_script();
-    let archive = initramfs::build(&initramfs::Contents {
-        init_script: &init,
-        guest_binary: &guest_binary,
-        modules: &kernel.modules,
-        programs: &programs,
-        files: &files,
-    })
-    .map_err(|e| e.to_string())?;
-    let initrd = temp.0.join("initramfs.cpio");
-    std::fs::write(&initrd, &archive).map_err(|e| format!("cannot write the initramfs: {e}"))?;
 
-    let image = temp.0.join("disk.img");
+    let image = temp.join("disk.img");
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(64 << 20))
         .map_err(|e| format!("cannot make {}: {e}", image.display()))?;
     let exports = [("disk".to_string(), format!("file:{}", image.display()))];
     let pki_arg = pki.display().to_string();
     let extra = ["--tls", "require", "--tls-certificates", &pki_arg, "--tls-verify-peer"];
-    let log = temp.0.join("server.log");
+    let log = temp.join("server.log");
     let server =
-        super::server::Server::start_with(&server_binary, &exports, &extra, &log).map_err(|e| e.to_string())?;
-    progress.say(&format!("nbdfault serve --tls require --tls-verify-peer on {}", server.ready.nbd));
+        super::server::Server::start_with(&check.server_binary, &exports, &extra, &log).map_err(|e| e.to_string())?;
+    check.progress.say(&format!("nbdfault serve --tls require --tls-verify-peer on {}", server.ready.nbd));
 
-    let config = qemu::QemuConfig {
-        qemu: args.qemu.clone(),
-        kernel: kernel.vmlinuz.clone(),
-        initrd,
-        append: format!("console=ttyS0 panic=-1 loglevel=4 NBDFAULT_NBD_PORT={}", server.ready.nbd.port()),
-        memory_mib: 512,
-        cpus: 2,
-        report: temp.0.join("report.serial"),
-        console_log: temp.0.join("console.log"),
-        timeout: Duration::from_secs(args.timeout),
-    };
-    progress.say(&format!("booting {} under qemu (TCG)", kernel.release));
     let mut findings = Findings::default();
-    let outcome = qemu::run(&config, &mut |line| {
-        if let Some(text) = super::guest::progress_text(line).and_then(|t| t.strip_prefix(MARK)) {
-            progress.say(&format!("  guest: {text}"));
-            findings.lines.push(text.trim().to_string());
-        }
-    })
-    .map_err(|e| format!("cannot run qemu: {e}"))?;
+    check.boot(&init_script(), &files, server.ready.nbd.port(), MARK, &mut |text| {
+        findings.lines.push(text.to_string());
+    })?;
     let _ = server.stop();
-    progress.say(&format!("guest finished in {:.0} s", outcome.elapsed.as_secs_f64()));
 
     let mut problems = findings.problems();
     let stored = std::fs::read(&image).map_err(|e| format!("cannot read {}: {e}", image.display()))?;
@@ -261,17 +190,8 @@ pub fn main(args: TlsArgs) -> Result<ExitCode, String> {
     if findings.has("tls attached") && !server_log.contains("tls=true") {
         problems.push("the server did not log a TLS attachment".into());
     }
-    if problems.is_empty() {
-        progress.say("nbd-client over TLS: plain refused, TLS with a client certificate attached, data intact");
-        return Ok(ExitCode::SUCCESS);
-    }
-    for problem in &problems {
-        progress.say(&format!("FAILED: {problem}"));
-    }
-    let console = std::fs::read_to_string(&config.console_log).unwrap_or_default();
-    let tail: Vec<&str> = console.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
-    eprintln!("last console lines:\n{}\nserver log:\n{server_log}", tail.join("\n"));
-    Ok(ExitCode::from(1))
+    let passed = "nbd-client over TLS: plain refused, TLS with a client certificate attached, data intact";
+    Ok(check.verdict(&problems, passed, &server_log))
 }
 
 #[cfg(test)]

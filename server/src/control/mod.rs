@@ -9,9 +9,11 @@
 
 mod events;
 mod metrics;
+mod origin;
 mod page;
 mod worker;
 
+pub use origin::allowed_host_name;
 pub use worker::{ControlWorker, Refused};
 
 use std::net::SocketAddr;
@@ -58,6 +60,8 @@ pub struct ControlState {
     worker: ControlWorker,
     /// The server's memory budget: `data` transfers take their pieces from it.
     memory: Arc<tokio::sync::Semaphore>,
+    /// Names besides IP addresses and localhost that requests may be addressed to.
+    allowed_hosts: Arc<[String]>,
 }
 
 impl ControlState {
@@ -70,7 +74,22 @@ impl ControlState {
         memory: Arc<tokio::sync::Semaphore>,
     ) -> std::io::Result<ControlState> {
         let worker = ControlWorker::start(WORKER_DEADLINE)?;
-        Ok(ControlState { exports, log, clock, token: token.map(Arc::from), worker, memory })
+        Ok(ControlState {
+            exports,
+            log,
+            clock,
+            token: token.map(Arc::from),
+            worker,
+            memory,
+            allowed_hosts: Arc::from([]),
+        })
+    }
+
+    /// Host names, besides IP addresses and localhost, that requests may be addressed to
+    /// (`--control-allow-host`, checked by [`allowed_host_name`]).
+    pub fn allow_hosts(mut self, names: Vec<String>) -> ControlState {
+        self.allowed_hosts = Arc::from(names);
+        self
     }
 
     fn export(&self, name: &str) -> Result<&Arc<Export>, ApiError> {
@@ -178,7 +197,9 @@ async fn authorize(State(state): State<ControlState>, request: Request, next: Ne
 pub async fn serve(listener: tokio::net::TcpListener, state: ControlState, tls: Option<Arc<Tls>>, shutdown: Shutdown) {
     let address = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     events::end_streams_at_shutdown(Arc::clone(&state.exports), shutdown.clone());
-    let app = router(state);
+    // Before everything else, the page's files too: what a web page may not make a browser send.
+    let guard = origin::Guard { allowed_hosts: Arc::clone(&state.allowed_hosts) };
+    let app = router(state).layer(middleware::from_fn_with_state(guard, origin::guard));
     match tls {
         Some(tls) => {
             tracing::info!(verify_peer = tls.verify_peer, "control API on https://{address}/v1/");
@@ -611,7 +632,12 @@ async fn power_cut(
                 .map(|warning| warning.to_string()),
         );
     }
-    let report = export.faults.cut_power(off).await.map_err(storage_error)?;
+    // The cut runs to its end even if the caller hangs up: a power cut is not undone halfway.
+    let faults = Arc::clone(&export.faults);
+    let report = tokio::spawn(async move { faults.cut_power(off).await })
+        .await
+        .map_err(|error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("the power cut failed: {error}")))?
+        .map_err(storage_error)?;
     if !report.journaled {
         warnings.push(format!(
             "warning: export {:?} keeps no journal of unflushed writes, so the power cut undid none of them\n  \

@@ -7,8 +7,12 @@
 //!
 //! Ordering. Every request of the export does its storage I/O holding the [`Power::gate`] shared,
 //! and only if its connection attached in the current power cycle; a cut holds the gate alone
-//! while it starts the next cycle and undoes the journal. So no write of a connection from before
-//! the cut reaches storage after it, and nothing reads the storage half undone.
+//! while it starts the next cycle and undoes the journal. A request dropped while its I/O still
+//! runs on a storage thread (its client went away) lets go of the gate early, so the cut also
+//! waits for the storage to settle ([`crate::storage::BlockDevice::settle`]) before it undoes
+//! anything, and holds the gate in a task of its own, which a dropped caller does not cancel. So
+//! no write of a connection from before the cut reaches storage after it, and nothing reads the
+//! storage half undone.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -56,7 +60,8 @@ pub struct Power {
     /// Read without a lock on every request, under the gate.
     cycle: AtomicU64,
     state: watch::Sender<State>,
-    /// Shared by requests doing storage I/O; held alone by a cut.
+    /// Shared by requests doing storage I/O; held alone by a cut, owned, so the task that undoes
+    /// the journal keeps it however its caller ends.
     gate: Arc<Gate>,
     attached: Arc<AtomicU64>,
     /// Serializes state changes (cuts and power-ons) with their watch updates.

@@ -507,6 +507,11 @@ impl BlockDevice for FileDevice {
         Some(FileDevice::data_path(self))
     }
 
+    fn settle(&self) -> IoFuture<'_, ()> {
+        // A dropped request's job still runs on an I/O thread; the engine's fence waits for it.
+        Box::pin(async move { Ok(self.engine.fence().await?) })
+    }
+
     fn extents(&self, _ctx: IoContext, offset: u64, length: u64) -> IoFuture<'_, Vec<Extent>> {
         let end = offset.saturating_add(length).min(self.size);
         self.blocking(move |file| Ok(extents_of(file, offset, end)?))

@@ -336,6 +336,10 @@ pub fn run_within(command: &mut Command, timeout: Duration) -> Output {
 /// Runs a command as [`run_within`] does; also returns the CPU time it used (user and system,
 /// of the command itself and its waited-for children). A bound on work done, unlike the time on
 /// the clock, holds on a loaded machine.
+#[expect(
+    clippy::zombie_processes,
+    reason = "the child is reaped by wait4 in wait_counting_cpu, which clippy cannot see"
+)]
 pub fn run_counting_cpu(command: &mut Command, timeout: Duration) -> (Output, Duration) {
     let shown = show(command);
     command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -386,6 +390,16 @@ fn wait_counting_cpu(pid: libc::pid_t) -> Option<(ExitStatus, Duration)> {
             None
         }
     }
+}
+
+/// `qemu-io -f raw OPTIONS -c COMMAND... URI`, run to its end: one `-c` per command.
+pub fn qemu_io(uri: &str, options: &[&str], commands: &[&str]) -> Output {
+    let mut command = QEMU_IO.command();
+    command.args(["-f", "raw"]).args(options);
+    for c in commands {
+        command.args(["-c", c]);
+    }
+    run(command.arg(uri))
 }
 
 /// Runs a command and fails the test, showing its output, unless it succeeds. Returns stdout.
