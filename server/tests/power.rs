@@ -292,3 +292,43 @@ fn a_power_cut_right_after_a_client_died_with_writes_queued_leaves_exactly_the_f
         );
     }
 }
+
+/// A policy swap is no power event: unflushed writes stay undoable while the new policy keeps
+/// the journal. A policy without a volatile cache drops the journal (the answer warns), so a cut
+/// after it undoes nothing written before; DELETE drops it too.
+#[test]
+fn unflushed_writes_stay_undoable_across_a_policy_swap_only_while_the_new_policy_keeps_the_journal() {
+    require!(PYTHON_NBD);
+    let (server, api) = disk();
+    let uri = server.uri("disk");
+    let unflushed = || api.export("disk")["unflushed_bytes"].as_u64();
+    let warnings =
+        |answer: &Value| answer["warnings"].as_array().unwrap().iter().map(|w| w.to_string()).collect::<Vec<_>>();
+    api.set_policy("disk", "volatile_cache: true");
+    let results = common::control::ops(&uri, &["write 0 4096 0x41"]);
+    assert!(results[0].ok());
+    assert_eq!(unflushed(), Some(4096));
+    let kept = api.set_policy(
+        "disk",
+        "rules: [{ name: crash, when: { op: flush, armed_by: crash }, then: { power_cut: true } }]",
+    );
+    assert!(!warnings(&kept).iter().any(|w| w.contains("journal")), "{kept}");
+    assert_eq!(unflushed(), Some(4096), "a swap to another volatile cache keeps the journal");
+
+    let dropped = api.set_policy("disk", "rules: [{ when: { op: trim }, then: { error: EIO } }]");
+    let said = warnings(&dropped);
+    assert!(said.iter().any(|w| w.contains("keeps no journal") && w.contains("1 writes (4096 bytes)")), "{dropped}");
+    assert_eq!(unflushed(), Some(0));
+    api.set_policy("disk", "volatile_cache: true");
+    assert!(common::control::ops(&uri, &["write 8192 4096 0x42"])[0].ok());
+    let cut = api.post("/v1/exports/disk/power-cut").expect(200).json();
+    assert_eq!(cut["undone_writes"], 1, "only the write after the swap back: {cut}");
+    let stored = api.data("disk", 0, 12288);
+    assert!(stored[..4096].iter().all(|&b| b == 0x41), "written before the journal was dropped: survives");
+    assert!(stored[8192..].iter().all(|&b| b == 0), "written after: undone");
+
+    assert!(common::control::ops(&uri, &["write 0 4096 0x43"])[0].ok());
+    assert_eq!(unflushed(), Some(4096));
+    api.clear_policy("disk");
+    assert_eq!(unflushed(), Some(0), "DELETE drops the journal too");
+}

@@ -106,6 +106,26 @@ impl FaultLayer {
         &self.activity
     }
 
+    /// Installs a policy (`None` removes it). A policy swap is no power event: writes not yet
+    /// flushed stay undoable while the new policy keeps the journal (`volatile_cache:`, or a
+    /// `power_cut` rule). One that keeps none drops the journal, and with it the cost of keeping
+    /// it: a later power cut undoes nothing of what was written before. Returns what was dropped,
+    /// to be freed where the caller runs (off the runtime for a large journal).
+    pub fn set_policy(&self, policy: Option<nbdfault_policies::Policy>) -> journal::Forgotten {
+        self.engine.set_policy(policy);
+        if self.engine.tracks_unflushed_writes() {
+            return journal::Forgotten::default();
+        }
+        let forgotten = self.journal().clear();
+        if forgotten.writes > 0 {
+            tracing::info!(
+                export = %self.export, writes = forgotten.writes, bytes = forgotten.bytes,
+                "the new policy keeps no journal: unflushed writes are no longer undone by a power cut"
+            );
+        }
+        forgotten
+    }
+
     /// Bytes of unflushed writes a power cut would undo now.
     pub fn unflushed_bytes(&self) -> u64 {
         self.journal().bytes()
@@ -307,12 +327,21 @@ impl FaultLayer {
             self.journal().forget_range(offset, length);
             return Ok(());
         }
-        if !self.journal().has_room(length) {
-            self.journal().count_unjournaled();
+        let epoch = {
+            let mut journal = self.journal();
+            if !journal.has_room(length) {
+                journal.count_unjournaled();
+                return Ok(());
+            }
+            journal.epoch()
+        };
+        // Asked again within the epoch: a policy swap that stops the journal empties it after
+        // the swap, so either this sees the new policy or the epoch has ended by the record.
+        if !self.engine.tracks_unflushed_writes() {
             return Ok(());
         }
         let before = self.read_range(offset, length).await?;
-        self.journal().record(offset, before);
+        self.journal().record(epoch, offset, before);
         Ok(())
     }
 
@@ -406,7 +435,7 @@ impl FaultLayer {
                     action => perform(action).await,
                 };
                 if report.happened {
-                    self.journal().clear();
+                    drop(self.journal().clear());
                 }
                 done
             }
@@ -606,7 +635,7 @@ impl BlockDevice for FaultLayer {
     fn reset(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
             self.inner.reset().await?;
-            self.journal().clear();
+            drop(self.journal().clear());
             self.engine.clear_bad_sectors();
             Ok(())
         })
@@ -865,6 +894,34 @@ mod tests {
 
     async fn stored_in(storage: &dyn BlockDevice, offset: u64, length: u32) -> Bytes {
         storage.read(IoContext::default(), offset, length).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_policy_swap_keeps_unflushed_writes_undoable_only_while_the_new_policy_keeps_the_journal() {
+        let f = fixture("volatile_cache: true");
+        f.layer.write(CTX, 0, block(1), false).await.unwrap();
+        let policy = |text: &str| Some(Policy::from_yaml(text, "swap").unwrap());
+        // Another policy with a volatile cache: no power event, the write stays unflushed.
+        let kept = f.layer.set_policy(policy("rules: [{name: cut, when: {op: flush}, then: {power_cut: true}}]"));
+        assert_eq!((kept.writes, f.layer.unflushed_bytes()), (0, 4096));
+        // One without: the journal goes, and what it held can no longer be undone.
+        let dropped = f.layer.set_policy(policy("rules: [{when: {op: trim}, then: {error: EIO}}]"));
+        assert_eq!((dropped.writes, dropped.bytes, f.layer.unflushed_bytes()), (1, 4096, 0));
+        f.layer.write(CTX, 4096, block(2), false).await.unwrap();
+        assert_eq!(f.layer.unflushed_bytes(), 0, "nothing is journaled without a volatile cache");
+        // A volatile cache again starts from an empty journal: only later writes are undone.
+        f.layer.set_policy(policy("volatile_cache: true"));
+        f.layer.write(CTX, 8192, block(3), false).await.unwrap();
+        let report = f.layer.cut_power(None).await.unwrap();
+        assert_eq!(report.undone_writes, 1);
+        assert_eq!(stored(&f.storage, 0, 1).await[0], 1, "written before the swap: survives");
+        assert_eq!(stored(&f.storage, 4096, 1).await[0], 2);
+        assert_eq!(stored(&f.storage, 8192, 1).await[0], 0, "written after it: undone");
+        // Removing the policy drops the journal too.
+        let after = IoContext { power_cycle: 1, ..CTX };
+        f.layer.write(after, 0, block(4), false).await.unwrap();
+        assert_eq!(f.layer.set_policy(None).writes, 1);
+        assert_eq!(f.layer.unflushed_bytes(), 0);
     }
 
     #[tokio::test]
