@@ -15,7 +15,7 @@ WORKDIR /src
 COPY . .
 RUN set -eu; \
     find . -type f ! -name Cargo.toml ! -name Cargo.lock ! -name '*.rs' -delete; \
-    find . -type f -name '*.rs' -exec sh -c 'for file; do echo "fn main() {}" > "$file"; done' sh {} +
+    find . -type f -name '*.rs' -exec sh -c 'for file; do printf "fn main() {\n}\n" > "$file"; done' sh {} +
 
 # ---------------------------------------------------------------------------------------------
 # Build stage: the official Rust image, the toolchain this project is tested with.

@@ -397,14 +397,9 @@ mod tests {
         (outcome, sent)
     }
 
+    /// The option replies after the 18-byte greeting.
     fn replies(sent: &[u8]) -> Vec<OptionReply> {
-        let mut rest = &sent[18..];
-        let mut replies = Vec::new();
-        while let Some((reply, used)) = OptionReply::decode(rest) {
-            replies.push(reply);
-            rest = &rest[used..];
-        }
-        replies
+        replies_after_tls(&sent[18..])
     }
 
     #[tokio::test]

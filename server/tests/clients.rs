@@ -29,13 +29,10 @@ fn qemu_img() -> std::process::Command {
 
 /// Runs qemu-io with `-c COMMAND` for each command; any failed command or pattern fails the test.
 fn qemu_io_commands(uri: &str, commands: &[&str]) -> String {
-    let mut command = qemu_io();
-    command.args(["-f", "raw"]);
-    for c in commands {
-        command.args(["-c", c]);
-    }
-    command.arg(uri);
-    let output = run_ok(&mut command);
+    let output = common::qemu_io(uri, &[], commands);
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "qemu-io {commands:?} failed:\n{text}{}", String::from_utf8_lossy(&output.stderr));
+    let output = text;
     for bad in ["verification failed", "failed", "error", "Error"] {
         assert!(!output.contains(bad), "qemu-io reported `{bad}`:\n{output}");
     }

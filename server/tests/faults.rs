@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::control::{Api, OpResult, fault_probe, ops, poll};
-use common::{NBDCOPY, PYTHON_NBD, QEMU_IO, Server, json, random_image, require, run, run_ok};
+use common::{NBDCOPY, PYTHON_NBD, QEMU_IO, Server, json, qemu_io, random_image, require, run, run_ok};
 use serde_json::Value;
 
 const KIB: u64 = 1 << 10;
@@ -53,15 +53,6 @@ fn record_at<'a>(records: &'a [Value], op: &str, offset: u64) -> &'a Value {
 
 // ---- real clients ------------------------------------------------------------------------------
 
-fn qemu_io(uri: &str, commands: &[&str]) -> std::process::Output {
-    let mut command = QEMU_IO.command();
-    command.args(["-f", "raw"]);
-    for c in commands {
-        command.args(["-c", c]);
-    }
-    run(command.arg(uri))
-}
-
 #[test]
 fn qemu_io_pattern_writes_into_failing_ranges_get_their_errors_while_writes_elsewhere_succeed_and_read_back() {
     require!(QEMU_IO);
@@ -79,7 +70,7 @@ fn qemu_io_pattern_writes_into_failing_ranges_get_their_errors_while_writes_else
         ("write -P 0xab 2093056 4096", "write failed: Input/output error"),
         ("write -P 0xab 3M 64k", "write failed: No space left on device"),
     ] {
-        let output = qemu_io(&uri, &[write]);
+        let output = qemu_io(&uri, &[], &[write]);
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(!output.status.success(), "`{write}` into a failing range succeeded:\n{stdout}");
         assert!(stdout.contains(message), "`{write}`: expected `{message}`:\n{stdout}");
@@ -87,6 +78,7 @@ fn qemu_io_pattern_writes_into_failing_ranges_get_their_errors_while_writes_else
     // Elsewhere (and right after the half-open end) writes succeed and read back.
     let output = qemu_io(
         &uri,
+        &[],
         &[
             "write -P 0xcd 0 64k",
             "write -P 0xef 2M 4k",
@@ -132,7 +124,7 @@ fn a_length_condition_fails_only_writes_of_those_lengths_from_qemu_io() {
         ("read 0 8k", true),
         ("read 0 12k", false),
     ] {
-        let output = qemu_io(&uri, &[command]);
+        let output = qemu_io(&uri, &[], &[command]);
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert_eq!(stdout.contains("failed"), fails, "`{command}`:\n{stdout}");
     }

@@ -1,5 +1,6 @@
 //! The file data path and its fallback, each against real clients: the default path (requests
-//! that cannot wait served on the async thread, the rest on the I/O threads) and the one
+//! that cannot wait served on the async thread, whole-page writes copied into the page cache
+//! there where `RWF_NOWAIT` writes are refused, the rest on the I/O threads) and the one
 //! `NBDFAULT_FILE_IO=threads` forces (every request on the I/O threads), on an image in memory
 //! (tmpfs) and on the disk. Each serves reads, writes, flush, trim and zeroes byte for byte
 //! (nbdcopy and qemu-io) and still injects faults.
@@ -9,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::control::Api;
-use common::{FIO, NBDCOPY, QEMU_IO, Server, assert_same_bytes, require, run, run_ok};
+use common::{FIO, NBDCOPY, QEMU_IO, Server, assert_same_bytes, qemu_io, require, run_ok};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
@@ -42,17 +43,8 @@ fn serve(image: &Path, path: &str, dir: &Path) -> Server {
         .start()
 }
 
-fn qemu_io(uri: &str, commands: &[&str]) -> std::process::Output {
-    let mut command = QEMU_IO.command();
-    command.args(["-f", "raw"]);
-    for c in commands {
-        command.args(["-c", c]);
-    }
-    run(command.arg(uri))
-}
-
 fn qemu_io_ok(uri: &str, commands: &[&str]) {
-    let output = qemu_io(uri, commands);
+    let output = qemu_io(uri, &[], commands);
     let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "qemu-io {commands:?}:\n{text}");
     for bad in ["verification failed", "failed", "error", "Error"] {
@@ -106,7 +98,7 @@ fn serves_every_request_and_injects_faults(path: &str, in_memory: bool) {
     assert!(file[(40 * MIB) as usize..(40 * MIB + 4096) as usize].iter().all(|&b| b == 0xa5), "{path}: in the file");
 
     // The policy still decides: a write to the bad spot fails and is logged; its neighbour works.
-    let failed = qemu_io(&uri, &["write -P 0xee 60M 4k"]);
+    let failed = qemu_io(&uri, &[], &["write -P 0xee 60M 4k"]);
     let text = format!("{}{}", String::from_utf8_lossy(&failed.stdout), String::from_utf8_lossy(&failed.stderr));
     assert!(text.contains("Input/output error"), "{path}: the injected EIO reaches the client:\n{text}");
     qemu_io_ok(&uri, &["write -P 0xee 61M 4k", "read -P 0xee 61M 4k"]);
@@ -123,6 +115,11 @@ fn serves_every_request_and_injects_faults(path: &str, in_memory: bool) {
         assert_eq!((data_path["reads"].as_str(), data_path["writes"].as_str()), (Some("threads"), Some("threads")));
     } else if in_memory && dir.path().starts_with("/dev/shm") {
         assert_eq!((data_path["reads"].as_str(), data_path["writes"].as_str()), (Some("inline"), Some("inline")));
+    } else if !in_memory {
+        // Cached reads with RWF_NOWAIT; writes with RWF_NOWAIT where the file system takes it
+        // (XFS, btrfs), else copied into the page cache on the async thread (ext4).
+        assert_eq!(data_path["reads"], "nowait", "{data_path}");
+        assert!(matches!(data_path["writes"].as_str(), Some("nowait" | "buffered")), "{data_path}");
     }
     assert!(server.stderr().contains(expected_engine), "the path is logged at start:\n{}", server.stderr());
 }

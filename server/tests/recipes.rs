@@ -43,13 +43,8 @@ fn read_data(result: &Value) -> Vec<u8> {
 
 /// qemu-io with a write-back cache: its writes are plain writes, made durable by its flushes (by
 /// default qemu-io writes through, with FUA). It also flushes when it closes the device.
-fn qemu_io(uri: &str, commands: &[&str]) -> (bool, String) {
-    let mut command = QEMU_IO.command();
-    command.args(["-f", "raw", "-t", "writeback"]);
-    for c in commands {
-        command.args(["-c", c]);
-    }
-    let output = run(command.arg(uri));
+fn qemu_io_writeback(uri: &str, commands: &[&str]) -> (bool, String) {
+    let output = common::qemu_io(uri, &["-t", "writeback"], commands);
     let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     (output.status.success() && !text.contains("failed"), text)
 }
@@ -109,10 +104,10 @@ fn recipe_power_loss_cuts_at_the_commit_drops_qemu_io_and_keeps_the_export_off_u
     let (server, api) = disk();
     api.set_policy("disk", &recipe("power-loss.yaml"));
     let uri = server.uri("disk");
-    let (ok, said) = qemu_io(&uri, &["write -P 0x11 0 64k", "flush"]);
+    let (ok, said) = qemu_io_writeback(&uri, &["write -P 0x11 0 64k", "flush"]);
     assert!(ok, "{said}");
     api.arm("disk", "crash");
-    let (ok, said) = qemu_io(&uri, &["write -P 0x22 64k 64k", "flush"]);
+    let (ok, said) = qemu_io_writeback(&uri, &["write -P 0x22 64k 64k", "flush"]);
     assert!(!ok, "the commit meets the power cut: {said}");
     let refused = run(NBDINFO.command().arg(&uri));
     assert!(!refused.status.success(), "off until power-on is armed");
@@ -122,7 +117,7 @@ fn recipe_power_loss_cuts_at_the_commit_drops_qemu_io_and_keeps_the_export_off_u
     poll("the export comes back once power-on is armed", || {
         run(NBDINFO.command().arg(&uri)).status.success().then_some(())
     });
-    let (ok, said) = qemu_io(&uri, &["read -P 0x11 0 64k", "read -P 0 64k 64k"]);
+    let (ok, said) = qemu_io_writeback(&uri, &["read -P 0x11 0 64k", "read -P 0 64k 64k"]);
     assert!(ok, "the flushed write survives, the unflushed one is gone:\n{said}");
     let records = api.faults("disk", 0);
     assert_eq!((records.len(), records[0]["op"].as_str()), (1, Some("flush")), "{records:#?}");
@@ -137,7 +132,7 @@ fn tear_once() -> u64 {
     let uri = server.uri("disk");
     api.arm("disk", "crash");
     // One qemu-io: it flushes when it closes the device, which would make earlier writes durable.
-    let (ok, said) = qemu_io(&uri, &["write -P 0x44 4M 4k", "write -P 0x55 8M 60k", "write -P 0x33 0 1M"]);
+    let (ok, said) = qemu_io_writeback(&uri, &["write -P 0x44 4M 4k", "write -P 0x55 8M 60k", "write -P 0x33 0 1M"]);
     assert!(!ok, "the large write meets the power cut:\n{said}");
     assert!(said.contains("wrote 61440/61440 bytes"), "writes under 64 KiB never tear:\n{said}");
     let records = api.faults("disk", 0);
@@ -151,7 +146,7 @@ fn tear_once() -> u64 {
     assert_all(&api.data("disk", 4 * MIB, 4 * KIB), 0, "an earlier unflushed write is undone");
     assert_all(&api.data("disk", 8 * MIB, 60 * KIB), 0, "so is the small write");
     // The power is back at once: the torn page reads back as it is.
-    let (ok, said) = qemu_io(&uri, &[&format!("read -P 0x33 0 {persist}")]);
+    let (ok, said) = qemu_io_writeback(&uri, &[&format!("read -P 0x33 0 {persist}")]);
     assert!(ok, "{said}");
     persist
 }

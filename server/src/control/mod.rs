@@ -501,12 +501,17 @@ async fn set_policy(
                     })),
                 }
             })?;
-            let warnings: Vec<String> = policy.warnings().iter().map(ToString::to_string).collect();
+            let mut warnings: Vec<String> = policy.warnings().iter().map(ToString::to_string).collect();
             if caller.gone() {
                 // Answered 503 already: the policy must not change unannounced.
                 return Err(Refused::TimedOut(WORKER_DEADLINE).into());
             }
-            export.engine().set_policy(Some(policy));
+            let forgotten = export.faults.set_policy(Some(policy));
+            if forgotten.writes > 0 {
+                warnings.push(journal_dropped(&forgotten));
+            }
+            // The old journal is freed here, off the runtime.
+            drop(forgotten);
             export.activity().policy_set(export.engine().policy().as_deref(), view_state.clock.now());
             tracing::info!(export = %export.name, warnings = warnings.len(), "policy replaced through the control API");
             let mut view =
@@ -523,10 +528,24 @@ async fn clear_policy(
     Path(name): Path<String>,
 ) -> Result<axum::Json<ExportView>, ApiError> {
     let export = state.export(&name)?;
-    export.engine().set_policy(None);
+    let forgotten = export.faults.set_policy(None);
+    if forgotten.writes > 0 {
+        // Up to a journal's worth of buffers: freed off the runtime.
+        tokio::task::spawn_blocking(move || drop(forgotten));
+    }
     export.activity().policy_set(None, state.clock.now());
     tracing::info!(export = %export.name, "policy removed through the control API");
     Ok(axum::Json(export_view(&state, export)))
+}
+
+/// The warning of a policy swap that dropped the journal of unflushed writes.
+fn journal_dropped(forgotten: &crate::fault::journal::Forgotten) -> String {
+    format!(
+        "warning: the new policy keeps no journal of unflushed writes (no `volatile_cache: true`, no rule with \
+         `power_cut`), so the {} writes ({} bytes) not yet flushed will not be undone by a power cut\n  \
+         fix: keep `volatile_cache: true` in the new policy to keep unflushed writes undoable across the swap",
+        forgotten.writes, forgotten.bytes
+    )
 }
 
 fn check_trigger_name(trigger: &str) -> Result<(), ApiError> {
@@ -632,7 +651,12 @@ async fn power_cut(
                 .map(|warning| warning.to_string()),
         );
     }
-    let report = export.faults.cut_power(off).await.map_err(storage_error)?;
+    // The cut runs to its end even if the caller hangs up: a power cut is not undone halfway.
+    let faults = Arc::clone(&export.faults);
+    let report = tokio::spawn(async move { faults.cut_power(off).await })
+        .await
+        .map_err(|error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("the power cut failed: {error}")))?
+        .map_err(storage_error)?;
     if !report.journaled {
         warnings.push(format!(
             "warning: export {:?} keeps no journal of unflushed writes, so the power cut undid none of them\n  \

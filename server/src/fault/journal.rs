@@ -18,6 +18,15 @@ impl Entry {
     }
 }
 
+/// Entries a [`UndoJournal::clear`] took out: dropping them frees their memory.
+#[derive(Debug, Default)]
+pub struct Forgotten {
+    pub writes: usize,
+    pub bytes: u64,
+    /// Held only to be dropped where the caller chooses.
+    _entries: Vec<Entry>,
+}
+
 /// The unflushed writes of one export, oldest first.
 #[derive(Debug)]
 pub struct UndoJournal {
@@ -27,16 +36,28 @@ pub struct UndoJournal {
     limit: u64,
     /// Writes that could not be journaled because the limit was reached since the last flush.
     overflowed: u64,
+    /// Changes whenever the journal is emptied other than by a flush or a cut (a reset, a policy
+    /// that keeps no journal): a write that read its old contents before that records nothing.
+    epoch: u64,
 }
 
 impl UndoJournal {
     pub fn new(limit: u64) -> UndoJournal {
-        UndoJournal { entries: Vec::new(), next_seq: 0, bytes: 0, limit, overflowed: 0 }
+        UndoJournal { entries: Vec::new(), next_seq: 0, bytes: 0, limit, overflowed: 0, epoch: 0 }
     }
 
-    /// Remembers what a write is about to overwrite. Returns false, and remembers nothing, when
-    /// the journal is full: that write will survive a power cut.
-    pub fn record(&mut self, offset: u64, before: Bytes) -> bool {
+    /// The journal's epoch now: what a write reads its old contents in, to record them in.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Remembers what a write is about to overwrite, read in `epoch`. Returns false, and
+    /// remembers nothing, when the journal is full (that write will survive a power cut) or was
+    /// emptied since `epoch` began (a reset, or a policy that keeps no journal).
+    pub fn record(&mut self, epoch: u64, offset: u64, before: Bytes) -> bool {
+        if epoch != self.epoch {
+            return false;
+        }
         if !self.has_room(before.len() as u64) {
             self.count_unjournaled();
             return false;
@@ -94,11 +115,14 @@ impl UndoJournal {
         self.bytes = self.entries.iter().map(|entry| entry.before.len() as u64).sum();
     }
 
-    /// Forgets everything (the storage was reset).
-    pub fn clear(&mut self) {
-        self.entries.clear();
-        self.bytes = 0;
+    /// Forgets everything (the storage was reset, or the writes reached the medium), also what
+    /// writes in flight read before this: they record nothing. Returns what it forgot (to be
+    /// dropped outside the lock), how many writes and bytes.
+    pub fn clear(&mut self) -> Forgotten {
+        self.epoch += 1;
         self.overflowed = 0;
+        let bytes = std::mem::take(&mut self.bytes);
+        Forgotten { writes: self.entries.len(), bytes, _entries: std::mem::take(&mut self.entries) }
     }
 
     /// Takes the entries to undo, newest first, and empties the journal. The second value is how
@@ -132,8 +156,8 @@ mod tests {
     #[test]
     fn undo_runs_newest_first_so_the_oldest_contents_win() {
         let mut journal = UndoJournal::new(1 << 20);
-        journal.record(0, Bytes::from_static(b"AAAA"));
-        journal.record(0, Bytes::from_static(b"BBBB"));
+        journal.record(0, 0, Bytes::from_static(b"AAAA"));
+        journal.record(0, 0, Bytes::from_static(b"BBBB"));
         let (undo, overflowed) = journal.take_for_undo();
         assert_eq!(undo, vec![(0, Bytes::from_static(b"BBBB")), (0, Bytes::from_static(b"AAAA"))]);
         assert_eq!(overflowed, 0);
@@ -143,7 +167,7 @@ mod tests {
     #[test]
     fn fua_writes_cut_their_range_out_of_older_entries() {
         let mut journal = UndoJournal::new(1 << 20);
-        journal.record(0, Bytes::from_static(b"0123456789"));
+        journal.record(0, 0, Bytes::from_static(b"0123456789"));
         journal.forget_range(3, 4);
         let (undo, _) = journal.take_for_undo();
         assert_eq!(undo, vec![(7, Bytes::from_static(b"789")), (0, Bytes::from_static(b"012"))]);
@@ -152,8 +176,8 @@ mod tests {
     #[test]
     fn a_full_journal_refuses_and_counts_what_it_could_not_keep() {
         let mut journal = UndoJournal::new(6);
-        assert!(journal.record(0, Bytes::from_static(b"1234")));
-        assert!(!journal.record(8, Bytes::from_static(b"5678")));
+        assert!(journal.record(0, 0, Bytes::from_static(b"1234")));
+        assert!(!journal.record(0, 8, Bytes::from_static(b"5678")));
         assert_eq!(journal.bytes(), 4);
         let (undo, overflowed) = journal.take_for_undo();
         assert_eq!((undo.len(), overflowed), (1, 1));
@@ -162,19 +186,24 @@ mod tests {
     #[test]
     fn a_flush_covers_only_writes_recorded_before_it_started() {
         let mut journal = UndoJournal::new(1 << 20);
-        journal.record(0, Bytes::from_static(b"old"));
+        journal.record(0, 0, Bytes::from_static(b"old"));
         let mark = journal.mark();
-        journal.record(8, Bytes::from_static(b"new"));
+        journal.record(0, 8, Bytes::from_static(b"new"));
         journal.clear_through(mark);
         let (undo, _) = journal.take_for_undo();
         assert_eq!(undo, vec![(8, Bytes::from_static(b"new"))]);
     }
 
     #[test]
-    fn reset_forgets_everything() {
+    fn clearing_forgets_everything_also_what_writes_in_flight_read_before_it() {
         let mut journal = UndoJournal::new(1 << 20);
-        journal.record(0, Bytes::from_static(b"x"));
-        journal.clear();
+        journal.record(journal.epoch(), 0, Bytes::from_static(b"x"));
+        let in_flight = journal.epoch();
+        let forgotten = journal.clear();
+        assert_eq!((forgotten.writes, forgotten.bytes), (1, 1));
         assert_eq!((journal.len(), journal.bytes()), (0, 0));
+        assert!(!journal.record(in_flight, 8, Bytes::from_static(b"y")), "read before the clear: not recorded");
+        assert!(journal.is_empty());
+        assert!(journal.record(journal.epoch(), 8, Bytes::from_static(b"z")));
     }
 }

@@ -20,7 +20,7 @@ use crate::storage::{BlockDevice, Extent, Features, IoContext, IoError, IoFuture
 use crate::wire::command_flags;
 use journal::UndoJournal;
 use log::FaultLog;
-use power::{Off, Power};
+use power::{Exclusive, Off, Power};
 
 /// How much a power-cut journal may hold per export before later writes become undoable no more.
 pub const DEFAULT_JOURNAL_LIMIT: u64 = 1 << 30;
@@ -106,6 +106,26 @@ impl FaultLayer {
         &self.activity
     }
 
+    /// Installs a policy (`None` removes it). A policy swap is no power event: writes not yet
+    /// flushed stay undoable while the new policy keeps the journal (`volatile_cache:`, or a
+    /// `power_cut` rule). One that keeps none drops the journal, and with it the cost of keeping
+    /// it: a later power cut undoes nothing of what was written before. Returns what was dropped,
+    /// to be freed where the caller runs (off the runtime for a large journal).
+    pub fn set_policy(&self, policy: Option<nbdfault_policies::Policy>) -> journal::Forgotten {
+        self.engine.set_policy(policy);
+        if self.engine.tracks_unflushed_writes() {
+            return journal::Forgotten::default();
+        }
+        let forgotten = self.journal().clear();
+        if forgotten.writes > 0 {
+            tracing::info!(
+                export = %self.export, writes = forgotten.writes, bytes = forgotten.bytes,
+                "the new policy keeps no journal: unflushed writes are no longer undone by a power cut"
+            );
+        }
+        forgotten
+    }
+
     /// Bytes of unflushed writes a power cut would undo now.
     pub fn unflushed_bytes(&self) -> u64 {
         self.journal().bytes()
@@ -116,7 +136,7 @@ impl FaultLayer {
         self.journal.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn decide(&self, op: Op, ctx: IoContext, offset: u64, length: u64) -> (Request, Decision) {
+    fn decide(&self, op: Op, ctx: IoContext, offset: u64, length: u64, now: Duration) -> (Request, Decision) {
         let request = Request {
             op,
             offset,
@@ -125,7 +145,7 @@ impl FaultLayer {
             connection: ctx.connection,
             cookie: ctx.cookie,
         };
-        let decision = self.engine.decide(&request, self.clock.now());
+        let decision = self.engine.decide(&request, now);
         (request, decision)
     }
 
@@ -184,7 +204,7 @@ impl FaultLayer {
     /// not yet flushed is undone, and the export stays off as `off` says.
     pub async fn cut_power(&self, off: Option<Off>) -> Result<CutReport, IoError> {
         let exclusive = self.power.exclusive().await;
-        self.cut_locked(&exclusive, None, off).await
+        self.cut_locked(exclusive, None, off).await.map(|(_, report)| report)
     }
 
     /// Powers the export on; returns whether it was off.
@@ -199,16 +219,17 @@ impl FaultLayer {
 
     /// The cut itself, holding the gate alone: the next power cycle starts (every connection
     /// attached before dies, and none of their I/O reaches storage any more), the export stays
-    /// off as `off` says, and the journal is undone, newest first. With `only_in`, the cut only
-    /// happens if that power cycle is still the current one (a request's own cut).
+    /// off as `off` says, and the journal is undone, newest first, once the storage has settled.
+    /// With `only_in`, the cut only happens if that power cycle is still the current one (a
+    /// request's own cut). Hands the gate back, still held alone, with the report.
     async fn cut_locked(
         &self,
-        exclusive: &tokio::sync::RwLockWriteGuard<'_, ()>,
+        exclusive: Exclusive,
         only_in: Option<u64>,
         mut off: Option<Off>,
-    ) -> Result<CutReport, IoError> {
+    ) -> Result<(Exclusive, CutReport), IoError> {
         if only_in.is_some_and(|cycle| cycle != self.power.cycle()) {
-            return Ok(CutReport::default());
+            return Ok((exclusive, CutReport::default()));
         }
         // Off until a trigger that is armed already: on at once, as a stall on it would not wait.
         if off.as_ref().is_some_and(|off| {
@@ -218,7 +239,7 @@ impl FaultLayer {
         }
         let now = self.clock.now();
         let stays_off = off.clone();
-        let (cycle, connections) = self.power.cut(exclusive, off, now);
+        let (cycle, connections) = self.power.cut(&exclusive, off, now);
         self.activity.power(false, now);
         let journaled = self.engine.tracks_unflushed_writes();
         let (undo, unjournaled_writes) = self.journal().take_for_undo();
@@ -241,13 +262,23 @@ impl FaultLayer {
                 "power cut: the undo journal was full; these writes survive it"
             );
         }
-        for (offset, before) in undo {
-            self.inner.write(IoContext::default(), offset, before, false).await?;
-        }
+        // In a task of its own, holding the gate: a caller dropped half-way (its client went
+        // away) must not leave the storage half undone and open to requests again.
+        let inner = Arc::clone(&self.inner);
+        let undoing = tokio::spawn(async move {
+            let undone = undo_unflushed(&*inner, undo).await;
+            (exclusive, undone)
+        });
+        let undone = undoing.await;
         if let Some(off) = stays_off.filter(|off| off.until.is_some() || off.on_at.is_some()) {
             self.power_on_later(cycle, off);
         }
-        Ok(report)
+        match undone {
+            Ok((exclusive, Ok(()))) => Ok((exclusive, report)),
+            Ok((_, Err(error))) => Err(error),
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(_) => Err(IoError::new(crate::wire::errno::ESHUTDOWN, "the server is shutting down")),
+        }
     }
 
     /// Powers the export on when `off` says, unless a power-on or another cut comes first.
@@ -296,12 +327,21 @@ impl FaultLayer {
             self.journal().forget_range(offset, length);
             return Ok(());
         }
-        if !self.journal().has_room(length) {
-            self.journal().count_unjournaled();
+        let epoch = {
+            let mut journal = self.journal();
+            if !journal.has_room(length) {
+                journal.count_unjournaled();
+                return Ok(());
+            }
+            journal.epoch()
+        };
+        // Asked again within the epoch: a policy swap that stops the journal empties it after
+        // the swap, so either this sees the new policy or the epoch has ended by the record.
+        if !self.engine.tracks_unflushed_writes() {
             return Ok(());
         }
         let before = self.read_range(offset, length).await?;
-        self.journal().record(offset, before);
+        self.journal().record(epoch, offset, before);
         Ok(())
     }
 
@@ -336,13 +376,21 @@ impl FaultLayer {
         Fut: std::future::Future<Output = Result<(T, u64), IoError>>,
         T: Default,
     {
-        let mut watch = self.activity.watch(op, ctx, offset, length, self.clock);
-        let (request, decision) = self.decide(op, ctx, offset, length);
+        // One clock read for both: the request arrives when the engine decides it.
+        let now = self.clock.now();
+        let mut watch = self.activity.watch(op, ctx, offset, length, self.clock, now);
+        let (request, decision) = self.decide(op, ctx, offset, length, now);
         let result = if decision.rule.is_none() {
-            self.powered(ctx.power_cycle, perform(Action::Perform)).await.map(|(value, _)| value)
+            // The storage's future is made here, in this one's state, not moved into another:
+            // every request takes this path, and its state is copied whenever it moves.
+            match self.power.enter(ctx.power_cycle).await {
+                Some(_gate) => perform(Action::Perform).await.map(|(value, _)| value),
+                None => Err(power_lost()),
+            }
         } else {
             watch.decided(&decision);
-            self.apply(request, ctx.power_cycle, decision, perform).await
+            // Boxed: the rare path's larger state does not weigh on every request's future.
+            Box::pin(self.apply(request, ctx.power_cycle, decision, perform)).await
         };
         watch.finish(&result);
         result
@@ -380,14 +428,14 @@ impl FaultLayer {
                     until: cut.until.clone(),
                     on_at: cut.timeout.map(|timeout| self.clock.now() + timeout),
                 });
-                let report = self.cut_locked(&exclusive, Some(cycle), off).await?;
+                let (_exclusive, report) = self.cut_locked(exclusive, Some(cycle), off).await?;
                 let done = match action {
                     _ if !report.happened => Err(power_lost()),
                     Action::Skip => Ok((T::default(), 0)),
                     action => perform(action).await,
                 };
                 if report.happened {
-                    self.journal().clear();
+                    drop(self.journal().clear());
                 }
                 done
             }
@@ -458,6 +506,20 @@ impl Drop for Pending<'_> {
             self.record(0);
         }
     }
+}
+
+/// Writes back what unflushed writes overwrote, newest first, once nothing started earlier can
+/// still reach the storage: a write whose request was dropped while an I/O thread did it (its
+/// client went away just before the cut) would otherwise land after the undo.
+async fn undo_unflushed(storage: &dyn BlockDevice, undo: Vec<(u64, Bytes)>) -> Result<(), IoError> {
+    if undo.is_empty() {
+        return Ok(());
+    }
+    storage.settle().await?;
+    for (offset, before) in undo {
+        storage.write(IoContext::default(), offset, before, false).await?;
+    }
+    Ok(())
 }
 
 /// The error of a request whose connection a power cut killed: the connection is being dropped,
@@ -573,7 +635,7 @@ impl BlockDevice for FaultLayer {
     fn reset(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
             self.inner.reset().await?;
-            self.journal().clear();
+            drop(self.journal().clear());
             self.engine.clear_bad_sectors();
             Ok(())
         })
@@ -762,6 +824,104 @@ mod tests {
         let report = f.layer.cut_power(None).await.unwrap();
         assert_eq!((report.journaled, report.undone_writes), (false, 0));
         assert_eq!(stored(&f.storage, 0, 1).await[0], 2);
+    }
+
+    /// Polls a future once: true when it is still pending.
+    fn pending_after_one_poll<F: std::future::Future + Unpin>(future: &mut F) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        std::pin::Pin::new(future).poll(&mut cx).is_pending()
+    }
+
+    #[tokio::test]
+    async fn a_power_cut_waits_for_a_dropped_write_still_on_an_io_thread_before_it_undoes() {
+        use crate::storage::{FileDevice, engine};
+        // An image in memory: the journal's read of the old contents and the undo are done on
+        // the async thread, WRITE_ZEROES always on the I/O threads.
+        let dir = tempfile::tempdir_in("/dev/shm").expect("a directory in /dev/shm (tmpfs)");
+        let path = dir.path().join("disk.img");
+        std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        let storage = Arc::new(FileDevice::open(&path, false).unwrap());
+        assert_eq!(storage.data_path().writes, "inline", "the image must live in memory (tmpfs)");
+        let policy = Policy::from_yaml("volatile_cache: true", "test").unwrap();
+        let log = Arc::new(FaultLog::in_memory(64));
+        let engine = Arc::new(Engine::new(Some(policy)));
+        let layer = Arc::new(FaultLayer::new("disk", storage.clone(), engine, log, Clock::start()));
+        layer.write(CTX, 0, block(1), false).await.unwrap();
+        layer.flush(CTX).await.unwrap();
+
+        // Every I/O thread busy until `hold` is dropped.
+        let (started, running) = std::sync::mpsc::channel();
+        let (mut busy, mut hold) = (Vec::new(), Vec::new());
+        for _ in 0..engine::IO_THREADS {
+            let (release, wait) = std::sync::mpsc::channel::<()>();
+            hold.push(release);
+            let started = started.clone();
+            let mut job = Box::pin(engine::shared().run(move || {
+                let _ = started.send(());
+                let _ = wait.recv();
+            }));
+            assert!(pending_after_one_poll(&mut job));
+            busy.push(job);
+        }
+        for _ in 0..engine::IO_THREADS {
+            running.recv().unwrap();
+        }
+        // An unflushed WRITE_ZEROES: journaled, then queued behind them; then its client goes
+        // away and the request is dropped. Its job stays queued: it will zero the block.
+        let mut zeroing = layer.write_zeroes(CTX, 0, 4096, ZeroFlags::default());
+        assert!(pending_after_one_poll(&mut zeroing));
+        assert_eq!(layer.unflushed_bytes(), 4096, "journaled before it was queued");
+        drop(zeroing);
+
+        let cutting = tokio::spawn({
+            let layer = Arc::clone(&layer);
+            async move { layer.cut_power(None).await }
+        });
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!cutting.is_finished(), "the undo waits while the dropped write can still land");
+        drop(hold);
+        let report = cutting.await.unwrap().unwrap();
+        assert_eq!((report.undone_writes, report.undone_bytes), (1, 4096));
+        for job in busy {
+            job.await.unwrap();
+        }
+        engine::shared().fence().await.unwrap();
+        let stored = stored_in(&*storage, 0, 4096).await;
+        assert!(stored.iter().all(|&b| b == 1), "storage holds the flushed write, not {:?}...", &stored[..8]);
+    }
+
+    async fn stored_in(storage: &dyn BlockDevice, offset: u64, length: u32) -> Bytes {
+        storage.read(IoContext::default(), offset, length).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_policy_swap_keeps_unflushed_writes_undoable_only_while_the_new_policy_keeps_the_journal() {
+        let f = fixture("volatile_cache: true");
+        f.layer.write(CTX, 0, block(1), false).await.unwrap();
+        let policy = |text: &str| Some(Policy::from_yaml(text, "swap").unwrap());
+        // Another policy with a volatile cache: no power event, the write stays unflushed.
+        let kept = f.layer.set_policy(policy("rules: [{name: cut, when: {op: flush}, then: {power_cut: true}}]"));
+        assert_eq!((kept.writes, f.layer.unflushed_bytes()), (0, 4096));
+        // One without: the journal goes, and what it held can no longer be undone.
+        let dropped = f.layer.set_policy(policy("rules: [{when: {op: trim}, then: {error: EIO}}]"));
+        assert_eq!((dropped.writes, dropped.bytes, f.layer.unflushed_bytes()), (1, 4096, 0));
+        f.layer.write(CTX, 4096, block(2), false).await.unwrap();
+        assert_eq!(f.layer.unflushed_bytes(), 0, "nothing is journaled without a volatile cache");
+        // A volatile cache again starts from an empty journal: only later writes are undone.
+        f.layer.set_policy(policy("volatile_cache: true"));
+        f.layer.write(CTX, 8192, block(3), false).await.unwrap();
+        let report = f.layer.cut_power(None).await.unwrap();
+        assert_eq!(report.undone_writes, 1);
+        assert_eq!(stored(&f.storage, 0, 1).await[0], 1, "written before the swap: survives");
+        assert_eq!(stored(&f.storage, 4096, 1).await[0], 2);
+        assert_eq!(stored(&f.storage, 8192, 1).await[0], 0, "written after it: undone");
+        // Removing the policy drops the journal too.
+        let after = IoContext { power_cycle: 1, ..CTX };
+        f.layer.write(after, 0, block(4), false).await.unwrap();
+        assert_eq!(f.layer.set_policy(None).writes, 1);
+        assert_eq!(f.layer.unflushed_bytes(), 0);
     }
 
     #[tokio::test]

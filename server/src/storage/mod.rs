@@ -135,6 +135,13 @@ pub trait BlockDevice: Send + Sync {
     fn data_path(&self) -> Option<file::FileDataPath> {
         None
     }
+    /// Waits until every operation started before it has finished with the storage, also one
+    /// whose future was dropped while a thread still did its I/O: after this, nothing asked for
+    /// earlier can change the contents. Storage that does its work inside the future (memory,
+    /// overlay) has nothing to wait for.
+    fn settle(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
     /// Returns the contents to their pristine state, when the backend knows one.
     fn reset(&self) -> IoFuture<'_, ()> {
         Box::pin(async { Err(IoError::unsupported("this storage has no pristine state to return to")) })

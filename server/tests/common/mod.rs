@@ -392,6 +392,16 @@ fn wait_counting_cpu(pid: libc::pid_t) -> Option<(ExitStatus, Duration)> {
     }
 }
 
+/// `qemu-io -f raw OPTIONS -c COMMAND... URI`, run to its end: one `-c` per command.
+pub fn qemu_io(uri: &str, options: &[&str], commands: &[&str]) -> Output {
+    let mut command = QEMU_IO.command();
+    command.args(["-f", "raw"]).args(options);
+    for c in commands {
+        command.args(["-c", c]);
+    }
+    run(command.arg(uri))
+}
+
 /// Runs a command and fails the test, showing its output, unless it succeeds. Returns stdout.
 pub fn run_ok(command: &mut Command) -> String {
     let shown = show(command);

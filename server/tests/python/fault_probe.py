@@ -10,6 +10,8 @@ every one into EIO), so the tests can check the configured errno itself.
 import errno
 import json
 import os
+import socket
+import struct
 import sys
 import time
 import urllib.request
@@ -249,6 +251,48 @@ def busy(uri, offset, stop_file, results_file):
     h.shutdown()
 
 
+def abandon(uri, busy_uri, busy_length, count, control, call):
+    """A client that dies while its requests wait for the server's I/O threads. First the I/O
+    threads are made busy for a while: BUSY WRITE_ZEROES of `busy_length` bytes with NO_HOLE on
+    `busy_uri` (an image in tmpfs, which cannot zero a range in place, so the server writes the
+    zeros). Then `count` WRITE_ZEROES of 4 KiB on `uri` (one after the other from offset 0) are
+    sent, the connection to `uri` dies at once (a reset, no NBD_CMD_DISC, as when the client's
+    machine goes) and the control call `call` (`METHOD PATH`) is made. Reports
+    {"call": its answer, "busy_errors": errors of the busy requests}."""
+    busy_length, count = int(busy_length), int(count)
+    h = connect(uri)
+    busy = connect(busy_uri)
+    b = Tracker(busy)
+    for i in range(BUSY):
+        busy.aio_zero(busy_length, 0, completion=b._done(f"busy-{i}"), flags=nbd.CMD_FLAG_NO_HOLE)
+    settle(busy, 0.005)
+    for i in range(count):
+        h.aio_zero(4 * KIB, i * 4 * KIB)
+    settle(h, 0.005)
+    # SO_LINGER 0: closing the last descriptor resets the connection instead of a FIN.
+    fd = h.aio_get_fd()
+    dead = socket.socket(fileno=os.dup(fd))
+    dead.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    os.close(fd)
+    dead.close()
+    answer = control_call(control, call)
+    b.wait_until(lambda: len(b.order) == BUSY, "the busy requests are answered")
+    print(json.dumps({"call": answer, "busy_errors": b.errors}), flush=True)
+    # The dead handle holds a closed descriptor: leave without closing it.
+    os._exit(0)
+
+
+# The busy requests of `abandon`: three per I/O thread of the server.
+BUSY = 6
+
+
+def settle(h, seconds):
+    """Lets libnbd send what it queued, for `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        h.poll(1)
+
+
 # ---- connections: several handles, one script ----------------------------------------------------
 
 
@@ -314,6 +358,7 @@ SCENARIOS = {
     "busy": busy,
     "one-write": one_write,
     "pipelined": pipelined,
+    "abandon": abandon,
 }
 
 

@@ -1,7 +1,8 @@
 //! The file I/O engine: where a file export's reads and writes go when they may wait for a device.
 //!
 //! What the page cache or a memory-backed filesystem can serve at once never comes here: the
-//! file storage does it on the async thread (see `storage/file.rs`). The rest goes to a fixed set
+//! file storage does it on the async thread (see `storage/file.rs`), and so are whole-page
+//! buffered writes where `RWF_NOWAIT` writes are refused (ext4), unless they were slow lately. The rest goes to a fixed set
 //! of I/O threads fed by one queue, shared by every export (nbdkit's model): the number of
 //! threads is bounded whatever the load, and requests wait in the queue instead. Each job owns
 //! its file handle and its buffer, so a request whose future is dropped (its client went away,
@@ -87,6 +88,13 @@ impl Engine {
     pub async fn sync_data(&self, file: &Arc<File>) -> io::Result<()> {
         let file = Arc::clone(file);
         self.threads.run(move || file.sync_data()).await?
+    }
+
+    /// Waits until every job queued so far has finished, also those whose requests were dropped
+    /// (their client went away): a power cut undoes unflushed writes only after this, so none
+    /// of them lands after the undo.
+    pub async fn fence(&self) -> io::Result<()> {
+        self.threads.fence().await
     }
 
     /// Runs other blocking work (hole punching in pieces, SEEK_DATA walks, prefetch hints) on an
@@ -225,6 +233,35 @@ mod tests {
         let mut head = [0u8; 7];
         std::os::unix::fs::FileExt::read_exact_at(&*file, &mut head, 0).unwrap();
         assert_eq!(&head, b"written");
+    }
+
+    #[tokio::test]
+    async fn a_fence_waits_for_every_job_queued_before_it_also_dropped_ones_and_survives_a_panic() {
+        let threads = Threads::start(2).unwrap();
+        // A job that panics loses its result, not its thread: the fence still needs both.
+        assert!(threads.run(|| panic!("a job that panics")).await.is_err());
+        let finished = Arc::new(AtomicUsize::new(0));
+        // The jobs wait until `hold` is dropped.
+        let mut hold = Vec::new();
+        for _ in 0..3 {
+            let (release, wait) = std::sync::mpsc::channel::<()>();
+            hold.push(release);
+            let counted = Arc::clone(&finished);
+            let mut job = Box::pin(threads.run(move || {
+                let _ = wait.recv();
+                counted.fetch_add(1, Ordering::SeqCst);
+            }));
+            // Queued, then its caller leaves.
+            assert!(futures_poll_once(job.as_mut()).await.is_none());
+        }
+        let mut fence = Box::pin(threads.fence());
+        for _ in 0..20 {
+            assert!(futures_poll_once(fence.as_mut()).await.is_none(), "jobs before it still wait");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(hold);
+        fence.await.unwrap();
+        assert_eq!(finished.load(Ordering::SeqCst), 3, "every job queued before the fence has run");
     }
 
     #[test]

@@ -28,7 +28,11 @@ impl Threads {
                     // Only an idle thread waits on the lock; a busy one holds no lock at all.
                     let job = receiver.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).recv();
                     match job {
-                        Ok(job) => job(),
+                        // A job that panics loses its result, not its thread: `fence` counts on
+                        // every thread taking jobs.
+                        Ok(job) => {
+                            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                        }
                         Err(mpsc::RecvError) => return,
                     }
                 }
@@ -52,6 +56,32 @@ impl Threads {
         let queue = self.queue.as_ref().ok_or_else(stopped)?;
         queue.send(job).map_err(|_| stopped())?;
         result.await.map_err(|_| stopped())
+    }
+
+    /// Waits until every job queued before the call has finished, also those whose callers
+    /// stopped waiting. One job per thread joins a barrier: the queue is FIFO and a thread takes
+    /// its next job only once the last is done, so when every thread holds one of these, every
+    /// job queued before them has run. Nothing is added to the jobs themselves.
+    pub async fn fence(&self) -> std::io::Result<()> {
+        let queue = self.queue.as_ref().ok_or_else(stopped)?;
+        let barrier = Arc::new(std::sync::Barrier::new(self.workers.len()));
+        let mut passed = Vec::with_capacity(self.workers.len());
+        // Queued all at once, before any await: a fence dropped half-queued would hold threads.
+        for _ in 0..self.workers.len() {
+            let (done, through) = oneshot::channel();
+            let barrier = Arc::clone(&barrier);
+            queue
+                .send(Box::new(move || {
+                    barrier.wait();
+                    let _ = done.send(());
+                }))
+                .map_err(|_| stopped())?;
+            passed.push(through);
+        }
+        for through in passed {
+            through.await.map_err(|_| stopped())?;
+        }
+        Ok(())
     }
 }
 
