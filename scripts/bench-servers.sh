@@ -59,19 +59,9 @@ cp "$shm_dir/disk.img" "$disk_dir/disk.img"
 # 1,000 rules on ranges past the end of the 1 GiB export: the engine looks every request up,
 # and no rule ever matches.
 policy=$disk_dir/policy.yaml
-{
-    echo "rules:"
-    ops=(read write write_zeroes trim flush)
-    for i in $(seq 0 999); do
-        start=$(((2 << 30) + i * 65536))
-        op=${ops[i % 5]}
-        if [[ $op == flush ]]; then
-            echo "  - {name: r$i, when: {op: flush, nth: $((1000000000 + i))}, then: {error: EIO}}"
-        else
-            echo "  - {name: r$i, when: {op: $op, range: $start..$((start + 65536))}, then: {error: EIO}}"
-        fi
-    done
-} >"$policy"
+# shellcheck source=scripts/lib/bench-policy.sh
+source "$repo/scripts/lib/bench-policy.sh"
+write_thousand_rule_policy "$policy"
 "$nbdfault" policy check "$policy" >/dev/null
 
 # row name | fio arguments

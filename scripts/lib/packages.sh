@@ -53,7 +53,7 @@ TEST_PACKAGES=("${BUILD_PACKAGES[@]}" "${SERVER_TEST_PACKAGES[@]}" "${CLIENT_UNI
 
 # What scripts/bench-servers.sh drives and compares against: fio's nbd engine, nbdinfo, nbdkit
 # (file and memory plugins, cow filter), qemu-nbd; linux-perf for the profiles in docs/.
-BENCH_PACKAGES=(fio libnbd-bin nbdkit qemu-utils python3 linux-perf)
+BENCH_PACKAGES=(fio libnbd-bin nbdkit qemu-utils python3 linux-perf valgrind)
 
 # scripts/fuzz.sh: libfuzzer-sys compiles libFuzzer, which is C++.
 FUZZ_PACKAGES=(g++)
