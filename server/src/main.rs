@@ -44,13 +44,15 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Err(error) => return fail(&format!("cannot start the async runtime: {error}")),
     };
     runtime.block_on(async {
+        // Caught from now on: a SIGTERM just after the ready line must not kill the server.
+        let terminated = server::termination_signal();
         let server = match Server::start(&config).await {
             Ok(server) => server,
             Err(error) => return fail(&error),
         };
         server.log_exports();
         server::announce_ready(&server.local_addresses(), server.control_address());
-        server.run(server::termination_signal()).await;
+        server.run(terminated).await;
         ExitCode::SUCCESS
     })
 }
