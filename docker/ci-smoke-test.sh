@@ -16,7 +16,7 @@
 #     and sees qemu-io get EIO, the fault log record it and the failed write not reach the disk,
 #     the HEALTHCHECK report healthy, and `docker stop` end the server with status 0 within
 #     SMOKE_STOP_LIMIT_MS (default 2000 ms);
-#  7. runs compose.yaml with the compose.host.yaml override, as docs/docker.md tells users on an
+#  7. runs compose.host.yaml (compose.yaml on the host's network), as docs/docker.md tells users on an
 #     engine without a bridge: the export on the volume, `exec -T`, a fault, and the fault log
 #     copied out of the volume to the host;
 #  8. removes everything it started, also on failure: the container, the images (they live in the
@@ -450,9 +450,9 @@ check_compose() {
     nbd="nbd://127.0.0.1:$nbd_port/disk"
     local compose=(env "NBDFAULT_LISTEN=127.0.0.1:$nbd_port" "NBDFAULT_CONTROL=127.0.0.1:$control_port"
         docker-compose --project-name "nbdfault-smoke-$$" --project-directory "$REPO"
-        -f "$REPO/compose.yaml" -f "$REPO/compose.host.yaml")
+        -f "$REPO/compose.host.yaml")
     "${compose[@]}" up -d --no-build >"$SCRATCH/compose.log" 2>&1 ||
-        fail "docker-compose -f compose.yaml -f compose.host.yaml up: $(cat "$SCRATCH/compose.log")"
+        fail "docker-compose -f compose.host.yaml up: $(cat "$SCRATCH/compose.log")"
     for ((tries = 0; tries < 200; tries++)); do
         size=$(nbdinfo --size "$nbd" 2>/dev/null) && break
         sleep 0.1

@@ -18,6 +18,7 @@ What it runs (about 40 s):
 Fails (exit status 1, with the reason) when the page shows no failed write or no fault.
 """
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -145,6 +146,7 @@ def main():
             fio.wait()
         server.terminate()
         server.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

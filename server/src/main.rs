@@ -38,20 +38,38 @@ fn serve(args: &ServeArgs) -> ExitCode {
     for warning in config.exposure_warnings() {
         tracing::warn!("WARNING: {warning}");
     }
+    keep_freed_buffers();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => return fail(&format!("cannot start the async runtime: {error}")),
     };
     runtime.block_on(async {
+        // Caught from now on: a SIGTERM just after the ready line must not kill the server.
+        let terminated = server::termination_signal();
         let server = match Server::start(&config).await {
             Ok(server) => server,
             Err(error) => return fail(&error),
         };
         server.log_exports();
         server::announce_ready(&server.local_addresses(), server.control_address());
-        server.run(server::termination_signal()).await;
+        server.run(terminated).await;
         ExitCode::SUCCESS
     })
+}
+
+/// Large buffers (READ replies, WRITE payloads up to a few MiB) are allocated and freed at the
+/// request rate. glibc gives a freed chunk at the top of a heap back to the kernel once more than
+/// about two of them are free, so the next buffer of the same size faults in fresh pages, each
+/// zeroed by the kernel: about a tenth of the CPU of a 1 MiB read. Here freed memory is kept for
+/// reuse up to 32 MiB per arena, and buffers up to 4 MiB come from the arenas (larger ones are
+/// mapped and unmapped as before). Peak memory is unchanged; memory freed after a peak is kept.
+fn keep_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets glibc's malloc parameters; called before any other thread runs.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+    }
 }
 
 fn check_policies(files: &[std::path::PathBuf]) -> ExitCode {

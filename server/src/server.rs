@@ -506,18 +506,34 @@ pub fn announce_ready(nbd: &[SocketAddr], control: Option<SocketAddr>) {
     let _ = stdout.flush();
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn termination_signal() {
-    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(signal) => signal,
-        Err(error) => {
-            tracing::warn!(%error, "cannot watch SIGTERM; only SIGINT will stop the server");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// A future that resolves on SIGINT or SIGTERM. The signals are caught from the moment this is
+/// called (inside the runtime), not from the future's first poll: call it before the server says
+/// it is ready, so a supervisor's SIGTERM right after "ready" ends it cleanly and not by the
+/// signal's default action.
+pub fn termination_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let interrupt = signal(SignalKind::interrupt());
+    let terminate = signal(SignalKind::terminate());
+    async move {
+        match (interrupt, terminate) {
+            (Ok(mut interrupt), Ok(mut terminate)) => tokio::select! {
+                _ = interrupt.recv() => tracing::info!("SIGINT received"),
+                _ = terminate.recv() => tracing::info!("SIGTERM received"),
+            },
+            (Ok(mut interrupt), Err(error)) => {
+                tracing::warn!(%error, "cannot watch SIGTERM; only SIGINT will stop the server");
+                interrupt.recv().await;
+                tracing::info!("SIGINT received");
+            }
+            (Err(error), Ok(mut terminate)) => {
+                tracing::warn!(%error, "cannot watch SIGINT; only SIGTERM will stop the server");
+                terminate.recv().await;
+                tracing::info!("SIGTERM received");
+            }
+            (Err(error), Err(_)) => {
+                tracing::warn!(%error, "cannot watch SIGINT or SIGTERM: stop the server with SIGKILL");
+                std::future::pending::<()>().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = terminate.recv() => tracing::info!("SIGTERM received"),
     }
 }

@@ -332,6 +332,18 @@ fn sigint_with_clients_attached_exits_0_within_two_seconds() {
 }
 
 #[test]
+fn sigterm_the_moment_the_server_says_ready_ends_it_with_exit_0() {
+    // A supervisor may stop the server as soon as it reads the ready line: the signals must be
+    // caught from then on (they once were only from the main task's first poll, and SIGTERM's
+    // default action killed the server in that gap).
+    for round in 0..20 {
+        let mut server = Server::memory("disk", "1MiB");
+        let (status, _) = server.stop_with(libc::SIGTERM);
+        assert!(status.success(), "round {round}: SIGTERM right after ready must give exit 0, got {status}");
+    }
+}
+
+#[test]
 fn a_client_that_never_reads_its_replies_delays_shutdown_by_no_more_than_the_grace_period() {
     let mut server = Server::builder().export("disk", "memory:64MiB").args(["--shutdown-grace", "500ms"]).start();
     let (mut stuck, _) = RawClient::attach(server.nbd, "disk", false);

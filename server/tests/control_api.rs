@@ -592,6 +592,71 @@ fn a_write_from_another_origin_is_refused_with_403_naming_csrf_and_changes_nothi
     assert_eq!(answer.status, 200, "{}", answer.text());
 }
 
+/// Reads one HTTP/1.1 answer with a Content-Length from a kept-alive connection: status, body.
+fn read_answer(stream: &mut std::io::BufReader<std::net::TcpStream>) -> std::io::Result<(u16, String)> {
+    use std::io::Read;
+    let mut status = 0;
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if stream.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(code) = line.strip_prefix("HTTP/1.1 ") {
+            status = code[..3].parse().unwrap();
+        } else if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body)?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[test]
+fn a_refused_request_reads_its_body_first_so_the_client_gets_the_answer_and_keeps_its_connection() {
+    use std::io::Write;
+    let server =
+        Server::builder().export("disk", "memory:1MiB").args(["--control-token", "s3cret"]).with_control().start();
+    let address = server.control.unwrap();
+    let host = address.to_string();
+    let body = FAIL_WRITES;
+    let bearer = "Authorization: Bearer s3cret\r\n";
+    // Each refusal: a request whose body comes a moment after its headers, as a client writing
+    // a large body would send it; then a good request on the same connection.
+    for (refusal, status, extra, path) in [
+        ("another origin", 403, format!("{bearer}Origin: http://evil.example\r\n"), "/v1/exports/disk/policy"),
+        ("a foreign Host", 403, bearer.to_string(), "/v1/exports/disk/policy"),
+        ("no token", 401, String::new(), "/v1/exports/disk/policy"),
+        ("no such endpoint", 404, bearer.to_string(), "/v1/exports/disk/no-such-endpoint"),
+        ("no such method", 405, bearer.to_string(), "/v1/exports"),
+    ] {
+        let connection = std::net::TcpStream::connect(address).unwrap();
+        connection.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+        let mut writer = connection.try_clone().unwrap();
+        let mut reader = std::io::BufReader::new(connection);
+        let asked = if refusal == "a foreign Host" { "evil.example" } else { host.as_str() };
+        write!(writer, "PUT {path} HTTP/1.1\r\nHost: {asked}\r\n{extra}Content-Length: {}\r\n\r\n", body.len())
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        writer.write_all(body.as_bytes()).unwrap();
+        let (got, text) = read_answer(&mut reader).unwrap_or_else(|error| panic!("{refusal}: no answer: {error}"));
+        assert_eq!(got, status, "{refusal}: {text}");
+        write!(writer, "GET /v1/health HTTP/1.1\r\nHost: {host}\r\n{bearer}\r\n").unwrap();
+        let (got, text) = read_answer(&mut reader)
+            .unwrap_or_else(|error| panic!("after {refusal}, the connection was closed under the client: {error}"));
+        assert_eq!(got, 200, "after {refusal}: {text}");
+    }
+    let api = Api::new(&server).with_token("s3cret");
+    assert!(api.export("disk")["policy"].is_null(), "a refused PUT installed its policy");
+}
+
 /// One HTTP/1.1 request with the given `Host`, sent by hand (HTTP clients set `Host` themselves).
 fn request_with_host(address: std::net::SocketAddr, path: &str, host: &str) -> (u16, String) {
     use std::io::{Read, Write};

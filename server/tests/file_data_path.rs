@@ -1,5 +1,6 @@
 //! The file data path and its fallback, each against real clients: the default path (requests
-//! that cannot wait served on the async thread, the rest on the I/O threads) and the one
+//! that cannot wait served on the async thread, whole-page writes copied into the page cache
+//! there where `RWF_NOWAIT` writes are refused, the rest on the I/O threads) and the one
 //! `NBDFAULT_FILE_IO=threads` forces (every request on the I/O threads), on an image in memory
 //! (tmpfs) and on the disk. Each serves reads, writes, flush, trim and zeroes byte for byte
 //! (nbdcopy and qemu-io) and still injects faults.
@@ -114,6 +115,11 @@ fn serves_every_request_and_injects_faults(path: &str, in_memory: bool) {
         assert_eq!((data_path["reads"].as_str(), data_path["writes"].as_str()), (Some("threads"), Some("threads")));
     } else if in_memory && dir.path().starts_with("/dev/shm") {
         assert_eq!((data_path["reads"].as_str(), data_path["writes"].as_str()), (Some("inline"), Some("inline")));
+    } else if !in_memory {
+        // Cached reads with RWF_NOWAIT; writes with RWF_NOWAIT where the file system takes it
+        // (XFS, btrfs), else copied into the page cache on the async thread (ext4).
+        assert_eq!(data_path["reads"], "nowait", "{data_path}");
+        assert!(matches!(data_path["writes"].as_str(), Some("nowait" | "buffered")), "{data_path}");
     }
     assert!(server.stderr().contains(expected_engine), "the path is logged at start:\n{}", server.stderr());
 }

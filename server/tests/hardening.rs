@@ -128,7 +128,8 @@ fn over_limit_policies_are_refused_fast_with_the_limit_named() {
     // Too large: refused on its Content-Length, before a byte of the body is read. (A client
     // that sends the body anyway may see the connection close under it.)
     let mut stream = std::net::TcpStream::connect(server.control.unwrap()).unwrap();
-    write!(stream, "PUT /v1/exports/disk/policy HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", 3 << 20).unwrap();
+    write!(stream, "PUT /v1/exports/disk/policy HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n", 3 << 20)
+        .unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer);
@@ -220,7 +221,7 @@ fn idle_control_sockets_cannot_exhaust_descriptors_and_half_sent_headers_time_ou
     // failed with EMFILE and nbdinfo hung.
     let mut idle: Vec<std::net::TcpStream> =
         (0..80).map(|_| std::net::TcpStream::connect(server.control.unwrap()).expect("connect")).collect();
-    idle[0].write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n").unwrap();
+    idle[0].write_all(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n").unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
     for _ in 0..3 {

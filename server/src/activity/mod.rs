@@ -30,11 +30,11 @@ impl Activity {
         Activity { metrics: Arc::new(RequestMetrics::default()), events: Arc::new(EventHub::new(export_size)) }
     }
 
-    /// A request entered the fault layer now.
+    /// A request entered the fault layer at `start` (`clock.now()`).
     #[inline]
-    pub fn watch(&self, op: Op, ctx: IoContext, offset: u64, length: u64, clock: Clock) -> Watch<'_> {
+    pub fn watch(&self, op: Op, ctx: IoContext, offset: u64, length: u64, clock: Clock, start: Duration) -> Watch<'_> {
         self.metrics.began(in_flight_bytes(op, length));
-        Watch { activity: self, clock, op, ctx, offset, length, start: clock.now(), touched: None, done: false }
+        Watch { activity: self, clock, op, ctx, offset, length, start, touched: None, done: false }
     }
 
     /// A fault-log record was written. Request records count in the faults metric; power

@@ -162,8 +162,13 @@ pub fn router(state: ControlState) -> Router {
         .route("/v1/exports/{name}/power-on", post(power_on))
         .route("/v1/exports/{name}/events", get(events::events))
         .route("/metrics", get(metrics::metrics))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see docs/control-api.md") })
-        .method_not_allowed_fallback(|| async {
+        // Refusals read the body first, as every refusal does (see `drain`).
+        .fallback(|body: axum::body::Body| async {
+            drain(body).await;
+            ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see docs/control-api.md")
+        })
+        .method_not_allowed_fallback(|body: axum::body::Body| async {
+            drain(body).await;
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "this endpoint has no such method; see docs/control-api.md")
         })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
@@ -181,6 +186,8 @@ async fn authorize(State(state): State<ControlState>, request: Request, next: Ne
         let expected = format!("Bearer {token}");
         // In constant time: how much of a guess was right must not show in the time to refuse it.
         if !bool::from(subtle::ConstantTimeEq::ct_eq(given, expected.as_bytes())) {
+            // As for any refusal: the body is read first, so the client reads the answer.
+            drain(request.into_body()).await;
             let mut response = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "this server needs `Authorization: Bearer TOKEN` (--control-token)",
@@ -910,7 +917,7 @@ const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Reads what is left of a refused request's body and throws it away (within bounds), so that a
 /// client still sending it reads the answer instead of a connection reset under its feet.
-async fn drain(mut body: axum::body::Body) {
+pub(super) async fn drain(mut body: axum::body::Body) {
     let _ = tokio::time::timeout(DRAIN_TIME, async {
         let mut seen = 0u64;
         while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {

@@ -33,6 +33,10 @@ pub(super) struct Guard {
 
 pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Response {
     if let Err(refusal) = check(&guard, request.method(), request.headers()) {
+        // Read what the client still sends first: closing on it would reset the connection
+        // under a client still writing, which then sees no answer (or, on a kept-alive
+        // connection, the next request fails).
+        super::drain(request.into_body()).await;
         return ApiError::new(StatusCode::FORBIDDEN, refusal).into_response();
     }
     next.run(request).await

@@ -177,7 +177,7 @@ impl FaultLayer {
         self.journal.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn decide(&self, op: Op, ctx: IoContext, offset: u64, length: u64) -> (Request, Decision) {
+    fn decide(&self, op: Op, ctx: IoContext, offset: u64, length: u64, now: Duration) -> (Request, Decision) {
         let request = Request {
             op,
             offset,
@@ -186,7 +186,7 @@ impl FaultLayer {
             connection: ctx.connection,
             cookie: ctx.cookie,
         };
-        let decision = self.engine.decide(&request, self.clock.now());
+        let decision = self.engine.decide(&request, now);
         (request, decision)
     }
 
@@ -450,13 +450,21 @@ impl FaultLayer {
         Fut: std::future::Future<Output = Result<(T, u64), IoError>>,
         T: Default,
     {
-        let mut watch = self.activity.watch(op, ctx, offset, length, self.clock);
-        let (request, decision) = self.decide(op, ctx, offset, length);
+        // One clock read for both: the request arrives when the engine decides it.
+        let now = self.clock.now();
+        let mut watch = self.activity.watch(op, ctx, offset, length, self.clock, now);
+        let (request, decision) = self.decide(op, ctx, offset, length, now);
         let result = if decision.rule.is_none() {
-            self.powered(ctx.power_cycle, perform(Action::Perform)).await.map(|(value, _)| value)
+            // The storage's future is made here, in this one's state, not moved into another:
+            // every request takes this path, and its state is copied whenever it moves.
+            match self.power.enter(ctx.power_cycle).await {
+                Some(_gate) => perform(Action::Perform).await.map(|(value, _)| value),
+                None => Err(power_lost()),
+            }
         } else {
             watch.decided(&decision);
-            self.apply(request, ctx.power_cycle, decision, perform).await
+            // Boxed: the rare path's larger state does not weigh on every request's future.
+            Box::pin(self.apply(request, ctx.power_cycle, decision, perform)).await
         };
         watch.finish(&result);
         result

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{OwnedRwLockWriteGuard, RwLock, RwLockReadGuard, watch};
+use tokio::sync::{Notify, OwnedRwLockWriteGuard, RwLock, RwLockReadGuard, watch};
 
 /// How long the export stays off after a cut, besides `POST .../power-on`, which always ends it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -60,16 +60,73 @@ pub struct Power {
     /// Read without a lock on every request, under the gate.
     cycle: AtomicU64,
     state: watch::Sender<State>,
-    /// Shared by requests doing storage I/O (borrowed: no count per request); held alone by a
-    /// cut, owned, so the task that undoes the journal keeps it however its caller ends.
-    gate: Arc<RwLock<()>>,
+    /// Shared by requests doing storage I/O; held alone by a cut, owned, so the task that undoes
+    /// the journal keeps it however its caller ends.
+    gate: Arc<Gate>,
     attached: Arc<AtomicU64>,
     /// Serializes state changes (cuts and power-ons) with their watch updates.
     changes: Mutex<()>,
 }
 
-/// The gate held alone: no request does storage I/O while it is held.
-pub type Exclusive = OwnedRwLockWriteGuard<()>;
+/// The gate between requests' storage I/O and power cuts. While no cut holds or waits for it, a
+/// request enters and leaves with one atomic add each (no lock, no wait list); a cut closes it
+/// (then requests wait in a queue), waits for the requests inside to leave, and opens it again
+/// when it is done.
+pub struct Gate {
+    /// Requests inside, plus [`CLOSED`] while a cut holds the gate or waits for it.
+    inside: AtomicU64,
+    /// Woken when a request leaves a closed gate.
+    left: Notify,
+    /// Held for writing by a cut (so cuts come one at a time), and for reading by the requests
+    /// that found the gate closed: they go in once the cut is over.
+    queue: Arc<RwLock<()>>,
+}
+
+const CLOSED: u64 = 1 << 63;
+
+impl Gate {
+    fn new() -> Gate {
+        Gate { inside: AtomicU64::new(0), left: Notify::new(), queue: Arc::new(RwLock::new(())) }
+    }
+
+    fn leave(&self) {
+        // Release: the request's I/O happens before the cut that sees it gone.
+        if self.inside.fetch_sub(1, Ordering::Release) == CLOSED + 1 {
+            self.left.notify_one();
+        }
+    }
+}
+
+/// A request inside the gate, doing storage I/O: no cut starts until it is dropped.
+pub enum Entered<'a> {
+    /// Went in while the gate was open.
+    Open(&'a Gate),
+    /// Waited while a cut held the gate; in while the guard is held.
+    Queued(#[allow(dead_code, reason = "held for its drop")] RwLockReadGuard<'a, ()>),
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        if let Entered::Open(gate) = self {
+            gate.leave();
+        }
+    }
+}
+
+/// The gate held alone, by a cut: no request does storage I/O while it is held. Owned, so a task
+/// of its own can keep it however its caller ends.
+pub struct Exclusive {
+    gate: Arc<Gate>,
+    _queue: OwnedRwLockWriteGuard<()>,
+}
+
+impl Drop for Exclusive {
+    fn drop(&mut self) {
+        // Open again (Release: the cut's work happens before any request that goes in after it),
+        // then the queued requests go in as the write lock goes.
+        self.gate.inside.fetch_and(!CLOSED, Ordering::Release);
+    }
+}
 
 /// A connection attached to the export; counted until dropped.
 pub struct Attachment {
@@ -97,7 +154,7 @@ impl Power {
         Power {
             cycle: AtomicU64::new(0),
             state: watch::Sender::new(State::default()),
-            gate: Arc::new(RwLock::new(())),
+            gate: Arc::new(Gate::new()),
             attached: Arc::new(AtomicU64::new(0)),
             changes: Mutex::new(()),
         }
@@ -144,15 +201,36 @@ impl Power {
 
     /// Storage I/O of a request of a connection attached in `cycle`: `None` when a cut has ended
     /// that cycle (the request's connection is dead, its I/O must not happen).
-    pub async fn enter(&self, cycle: u64) -> Option<RwLockReadGuard<'_, ()>> {
-        let guard = self.gate.read().await;
-        (self.cycle() == cycle).then_some(guard)
+    pub async fn enter(&self, cycle: u64) -> Option<Entered<'_>> {
+        let gate = &*self.gate;
+        // Acquire: what a cut did before it opened the gate, the new cycle included, is seen.
+        let entered = if gate.inside.fetch_add(1, Ordering::Acquire) & CLOSED == 0 {
+            Entered::Open(gate)
+        } else {
+            gate.leave();
+            Entered::Queued(gate.queue.read().await)
+        };
+        (self.cycle() == cycle).then_some(entered)
     }
 
     /// Waits until no request does storage I/O, then holds everyone else off. The caller then
     /// [`Power::cut`]s (or finds it need not) and undoes the journal while holding this.
     pub async fn exclusive(&self) -> Exclusive {
-        Arc::clone(&self.gate).write_owned().await
+        let queue = Arc::clone(&self.gate.queue).write_owned().await;
+        // Closed from here (a dropped wait below opens it again, with the guard).
+        let exclusive = Exclusive { gate: Arc::clone(&self.gate), _queue: queue };
+        let gate = &*self.gate;
+        gate.inside.fetch_or(CLOSED, Ordering::AcqRel);
+        loop {
+            let left = gate.left.notified();
+            let mut left = std::pin::pin!(left);
+            left.as_mut().enable();
+            // Acquire: the I/O of the requests that left happened before.
+            if gate.inside.load(Ordering::Acquire) & !CLOSED == 0 {
+                return exclusive;
+            }
+            left.await;
+        }
     }
 
     /// Starts the next power cycle (every connection attached before it dies) and leaves the
@@ -204,6 +282,47 @@ impl Power {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_cut_waits_for_the_requests_inside_and_holds_off_the_next_until_it_is_done() {
+        let power = Arc::new(Power::new());
+        let inside = power.enter(0).await.unwrap();
+        let also = power.enter(0).await.unwrap();
+        let cutting = tokio::spawn({
+            let power = Arc::clone(&power);
+            async move {
+                let exclusive = power.exclusive().await;
+                power.cut(&exclusive, None, Duration::ZERO);
+                tokio::task::yield_now().await;
+                exclusive
+            }
+        });
+        tokio::task::yield_now().await;
+        assert!(!cutting.is_finished(), "two requests are inside");
+        drop(inside);
+        tokio::task::yield_now().await;
+        assert!(!cutting.is_finished(), "one request is still inside");
+        drop(also);
+        let exclusive = cutting.await.unwrap();
+        // While the cut holds the gate, a request waits, and goes in (to be refused: its power
+        // cycle is over) once the gate opens again.
+        let waiting = tokio::spawn({
+            let power = Arc::clone(&power);
+            async move { power.enter(0).await.is_none() }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "the gate is closed");
+        drop(exclusive);
+        assert!(waiting.await.unwrap(), "the old cycle's I/O is refused");
+        assert!(power.enter(1).await.is_some(), "the new cycle's goes in at once");
+        // A cut that gave up while waiting leaves the gate open.
+        let held = power.enter(1).await.unwrap();
+        let gave_up = tokio::time::timeout(Duration::from_millis(10), power.exclusive()).await;
+        assert!(gave_up.is_err());
+        drop(held);
+        assert!(power.enter(1).await.is_some());
+        drop(power.exclusive().await);
+    }
 
     #[tokio::test]
     async fn a_cut_ends_the_cycle_of_every_attached_connection_and_refuses_new_ones_while_off() {

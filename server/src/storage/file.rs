@@ -7,7 +7,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
@@ -30,6 +31,16 @@ const INLINE_MAX: usize = 256 << 10;
 /// to or from memory and never wait for a device.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 const RAMFS_MAGIC: i64 = 0x8584_58f6;
+/// A buffered write done on the async thread that takes longer than this (the page cache had to
+/// wait: dirty-page throttling, a journal commit, a page under writeback) sends the writes after
+/// it to the I/O threads for [`SLOW_BACKOFF`], after which one is tried on the async thread
+/// again; each slow one in a row doubles the wait, up to [`MAX_BACKOFF`], so a file system that
+/// keeps throttling holds the async thread up once in seconds, not ten times a second.
+const SLOW_WRITE: Duration = Duration::from_millis(1);
+const SLOW_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(6);
+/// The page size the page cache works in: only writes of whole pages never read the disk first.
+const PAGE: u64 = 4096;
 
 pub struct FileDevice {
     file: Arc<File>,
@@ -44,7 +55,61 @@ pub struct FileDevice {
     /// first refusal.
     nowait_reads: AtomicBool,
     nowait_writes: AtomicBool,
+    /// Where `RWF_NOWAIT` writes are refused (buffered writes on ext4), whole-page writes are done
+    /// on the async thread as they are, as nbdkit does them on the thread that read the request:
+    /// they only copy into the page cache. A slow one backs them off to the I/O threads awhile.
+    buffered: BufferedWrites,
     engine: &'static Engine,
+}
+
+/// Buffered writes done on the async thread, and when they last had to wait.
+struct BufferedWrites {
+    /// Whether they are allowed at all (not when `NBDFAULT_FILE_IO=threads`).
+    enabled: bool,
+    /// When this device was opened; the clock `slow_until` counts on.
+    opened: Instant,
+    /// Nanoseconds since `opened` until which writes go to the I/O threads.
+    slow_until: AtomicU64,
+    /// Slow writes in a row.
+    slow_streak: AtomicU64,
+}
+
+impl BufferedWrites {
+    fn new(enabled: bool) -> BufferedWrites {
+        BufferedWrites {
+            enabled,
+            opened: Instant::now(),
+            slow_until: AtomicU64::new(0),
+            slow_streak: AtomicU64::new(0),
+        }
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.duration_since(self.opened).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether a plain write of `length` bytes at `offset` may be done on the async thread now,
+    /// given the time: whole pages only (a partial page may need a read from the disk first).
+    fn allowed(&self, offset: u64, length: usize, now: Instant) -> bool {
+        self.enabled
+            && offset % PAGE == 0
+            && length as u64 % PAGE == 0
+            && self.nanos(now) >= self.slow_until.load(Ordering::Relaxed)
+    }
+
+    /// A write done on the async thread took from `started` to `ended`: if that was long, the next
+    /// ones go to the I/O threads for a while.
+    fn took(&self, started: Instant, ended: Instant) {
+        if ended.duration_since(started) <= SLOW_WRITE {
+            if self.slow_streak.load(Ordering::Relaxed) != 0 {
+                self.slow_streak.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        let streak = self.slow_streak.fetch_add(1, Ordering::Relaxed).min(16) as u32;
+        let backoff = SLOW_BACKOFF.saturating_mul(1 << streak).min(MAX_BACKOFF);
+        self.slow_until.store(self.nanos(ended + backoff), Ordering::Relaxed);
+    }
 }
 
 /// Why a file could not be used as an export.
@@ -91,6 +156,7 @@ impl FileDevice {
             read_only,
             nowait_reads: AtomicBool::new(inline),
             nowait_writes: AtomicBool::new(inline),
+            buffered: BufferedWrites::new(inline),
             engine,
         })
     }
@@ -104,11 +170,15 @@ impl FileDevice {
             () if nowait.load(Ordering::Relaxed) => "nowait",
             () => "threads",
         };
+        let writes = match path(&self.nowait_writes) {
+            "threads" if self.buffered.enabled && !self.read_only => "buffered",
+            other => other,
+        };
         FileDataPath {
             engine: self.engine.name(),
             io_threads: engine::IO_THREADS,
             reads: path(&self.nowait_reads),
-            writes: path(&self.nowait_writes),
+            writes,
         }
     }
 
@@ -134,7 +204,7 @@ pub struct FileDataPath {
     /// `inline+threads`, or `threads` when `NBDFAULT_FILE_IO=threads` forced every request there.
     pub engine: &'static str,
     pub io_threads: usize,
-    /// `inline`, `nowait` or `threads`.
+    /// `inline`, `nowait` or `threads`; writes may also be `buffered`.
     pub reads: &'static str,
     pub writes: &'static str,
 }
@@ -340,6 +410,14 @@ impl BlockDevice for FileDevice {
                                 .await?);
                         }
                         NoWait::Unsupported => self.nowait_writes.store(false, Ordering::Relaxed),
+                    }
+                }
+                if !fua && !self.nowait_writes.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    if self.buffered.allowed(offset, data.len(), started) {
+                        self.file.write_all_at(&data, offset)?;
+                        self.buffered.took(started, Instant::now());
+                        return Ok(());
                     }
                 }
             }
@@ -554,6 +632,57 @@ mod tests {
         // Larger than the inline limit: the I/O threads take it, with the same result.
         device.write(CTX, 0, Bytes::from(vec![3; 1 << 20]), false).await.unwrap();
         assert!(device.read(CTX, 0, 1 << 20).await.unwrap().iter().all(|&b| b == 3));
+    }
+
+    #[test]
+    fn buffered_writes_take_whole_pages_and_back_off_after_a_slow_one() {
+        let writes = BufferedWrites::new(true);
+        let now = Instant::now();
+        assert!(writes.allowed(8192, 4096, now));
+        assert!(writes.allowed(0, 65536, now));
+        assert!(!writes.allowed(512, 4096, now), "a partial page may need a read first");
+        assert!(!writes.allowed(4096, 1000, now));
+        writes.took(now, now + Duration::from_micros(20));
+        assert!(writes.allowed(4096, 4096, now + Duration::from_micros(20)), "a fast write changes nothing");
+        let ended = now + Duration::from_millis(5);
+        writes.took(now, ended);
+        assert!(!writes.allowed(4096, 4096, ended + SLOW_BACKOFF / 2), "after a slow one, the I/O threads");
+        assert!(writes.allowed(4096, 4096, ended + SLOW_BACKOFF), "then the async thread again");
+        // Slow again: twice as long, and so on; a fast one starts the count again.
+        let again = ended + SLOW_BACKOFF;
+        writes.took(again, again + Duration::from_millis(2));
+        let ended = again + Duration::from_millis(2);
+        assert!(!writes.allowed(4096, 4096, ended + SLOW_BACKOFF * 3 / 2));
+        assert!(writes.allowed(4096, 4096, ended + SLOW_BACKOFF * 2));
+        for _ in 0..20 {
+            writes.took(ended, ended + Duration::from_millis(2));
+        }
+        assert!(writes.allowed(4096, 4096, ended + Duration::from_millis(2) + MAX_BACKOFF), "never longer than this");
+        writes.took(ended, ended);
+        writes.took(ended, ended + Duration::from_millis(2));
+        assert!(writes.allowed(4096, 4096, ended + Duration::from_millis(2) + SLOW_BACKOFF));
+        assert!(!BufferedWrites::new(false).allowed(0, 4096, now), "never when the I/O threads are forced");
+    }
+
+    #[tokio::test]
+    async fn whole_page_writes_where_nowait_writes_are_refused_are_buffered_and_read_back() {
+        let (_dir, path) = image(1 << 20);
+        let device = FileDevice::open(&path, false).unwrap();
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        device.write(CTX, 4096, Bytes::from(pattern.clone()), false).await.unwrap();
+        device.write(CTX, 100, Bytes::from_static(b"partial"), false).await.unwrap();
+        device.write(CTX, 65536, Bytes::from(vec![9; 4096]), true).await.unwrap();
+        assert_eq!(&device.read(CTX, 4096, 8192).await.unwrap()[..], &pattern[..]);
+        assert_eq!(&device.read(CTX, 100, 7).await.unwrap()[..], b"partial");
+        assert!(device.read(CTX, 65536, 4096).await.unwrap().iter().all(|&b| b == 9));
+        let writes = device.data_path().writes;
+        if engine::shared().inline() && !device.memory_backed {
+            // ext4 refuses RWF_NOWAIT buffered writes; XFS and btrfs take them.
+            let expected = if device.nowait_writes.load(Ordering::Relaxed) { "nowait" } else { "buffered" };
+            assert_eq!(writes, expected);
+        }
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[4096..12288], &pattern[..]);
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! The file I/O engine: where a file export's reads and writes go when they may wait for a device.
 //!
 //! What the page cache or a memory-backed filesystem can serve at once never comes here: the
-//! file storage does it on the async thread (see `storage/file.rs`). The rest goes to a fixed set
+//! file storage does it on the async thread (see `storage/file.rs`), and so are whole-page
+//! buffered writes where `RWF_NOWAIT` writes are refused (ext4), unless they were slow lately. The rest goes to a fixed set
 //! of I/O threads fed by one queue, shared by every export (nbdkit's model): the number of
 //! threads is bounded whatever the load, and requests wait in the queue instead. Each job owns
 //! its file handle and its buffer, so a request whose future is dropped (its client went away,
