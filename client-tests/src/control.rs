@@ -95,7 +95,10 @@ pub fn test_record(seq: u64, offset: u64, length: u64, failed: bool) -> FaultRec
     let line = format!(
         r#"{{"seq":{seq},"time_ns":{seq},"export":"xfs","connection":1,"cookie":{seq},"request_index":{seq},"op":"write","offset":{offset},"length":{length},"flags":[],"rule":"fail-data","outcome":"{outcome}","action":"skip","reply":"{reply}"{errno},"delay_ns":0,"persisted":0}}"#
     );
-    nbdfault_policies::parse_fault_log(&line).expect("a valid record").remove(0)
+    match nbdfault_policies::parse_fault_log(&line).expect("a valid record").remove(0) {
+        nbdfault_policies::LogEntry::Request(record) => record,
+        other => panic!("not a request record: {other:?}"),
+    }
 }
 
 #[cfg(test)]

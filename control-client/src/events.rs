@@ -2,7 +2,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 
-use nbdfault_policies::FaultRecord;
+use nbdfault_policies::{FaultRecord, PowerRecord};
 use serde_json::Value;
 
 use crate::Error;
@@ -19,9 +19,18 @@ pub struct Event {
 }
 
 impl Event {
-    /// The fault-log record a `fault` event carries.
+    /// The request record a `fault` event carries (`None` for a power record).
     pub fn fault(&self) -> Option<FaultRecord> {
-        (self.kind == "fault").then(|| serde_json::from_value(self.data.clone()).ok()).flatten()
+        (self.kind == "fault" && self.data.get("event").is_none())
+            .then(|| serde_json::from_value(self.data.clone()).ok())
+            .flatten()
+    }
+
+    /// The power record a `fault` event carries: a power cut through the control API, a power-on.
+    pub fn power_record(&self) -> Option<PowerRecord> {
+        (self.kind == "fault" && self.data.get("event").is_some())
+            .then(|| serde_json::from_value(self.data.clone()).ok())
+            .flatten()
     }
 }
 

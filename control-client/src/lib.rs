@@ -20,7 +20,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 pub use events::{Event, Events};
-pub use nbdfault_policies::FaultRecord;
+pub use nbdfault_policies::{FaultRecord, LogEntry, PowerRecord};
 pub use types::{
     BadSector, Counters, ExportView, FaultPage, Health, PolicyAnswer, PolicyView, PowerCutAnswer, PowerOff,
     PowerOnAnswer, PowerView, RuleCounter, TriggerState,
@@ -326,19 +326,23 @@ impl Client {
     pub fn faults(&self, name: &str, since: u64) -> Result<FaultPage, Error> {
         let path = format!("{}/faults?since={since}", export_path(name));
         let answer = self.request("GET", &path, None)?;
-        let records = nbdfault_policies::parse_fault_log(&answer.text())
+        let entries = nbdfault_policies::parse_fault_log(&answer.text())
             .map_err(|error| Error::Invalid { path: path.clone(), message: error.to_string() })?;
         let number = |header: &str| answer.header(header).and_then(|value| value.parse().ok());
-        Ok(FaultPage {
-            last_seq: number("x-last-seq").or_else(|| records.last().map(|record| record.seq)),
-            dropped: number("x-dropped").unwrap_or(0),
-            records,
-        })
+        let last_seq = number("x-last-seq").or_else(|| entries.iter().map(LogEntry::seq).max());
+        let (mut records, mut power) = (Vec::new(), Vec::new());
+        for entry in entries {
+            match entry {
+                LogEntry::Request(record) => records.push(record),
+                LogEntry::Power(record) => power.push(record),
+            }
+        }
+        Ok(FaultPage { last_seq, dropped: number("x-dropped").unwrap_or(0), records, power })
     }
 
     /// The highest `seq` of the export's fault log so far (0 when it is empty).
     pub fn last_fault_seq(&self, name: &str) -> Result<u64, Error> {
-        Ok(self.faults(name, 0)?.records.iter().map(|record| record.seq).max().unwrap_or(0))
+        Ok(self.faults(name, 0)?.last_seq.unwrap_or(0))
     }
 
     /// `GET /v1/exports/{name}/faults?view=decisions`: the decision log, as text.

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use nbdfault_policies::{Errno, FaultRecord};
+use nbdfault_policies::{Errno, FaultRecord, PowerRecord};
 
 /// `GET /v1/health`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -166,8 +166,12 @@ pub struct PolicyAnswer {
 /// The answer to `GET .../faults`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FaultPage {
+    /// The records of requests a rule touched.
     pub records: Vec<FaultRecord>,
-    /// The `seq` of the last record (the `x-last-seq` header); `None` when there is none.
+    /// The records of power changes no request decided: power cuts through the control API,
+    /// power-ons.
+    pub power: Vec<PowerRecord>,
+    /// The `seq` of the last record of either kind (the `x-last-seq` header); `None` when there is none.
     pub last_seq: Option<u64>,
     /// Records that fell out of the server's memory (`x-dropped`).
     pub dropped: u64,

@@ -2,8 +2,9 @@
 //!
 //! A [`Policy`] is read from YAML and checked before use ([`Policy::from_yaml`]); an [`Engine`]
 //! holds one per export and answers, for every request, what to do with it ([`Engine::decide`]);
-//! a [`FaultRecord`] is the fault-log line for a request a rule touched, and [`replay_policy`]
-//! turns a fault log back into a policy that makes the same decisions.
+//! a [`FaultRecord`] is the fault-log line for a request a rule touched (a [`PowerRecord`] the
+//! line for a power change no request decided), and [`replay_policy`] turns a fault log back into
+//! a policy that makes the same decisions.
 
 mod bad_sectors;
 mod decision;
@@ -25,8 +26,8 @@ pub use error::{PolicyError, PolicyErrors};
 pub use policy::{Policy, PolicyLimits, PolicyWarning};
 pub use random::corrupt;
 pub use record::{
-    ActionRecord, CorruptRecord, FaultLogError, FaultRecord, Outcome, ReplyRecord, StallRecord, decision_log,
-    parse_fault_log,
+    ActionRecord, CorruptRecord, CutRecord, FaultLogError, FaultRecord, LogEntry, MAX_UNDONE_RANGES, Outcome,
+    PowerEvent, PowerOffRecord, PowerOrigin, PowerRecord, ReplyRecord, StallRecord, decision_log, parse_fault_log,
 };
 pub use replay::{ReplayError, replay_policy};
 pub use request::{Errno, Op, Request, RequestFlags};

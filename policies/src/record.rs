@@ -1,4 +1,6 @@
-//! The fault log: one JSON line per request a rule (or a bad sector) touched.
+//! The fault log: one JSON line per request a rule (or a bad sector) touched ([`FaultRecord`]),
+//! and one per change of an export's power that no request decided ([`PowerRecord`]: a power cut
+//! through the control API, a power-on); [`LogEntry`] is either.
 
 use std::fmt;
 use std::time::Duration;
@@ -102,6 +104,176 @@ impl PowerOffRecord {
     }
 }
 
+/// The most undone ranges a record lists; past that it counts the rest.
+pub const MAX_UNDONE_RANGES: usize = 1024;
+
+/// What a power cut did to its export: the connections it dropped and the unflushed writes it
+/// undid. Timing decides it (what other connections wrote and flushed), so it is left out of the
+/// decision view and replay.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CutRecord {
+    /// Connections attached when the power went; every one was dropped.
+    pub connections: u64,
+    /// Whether the policy kept the journal of unflushed writes (`volatile_cache:`); without it
+    /// nothing was undone.
+    pub journaled: bool,
+    /// Unflushed writes undone, and their bytes.
+    pub undone_writes: u64,
+    pub undone_bytes: u64,
+    /// The ranges the undo wrote back, as `[offset, length]`, merged and in offset order; at most
+    /// [`MAX_UNDONE_RANGES`], the rest counted in `undone_ranges_left_out`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub undone: Vec<[u64; 2]>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub undone_ranges_left_out: u64,
+    /// Writes since the last flush that did not fit in the journal: they survived the cut.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unjournaled_writes: u64,
+}
+
+impl CutRecord {
+    /// Sets `undone` from the undone writes' ranges (`(offset, length)`, in any order): merged
+    /// where they overlap or touch, in offset order, at most [`MAX_UNDONE_RANGES`].
+    pub fn set_undone_ranges(&mut self, ranges: impl IntoIterator<Item = (u64, u64)>) {
+        let mut ranges: Vec<(u64, u64)> = ranges.into_iter().filter(|&(_, length)| length > 0).collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<[u64; 2]> = Vec::new();
+        for (offset, length) in ranges {
+            let end = offset.saturating_add(length);
+            match merged.last_mut() {
+                Some([start, len]) if offset <= *start + *len => *len = (*len).max(end - *start),
+                _ => merged.push([offset, length]),
+            }
+        }
+        self.undone_ranges_left_out = merged.len().saturating_sub(MAX_UNDONE_RANGES) as u64;
+        merged.truncate(MAX_UNDONE_RANGES);
+        self.undone = merged;
+    }
+}
+
+/// A change of an export's power.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerEvent {
+    PowerCut,
+    PowerOn,
+}
+
+/// What changed the power. A rule's power cut is the record of its request instead
+/// ([`FaultRecord::cut`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerOrigin {
+    /// `POST .../power-cut`, `POST .../power-on` (and `nbdfault ctl`).
+    ControlApi,
+    /// The trigger an "off" waited for was armed.
+    Trigger,
+    /// The timeout of an "off" passed.
+    Timeout,
+}
+
+/// One line of the fault log for a power change no request decided: a power cut through the
+/// control API, or the power coming back. Outside input as a trigger armed through the API is,
+/// so replay does not reproduce it (it says so).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerRecord {
+    /// Position in the fault log of the server (all exports), from 1.
+    pub seq: u64,
+    /// When it happened, in nanoseconds since server start.
+    pub time_ns: u64,
+    pub export: String,
+    pub event: PowerEvent,
+    pub origin: PowerOrigin,
+    /// The request index the export's next request gets: the change came after every request
+    /// with a lower index was decided.
+    pub next_request_index: u64,
+    /// With `origin: trigger`: the trigger that was armed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+    /// For a cut: what it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<CutRecord>,
+    /// For a cut that left the export off: until a trigger and/or for a time (both absent: until
+    /// `POST .../power-on`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_off: Option<PowerOffRecord>,
+}
+
+/// One line of the fault log: a request a rule touched, or a power change no request decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum LogEntry {
+    Request(FaultRecord),
+    Power(PowerRecord),
+}
+
+impl LogEntry {
+    pub fn seq(&self) -> u64 {
+        match self {
+            LogEntry::Request(record) => record.seq,
+            LogEntry::Power(record) => record.seq,
+        }
+    }
+
+    pub fn export(&self) -> &str {
+        match self {
+            LogEntry::Request(record) => &record.export,
+            LogEntry::Power(record) => &record.export,
+        }
+    }
+
+    pub fn time_ns(&self) -> u64 {
+        match self {
+            LogEntry::Request(record) => record.time_ns,
+            LogEntry::Power(record) => record.time_ns,
+        }
+    }
+
+    /// The request record, if this is one.
+    pub fn request(&self) -> Option<&FaultRecord> {
+        match self {
+            LogEntry::Request(record) => Some(record),
+            LogEntry::Power(_) => None,
+        }
+    }
+
+    /// The power record, if this is one.
+    pub fn power(&self) -> Option<&PowerRecord> {
+        match self {
+            LogEntry::Request(_) => None,
+            LogEntry::Power(record) => Some(record),
+        }
+    }
+
+    /// The entry as one JSON line (without the newline).
+    pub fn to_json_line(&self) -> String {
+        // Cannot fail: records hold only strings, integers, booleans and lists of them.
+        serde_json::to_string(self).expect("a fault-log entry always serializes")
+    }
+}
+
+impl<'de> Deserialize<'de> for LogEntry {
+    /// A line with an `event` is a power record, any other a request record; each is read
+    /// strictly (unknown fields are errors), with the error of the kind the line is.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<LogEntry, D::Error> {
+        use serde::de::Error;
+        let value = serde_json::Value::deserialize(deserializer)?;
+        if value.get("event").is_some() {
+            serde_json::from_value(value).map(LogEntry::Power).map_err(D::Error::custom)
+        } else {
+            serde_json::from_value(value).map(LogEntry::Request).map_err(D::Error::custom)
+        }
+    }
+}
+
+impl From<FaultRecord> for LogEntry {
+    fn from(record: FaultRecord) -> LogEntry {
+        LogEntry::Request(record)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CorruptRecord {
@@ -110,8 +282,8 @@ pub struct CorruptRecord {
 }
 
 /// One line of the fault log. Everything needed to make the same decision again is here
-/// (see [`crate::replay_policy`]); `seq`, `time_ns`, `cookie` and `waited_ns` describe this run
-/// only and are left out of the [decision view](FaultRecord::decision_view).
+/// (see [`crate::replay_policy`]); `seq`, `time_ns`, `cookie`, `waited_ns` and `cut` describe this
+/// run only and are left out of the [decision view](FaultRecord::decision_view).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FaultRecord {
@@ -147,6 +319,10 @@ pub struct FaultRecord {
     /// With a power cut that kept the export off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub power_off: Option<PowerOffRecord>,
+    /// With a power cut: what it did (absent when the request's connection had died in an
+    /// earlier cut, so this one did not happen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<CutRecord>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub bad_sector: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -163,6 +339,10 @@ pub struct FaultRecord {
 
 fn is_false(value: &bool) -> bool {
     !*value
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 fn nanos(duration: Duration) -> u64 {
@@ -269,6 +449,7 @@ impl FaultRecord {
             corrupt,
             power_cut: decision.power_cut.is_some(),
             power_off: decision.power_cut.as_ref().and_then(PowerOffRecord::of),
+            cut: None,
             bad_sector: decision.bad_sector,
             armed: decision.armed.iter().map(|name| name.to_string()).collect(),
             disarmed: decision.disarmed.iter().map(|name| name.to_string()).collect(),
@@ -283,7 +464,7 @@ impl FaultRecord {
         serde_json::to_string(self).expect("a fault record always serializes")
     }
 
-    /// The record without what differs between runs (`seq`, `time_ns`, `cookie`, `waited_ns`),
+    /// The record without what differs between runs (`seq`, `time_ns`, `cookie`, `waited_ns`, `cut`),
     /// as one JSON line: two runs with the same seed and request sequence give the same text.
     pub fn decision_view(&self) -> String {
         let view = DecisionView {
@@ -394,8 +575,8 @@ impl fmt::Display for FaultLogError {
     }
 }
 
-/// Reads a fault log (JSON lines; blank lines are skipped).
-pub fn parse_fault_log(text: &str) -> Result<Vec<FaultRecord>, FaultLogError> {
+/// Reads a fault log (JSON lines; blank lines are skipped): request records and power records.
+pub fn parse_fault_log(text: &str) -> Result<Vec<LogEntry>, FaultLogError> {
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
@@ -456,7 +637,7 @@ mod tests {
         assert!(line.contains(r#""flags":["fua"]"#), "{line}");
         assert!(line.contains(r#""errno":"ENOSPC""#), "{line}");
         let parsed = parse_fault_log(&format!("{line}\n\n{line}\n")).unwrap();
-        assert_eq!(parsed, [record.clone(), record.clone()]);
+        assert_eq!(parsed, [LogEntry::Request(record.clone()), LogEntry::Request(record.clone())]);
         assert_eq!(record.decision(), Some(original));
         let incomplete = FaultRecord { torn_persist: None, ..record };
         assert_eq!(incomplete.missing_field(), Some("torn_persist"));
@@ -483,6 +664,49 @@ mod tests {
         let mut untouched = decision(Action::Perform, Reply::Ok, Wait::None);
         untouched.rule = None;
         assert!(FaultRecord::new(1, Duration::ZERO, "disk", &request(), &untouched, 8192).is_none());
+    }
+
+    #[test]
+    fn power_records_and_request_records_share_the_log_and_each_line_is_read_as_its_kind() {
+        let mut cut = CutRecord {
+            connections: 2,
+            journaled: true,
+            undone_writes: 3,
+            undone_bytes: 12288,
+            ..CutRecord::default()
+        };
+        cut.set_undone_ranges([(8192, 4096), (0, 4096), (4096, 4096), (65536, 4096)]);
+        assert_eq!(cut.undone, vec![[0, 12288], [65536, 4096]], "merged where they touch, in offset order");
+        let power = PowerRecord {
+            seq: 2,
+            time_ns: 5,
+            export: "disk".into(),
+            event: PowerEvent::PowerCut,
+            origin: PowerOrigin::ControlApi,
+            next_request_index: 17,
+            trigger: None,
+            cut: Some(cut),
+            power_off: Some(PowerOffRecord { until: Some("power-on".into()), timeout_ns: None }),
+        };
+        let line = LogEntry::Power(power.clone()).to_json_line();
+        assert!(line.contains(r#""event":"power_cut","origin":"control_api""#), "{line}");
+        assert!(line.contains(r#""undone":[[0,12288],[65536,4096]]"#), "{line}");
+        let decided = decision(Action::Skip, Reply::Error(Errno::EIO), Wait::None);
+        let request = FaultRecord::new(1, Duration::ZERO, "disk", &request(), &decided, 0).unwrap();
+        let text = format!("{}\n{line}\n", request.to_json_line());
+        let entries = parse_fault_log(&text).unwrap();
+        assert_eq!(entries, [LogEntry::Request(request), LogEntry::Power(power)]);
+        assert_eq!((entries[1].seq(), entries[1].export(), entries[1].request().is_none()), (2, "disk", true));
+        // A power line is read as one, strictly: its own error, not a request's.
+        let error = parse_fault_log(&line.replace("\"origin\"", "\"origins\"")).unwrap_err();
+        assert!(error.message.contains("origins"), "{error}");
+    }
+
+    #[test]
+    fn undone_ranges_are_bounded_and_the_rest_counted() {
+        let mut cut = CutRecord::default();
+        cut.set_undone_ranges((0..MAX_UNDONE_RANGES as u64 + 5).map(|i| (i * 8192, 4096)));
+        assert_eq!((cut.undone.len(), cut.undone_ranges_left_out), (MAX_UNDONE_RANGES, 5));
     }
 
     #[test]

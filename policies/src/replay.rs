@@ -1,12 +1,14 @@
 //! From a fault log back to a policy: a `schedule:` that decides each logged request, by its
 //! index in the request stream, exactly as it was decided. Requests the log does not mention pass
-//! through, as they did.
+//! through, as they did. Power records (a cut through the control API, a power-on) are input from
+//! outside, as triggers armed through the API are: the policy lists them in a comment, with the
+//! request index each came before, and does not reproduce them.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::record::{ActionRecord, FaultRecord, ReplyRecord};
+use crate::record::{ActionRecord, FaultRecord, LogEntry, PowerEvent, PowerOrigin, PowerRecord, ReplyRecord};
 use crate::units::format_duration;
 
 /// Why a fault log cannot be replayed.
@@ -14,6 +16,11 @@ use crate::units::format_duration;
 pub enum ReplayError {
     #[error("the fault log has no records, so there is nothing to replay")]
     Empty,
+    #[error(
+        "the fault log has no request records, only {0} power records (power cuts through the control API, \
+         power-ons), which replay does not reproduce: there is nothing to replay"
+    )]
+    OnlyPowerRecords(usize),
     #[error(
         "the fault log mixes exports `{0}` and `{1}`: replay one export at a time (filter the records by `export`)"
     )]
@@ -25,13 +32,19 @@ pub enum ReplayError {
 }
 
 /// Writes a policy that makes the logged decisions again for the same request sequence.
-/// The records must come from one export.
-pub fn replay_policy(records: &[FaultRecord]) -> Result<String, ReplayError> {
-    let first = records.first().ok_or(ReplayError::Empty)?;
-    if let Some(other) = records.iter().find(|record| record.export != first.export) {
-        return Err(ReplayError::MixedExports(first.export.clone(), other.export.clone()));
+/// The entries must come from one export; power records are listed in a comment, not replayed.
+pub fn replay_policy(entries: &[LogEntry]) -> Result<String, ReplayError> {
+    let first = entries.first().ok_or(ReplayError::Empty)?;
+    if let Some(other) = entries.iter().find(|entry| entry.export() != first.export()) {
+        return Err(ReplayError::MixedExports(first.export().to_string(), other.export().to_string()));
     }
-    let mut sorted: Vec<&FaultRecord> = records.iter().collect();
+    let records: Vec<&FaultRecord> = entries.iter().filter_map(LogEntry::request).collect();
+    let mut power: Vec<&PowerRecord> = entries.iter().filter_map(LogEntry::power).collect();
+    if records.is_empty() {
+        return Err(ReplayError::OnlyPowerRecords(power.len()));
+    }
+    power.sort_by_key(|record| record.seq);
+    let mut sorted = records;
     sorted.sort_by_key(|record| record.request_index);
     if let Some((record, field)) = sorted.iter().find_map(|record| Some((record, record.missing_field()?))) {
         return Err(ReplayError::Incomplete { request: record.request_index, field });
@@ -40,13 +53,25 @@ pub fn replay_policy(records: &[FaultRecord]) -> Result<String, ReplayError> {
     if let Some(duplicate) = sorted.iter().find(|record| !seen.insert(record.request_index)) {
         return Err(ReplayError::DuplicateRequest(duplicate.request_index));
     }
-    let export: String = first.export.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let export: String = first.export().chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     let mut yaml = format!(
         "# Replays {} decisions of export \"{export}\" from a fault log, by request index.\n\
-         # Requests not listed pass through. Same request sequence, same decisions.\n\
-         schedule:\n",
+         # Requests not listed pass through. Same request sequence, same decisions.\n",
         sorted.len()
     );
+    if !power.is_empty() {
+        let _ = writeln!(
+            yaml,
+            "# Not replayed: {} power records. Cuts and power-ons through the control API are input from\n\
+             # outside, as triggers armed through the API are: make them again at the same points of the\n\
+             # request stream. A power-on by a trigger or a timeout follows from the cut before it.",
+            power.len()
+        );
+        for record in &power {
+            let _ = writeln!(yaml, "#   {}", not_replayed(record));
+        }
+    }
+    yaml.push_str("schedule:\n");
     for record in sorted {
         let bad_sector = if record.bad_sector { ", bad_sector: true" } else { "" };
         let _ = writeln!(
@@ -59,6 +84,24 @@ pub fn replay_policy(records: &[FaultRecord]) -> Result<String, ReplayError> {
         );
     }
     Ok(yaml)
+}
+
+/// One power record, as the replay's comment lists it.
+fn not_replayed(record: &PowerRecord) -> String {
+    let before = format!("before request {} (fault log seq {})", record.next_request_index, record.seq);
+    match (record.event, record.origin) {
+        (PowerEvent::PowerCut, _) => {
+            format!("{before}: a power cut through the control API (`nbdfault ctl power-cut`)")
+        }
+        (PowerEvent::PowerOn, PowerOrigin::ControlApi) => {
+            format!("{before}: power on through the control API (`nbdfault ctl power-on`)")
+        }
+        (PowerEvent::PowerOn, PowerOrigin::Trigger) => format!(
+            "{before}: power on as the trigger `{}` was armed",
+            record.trigger.as_deref().unwrap_or("?").replace(|c: char| c.is_control(), " ")
+        ),
+        (PowerEvent::PowerOn, PowerOrigin::Timeout) => format!("{before}: power on as the off timeout passed"),
+    }
 }
 
 /// The `then` entries that reproduce one record's decision.

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use nbdfault_policies::{
-    Action, Engine, FaultRecord, Op, Policy, Request, RequestFlags, decision_log, parse_fault_log, replay_policy,
+    Action, CutRecord, Engine, FaultRecord, LogEntry, Op, Policy, PowerEvent, PowerOrigin, PowerRecord, Request,
+    RequestFlags, decision_log, parse_fault_log, replay_policy,
 };
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -103,6 +104,26 @@ fn run(policy: &str, requests: &[Request], seq_base: u64) -> Vec<FaultRecord> {
     records
 }
 
+/// Request records as fault-log entries.
+fn entries(records: &[FaultRecord]) -> Vec<LogEntry> {
+    records.iter().cloned().map(LogEntry::Request).collect()
+}
+
+/// A power record of the control API or of a power-on, before request `next`.
+fn power(seq: u64, event: PowerEvent, origin: PowerOrigin, next: u64) -> LogEntry {
+    LogEntry::Power(PowerRecord {
+        seq,
+        time_ns: seq,
+        export: "disk".to_string(),
+        event,
+        origin,
+        next_request_index: next,
+        trigger: (origin == PowerOrigin::Trigger).then(|| "power-on".to_string()),
+        cut: (event == PowerEvent::PowerCut).then(CutRecord::default),
+        power_off: None,
+    })
+}
+
 #[test]
 fn the_same_seed_and_requests_give_a_byte_identical_decision_log() {
     let mut runner = proptest::test_runner::TestRunner::deterministic();
@@ -145,7 +166,48 @@ fn replay_refuses_mixed_exports_and_empty_logs() {
     assert!(replay_policy(&[]).is_err());
     let mut records = run("rules: [{ when: { op: flush }, then: { error: EIO } }]", &requests, 1);
     records.push(FaultRecord { export: "other".to_string(), ..records[0].clone() });
-    assert!(replay_policy(&records).unwrap_err().to_string().contains("mixes exports"));
+    assert!(replay_policy(&entries(&records)).unwrap_err().to_string().contains("mixes exports"));
+}
+
+#[test]
+fn power_records_are_listed_in_the_replay_and_skipped_and_the_decisions_stay_the_same() {
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let requests = prop::collection::vec(request_strategy(), 200).new_tree(&mut runner).unwrap().current();
+    let original = run(RICH_POLICY, &requests, 10);
+    let mut log = entries(&original);
+    log.insert(3, power(1, PowerEvent::PowerCut, PowerOrigin::ControlApi, 12));
+    log.push(power(2, PowerEvent::PowerOn, PowerOrigin::ControlApi, 12));
+    log.push(power(3, PowerEvent::PowerOn, PowerOrigin::Trigger, 80));
+    let text: String = log.iter().map(|entry| entry.to_json_line() + "\n").collect();
+    let replay = replay_policy(&parse_fault_log(&text).unwrap()).unwrap();
+    assert_eq!(
+        replay,
+        replay_policy(&entries(&original)).unwrap().replacen("schedule:", &format!("{}schedule:", skipped(&replay)), 1)
+    );
+    assert!(
+        replay.contains("#   before request 12 (fault log seq 1): a power cut through the control API"),
+        "{replay}"
+    );
+    assert!(
+        replay.contains("#   before request 80 (fault log seq 3): power on as the trigger `power-on` was armed"),
+        "{replay}"
+    );
+    assert_eq!(decision_log(&original), decision_log(&run(&replay, &requests, 1)), "replay policy:\n{replay}");
+    // Only power records: nothing to replay, and the error says why.
+    let error = replay_policy(&log[3..4]).unwrap_err().to_string();
+    assert!(error.contains("no request records, only 1 power records"), "{error}");
+    // Power records count for the one-export rule.
+    let mut other = power(4, PowerEvent::PowerCut, PowerOrigin::ControlApi, 0);
+    if let LogEntry::Power(record) = &mut other {
+        record.export = "other".to_string();
+    }
+    log.push(other);
+    assert!(replay_policy(&log).unwrap_err().to_string().contains("mixes exports"));
+}
+
+/// The comment lines a replay with power records has before `schedule:`.
+fn skipped(replay: &str) -> String {
+    replay.lines().skip(2).take_while(|line| line.starts_with('#')).map(|line| format!("{line}\n")).collect()
 }
 
 proptest! {
@@ -155,7 +217,7 @@ proptest! {
     fn replay_round_trips_for_any_request_sequence(requests in prop::collection::vec(request_strategy(), 1..150)) {
         let original = run(RICH_POLICY, &requests, 1);
         prop_assume!(!original.is_empty());
-        let replay = replay_policy(&original).unwrap();
+        let replay = replay_policy(&entries(&original)).unwrap();
         prop_assert_eq!(decision_log(&original), decision_log(&run(&replay, &requests, 1)));
     }
 

@@ -525,10 +525,14 @@ function drawFaults() {
   body.replaceChildren();
   for (const fault of state.faults) {
     const row = body.insertRow();
-    row.dataset.offset = fault.offset;
-    for (const value of [fault.seq, (fault.time_ns / 1e9).toFixed(3) + " s", fault.rule, fault.op, fault.offset, fault.length, fault.outcome, fault.errno || ""]) {
-      cell(row, String(value));
-    }
+    const time = (fault.time_ns / 1e9).toFixed(3) + " s";
+    // A power record (a cut through the API, a power-on) has an event and no request.
+    const values = fault.event === undefined
+      ? [fault.seq, time, fault.rule, fault.op, fault.offset, fault.length, fault.outcome, fault.errno || ""]
+      : [fault.seq, time, fault.origin.replace("_", " "), fault.event.replace("_", " "), "", "", fault.event,
+         fault.cut ? `${fault.cut.undone_writes} writes undone` : ""];
+    if (fault.event === undefined) row.dataset.offset = fault.offset;
+    for (const value of values) cell(row, String(value));
   }
 }
 

@@ -47,6 +47,10 @@ pub enum Command {
     /// --strict), 2 refused or unreachable.
     Ctl(CtlArgs),
     /// Turn a fault log into a policy that makes the same decisions again for the same requests.
+    ///
+    /// Power records (cuts and power-ons through the control API, power-ons by a trigger or a
+    /// timeout) are input from outside, like triggers armed through the API: the policy lists
+    /// them in a comment, with the request each came before, and does not reproduce them.
     Replay(ReplayArgs),
 }
 
@@ -142,7 +146,8 @@ pub enum CtlCommand {
         #[arg(value_name = "TRIGGER")]
         trigger: String,
     },
-    /// Print the fault log, one JSON object per line.
+    /// Print the fault log, one JSON object per line: requests a rule touched, and power cuts
+    /// and power-ons no request decided (those have an `event`).
     Faults {
         #[arg(value_name = "NAME")]
         name: String,

@@ -184,6 +184,26 @@ pub fn describe_event(event: &nbdfault_control_client::Event) -> String {
             };
             format!("{} {}  PENDING    {why} by rule {}", seconds(number("start_ns")), request(data), text("rule"))
         }
+        "fault" if data["event"] == "power_cut" => {
+            let cut = &data["cut"];
+            format!(
+                "{} fault #{}: POWER CUT by the {}: {} connections dropped, {} unflushed writes ({} bytes) undone{}",
+                seconds(number("time_ns")),
+                number("seq"),
+                text("origin").replace('_', " "),
+                cut["connections"].as_u64().unwrap_or(0),
+                cut["undone_writes"].as_u64().unwrap_or(0),
+                cut["undone_bytes"].as_u64().unwrap_or(0),
+                if data["power_off"].is_object() { ", stays off" } else { "" }
+            )
+        }
+        "fault" if data["event"] == "power_on" => format!(
+            "{} fault #{}: power on by the {}{}",
+            seconds(number("time_ns")),
+            number("seq"),
+            text("origin").replace('_', " "),
+            data["trigger"].as_str().map(|trigger| format!(" {trigger}")).unwrap_or_default()
+        ),
         "fault" => format!(
             "{} fault #{}: rule {} {} {} at {} length {}{}",
             seconds(number("time_ns")),
@@ -254,6 +274,25 @@ mod tests {
         assert_eq!(path_segment("disk"), "disk");
         assert_eq!(path_segment("a b/c"), "a%20b%2Fc");
         assert_eq!(query_value("dir/p q&r.yaml"), "dir/p%20q%26r.yaml");
+    }
+
+    #[test]
+    fn watch_tells_power_records_apart_from_request_faults() {
+        let event =
+            |data: serde_json::Value| nbdfault_control_client::Event { kind: "fault".into(), id: Some(1), data };
+        let cut = event(serde_json::json!({
+            "seq": 4, "time_ns": 2_500_000_000u64, "export": "disk", "event": "power_cut", "origin": "control_api",
+            "next_request_index": 9, "cut": {"connections": 2, "journaled": true, "undone_writes": 3, "undone_bytes": 12288},
+            "power_off": {}
+        }));
+        let text = describe_event(&cut);
+        assert!(text.contains("fault #4: POWER CUT by the control api: 2 connections dropped, 3 unflushed writes (12288 bytes) undone, stays off"), "{text}");
+        let on = event(serde_json::json!({
+            "seq": 5, "time_ns": 3_000_000_000u64, "export": "disk", "event": "power_on", "origin": "trigger",
+            "next_request_index": 9, "trigger": "power-on"
+        }));
+        let text = describe_event(&on);
+        assert!(text.contains("fault #5: power on by the trigger power-on"), "{text}");
     }
 
     #[test]

@@ -114,12 +114,19 @@ fn replay(args: &ReplayArgs) -> ExitCode {
         Err(error) => return fail(&format!("{}: {error} (is this a fault log?)", args.log.display())),
     };
     if let Some(export) = &args.export {
-        records.retain(|record| &record.export == export);
+        records.retain(|record| record.export() == export);
     }
     let policy = match nbdfault_policies::replay_policy(&records) {
         Ok(policy) => policy,
         Err(error) => return fail(&format!("{}: {error}", args.log.display())),
     };
+    let power = records.iter().filter(|record| record.power().is_some()).count();
+    if power > 0 {
+        eprintln!(
+            "note: {power} power records (cuts and power-ons through the control API, power-ons by a trigger or a \
+             timeout) are not replayed; the policy lists them in a comment at its top"
+        );
+    }
     let written = match &args.output {
         Some(path) => std::fs::write(path, &policy),
         None => std::io::stdout().write_all(policy.as_bytes()),

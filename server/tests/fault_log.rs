@@ -299,3 +299,92 @@ fn a_pipelined_workload_gives_the_same_decision_log_on_every_run() {
     let second = run();
     assert!(first == second, "two runs of the same pipelined requests differ:\n{first}\n----\n{second}");
 }
+
+/// A power cut through the control API and a power-on are faults no request decided: each has a
+/// record in the fault log (the API's, the file, the event stream), between the request records
+/// in the order it happened, saying what it did. The decision log leaves them out, and replay
+/// lists them in a comment without reproducing them.
+#[test]
+fn a_power_cut_and_a_power_on_through_the_api_are_in_the_fault_log_the_file_and_the_events_and_replay_skips_them() {
+    require!(PYTHON_NBD);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("faults.jsonl");
+    let mut server =
+        Server::builder().export("disk", "memory:8MiB").arg("--fault-log").arg(&log).with_control().start();
+    let api = Api::new(&server);
+    api.set_policy("disk", "volatile_cache: true\nrules: [{ name: fail-reads, when: { op: read, range: 1MiB..+4KiB }, then: { error: EIO } }]");
+    let events = api.client().events("disk", Some(0)).unwrap();
+    let (sender, faults) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for event in events.flatten().filter(|event| event.kind == "fault") {
+            if sender.send(event).is_err() {
+                return;
+            }
+        }
+    });
+    let uri = server.uri("disk");
+    let r = ops(
+        &uri,
+        &["write 0 4096 0x41", "flush", "write 4096 8192 0x42", "write 65536 4096 0x43", "read 1048576 4096"],
+    );
+    r[4].expect_errno("EIO");
+    let cut = api.post("/v1/exports/disk/power-cut?off=true").expect(200).json();
+    assert_eq!(cut["undone_writes"], 2, "{cut}");
+    api.post("/v1/exports/disk/power-on").expect(200);
+    assert_eq!(api.post("/v1/exports/disk/power-on").expect(200).json()["changed"], false);
+    ops(&uri, &["read 1048576 4096"])[0].expect_errno("EIO");
+
+    let records = api.faults("disk", 0);
+    let kinds: Vec<String> =
+        records.iter().map(|r| r["event"].as_str().or(r["op"].as_str()).unwrap_or("?").to_string()).collect();
+    assert_eq!(kinds, ["read", "power_cut", "power_on", "read"], "one power-on: the second changed nothing");
+    let (power_cut, power_on) = (&records[1], &records[2]);
+    assert_eq!((power_cut["origin"].as_str(), power_on["origin"].as_str()), (Some("control_api"), Some("control_api")));
+    assert_eq!(power_cut["export"], "disk");
+    assert_eq!(power_cut["power_off"], serde_json::json!({}), "off until power-on: {power_cut}");
+    let done = &power_cut["cut"];
+    assert_eq!((done["undone_writes"].as_u64(), done["undone_bytes"].as_u64()), (Some(2), Some(12288)), "{power_cut}");
+    assert_eq!(done["undone"], serde_json::json!([[4096, 8192], [65536, 4096]]), "{power_cut}");
+    assert_eq!((done["connections"].as_u64(), done["journaled"].as_bool()), (Some(0), Some(true)), "{power_cut}");
+    let next = power_cut["next_request_index"].as_u64().unwrap();
+    assert!(next > records[0]["request_index"].as_u64().unwrap(), "after the first read: {power_cut}");
+    assert!(next <= records[3]["request_index"].as_u64().unwrap(), "before the second read: {power_cut}");
+    let seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|pair| pair[0] < pair[1]), "{seqs:?}");
+    // The decision log has decisions only.
+    assert_eq!(json_lines(&api.decisions("disk")).len(), 2);
+    // The event stream carries the same records as `fault` events.
+    let streamed: Vec<serde_json::Value> =
+        (0..4).map(|_| faults.recv_timeout(std::time::Duration::from_secs(30)).expect("a fault event").data).collect();
+    assert_eq!(streamed, records);
+    // The file too, line for line.
+    let (status, _) = server.stop_with(libc::SIGTERM);
+    assert!(status.success());
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&log).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(lines, records);
+
+    // Replay: the reads' decisions; the power records in a comment, with a note on stderr.
+    let output = common::run(std::process::Command::new(NBDFAULT).arg("replay").arg(&log));
+    assert!(output.status.success(), "{output:?}");
+    let (policy, said) = (String::from_utf8(output.stdout).unwrap(), String::from_utf8(output.stderr).unwrap());
+    assert!(said.contains("2 power records") && said.contains("not replayed"), "{said}");
+    assert!(
+        policy.contains(&format!("#   before request {next} (fault log seq {}): a power cut", seqs[1])),
+        "{policy}"
+    );
+    assert!(policy.contains("power on through the control API"), "{policy}");
+    assert_eq!(policy.matches("rule: fail-reads").count(), 2, "{policy}");
+    let path = dir.path().join("replay.yaml");
+    std::fs::write(&path, &policy).unwrap();
+    run_ok(std::process::Command::new(NBDFAULT).args(["policy", "check"]).arg(&path));
+    // A log of power records alone has nothing to replay, and says so.
+    let only_power = dir.path().join("power.jsonl");
+    std::fs::write(&only_power, format!("{}\n{}\n", power_cut, power_on)).unwrap();
+    let refused = common::run(std::process::Command::new(NBDFAULT).arg("replay").arg(&only_power));
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no request records, only 2 power records"),
+        "{refused:?}"
+    );
+}

@@ -119,9 +119,13 @@ fn recipe_power_loss_cuts_at_the_commit_drops_qemu_io_and_keeps_the_export_off_u
     });
     let (ok, said) = qemu_io_writeback(&uri, &["read -P 0x11 0 64k", "read -P 0 64k 64k"]);
     assert!(ok, "the flushed write survives, the unflushed one is gone:\n{said}");
+    // The fault log: the flush that met the cut (with what the cut undid), then the power-on.
     let records = api.faults("disk", 0);
-    assert_eq!((records.len(), records[0]["op"].as_str()), (1, Some("flush")), "{records:#?}");
+    assert_eq!((records.len(), records[0]["op"].as_str()), (2, Some("flush")), "{records:#?}");
     assert_eq!(records[0]["power_off"]["until"], "power-on");
+    assert_eq!(records[0]["cut"]["undone"], serde_json::json!([[65536, 65536]]), "{records:#?}");
+    assert_eq!((records[1]["event"].as_str(), records[1]["origin"].as_str()), (Some("power_on"), Some("trigger")));
+    assert_eq!(records[1]["trigger"], "power-on");
 }
 
 /// Runs the torn-large-writes recipe on a fresh server; returns the bytes of the 1 MiB write that

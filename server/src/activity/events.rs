@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use nbdfault_policies::{FaultRecord, Op, Outcome};
+use nbdfault_policies::{LogEntry, Op, Outcome};
 
 /// Events a subscriber may have waiting; one more and it is dropped.
 pub const QUEUE: usize = 8192;
@@ -89,7 +89,8 @@ pub enum ChangedBy {
 pub enum Event {
     Request(RequestEvent),
     Pending(PendingEvent),
-    Fault(Arc<FaultRecord>),
+    /// A fault-log record: a request a rule touched, or a power change no request decided.
+    Fault(Arc<LogEntry>),
     Trigger {
         name: Arc<str>,
         armed: bool,

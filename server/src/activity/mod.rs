@@ -12,7 +12,7 @@ pub mod metrics;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nbdfault_policies::{Decision, FaultRecord, Op, Outcome, Wait};
+use nbdfault_policies::{Decision, LogEntry, Op, Outcome, Wait};
 
 use crate::fault::Clock;
 use crate::storage::{IoContext, IoError};
@@ -37,10 +37,13 @@ impl Activity {
         Watch { activity: self, clock, op, ctx, offset, length, start, touched: None, done: false }
     }
 
-    /// A fault-log record was written.
-    pub fn fault(&self, record: &Arc<FaultRecord>) {
-        self.metrics.fault(&record.rule, record.outcome);
-        self.events.publish(Event::Fault(Arc::clone(record)));
+    /// A fault-log record was written. Request records count in the faults metric; power
+    /// records (no rule, no outcome) go to subscribers only.
+    pub fn fault(&self, entry: &Arc<LogEntry>) {
+        if let LogEntry::Request(record) = &**entry {
+            self.metrics.fault(&record.rule, record.outcome);
+        }
+        self.events.publish(Event::Fault(Arc::clone(entry)));
     }
 
     /// The control API armed or disarmed a trigger.

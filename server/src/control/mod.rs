@@ -725,13 +725,14 @@ async fn faults(
     let records = state.log.since(Some(&export.name), query.since);
     let body = match query.view.as_deref() {
         None | Some("records") => records.iter().map(|record| record.to_json_line() + "\n").collect::<String>(),
-        Some("decisions") => nbdfault_policies::decision_log(records.iter().map(|record| &**record)),
+        // Power records are no decisions: outside input, as triggers armed through the API.
+        Some("decisions") => nbdfault_policies::decision_log(records.iter().filter_map(|record| record.request())),
         Some(other) => return Err(ApiError::bad_request(format!("view={other}: use records or decisions"))),
     };
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
     if let Some(last) = records.last() {
-        headers.insert("x-last-seq", HeaderValue::from(last.seq));
+        headers.insert("x-last-seq", HeaderValue::from(last.seq()));
     }
     headers.insert("x-dropped", HeaderValue::from(state.log.dropped()));
     Ok((headers, body).into_response())

@@ -1,5 +1,7 @@
-//! The fault log: one JSON record per request a rule touched, kept in memory for the control API
-//! and appended to `--fault-log FILE` by a writer thread, so request tasks never wait on disk.
+//! The fault log: one JSON record per request a rule touched, and one per power change no
+//! request decided (a power cut through the control API, a power-on), kept in memory for the
+//! control API and appended to `--fault-log FILE` by a writer thread, so request tasks never wait
+//! on disk.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -10,7 +12,20 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use nbdfault_policies::{Decision, FaultRecord, Request};
+use nbdfault_policies::{CutRecord, Decision, FaultRecord, LogEntry, PowerRecord, Request};
+
+/// How a decided request ended, for its record.
+#[derive(Debug, Clone, Default)]
+pub struct Finished {
+    /// How long it waited (a delay, a stall).
+    pub waited: Duration,
+    /// Bytes that reached storage.
+    pub persisted: u64,
+    /// When it ended, since server start.
+    pub at: Duration,
+    /// What the power cut it met did, if it met one.
+    pub cut: Option<CutRecord>,
+}
 
 /// Records kept in memory; older ones are dropped (and counted) once there are more.
 pub const DEFAULT_CAPACITY: usize = 1 << 18;
@@ -18,7 +33,7 @@ pub const DEFAULT_CAPACITY: usize = 1 << 18;
 pub struct FaultLog {
     seq: AtomicU64,
     capacity: usize,
-    records: Mutex<VecDeque<Arc<FaultRecord>>>,
+    records: Mutex<VecDeque<Arc<LogEntry>>>,
     dropped: AtomicU64,
     sink: Mutex<Option<FileSink>>,
 }
@@ -56,14 +71,13 @@ impl FaultLog {
         export: &str,
         request: &Request,
         decision: &Decision,
-        waited: Duration,
-        persisted: u64,
-        elapsed: Duration,
-    ) -> Option<Arc<FaultRecord>> {
+        finished: Finished,
+    ) -> Option<Arc<LogEntry>> {
         decision.rule.as_ref()?;
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut record = FaultRecord::new(seq, elapsed, export, request, decision, persisted)?;
-        record.waited_ns = Some(u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX));
+        let seq = self.next_seq();
+        let mut record = FaultRecord::new(seq, finished.at, export, request, decision, finished.persisted)?;
+        record.waited_ns = Some(u64::try_from(finished.waited.as_nanos()).unwrap_or(u64::MAX));
+        record.cut = finished.cut;
         tracing::info!(
             seq,
             export,
@@ -75,34 +89,69 @@ impl FaultLog {
             errno = ?record.errno,
             "fault injected"
         );
-        let record = Arc::new(record);
+        Some(self.keep(LogEntry::Request(record)))
+    }
+
+    /// Logs a power change no request decided; `seq` is filled in. Returns the entry.
+    pub fn record_power(&self, mut record: PowerRecord) -> Arc<LogEntry> {
+        record.seq = self.next_seq();
+        tracing::info!(
+            seq = record.seq,
+            export = %record.export,
+            event = ?record.event,
+            origin = ?record.origin,
+            undone_writes = record.cut.as_ref().map(|cut| cut.undone_writes),
+            "power change logged"
+        );
+        self.keep(LogEntry::Power(record))
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Sends an entry to the file and keeps it in memory.
+    fn keep(&self, entry: LogEntry) -> Arc<LogEntry> {
+        let entry = Arc::new(entry);
         if let Some(sink) = self.sink.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             // The writer thread only stops when the log is closed; a line sent after that is lost
             // with nothing to report it to.
-            let _ = sink.lines.send(record.to_json_line());
+            let _ = sink.lines.send(entry.to_json_line());
         }
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
         if records.len() == self.capacity {
             records.pop_front();
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        records.push_back(Arc::clone(&record));
-        Some(record)
+        records.push_back(Arc::clone(&entry));
+        entry
     }
 
     /// Records with `seq > since`, of one export or all, oldest first.
-    pub fn since(&self, export: Option<&str>, since: u64) -> Vec<Arc<FaultRecord>> {
+    pub fn since(&self, export: Option<&str>, since: u64) -> Vec<Arc<LogEntry>> {
         let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
         records
             .iter()
-            .filter(|record| record.seq > since && export.is_none_or(|name| record.export == name))
+            .filter(|record| record.seq() > since && export.is_none_or(|name| record.export() == name))
             .cloned()
             .collect()
     }
 
+    /// The request records in memory, oldest first, for tests.
+    #[cfg(test)]
+    pub fn requests(&self) -> Vec<FaultRecord> {
+        self.since(None, 0).iter().filter_map(|entry| entry.request().cloned()).collect()
+    }
+
+    /// The power records in memory, oldest first, for tests.
+    #[cfg(test)]
+    pub fn power_records(&self) -> Vec<PowerRecord> {
+        self.since(None, 0).iter().filter_map(|entry| entry.power().cloned()).collect()
+    }
+
     /// How many records one export has in memory.
     pub fn count(&self, export: &str) -> usize {
-        self.records.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|r| r.export == export).count()
+        self.records.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|r| r.export() == export).count()
     }
 
     /// Records dropped from memory because there were more than the capacity (the file keeps all).
@@ -150,7 +199,21 @@ fn write_lines(file: File, lines: mpsc::Receiver<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nbdfault_policies::{Action, Engine, Op, Policy, RequestFlags};
+    use nbdfault_policies::{Action, Engine, Op, Policy, PowerEvent, PowerOrigin, RequestFlags};
+
+    fn power_on(export: &str) -> PowerRecord {
+        PowerRecord {
+            seq: 0,
+            time_ns: 7,
+            export: export.to_string(),
+            event: PowerEvent::PowerOn,
+            origin: PowerOrigin::ControlApi,
+            next_request_index: 0,
+            trigger: None,
+            cut: None,
+            power_off: None,
+        }
+    }
 
     fn failing_decision() -> (Request, Decision) {
         let policy = Policy::from_yaml(
@@ -177,10 +240,10 @@ mod tests {
         let log = FaultLog::in_memory(2);
         let (request, decision) = failing_decision();
         for export in ["a", "b", "a"] {
-            log.record(export, &request, &decision, Duration::ZERO, 0, Duration::from_millis(1));
+            log.record(export, &request, &decision, Finished { at: Duration::from_millis(1), ..Finished::default() });
         }
         let all = log.since(None, 0);
-        assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(all.iter().map(|r| r.seq()).collect::<Vec<_>>(), vec![2, 3]);
         assert_eq!(log.dropped(), 1);
         assert_eq!(log.since(Some("a"), 0).len(), 1);
         assert_eq!(log.since(None, 2).len(), 1);
@@ -194,12 +257,12 @@ mod tests {
         let request =
             Request { op: Op::Read, offset: 0, length: 1, flags: RequestFlags::default(), connection: 1, cookie: 1 };
         let decision = engine.decide(&request, Duration::ZERO);
-        log.record("a", &request, &decision, Duration::ZERO, 0, Duration::ZERO);
+        log.record("a", &request, &decision, Finished::default());
         assert!(log.since(None, 0).is_empty());
         // Nor do they use up a sequence number: the next record is number 1.
         let (request, decision) = failing_decision();
-        log.record("a", &request, &decision, Duration::ZERO, 0, Duration::ZERO);
-        assert_eq!(log.since(None, 0)[0].seq, 1);
+        log.record("a", &request, &decision, Finished::default());
+        assert_eq!(log.since(None, 0)[0].seq(), 1);
     }
 
     #[test]
@@ -208,14 +271,22 @@ mod tests {
         let path = dir.path().join("faults.jsonl");
         let log = FaultLog::with_file(&path, 8).unwrap();
         let (request, decision) = failing_decision();
-        log.record("disk", &request, &decision, Duration::from_millis(5), 0, Duration::from_secs(1));
-        log.record("disk", &request, &decision, Duration::ZERO, 0, Duration::from_secs(2));
+        log.record(
+            "disk",
+            &request,
+            &decision,
+            Finished { waited: Duration::from_millis(5), at: Duration::from_secs(1), ..Finished::default() },
+        );
+        log.record_power(power_on("disk"));
+        log.record("disk", &request, &decision, Finished { at: Duration::from_secs(2), ..Finished::default() });
         log.close();
         let text = std::fs::read_to_string(&path).unwrap();
-        let records = nbdfault_policies::parse_fault_log(&text).unwrap();
-        assert_eq!(records.len(), 2);
-        assert_eq!(records[0].rule, "all-writes");
-        assert_eq!(records[0].waited_ns, Some(5_000_000));
-        assert_eq!(records[1].seq, 2);
+        let entries = nbdfault_policies::parse_fault_log(&text).unwrap();
+        assert_eq!(entries.len(), 3);
+        let first = entries[0].request().unwrap();
+        assert_eq!((first.rule.as_str(), first.waited_ns), ("all-writes", Some(5_000_000)));
+        let power = entries[1].power().expect("the power record, in its place");
+        assert_eq!((power.seq, power.event), (2, PowerEvent::PowerOn));
+        assert_eq!(entries[2].seq(), 3);
     }
 }

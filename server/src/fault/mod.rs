@@ -13,13 +13,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use nbdfault_policies::{Action, Decision, Engine, Op, Reply, Request, RequestFlags, Wait};
+use nbdfault_policies::{
+    Action, CutRecord, Decision, Engine, Op, PowerEvent, PowerOffRecord, PowerOrigin, PowerRecord, Reply, Request,
+    RequestFlags, Wait,
+};
 
 use crate::activity::Activity;
+use crate::activity::events::Event;
 use crate::storage::{BlockDevice, Extent, Features, IoContext, IoError, IoFuture, ZeroFlags};
 use crate::wire::command_flags;
 use journal::UndoJournal;
-use log::FaultLog;
+use log::{FaultLog, Finished};
 use power::{Exclusive, Off, Power};
 
 /// How much a power-cut journal may hold per export before later writes become undoable no more.
@@ -53,6 +57,9 @@ pub struct FaultLayer {
     power: Arc<Power>,
 }
 
+/// Dropped once a power cut is in the fault log (or never will be).
+type CutLogged = tokio::sync::oneshot::Sender<()>;
+
 /// What a power cut did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CutReport {
@@ -70,6 +77,40 @@ pub struct CutReport {
     pub journaled: bool,
     /// The export stays off after it.
     pub off: bool,
+    /// When the power went, since server start; the power cycle it started; the request index
+    /// the export's next request got then.
+    pub at: Duration,
+    pub cycle: u64,
+    pub next_request_index: u64,
+    /// How long the export stays off, once the power is cut.
+    pub stays_off: Option<Off>,
+    /// The ranges the undo wrote back, `(offset, length)`, newest write first.
+    pub undone_ranges: Vec<(u64, u64)>,
+}
+
+impl CutReport {
+    /// The cut as the fault log records it.
+    pub fn record(&self) -> CutRecord {
+        let mut record = CutRecord {
+            connections: self.connections,
+            journaled: self.journaled,
+            undone_writes: self.undone_writes as u64,
+            undone_bytes: self.undone_bytes,
+            unjournaled_writes: self.unjournaled_writes,
+            ..CutRecord::default()
+        };
+        record.set_undone_ranges(self.undone_ranges.iter().copied());
+        record
+    }
+
+    /// How the export stays off, as the fault log records it: `until` and the timeout from the
+    /// cut (both absent: until `POST .../power-on`).
+    pub fn power_off(&self) -> Option<PowerOffRecord> {
+        self.stays_off.as_ref().map(|off| PowerOffRecord {
+            until: off.until.as_deref().map(str::to_string),
+            timeout_ns: off.on_at.map(|on_at| crate::activity::nanos(on_at.saturating_sub(self.at))),
+        })
+    }
 }
 
 impl FaultLayer {
@@ -202,17 +243,32 @@ impl FaultLayer {
 
     /// Cuts the power now (the control API): every connection of the export drops, every write
     /// not yet flushed is undone, and the export stays off as `off` says.
+    /// The fault log gets a record of it (`origin: control_api`).
     pub async fn cut_power(&self, off: Option<Off>) -> Result<CutReport, IoError> {
         let exclusive = self.power.exclusive().await;
-        self.cut_locked(exclusive, None, off).await.map(|(_, report)| report)
+        let (exclusive, report, logged) = self.cut_locked(exclusive, None, off).await?;
+        drop(exclusive);
+        let mut record = power_record(&self.export, &self.engine, PowerEvent::PowerCut, PowerOrigin::ControlApi);
+        record.time_ns = crate::activity::nanos(report.at);
+        record.next_request_index = report.next_request_index;
+        record.cut = Some(report.record());
+        record.power_off = report.power_off();
+        self.activity.fault(&self.log.record_power(record));
+        drop(logged);
+        Ok(report)
     }
 
-    /// Powers the export on; returns whether it was off.
+    /// Powers the export on (the control API); returns whether it was off. The fault log gets
+    /// a record of it when it was.
     pub fn power_on(&self) -> bool {
-        let changed = self.power.power_on(None, self.clock.now());
+        let now = self.clock.now();
+        let changed = self.power.power_on(None, now);
         if changed {
-            self.activity.power(true, self.clock.now());
+            self.activity.power(true, now);
             tracing::info!(export = %self.export, "power on");
+            let mut record = power_record(&self.export, &self.engine, PowerEvent::PowerOn, PowerOrigin::ControlApi);
+            record.time_ns = crate::activity::nanos(now);
+            self.activity.fault(&self.log.record_power(record));
         }
         changed
     }
@@ -221,15 +277,18 @@ impl FaultLayer {
     /// attached before dies, and none of their I/O reaches storage any more), the export stays
     /// off as `off` says, and the journal is undone, newest first, once the storage has settled.
     /// With `only_in`, the cut only happens if that power cycle is still the current one (a
-    /// request's own cut). Hands the gate back, still held alone, with the report.
+    /// request's own cut). Hands the gate back, still held alone, with the report and a guard
+    /// to drop once the cut is in the fault log: a power-on by a trigger or a timeout is logged
+    /// only after that.
     async fn cut_locked(
         &self,
         exclusive: Exclusive,
         only_in: Option<u64>,
         mut off: Option<Off>,
-    ) -> Result<(Exclusive, CutReport), IoError> {
+    ) -> Result<(Exclusive, CutReport, CutLogged), IoError> {
+        let (logged, cut_in_log) = tokio::sync::oneshot::channel();
         if only_in.is_some_and(|cycle| cycle != self.power.cycle()) {
-            return Ok((exclusive, CutReport::default()));
+            return Ok((exclusive, CutReport::default(), logged));
         }
         // Off until a trigger that is armed already: on at once, as a stall on it would not wait.
         if off.as_ref().is_some_and(|off| {
@@ -251,6 +310,11 @@ impl FaultLayer {
             unjournaled_writes,
             journaled,
             off: stays_off.is_some(),
+            at: now,
+            cycle,
+            next_request_index: self.engine.requests_decided(),
+            stays_off,
+            undone_ranges: undo.iter().map(|(offset, before)| (*offset, before.len() as u64)).collect(),
         };
         tracing::warn!(
             export = %self.export, cycle, connections, undone_writes = report.undone_writes,
@@ -270,22 +334,28 @@ impl FaultLayer {
             (exclusive, undone)
         });
         let undone = undoing.await;
-        if let Some(off) = stays_off.filter(|off| off.until.is_some() || off.on_at.is_some()) {
-            self.power_on_later(cycle, off);
+        if undone.is_ok() {
+            self.power_on_later(&report, cut_in_log);
         }
         match undone {
-            Ok((exclusive, Ok(()))) => Ok((exclusive, report)),
+            Ok((exclusive, Ok(()))) => Ok((exclusive, report, logged)),
             Ok((_, Err(error))) => Err(error),
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
             Err(_) => Err(IoError::new(crate::wire::errno::ESHUTDOWN, "the server is shutting down")),
         }
     }
 
-    /// Powers the export on when `off` says, unless a power-on or another cut comes first.
-    fn power_on_later(&self, cycle: u64, off: Off) {
+    /// After a cut that left the export off until a trigger or a timeout: powers it on then,
+    /// unless a power-on or another cut comes first, and logs it, after the cut's own record
+    /// (`cut_in_log` ends when that is written, or will not be).
+    fn power_on_later(&self, report: &CutReport, cut_in_log: tokio::sync::oneshot::Receiver<()>) {
+        let Some(off) = report.stays_off.clone().filter(|off| off.until.is_some() || off.on_at.is_some()) else {
+            return;
+        };
+        let cycle = report.cycle;
         let (power, engine, clock, export) =
             (Arc::clone(&self.power), Arc::clone(&self.engine), self.clock, self.export.clone());
-        let events = Arc::clone(&self.activity.events);
+        let (events, log) = (Arc::clone(&self.activity.events), Arc::clone(&self.log));
         tokio::spawn(async move {
             let mut changes = engine.trigger_changes();
             let armed = async {
@@ -302,17 +372,21 @@ impl FaultLayer {
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
-                () = armed => {}
-                () = timeout => {}
+            let origin = tokio::select! {
+                () = armed => PowerOrigin::Trigger,
+                () = timeout => PowerOrigin::Timeout,
                 () = power.on_or_cut_after(cycle) => return,
-            }
-            if power.power_on(Some(cycle), clock.now()) {
-                events.publish(crate::activity::events::Event::Power {
-                    time_ns: crate::activity::nanos(clock.now()),
-                    on: true,
-                });
-                tracing::info!(%export, "power on");
+            };
+            let _ = cut_in_log.await;
+            let now = clock.now();
+            if power.power_on(Some(cycle), now) {
+                events.publish(Event::Power { time_ns: crate::activity::nanos(now), on: true });
+                tracing::info!(%export, ?origin, "power on");
+                let mut record = power_record(&export, &engine, PowerEvent::PowerOn, origin);
+                record.time_ns = crate::activity::nanos(now);
+                record.trigger =
+                    (origin == PowerOrigin::Trigger).then(|| off.until.as_deref().unwrap_or_default().to_string());
+                events.publish(Event::Fault(log.record_power(record)));
             }
         });
     }
@@ -410,6 +484,7 @@ impl FaultLayer {
             decision,
             started: tokio::time::Instant::now(),
             waited: None,
+            cut: None,
             logged: false,
         };
         let Some(waited) = self.wait(&pending.decision.wait, cycle).await else {
@@ -428,7 +503,10 @@ impl FaultLayer {
                     until: cut.until.clone(),
                     on_at: cut.timeout.map(|timeout| self.clock.now() + timeout),
                 });
-                let (_exclusive, report) = self.cut_locked(exclusive, Some(cycle), off).await?;
+                let (_exclusive, report, logged) = self.cut_locked(exclusive, Some(cycle), off).await?;
+                if report.happened {
+                    pending.cut = Some((report.record(), logged));
+                }
                 let done = match action {
                     _ if !report.happened => Err(power_lost()),
                     Action::Skip => Ok((T::default(), 0)),
@@ -477,18 +555,22 @@ struct Pending<'a> {
     started: tokio::time::Instant,
     /// How long the decided wait took, once it is over.
     waited: Option<Duration>,
+    /// What the power cut the request met did, and the guard its power-on waits for.
+    cut: Option<(CutRecord, CutLogged)>,
     logged: bool,
 }
 
 impl Pending<'_> {
-    fn record(&self, persisted: u64) {
+    fn record(&mut self, persisted: u64) {
         let waited = self.waited.unwrap_or_else(|| self.started.elapsed());
         let layer = self.layer;
-        let record =
-            layer.log.record(&layer.export, &self.request, &self.decision, waited, persisted, layer.clock.now());
+        let (cut, logged) = self.cut.take().unzip();
+        let finished = Finished { waited, persisted, at: layer.clock.now(), cut };
+        let record = layer.log.record(&layer.export, &self.request, &self.decision, finished);
         if let Some(record) = record {
             layer.activity.fault(&record);
         }
+        drop(logged);
     }
 
     /// Logs the finished request and hands its decision back.
@@ -505,6 +587,22 @@ impl Drop for Pending<'_> {
             tracing::debug!(cookie = self.request.cookie, "a decided request was cancelled before it finished");
             self.record(0);
         }
+    }
+}
+
+/// A power record of `export` without `seq` (the log numbers it) and time: the next request
+/// index says where in the request stream it happened.
+fn power_record(export: &str, engine: &Engine, event: PowerEvent, origin: PowerOrigin) -> PowerRecord {
+    PowerRecord {
+        seq: 0,
+        time_ns: 0,
+        export: export.to_string(),
+        event,
+        origin,
+        next_request_index: engine.requests_decided(),
+        trigger: None,
+        cut: None,
+        power_off: None,
     }
 }
 
@@ -646,7 +744,7 @@ impl BlockDevice for FaultLayer {
 mod tests {
     use super::*;
     use crate::storage::MemoryDevice;
-    use nbdfault_policies::Policy;
+    use nbdfault_policies::{LogEntry, Outcome, Policy};
 
     const CTX: IoContext = IoContext { connection: 1, cookie: 9, flags: 0, power_cycle: 0 };
     const FUA: IoContext = IoContext { connection: 1, cookie: 10, flags: command_flags::FUA, power_cycle: 0 };
@@ -682,7 +780,7 @@ mod tests {
         assert_eq!(stored(&f.storage, 0, 4).await, Bytes::from_static(&[0; 4]));
         f.layer.write(CTX, 4096, block(2), false).await.unwrap();
         assert_eq!(stored(&f.storage, 4096, 1).await[0], 2);
-        let records = f.log.since(None, 0);
+        let records = f.log.requests();
         assert_eq!(records.len(), 1);
         assert_eq!((records[0].rule.as_str(), records[0].offset, records[0].persisted), ("fail", 0, 0));
     }
@@ -692,7 +790,7 @@ mod tests {
         let f = fixture("rules: [{when: {op: write}, then: {error: EIO, persist: true}}]");
         assert!(f.layer.write(CTX, 0, block(3), false).await.is_err());
         assert_eq!(stored(&f.storage, 0, 1).await[0], 3);
-        assert_eq!(f.log.since(None, 0)[0].persisted, 4096);
+        assert_eq!(f.log.requests()[0].persisted, 4096);
     }
 
     #[tokio::test]
@@ -709,7 +807,7 @@ mod tests {
         let data = stored(&f.storage, 0, 4096).await;
         assert!(data[..1024].iter().all(|&b| b == 5));
         assert!(data[1024..].iter().all(|&b| b == 0));
-        assert_eq!(f.log.since(None, 0)[0].persisted, 1024);
+        assert_eq!(f.log.requests()[0].persisted, 1024);
     }
 
     #[tokio::test]
@@ -732,7 +830,7 @@ mod tests {
         f.layer.read(CTX, 0, 16).await.unwrap();
         assert!(futures_poll_pending(&mut delayed).await);
         assert!(delayed.await.unwrap().is_err());
-        assert!(f.log.since(None, 0)[0].waited_ns.unwrap() >= 50_000_000);
+        assert!(f.log.requests()[0].waited_ns.unwrap() >= 50_000_000);
     }
 
     /// True when the task has not finished yet, without waiting for it.
@@ -765,10 +863,10 @@ mod tests {
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
-        assert!(f.log.since(None, 0).is_empty());
+        assert!(f.log.requests().is_empty());
         stalled.abort();
         assert!(stalled.await.unwrap_err().is_cancelled());
-        let records = f.log.since(None, 0);
+        let records = f.log.requests();
         assert_eq!((records.len(), records[0].rule.as_str(), records[0].persisted), (1, "hold", 0));
     }
 
@@ -794,6 +892,11 @@ mod tests {
         assert_eq!(stored(&f.storage, 8192, 1).await[0], 4, "the FUA write survives");
         assert_eq!(stored(&f.storage, 65536, 1).await[0], 0, "the cutting write never happened");
         assert_eq!(f.layer.unflushed_bytes(), 0);
+        let record = f.log.requests().pop().unwrap();
+        let cut = record.cut.expect("the cutting request's record says what the cut did");
+        assert_eq!((cut.journaled, cut.undone_writes, cut.undone_bytes), (true, 2, 8192));
+        assert_eq!(cut.undone, vec![[0, 4096], [16384, 4096]]);
+        assert!(f.log.power_records().is_empty(), "a rule's cut is its request's record");
         // Every request of the power cycle before the cut is refused, whatever connection sent it.
         let other = IoContext { connection: 2, ..CTX };
         assert!(matches!(f.layer.read(other, 0, 512).await, Err(IoError::Disconnect { .. })));
@@ -818,6 +921,15 @@ mod tests {
         assert_eq!(stored(&f.storage, 0, 1).await[0], 1);
         assert_eq!(stored(&f.storage, 4096, 1).await[0], 0);
         assert_eq!(f.layer.power().admits(), Some(1), "on again at once");
+        // The fault log has it, after the requests before it, and says what it did.
+        let power = f.log.power_records();
+        assert_eq!(power.len(), 1);
+        let cut = power[0].cut.clone().unwrap();
+        assert_eq!(
+            (power[0].event, power[0].origin, power[0].next_request_index, power[0].power_off.clone()),
+            (PowerEvent::PowerCut, PowerOrigin::ControlApi, 4, None)
+        );
+        assert_eq!((cut.undone_writes, cut.undone_bytes, cut.undone), (2, 8192, vec![[0, 8192]]));
         // Without a volatile cache nothing is journaled, so nothing is undone.
         let f = fixture("rules: [{when: {op: trim}, then: {}}]");
         f.layer.write(CTX, 0, block(2), false).await.unwrap();
@@ -977,6 +1089,49 @@ mod tests {
         assert!(f.layer.power_on());
         assert!(!f.layer.power_on(), "on already");
         assert_eq!(power.admits(), Some(3));
+        let on_at = f.layer.clock.now() + Duration::from_secs(5);
+        f.layer.cut_power(Some(Off { until: None, on_at: Some(on_at) })).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(power.admits(), Some(4), "the timeout powers on");
+        // Every power-on is logged, after the cut it ends, and says what did it (the second cut's
+        // trigger was armed already: the power came back at once, as a stall on it would not wait).
+        // Timeouts to the millisecond: the server's clock runs while the test's is paused.
+        let ms = |off: &Option<PowerOffRecord>| {
+            off.clone().map(|off| PowerOffRecord {
+                timeout_ns: off.timeout_ns.map(|ns| (ns + 500_000) / 1_000_000 * 1_000_000),
+                ..off
+            })
+        };
+        let changes: Vec<_> = f
+            .log
+            .since(None, 0)
+            .iter()
+            .map(|entry| match &**entry {
+                LogEntry::Request(record) => (record.outcome == Outcome::PowerCut, None, None, ms(&record.power_off)),
+                LogEntry::Power(record) => (
+                    record.event == PowerEvent::PowerCut,
+                    Some(record.origin),
+                    record.trigger.clone(),
+                    ms(&record.power_off),
+                ),
+            })
+            .collect();
+        let off = |until: Option<&str>, timeout_ns: Option<u64>| {
+            Some(PowerOffRecord { until: until.map(str::to_string), timeout_ns })
+        };
+        assert_eq!(
+            changes,
+            vec![
+                (true, None, None, off(Some("power-on"), Some(10_000_000_000))),
+                (false, Some(PowerOrigin::Trigger), Some("power-on".to_string()), None),
+                (true, None, None, off(Some("power-on"), Some(10_000_000_000))),
+                (false, Some(PowerOrigin::Trigger), Some("power-on".to_string()), None),
+                (true, Some(PowerOrigin::ControlApi), None, off(None, None)),
+                (false, Some(PowerOrigin::ControlApi), None, None),
+                (true, Some(PowerOrigin::ControlApi), None, off(None, Some(5_000_000_000))),
+                (false, Some(PowerOrigin::Timeout), None, None),
+            ]
+        );
     }
 
     #[tokio::test]
