@@ -283,6 +283,47 @@ impl Power {
 mod tests {
     use super::*;
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_request_is_inside_the_gate_while_a_cut_holds_it_under_contention() {
+        use std::sync::atomic::{AtomicBool, AtomicI64};
+        let power = Arc::new(Power::new());
+        let inside = Arc::new(AtomicI64::new(0));
+        let cutting = Arc::new(AtomicBool::new(false));
+        let mut requests = Vec::new();
+        for _ in 0..8 {
+            let (power, inside, cutting) = (Arc::clone(&power), Arc::clone(&inside), Arc::clone(&cutting));
+            requests.push(tokio::spawn(async move {
+                for round in 0..100u64 {
+                    let entered = power.enter(0).await.expect("no cut changes the cycle here");
+                    inside.fetch_add(1, Ordering::SeqCst);
+                    assert!(!cutting.load(Ordering::SeqCst), "a request went in while a cut held the gate");
+                    // Inside for a while now and then (I/O that waits), else just through.
+                    if round % 4 == 0 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    } else {
+                        tokio::task::yield_now().await;
+                    }
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    drop(entered);
+                }
+            }));
+        }
+        for _ in 0..50 {
+            let exclusive = power.exclusive().await;
+            cutting.store(true, Ordering::SeqCst);
+            assert_eq!(inside.load(Ordering::SeqCst), 0, "a cut holds the gate with a request inside");
+            // Requests arriving now wait in the queue.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            assert_eq!(inside.load(Ordering::SeqCst), 0);
+            cutting.store(false, Ordering::SeqCst);
+            drop(exclusive);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for request in requests {
+            request.await.unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn a_cut_waits_for_the_requests_inside_and_holds_off_the_next_until_it_is_done() {
         let power = Arc::new(Power::new());
