@@ -92,6 +92,9 @@ pub const SHUTDOWN_LINES: &[&str] = &[
     "aborted journal",
     "forced readonly",
     "Transaction aborted",
+    // btrfs since 6.x: "Transaction 7 aborted (error -5)"; the "forced readonly" line that
+    // followed it on older kernels does not always come (7.2's cleanup path).
+    "aborted (error",
 ];
 
 fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
@@ -189,4 +192,33 @@ fn run(env: &mut Env, f: &mut Findings) -> Result<(), StepError> {
         json!({ "health": health, "lines": log_texts(&gave_up) }),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SHUTDOWN_LINES;
+    use crate::kmsg::{KmsgLine, matching};
+
+    #[test]
+    fn each_filesystems_way_of_giving_up_is_a_shutdown_line_and_a_write_error_is_not() {
+        let lines: Vec<KmsgLine> = [
+            "XFS (nbd0): log I/O error -5",
+            "XFS (nbd0): Filesystem has been shut down due to log error (0x2).",
+            "EXT4-fs error (device nbd1): ext4_journal_check_start:84: comm x: Detected aborted journal",
+            "EXT4-fs (nbd1): Remounting filesystem read-only",
+            "BTRFS: error (device nbd2) in btrfs_commit_transaction:2494: errno=-5 IO failure",
+            "BTRFS info (device nbd2): forced readonly",
+            "BTRFS error (device nbd2 state A): Transaction 7 aborted (error -5)",
+            "block nbd2: Other side returned error (5)",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, text)| KmsgLine::parse(&format!("3,{i},{i},-;{text}")).expect("a kmsg record"))
+        .collect();
+        let texts: Vec<&str> = matching(&lines, SHUTDOWN_LINES).iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(texts.len(), 5, "{texts:#?}");
+        assert!(texts.contains(&"BTRFS error (device nbd2 state A): Transaction 7 aborted (error -5)"));
+        assert!(!texts.iter().any(|t| t.contains("Other side returned error")));
+        assert!(!texts.iter().any(|t| t.contains("log I/O error") || t.contains("errno=-5 IO failure")));
+    }
 }
