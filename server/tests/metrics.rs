@@ -132,6 +132,20 @@ fn metrics_parse_with_the_prometheus_parser_and_count_the_requests_sent() {
     let text = api.get("/metrics").expect(200).text();
     let families = parse(&text, "prometheus");
     assert_eq!(sample(&families, "nbdfault_trigger_armed", &[("export", "disk"), ("trigger", "go")]), 0.0);
+    assert_eq!(sample(&families, "nbdfault_power_cuts_total", &[("export", "disk")]), 0.0);
+    assert_eq!(sample(&families, "nbdfault_power_off", &[("export", "disk")]), 0.0);
+
+    // A power cut that keeps the export off, then the power back.
+    api.post("/v1/exports/disk/power-cut?off=true").expect(200);
+    let families = parse(&api.get("/metrics").expect(200).text(), "prometheus");
+    assert_eq!(sample(&families, "nbdfault_power_cuts_total", &[("export", "disk")]), 1.0);
+    assert_eq!(sample(&families, "nbdfault_power_off", &[("export", "disk")]), 1.0);
+    assert_eq!(sample(&families, "nbdfault_power_off", &[("export", "idle")]), 0.0, "only the export cut");
+    api.post("/v1/exports/disk/power-on").expect(200);
+    let families = parse(&api.get("/metrics").expect(200).text(), "prometheus");
+    assert_eq!(sample(&families, "nbdfault_power_cuts_total", &[("export", "disk")]), 1.0);
+    assert_eq!(sample(&families, "nbdfault_power_off", &[("export", "disk")]), 0.0);
+    assert_eq!(sample(&families, "nbdfault_power_cuts_total", &[("export", "idle")]), 0.0);
 }
 
 #[test]

@@ -263,6 +263,26 @@ impl Collector for Exposition {
         )?;
         family(
             &mut encoder,
+            "nbdfault_power_cuts",
+            "Power cuts of the export since the start, by a rule or through the control API (its power cycle).",
+            None,
+            MetricType::Counter,
+            per_export(&|export| export.faults.power().cycle())
+                .into_iter()
+                .map(|(labels, value)| (labels, counter(value))),
+        )?;
+        family(
+            &mut encoder,
+            "nbdfault_power_off",
+            "1 while the export is kept off after a power cut (clients refused at the handshake), 0 while it is on.",
+            None,
+            MetricType::Gauge,
+            per_export(&|export| u64::from(export.faults.power().admits().is_none()))
+                .into_iter()
+                .map(|(labels, value)| (labels, gauge(value))),
+        )?;
+        family(
+            &mut encoder,
             "nbdfault_event_subscribers",
             "Subscribers of the export's event stream now.",
             None,
