@@ -108,12 +108,9 @@ mod tests {
     /// not depend on it.
     const NEVER: Duration = Duration::from_secs(3600);
 
-    #[tokio::test]
-    async fn jobs_run_off_the_runtime_and_a_full_queue_is_refused_at_once() {
-        let worker = ControlWorker::start(NEVER).unwrap();
-        let name = worker.run(|_| std::thread::current().name().map(str::to_string)).await.unwrap();
-        assert_eq!(name.as_deref(), Some("nbdfault-control"));
-
+    /// Queues a job that keeps the worker busy until the returned sender sends (or is dropped),
+    /// and returns once the job is running.
+    fn hold_the_worker(worker: &ControlWorker) -> std::sync::mpsc::Sender<()> {
         let (release, hold) = std::sync::mpsc::channel::<()>();
         let (started, running) = std::sync::mpsc::channel::<()>();
         worker
@@ -124,6 +121,16 @@ mod tests {
             }))
             .unwrap();
         running.recv().unwrap();
+        release
+    }
+
+    #[tokio::test]
+    async fn jobs_run_off_the_runtime_and_a_full_queue_is_refused_at_once() {
+        let worker = ControlWorker::start(NEVER).unwrap();
+        let name = worker.run(|_| std::thread::current().name().map(str::to_string)).await.unwrap();
+        assert_eq!(name.as_deref(), Some("nbdfault-control"));
+
+        let release = hold_the_worker(&worker);
         for _ in 0..QUEUE {
             worker.jobs.try_send(Box::new(|| {})).unwrap();
         }
@@ -161,16 +168,7 @@ mod tests {
     #[tokio::test]
     async fn a_job_whose_caller_gave_up_before_it_started_is_skipped() {
         let worker = ControlWorker::start(NEVER).unwrap();
-        let (started, running) = std::sync::mpsc::channel::<()>();
-        let (release, hold) = std::sync::mpsc::channel::<()>();
-        worker
-            .jobs
-            .try_send(Box::new(move || {
-                started.send(()).unwrap();
-                let _ = hold.recv();
-            }))
-            .unwrap();
-        running.recv().unwrap();
+        let release = hold_the_worker(&worker);
         let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = std::sync::Arc::clone(&ran);
         let mut waiting = Box::pin(worker.run(move |_| flag.store(true, std::sync::atomic::Ordering::SeqCst)));

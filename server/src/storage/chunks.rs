@@ -136,37 +136,36 @@ impl ChunkStore {
     /// [`page_pieces`]), into `out` when the store holds them or knows them to be zeros, and says
     /// which: `Absent` leaves `out` alone, for the owner to fill.
     pub fn read(&self, index: u64, start: usize, out: &mut [u8]) -> ChunkState {
-        let shard = self.shard(index);
-        let Some(chunk) = shard.get(&index) else { return ChunkState::Absent };
-        let page = start / PAGE_SIZE as usize;
-        let at = start % PAGE_SIZE as usize;
-        match chunk.page(page) {
-            Some(bytes) => {
-                out.copy_from_slice(&bytes[at..at + out.len()]);
-                ChunkState::Data
-            }
-            None if chunk.zeros => {
-                out.fill(0);
-                ChunkState::Zero
-            }
-            None => ChunkState::Absent,
-        }
+        self.read_with(index, start, out.len(), |bytes| match bytes {
+            Some(bytes) => out.copy_from_slice(bytes),
+            None => out.fill(0),
+        })
     }
 
     /// Appends bytes `start..start + length` of chunk `index`, within one page, to `out` when
     /// the store holds them or knows them to be zeros (nothing when `Absent`).
     pub fn read_into(&self, index: u64, start: usize, length: usize, out: &mut BytesMut) -> ChunkState {
+        self.read_with(index, start, length, |bytes| match bytes {
+            Some(bytes) => out.extend_from_slice(bytes),
+            None => out.resize(out.len() + length, 0),
+        })
+    }
+
+    /// Looks up bytes `start..start + length` of chunk `index`, within one page, and hands them
+    /// to `copy` while the shard is locked: `Some(bytes)` when the store holds them, `None` when
+    /// they are zeros. `copy` is not called when they are `Absent`.
+    fn read_with(&self, index: u64, start: usize, length: usize, copy: impl FnOnce(Option<&[u8]>)) -> ChunkState {
         let shard = self.shard(index);
         let Some(chunk) = shard.get(&index) else { return ChunkState::Absent };
         let page = start / PAGE_SIZE as usize;
         let at = start % PAGE_SIZE as usize;
         match chunk.page(page) {
             Some(bytes) => {
-                out.extend_from_slice(&bytes[at..at + length]);
+                copy(Some(&bytes[at..at + length]));
                 ChunkState::Data
             }
             None if chunk.zeros => {
-                out.resize(out.len() + length, 0);
+                copy(None);
                 ChunkState::Zero
             }
             None => ChunkState::Absent,
