@@ -21,6 +21,8 @@
 //! - libyaml skips a byte order mark at the start like a space: so does the pre-scan. Elsewhere
 //!   the parsers treat one differently, and they end an anchor name followed by `:`, `?`, `%`,
 //!   `@` or a backquote at different places: the parser reads the text up to there only;
+//! - in a flow collection libyaml reads `?x` as a key `x` and ` :x` as a value `x`, where
+//!   saphyr-parser reads the plain scalars `?x` and `:x`: the pre-scan stops at such a scalar;
 //! - saphyr-parser stops at a syntax error (or at an alias to an unknown anchor), where libyaml
 //!   may read on.
 //!
@@ -39,7 +41,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use saphyr_parser::{Event, Parser, Span};
+use saphyr_parser::{Event, Parser, ScalarStyle, Span};
 
 use crate::error::Invalid;
 
@@ -128,9 +130,24 @@ pub(crate) fn measure(text: &str, limits: &PolicyLimits) -> Result<Measure, Over
             Some(Ok(next)) => next,
             Some(Err(error)) => {
                 let at = error.marker();
-                break Some(Stop { line: at.line(), column: at.col() + 1, reason: error.info().to_string() });
+                let error = Stop { line: at.line(), column: at.col() + 1, reason: error.info().to_string() };
+                // An error where the readable text ends is the end of the text cut short, not the
+                // policy's: where it was cut, and why, says more.
+                break match &source.untrusted {
+                    Some(cut) if (error.line, error.column) >= (cut.line, cut.column) => Some(cut.clone()),
+                    _ => Some(error),
+                };
             }
         };
+        // libyaml reads the `?` or `:` as an indicator here (in a flow collection, whatever
+        // follows it); saphyr-parser, as YAML 1.2 does, as the start of a plain scalar.
+        if let Event::Scalar(value, ScalarStyle::Plain, ..) = &event
+            && value.starts_with(['?', ':'])
+        {
+            let reason = format!("the scalar `{}` starts with an indicator", value.chars().take(2).collect::<String>());
+            let reason = format!("{reason}, which YAML parsers read differently");
+            break Some(Stop { line: span.start.line(), column: span.start.col() + 1, reason });
+        }
         events += 1;
         if events % 4096 == 0 && started.elapsed() > limits.deadline {
             return Err(OverLimit {
@@ -190,8 +207,8 @@ impl<'t> Source<'t> {
         Ok(Source { text, untrusted, readable })
     }
 
-    /// Finds the first byte order mark past the start, or anchor or alias name that libyaml ends
-    /// at a `:`, `?`, `%`, `@` or backquote (saphyr-parser reads on): its byte, line and column.
+    /// Finds the first byte order mark past the start, anchor or alias name that libyaml ends at
+    /// a `:`, `?`, `%`, `@` or backquote (saphyr-parser reads on): its byte, line and column.
     ///
     /// Refuses an anchor name defined twice in a text that has aliases to it: serde_yaml numbers
     /// a redefined anchor as the next new one, so that an alias to it can expand to another node
@@ -428,8 +445,8 @@ impl<'l> Count<'l> {
     /// The parser stopped at `stop`: bounds what any parser can find from the last node read to
     /// the end of the text, and refuses the policy if the bounds are over the limits.
     ///
-    /// - Flow levels: one per `{`, and per `[` (two when the rest has a `:`: `[a: b]` is a
-    ///   sequence of a mapping).
+    /// - Flow levels: one per `{`, and per `[` (two when the rest has a `:` or a `?`: `[a: b]`
+    ///   and `[?a]` are sequences of a mapping).
     /// - Block levels: a nested block collection starts at a greater column than the one around
     ///   it, except a sequence in a mapping, which may start at the mapping's column (but not a
     ///   mapping in that sequence). Its column is a line's indentation or follows `- `, `? ` or a
@@ -461,7 +478,7 @@ impl<'l> Count<'l> {
             ),
         };
         let (mut brackets, mut solid, mut anchors, mut aliases) = (0usize, 0usize, 0usize, 0usize);
-        let pairs = usize::from(rest.contains(':'));
+        let pairs = usize::from(rest.contains([':', '?']));
         let resume_line = rest.split(['\n', '\r']).next().unwrap_or_default();
         let keys = resume_line.matches(':').count().min(around + 1);
         let around = around + keys;

@@ -129,6 +129,46 @@ fn where_the_parsers_could_part_the_rest_is_bounded_instead() {
 }
 
 #[test]
+fn a_question_mark_or_colon_libyaml_reads_as_an_indicator_is_where_the_prescan_stops_reading() {
+    // In a flow collection libyaml reads `?x` as the key `x` of a mapping of its own, one level
+    // deeper; saphyr-parser reads the scalar `?x`. Found by the mangling property test in CI.
+    for (text, at) in [
+        ("[?!t   ]\n", (1, 2)),
+        ("[?x]\n", (1, 2)),
+        ("[ ?x]\n", (1, 3)),
+        ("[a, ?b]\n", (1, 5)),
+        ("{a: [?x]}\n", (1, 6)),
+        ("[&a ?x]\n", (1, 2)),
+        ("[?[?[?[a]]]]\n", (1, 2)),
+        // libyaml reads ` :5` in a flow collection as the value 5 of an empty key.
+        ("- k: {[&x\t:5, z]: ~}\n", (1, 8)),
+        ("\n{[k1, [?]: {k2: 0o17, k3: z}, [k4, [a]]: ~}\n", (2, 8)),
+    ] {
+        let measured = measure(text, &PolicyLimits::DEFAULT).unwrap();
+        assert_eq!(measured.stopped, Some(at), "{text:?}");
+        let small = PolicyLimits { max_depth: 4, max_nodes: 40, ..PolicyLimits::DEFAULT };
+        for limits in [PolicyLimits::DEFAULT, small] {
+            let checked = check_against_serde_yaml(text, &limits);
+            assert!(checked.is_ok(), "{text:?}: {}", checked.unwrap_err());
+        }
+    }
+    // Past the cut, each `[` counts two levels when a `?` could follow it.
+    let text = format!("a: [?x]\nb: {}a{}\n", "[?".repeat(33), "]".repeat(33));
+    assert!(serde_yaml_reads(&text).0 > 64);
+    let error = over(&text);
+    assert!(
+        error.invalid.message.contains("max_depth") && error.invalid.message.contains("`?x` starts with an indicator"),
+        "{}",
+        error.invalid.message
+    );
+    // Where both parsers agree, the pre-scan reads on: `? ` is a key to both, and `?x` or `:x`
+    // after other text is part of a scalar to both.
+    for text in ["[? x]\n", "a: b?c\n", "[x?]\n", "a: http://x:80/?q\n"] {
+        assert_eq!(measure(text, &PolicyLimits::DEFAULT).unwrap().stopped, None, "{text:?}");
+    }
+}
+
+#[test]
 fn past_a_syntax_error_a_large_rest_is_refused_with_the_error_and_the_limit() {
     // Small: left to serde_yaml, which reports the syntax error in its words.
     let measured = measure("rules:\n  - name: a\n   then: {}\n", &PolicyLimits::DEFAULT).unwrap();
@@ -601,7 +641,11 @@ impl Render {
 }
 
 /// Characters and tokens where YAML 1.1 and 1.2 parsers, or two implementations, part ways.
-const NOISE: [&str; 28] = [
+const NOISE: [&str; 32] = [
+    "?",
+    ":",
+    "?x",
+    "!",
     "[",
     "]",
     "{",
