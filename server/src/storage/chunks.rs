@@ -126,6 +126,11 @@ impl ChunkStore {
         self.held().range(first..end).take(limit).map(|(&index, &state)| (index, state)).collect()
     }
 
+    /// Whether any chunk from `first` to `end` (excluded) holds something.
+    pub fn holds_any(&self, first: u64, end: u64) -> bool {
+        self.held().range(first..end).next().is_some()
+    }
+
     fn shard(&self, index: u64) -> MutexGuard<'_, Shard> {
         // A panic while holding a shard cannot leave a chunk half-updated (each update is one
         // assignment or copy), so a poisoned lock is still safe to use.

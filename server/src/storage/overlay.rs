@@ -73,6 +73,12 @@ impl BlockDevice for OverlayDevice {
 
     fn read(&self, ctx: IoContext, offset: u64, length: u32) -> IoFuture<'_, Bytes> {
         Box::pin(async move {
+            // Nothing written over this range yet: the base's bytes as they come, with no buffer
+            // to zero and copy them into (a 1 MiB read of the base cost a quarter more CPU).
+            let (first, end) = (offset / CHUNK_SIZE, (offset + u64::from(length)).div_ceil(CHUNK_SIZE));
+            if !self.chunks.holds_any(first, end) {
+                return self.base.read(ctx, offset, length).await;
+            }
             let mut out = BytesMut::zeroed(length as usize);
             let mut from_base: Vec<(usize, u64, usize)> = Vec::new();
             for (index, start, take, position) in page_pieces(offset, u64::from(length)) {
@@ -218,6 +224,20 @@ mod tests {
         assert_eq!(&back[..], b"\x11\x11abcd\x11\x11");
         // The base never changes.
         assert_eq!(&base.read(CTX, CHUNK_SIZE - 2, 4).await.unwrap()[..], b"\x11\x11\x11\x11");
+    }
+
+    #[tokio::test]
+    async fn a_read_sees_a_write_in_its_last_chunk_and_not_past_its_end() {
+        let base = base_with_pattern().await;
+        let overlay = OverlayDevice::new(base);
+        overlay.write(CTX, 2 * CHUNK_SIZE, Bytes::from_static(b"wxyz"), false).await.unwrap();
+        // Up to the written chunk: the base's bytes, through the path for untouched ranges.
+        let before = overlay.read(CTX, CHUNK_SIZE, CHUNK_SIZE as u32).await.unwrap();
+        assert!(before.iter().all(|&b| b == 0x11));
+        // Two bytes into it: the write.
+        let into = overlay.read(CTX, CHUNK_SIZE, CHUNK_SIZE as u32 + 2).await.unwrap();
+        assert!(into[..CHUNK_SIZE as usize].iter().all(|&b| b == 0x11));
+        assert_eq!(&into[CHUNK_SIZE as usize..], b"wx");
     }
 
     #[tokio::test]
