@@ -216,7 +216,12 @@ proptest! {
     #[test]
     fn replay_round_trips_for_any_request_sequence(requests in prop::collection::vec(request_strategy(), 1..150)) {
         let original = run(RICH_POLICY, &requests, 1);
-        prop_assume!(!original.is_empty());
+        if original.is_empty() {
+            // No rule touched a request (a few short sequences): there is nothing to replay, and
+            // replay_policy says so. Not a rejected case: proptest gives up past 1,024 of those.
+            prop_assert!(replay_policy(&entries(&original)).is_err());
+            return Ok(());
+        }
         let replay = replay_policy(&entries(&original)).unwrap();
         prop_assert_eq!(decision_log(&original), decision_log(&run(&replay, &requests, 1)));
     }
