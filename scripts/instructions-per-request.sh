@@ -24,14 +24,9 @@ install_packages "${BENCH_PACKAGES[@]}"
 source "$repo/scripts/lib/bench-policy.sh"
 [[ -x $nbdfault ]] || cargo build --release --quiet -p nbdfault --manifest-path "$repo/Cargo.toml"
 
-work=$(mktemp -d /dev/shm/nbdfault-instructions.XXXXXX)
-server_pid=
-cleanup() {
-    [[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
-dd if=/dev/urandom of="$work/disk.img" bs=1M count=256 status=none
+# shellcheck source=scripts/lib/bench-scratch.sh
+source "$repo/scripts/lib/bench-scratch.sh"
+bench_scratch nbdfault-instructions
 write_thousand_rule_policy "$work/policy.yaml"
 
 # Instructions per request of one fio row against one server command line.

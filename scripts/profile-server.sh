@@ -15,14 +15,9 @@ install_packages "${BENCH_PACKAGES[@]}"
 inferno=$HOME/.cache/nbdfault/inferno
 [[ -x $inferno/bin/inferno-flamegraph ]] || cargo install inferno --locked --root "$inferno"
 
-work=$(mktemp -d /dev/shm/nbdfault-profile.XXXXXX)
-server_pid=
-cleanup() {
-    [[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
-dd if=/dev/urandom of="$work/disk.img" bs=1M count=256 status=none
+# shellcheck source=scripts/lib/bench-scratch.sh
+source "$repo/scripts/lib/bench-scratch.sh"
+bench_scratch nbdfault-profile
 port=$((20000 + RANDOM % 20000))
 "$nbdfault" serve -q --listen "127.0.0.1:$port" --no-control --export "disk=file:$work/disk.img" >/dev/null &
 server_pid=$!

@@ -144,8 +144,8 @@ pub(crate) fn measure(text: &str, limits: &PolicyLimits) -> Result<Measure, Over
         if let Event::Scalar(value, ScalarStyle::Plain, ..) = &event
             && value.starts_with(['?', ':'])
         {
-            let reason = format!("the scalar `{}` starts with an indicator", value.chars().take(2).collect::<String>());
-            let reason = format!("{reason}, which YAML parsers read differently");
+            let start: String = value.chars().take(2).collect();
+            let reason = format!("the scalar `{start}` starts with an indicator, which YAML parsers read differently");
             break Some(Stop { line: span.start.line(), column: span.start.col() + 1, reason });
         }
         events += 1;
