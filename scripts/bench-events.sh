@@ -37,10 +37,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if [[ -z ${NBDFAULT_BIN:-} ]]; then
-    cargo build --release --quiet -p nbdfault --manifest-path "$repo/Cargo.toml"
-fi
-nbdfault=${NBDFAULT_BIN:-${CARGO_TARGET_DIR:-$repo/target}/release/nbdfault}
+# shellcheck source=scripts/lib/nbdfault-bin.sh
+source "$repo/scripts/lib/nbdfault-bin.sh"
+nbdfault_binary
 results=$work/results.jsonl
 port=$((20000 + RANDOM % 20000))
 control=127.0.0.1:$((port + 1))
@@ -63,12 +62,7 @@ modes+=(
 start_server() {
     "$1" serve -q --listen "127.0.0.1:$port" --control "$control" --export disk=memory:1GiB >/dev/null 2>&1 &
     server_pid=$!
-    for _ in $(seq 100); do
-        nbdinfo --size "$uri" >/dev/null 2>&1 && return
-        sleep 0.1
-    done
-    echo "the server did not start: $1" >&2
-    exit 1
+    wait_for_nbd "$uri" "$1" || exit 1
 }
 
 # Subscribes with curl; the stream's bytes, and whether it was dropped for reading too slowly

@@ -31,10 +31,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if [[ -z ${NBDFAULT_BIN:-} ]]; then
-    cargo build --release --quiet -p nbdfault --manifest-path "$repo/Cargo.toml"
-fi
-nbdfault=${NBDFAULT_BIN:-${CARGO_TARGET_DIR:-$repo/target}/release/nbdfault}
+# shellcheck source=scripts/lib/nbdfault-bin.sh
+source "$repo/scripts/lib/nbdfault-bin.sh"
+nbdfault_binary
 
 /usr/bin/python3 - "$work" <<'EOF'
 import sys

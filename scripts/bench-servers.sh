@@ -18,8 +18,9 @@
 #
 # Trustworthy on a noisy, shared machine: every round runs every server once per row, in turn
 # (a load spike hits one round of every server, not every run of one), each run starts a fresh
-# server, and the tables report medians over the rounds. The load average is printed before and
-# after. A benchmark, not a test: docs/performance.md records a run and how to read it.
+# server, and the tables report medians over the rounds. A run on the disk image is synced to
+# the disk before the next starts, so no server pays for another's writeback. The load average
+# is printed before and after. A benchmark, not a test: docs/performance.md records a run and how to read it.
 set -euo pipefail
 
 rounds=${1:-5}
@@ -43,11 +44,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# NBDFAULT_BIN=PATH measures that binary instead of building this checkout (to compare versions).
-if [[ -z ${NBDFAULT_BIN:-} ]]; then
-    cargo build --release --quiet -p nbdfault --manifest-path "$repo/Cargo.toml"
-fi
-nbdfault=${NBDFAULT_BIN:-${CARGO_TARGET_DIR:-$repo/target}/release/nbdfault}
+# shellcheck source=scripts/lib/nbdfault-bin.sh
+source "$repo/scripts/lib/nbdfault-bin.sh"
+nbdfault_binary
 results=$disk_dir/results.jsonl
 port=$((20000 + RANDOM % 20000))
 uri="nbd://127.0.0.1:$port/disk"
@@ -104,12 +103,7 @@ start_server() {
     # shellcheck disable=SC2086 # the command line is meant to split
     $1 >/dev/null 2>&1 &
     server_pid=$!
-    for _ in $(seq 100); do
-        nbdinfo --size "$uri" >/dev/null 2>&1 && return
-        sleep 0.1
-    done
-    echo "the server did not start: $1" >&2
-    exit 1
+    wait_for_nbd "$uri" "$1" || exit 1
 }
 
 stop_server() {
@@ -170,6 +164,9 @@ for round in $(seq "$rounds"); do
                 start_server "${server#*|}"
                 run_row "$group" "${server%%|*}" "${row%%|*}" "${row#*|}" "$round"
                 stop_server
+                # What a run wrote to the disk image reaches the disk before the next run
+                # starts: writeback left behind by one server would slow the next one's reads.
+                [[ $group == disk ]] && sync "$disk_dir/disk.img"
             done
         done
     done

@@ -26,6 +26,8 @@ source "$repo/scripts/lib/bench-policy.sh"
 
 # shellcheck source=scripts/lib/bench-scratch.sh
 source "$repo/scripts/lib/bench-scratch.sh"
+# shellcheck source=scripts/lib/nbdfault-bin.sh
+source "$repo/scripts/lib/nbdfault-bin.sh"
 bench_scratch nbdfault-instructions
 write_thousand_rule_policy "$work/policy.yaml"
 
@@ -39,7 +41,7 @@ count() {
         "$nbdfault" serve -q --listen "127.0.0.1:$port" --no-control --export "disk=file:$work/disk.img" $policy \
         >/dev/null 2>"$work/valgrind.log" &
     server_pid=$!
-    for _ in $(seq 300); do nbdinfo --size "$uri" >/dev/null 2>&1 && break; sleep 0.2; done
+    wait_for_nbd "$uri" "nbdfault serve under callgrind" 600
     # shellcheck disable=SC2086 # the row's arguments are meant to split
     fio --name=warm --ioengine=nbd --uri="$uri" --size=256M --number_ios=2000 $args >/dev/null
     callgrind_control -i on "$server_pid" >/dev/null 2>&1

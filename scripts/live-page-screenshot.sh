@@ -14,9 +14,8 @@ source "$repo/scripts/lib/packages.sh"
 install_packages fio python3 chromium chromium-driver python3-selenium
 
 output=${1:-$repo/docs/live-page.png}
-if [[ -z ${NBDFAULT_BIN:-} ]]; then
-    cargo build --release --quiet -p nbdfault --manifest-path "$repo/Cargo.toml"
-fi
-nbdfault=${NBDFAULT_BIN:-${CARGO_TARGET_DIR:-$repo/target}/release/nbdfault}
+# shellcheck source=scripts/lib/nbdfault-bin.sh
+source "$repo/scripts/lib/nbdfault-bin.sh"
+nbdfault_binary
 # Debian's python3, which has the Debian Selenium module (a pyenv or venv python3 may not).
 /usr/bin/python3 "$repo/scripts/lib/live_page_screenshot.py" "$nbdfault" "$output"

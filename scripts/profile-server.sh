@@ -21,7 +21,9 @@ bench_scratch nbdfault-profile
 port=$((20000 + RANDOM % 20000))
 "$nbdfault" serve -q --listen "127.0.0.1:$port" --no-control --export "disk=file:$work/disk.img" >/dev/null &
 server_pid=$!
-for _ in $(seq 100); do nbdinfo --size "nbd://127.0.0.1:$port/disk" >/dev/null 2>&1 && break; sleep 0.1; done
+# shellcheck source=scripts/lib/nbdfault-bin.sh
+source "$repo/scripts/lib/nbdfault-bin.sh"
+wait_for_nbd "nbd://127.0.0.1:$port/disk" "$nbdfault serve"
 fio --name=profile --ioengine=nbd --uri="nbd://127.0.0.1:$port/disk" --size=256M --rw=randwrite --bs=4k \
     --iodepth=32 --time_based --runtime=7 >/dev/null &
 fio_pid=$!
