@@ -233,7 +233,11 @@ fn run_ctl(args: &CtlArgs) -> Result<Vec<String>, ctl::CtlError> {
             let mut since = *since;
             loop {
                 let path = format!("{}/faults?since={since}&view={view}", export_path(name));
-                let text = client.text("GET", &path, None)?;
+                let text = match client.text("GET", &path, None) {
+                    // The control worker is busy with other work: a follower asks again later.
+                    Err(ctl::CtlError::Refused { status: 503, .. }) if *follow => String::new(),
+                    answer => answer?,
+                };
                 let mut stdout = std::io::stdout().lock();
                 for line in text.lines() {
                     writeln!(stdout, "{line}")?;

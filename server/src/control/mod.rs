@@ -721,18 +721,32 @@ async fn faults(
 ) -> Result<Response, ApiError> {
     let Query(query) =
         query.map_err(|e| ApiError::bad_request(format!("{e}; use ?since=SEQ&view=records|decisions")))?;
-    let export = state.export(&name)?;
-    let records = state.log.since(Some(&export.name), query.since);
-    let body = match query.view.as_deref() {
-        None | Some("records") => records.iter().map(|record| record.to_json_line() + "\n").collect::<String>(),
-        // Power records are no decisions: outside input, as triggers armed through the API.
-        Some("decisions") => nbdfault_policies::decision_log(records.iter().filter_map(|record| record.request())),
+    let export = Arc::clone(state.export(&name)?);
+    let decisions = match query.view.as_deref() {
+        None | Some("records") => false,
+        Some("decisions") => true,
         Some(other) => return Err(ApiError::bad_request(format!("view={other}: use records or decisions"))),
     };
+    // Up to the whole log in memory (262,144 records, tens of megabytes of JSON): copied out and
+    // rendered on the control worker, not on a thread that serves NBD requests.
+    let log = Arc::clone(&state.log);
+    let (body, last) = state
+        .worker
+        .run(move |_| {
+            let records = log.since(Some(&export.name), query.since);
+            let body = if decisions {
+                // Power records are no decisions: outside input, as triggers armed through the API.
+                nbdfault_policies::decision_log(records.iter().filter_map(|record| record.request()))
+            } else {
+                records.iter().map(|record| record.to_json_line() + "\n").collect::<String>()
+            };
+            (body, records.last().map(|record| record.seq()))
+        })
+        .await?;
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
-    if let Some(last) = records.last() {
-        headers.insert("x-last-seq", HeaderValue::from(last.seq()));
+    if let Some(last) = last {
+        headers.insert("x-last-seq", HeaderValue::from(last));
     }
     headers.insert("x-dropped", HeaderValue::from(state.log.dropped()));
     Ok((headers, body).into_response())

@@ -3,7 +3,7 @@
 //! control API and appended to `--fault-log FILE` by a writer thread, so request tasks never wait
 //! on disk.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
@@ -29,13 +29,23 @@ pub struct Finished {
 
 /// Records kept in memory; older ones are dropped (and counted) once there are more.
 pub const DEFAULT_CAPACITY: usize = 1 << 18;
+/// Records a reader copies out of memory per hold of the lock, so a request logging its fault
+/// never waits for a whole log's copy (the log can hold [`DEFAULT_CAPACITY`] records).
+const READ_SLICE: usize = 4096;
 
 pub struct FaultLog {
     seq: AtomicU64,
     capacity: usize,
-    records: Mutex<VecDeque<Arc<LogEntry>>>,
+    records: Mutex<Records>,
     dropped: AtomicU64,
     sink: Mutex<Option<FileSink>>,
+}
+
+/// The records in memory and, kept with them, how many each export has.
+#[derive(Default)]
+struct Records {
+    entries: VecDeque<Arc<LogEntry>>,
+    per_export: HashMap<String, usize>,
 }
 
 struct FileSink {
@@ -49,7 +59,7 @@ impl FaultLog {
         FaultLog {
             seq: AtomicU64::new(0),
             capacity,
-            records: Mutex::new(VecDeque::new()),
+            records: Mutex::new(Records::default()),
             dropped: AtomicU64::new(0),
             sink: Mutex::new(None),
         }
@@ -118,23 +128,62 @@ impl FaultLog {
             // with nothing to report it to.
             let _ = sink.lines.send(entry.to_json_line());
         }
-        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        if records.len() == self.capacity {
-            records.pop_front();
+        let mut records = self.records();
+        if records.entries.len() == self.capacity
+            && let Some(oldest) = records.entries.pop_front()
+        {
+            if let Some(count) = records.per_export.get_mut(oldest.export()) {
+                *count -= 1;
+            }
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        records.push_back(Arc::clone(&entry));
+        match records.per_export.get_mut(entry.export()) {
+            Some(count) => *count += 1,
+            None => {
+                records.per_export.insert(entry.export().to_string(), 1);
+            }
+        }
+        records.entries.push_back(Arc::clone(&entry));
         entry
     }
 
-    /// Records with `seq > since`, of one export or all, oldest first.
+    fn records(&self) -> std::sync::MutexGuard<'_, Records> {
+        // Every update under this lock is a push and a pop with their counts; a panic cannot
+        // leave one half done.
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records with `seq > since`, of one export or all, oldest first. Copied out
+    /// [`READ_SLICE`] records per hold of the lock: records that fall out of memory meanwhile are
+    /// skipped, records logged meanwhile are included.
     pub fn since(&self, export: Option<&str>, since: u64) -> Vec<Arc<LogEntry>> {
-        let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        records
-            .iter()
-            .filter(|record| record.seq() > since && export.is_none_or(|name| record.export() == name))
-            .cloned()
-            .collect()
+        self.since_between_slices(export, since, || {})
+    }
+
+    /// [`FaultLog::since`], calling `between` each time it lets go of the lock (tests log there).
+    fn since_between_slices(&self, export: Option<&str>, since: u64, mut between: impl FnMut()) -> Vec<Arc<LogEntry>> {
+        let mut out = Vec::new();
+        // Positions count every record ever kept, so they survive the oldest being dropped.
+        let mut next = self.dropped.load(Ordering::Relaxed);
+        loop {
+            let records = self.records();
+            let dropped = self.dropped.load(Ordering::Relaxed);
+            let start = usize::try_from(next.saturating_sub(dropped)).unwrap_or(usize::MAX);
+            if start >= records.entries.len() {
+                return out;
+            }
+            let end = records.entries.len().min(start + READ_SLICE);
+            out.extend(
+                records
+                    .entries
+                    .range(start..end)
+                    .filter(|record| record.seq() > since && export.is_none_or(|name| record.export() == name))
+                    .cloned(),
+            );
+            next = dropped + end as u64;
+            drop(records);
+            between();
+        }
     }
 
     /// The request records in memory, oldest first, for tests.
@@ -151,7 +200,7 @@ impl FaultLog {
 
     /// How many records one export has in memory.
     pub fn count(&self, export: &str) -> usize {
-        self.records.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|r| r.export() == export).count()
+        self.records().per_export.get(export).copied().unwrap_or(0)
     }
 
     /// Records dropped from memory because there were more than the capacity (the file keeps all).
@@ -248,6 +297,111 @@ mod tests {
         assert_eq!(log.since(Some("a"), 0).len(), 1);
         assert_eq!(log.since(None, 2).len(), 1);
         assert_eq!(log.count("b"), 1);
+    }
+
+    #[test]
+    fn each_exports_count_follows_its_records_into_and_out_of_memory() {
+        let log = FaultLog::in_memory(3);
+        let (request, decision) = failing_decision();
+        let counts = |log: &FaultLog| (log.count("a"), log.count("b"), log.count("never"));
+        log.record("a", &request, &decision, Finished::default());
+        log.record("b", &request, &decision, Finished::default());
+        log.record_power(power_on("a"));
+        assert_eq!(counts(&log), (2, 1, 0));
+        // Each new record pushes the oldest out: "a", then "b", then the power record of "a".
+        log.record("b", &request, &decision, Finished::default());
+        assert_eq!(counts(&log), (1, 2, 0));
+        log.record("b", &request, &decision, Finished::default());
+        assert_eq!(counts(&log), (1, 2, 0));
+        log.record("b", &request, &decision, Finished::default());
+        assert_eq!(counts(&log), (0, 3, 0));
+        for export in ["a", "b"] {
+            assert_eq!(log.count(export), log.since(Some(export), 0).len());
+        }
+    }
+
+    #[test]
+    fn a_log_longer_than_a_read_slice_reads_back_whole_in_order_and_filtered() {
+        let capacity = 2 * READ_SLICE + 10;
+        let log = FaultLog::in_memory(capacity);
+        let (request, decision) = failing_decision();
+        let total = capacity + 100;
+        for i in 0..total {
+            log.record(if i % 3 == 0 { "a" } else { "b" }, &request, &decision, Finished::default());
+        }
+        let all = log.since(None, 0);
+        let expected: Vec<u64> = (total - capacity + 1..=total).map(|seq| seq as u64).collect();
+        assert_eq!(all.iter().map(|record| record.seq()).collect::<Vec<_>>(), expected);
+        let a = log.since(Some("a"), 0);
+        assert_eq!(a.len(), log.count("a"));
+        assert!(a.iter().all(|record| record.export() == "a" && (record.seq() - 1) % 3 == 0));
+        let later = log.since(None, total as u64 - 5);
+        assert_eq!(later.len(), 5);
+    }
+
+    #[test]
+    fn a_reader_copying_while_requests_log_gets_no_record_twice_and_keeps_their_order() {
+        let capacity = READ_SLICE + 7;
+        let log = Arc::new(FaultLog::in_memory(capacity));
+        let (request, decision) = failing_decision();
+        for _ in 0..capacity {
+            log.record("a", &request, &decision, Finished::default());
+        }
+        let writer = {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for _ in 0..20 * READ_SLICE {
+                    log.record("a", &request, &decision, Finished::default());
+                }
+            })
+        };
+        let mut reads = 0;
+        while !writer.is_finished() || reads == 0 {
+            let seqs: Vec<u64> = log.since(Some("a"), 0).iter().map(|record| record.seq()).collect();
+            // One writer numbers the records in the order it keeps them: a copy holds them in
+            // that order, none twice.
+            assert!(!seqs.is_empty());
+            assert!(seqs.windows(2).all(|pair| pair[1] > pair[0]), "a repeat or a step back in {seqs:?}");
+            reads += 1;
+        }
+        writer.join().unwrap();
+        assert_eq!(log.count("a"), capacity);
+    }
+
+    #[test]
+    fn records_logged_between_two_slices_of_a_copy_neither_repeat_nor_hide_what_memory_still_holds() {
+        let (request, decision) = failing_decision();
+        let capacity = 2 * READ_SLICE;
+        // How many records are logged while the copy has let go of the lock after its first
+        // slice, and the first and last record numbers the copy returns.
+        for (logged, first, last) in [
+            (1, 1, 2 * READ_SLICE + 1),
+            (READ_SLICE, 1, 3 * READ_SLICE),
+            // More than the copy had taken fall out of memory: it goes on from the oldest left.
+            (READ_SLICE + 5, 1, 3 * READ_SLICE + 5),
+        ] {
+            let log = FaultLog::in_memory(capacity);
+            for _ in 0..capacity {
+                log.record("a", &request, &decision, Finished::default());
+            }
+            let mut slices = 0;
+            let seqs: Vec<u64> = log
+                .since_between_slices(Some("a"), 0, || {
+                    slices += 1;
+                    if slices == 1 {
+                        for _ in 0..logged {
+                            log.record("a", &request, &decision, Finished::default());
+                        }
+                    }
+                })
+                .iter()
+                .map(|record| record.seq())
+                .collect();
+            let skipped = logged.saturating_sub(READ_SLICE);
+            let expected: Vec<u64> =
+                (first..=READ_SLICE).chain(READ_SLICE + 1 + skipped..=last).map(|seq| seq as u64).collect();
+            assert_eq!(seqs, expected, "{logged} records logged between the slices");
+        }
     }
 
     #[test]
