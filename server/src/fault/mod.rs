@@ -733,7 +733,10 @@ impl BlockDevice for FaultLayer {
     fn reset(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
             self.inner.reset().await?;
-            drop(self.journal().clear());
+            // The journal can hold its whole limit of old data: freed off the NBD threads, and
+            // after the journal's lock is let go.
+            let forgotten = self.journal().clear();
+            tokio::task::spawn_blocking(move || drop(forgotten));
             self.engine.clear_bad_sectors();
             Ok(())
         })

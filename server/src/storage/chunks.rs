@@ -68,6 +68,30 @@ impl Chunk {
     }
 }
 
+/// What [`ChunkStore::clear`] took out of the store; dropping it frees the memory.
+pub struct Cleared {
+    chunks: Vec<Shard>,
+    _held: BTreeMap<u64, ChunkState>,
+}
+
+impl Cleared {
+    /// Frees the contents on a blocking thread, not on one that serves NBD, and logs how much.
+    pub fn free_in_background(self) {
+        tokio::task::spawn_blocking(move || {
+            let bytes = self.bytes();
+            drop(self);
+            tracing::debug!(bytes, "the old contents of a reset store are freed");
+        });
+    }
+
+    /// Bytes of data it holds: the pages written before the clear.
+    fn bytes(&self) -> u64 {
+        let pages =
+            self.chunks.iter().flat_map(|shard| shard.values()).map(|chunk| chunk.pages.iter().flatten().count());
+        pages.sum::<usize>() as u64 * PAGE_SIZE
+    }
+}
+
 /// Writing part of an absent chunk needs its previous contents first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NeedsContents;
@@ -297,14 +321,17 @@ impl ChunkStore {
         self.held().remove(&index);
     }
 
-    pub fn clear(&self) {
+    /// Empties the store and hands back what it held. Only the maps are swapped out under the
+    /// locks: freeing a full gigabyte takes tens of milliseconds, which the caller spends off
+    /// the locks (and off the threads serving NBD) by dropping the answer there.
+    #[must_use = "dropping the contents frees them; do it where a long free harms nothing"]
+    pub fn clear(&self) -> Cleared {
         // Every shard locked first, so no write lands between clearing the data and the index.
         let mut shards: Vec<_> =
             self.shards.iter().map(|shard| shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())).collect();
-        for shard in &mut shards {
-            shard.clear();
-        }
-        self.held().clear();
+        let chunks = shards.iter_mut().map(|shard| std::mem::take(&mut **shard)).collect();
+        let held = std::mem::take(&mut *self.held());
+        Cleared { chunks, _held: held }
     }
 
     /// Bytes of data held in memory: the pages written.
@@ -430,7 +457,7 @@ mod tests {
         store.remove(7);
         assert_eq!(store.held_in(0, 100, 10), vec![(3, ChunkState::Data)]);
         assert_eq!(store.held_in(0, u64::MAX, 1).len(), 1);
-        store.clear();
+        drop(store.clear());
         assert!(store.held_in(0, u64::MAX, 10).is_empty());
     }
 
@@ -443,7 +470,24 @@ mod tests {
         let mut out = [0; 4];
         store.read(0, 0, &mut out);
         assert_eq!(out, [5, 0, 0, 5]);
-        store.clear();
+        drop(store.clear());
         assert!(store.held_in(0, 1, 1).is_empty());
+    }
+
+    #[test]
+    fn a_cleared_store_is_empty_and_writable_while_what_it_held_is_still_being_freed() {
+        let store = ChunkStore::new();
+        store.write(0, 0, &vec![9; CHUNK_SIZE as usize], None).unwrap();
+        store.write(5, 0, &vec![8; PAGE_SIZE as usize], None).unwrap();
+        let cleared = store.clear();
+        // The old contents are all in hand, and none of them is in the store any more.
+        assert_eq!(cleared.bytes(), CHUNK_SIZE + PAGE_SIZE);
+        assert!(store.held_in(0, u64::MAX, 10).is_empty());
+        store.write(5, 0, &vec![7; PAGE_SIZE as usize], None).unwrap();
+        let mut out = [0; 2];
+        store.read(5, 0, &mut out);
+        assert_eq!(out, [7, 7]);
+        drop(cleared);
+        assert_eq!(store.held_in(0, u64::MAX, 10), vec![(5, ChunkState::Data)]);
     }
 }

@@ -157,7 +157,8 @@ impl BlockDevice for OverlayDevice {
 
     fn reset(&self) -> IoFuture<'_, ()> {
         Box::pin(async {
-            self.chunks.clear();
+            // Up to the whole export's memory to free: not on a thread that serves NBD.
+            self.chunks.clear().free_in_background();
             Ok(())
         })
     }
