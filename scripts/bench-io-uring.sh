@@ -37,7 +37,7 @@ for place in "tmpfs:$shm_dir/disk.img" "ext4:$disk_dir/disk.img"; do
                 perf stat -x, -o "$disk_dir/stat" \
                     -e task-clock,raw_syscalls:sys_enter,io_uring:io_uring_queue_async_work -- \
                     fio --name=uring --filename="$file" --size=1G --rw="$rw" --bs=4k --ioengine="$engine" \
-                    --iodepth="$depth" --number_ios="$ios" --invalidate=$([[ $cache == cold ]] && echo 1 || echo 0) \
+                    --iodepth="$depth" --number_ios="$ios" --invalidate="$([[ $cache == cold ]] && echo 1 || echo 0)" \
                     --output-format=json --output="$disk_dir/fio.json" >/dev/null
                 python3 - "$disk_dir" "$name" "$cache" "$rw" "$depth" "$engine" <<'PY'
 import json, sys
