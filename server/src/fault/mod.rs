@@ -614,8 +614,18 @@ async fn undo_unflushed(storage: &dyn BlockDevice, undo: Vec<(u64, Bytes)>) -> R
         return Ok(());
     }
     storage.settle().await?;
+    // Memory and overlay writes finish without ever waiting, so an undo of up to the journal's
+    // limit (1 GiB) would hold its runtime thread throughout: other exports' requests get the
+    // thread between pieces. Tiny pieces count as a page each.
+    const YIELD_EVERY: usize = 1 << 20;
+    let mut since_yield = 0;
     for (offset, before) in undo {
+        since_yield += before.len().max(4096);
         storage.write(IoContext::default(), offset, before, false).await?;
+        if since_yield >= YIELD_EVERY {
+            since_yield = 0;
+            tokio::task::yield_now().await;
+        }
     }
     Ok(())
 }
@@ -871,6 +881,32 @@ mod tests {
         assert!(stalled.await.unwrap_err().is_cancelled());
         let records = f.log.requests();
         assert_eq!((records.len(), records[0].rule.as_str(), records[0].persisted), (1, "hold", 0));
+    }
+
+    #[tokio::test]
+    async fn a_long_undo_lets_other_tasks_of_its_thread_run_between_its_pieces() {
+        const MIB: u64 = 1 << 20;
+        let storage = Arc::new(MemoryDevice::new(16 * MIB));
+        let undo: Vec<(u64, Bytes)> = (0..16).map(|i| (i * MIB, Bytes::from(vec![1u8; MIB as usize]))).collect();
+        // One thread (this test's runtime): the second task runs only when the first yields.
+        let undoing = tokio::spawn({
+            let storage = Arc::clone(&storage);
+            async move { undo_unflushed(storage.as_ref(), undo).await }
+        });
+        let observer = tokio::spawn({
+            let storage = Arc::clone(&storage);
+            async move {
+                let mut undone = 0;
+                for i in 0..16 {
+                    undone += usize::from(storage.read(CTX, i * MIB, 1).await.unwrap()[0] == 1);
+                }
+                undone
+            }
+        });
+        undoing.await.unwrap().unwrap();
+        let undone_when_it_ran = observer.await.unwrap();
+        assert!(undone_when_it_ran < 16, "the other task ran only after all 16 MiB were undone");
+        assert_eq!(stored(&storage, 15 * MIB, 1).await[0], 1);
     }
 
     #[tokio::test]
