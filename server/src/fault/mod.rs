@@ -425,6 +425,10 @@ impl FaultLayer {
         let mut out = BytesMut::with_capacity(length as usize);
         let mut at = offset;
         while at < offset + length {
+            if at > offset {
+                // Memory reads never wait: a long range gives the thread to other tasks between steps.
+                tokio::task::yield_now().await;
+            }
             let take = STEP.min(offset + length - at) as u32;
             out.extend_from_slice(&self.inner.read(IoContext::default(), at, take).await?);
             at += u64::from(take);
@@ -907,6 +911,31 @@ mod tests {
         let undone_when_it_ran = observer.await.unwrap();
         assert!(undone_when_it_ran < 16, "the other task ran only after all 16 MiB were undone");
         assert_eq!(stored(&storage, 15 * MIB, 1).await[0], 1);
+    }
+
+    #[tokio::test]
+    async fn journaling_a_long_write_zeroes_lets_other_tasks_of_its_thread_run() {
+        const MIB: u64 = 1 << 20;
+        let storage = Arc::new(MemoryDevice::new(96 * MIB));
+        let policy = "rules: [{name: cut, when: {op: write, armed_by: cut}, then: {power_cut: true}}]";
+        let engine = Arc::new(Engine::new(Some(Policy::from_yaml(policy, "test").unwrap())));
+        let log = Arc::new(FaultLog::in_memory(64));
+        let layer = Arc::new(FaultLayer::new("disk", storage.clone(), engine, log, Clock::start()));
+        layer.write(CTX, 0, block(1), false).await.unwrap();
+        // The journal first reads the 64 MiB the zeroes overwrite, in two steps; the second task
+        // runs only when the first yields (one thread: this test's runtime).
+        let zeroing = tokio::spawn({
+            let layer = Arc::clone(&layer);
+            async move { layer.write_zeroes(CTX, 0, 64 * MIB, ZeroFlags::default()).await }
+        });
+        let observer = tokio::spawn({
+            let storage = Arc::clone(&storage);
+            async move { stored(&storage, 0, 1).await[0] }
+        });
+        zeroing.await.unwrap().unwrap();
+        assert_eq!(observer.await.unwrap(), 1, "the other task ran only after the zeroes were written");
+        assert_eq!(stored(&storage, 0, 1).await[0], 0);
+        assert_eq!(layer.unflushed_bytes(), 64 * MIB + 4096, "the zeroes and the first write");
     }
 
     #[tokio::test]
