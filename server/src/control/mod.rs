@@ -535,11 +535,7 @@ async fn clear_policy(
     Path(name): Path<String>,
 ) -> Result<axum::Json<ExportView>, ApiError> {
     let export = state.export(&name)?;
-    let forgotten = export.faults.set_policy(None);
-    if forgotten.writes > 0 {
-        // Up to a journal's worth of buffers: freed off the runtime.
-        tokio::task::spawn_blocking(move || drop(forgotten));
-    }
+    export.faults.set_policy(None).free_in_background();
     export.activity().policy_set(None, state.clock.now());
     tracing::info!(export = %export.name, "policy removed through the control API");
     Ok(axum::Json(export_view(&state, export)))

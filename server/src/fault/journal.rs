@@ -27,6 +27,16 @@ pub struct Forgotten {
     _entries: Vec<Entry>,
 }
 
+impl Forgotten {
+    /// Frees the entries (up to the journal's limit of buffers) on a blocking thread, not on one
+    /// that serves NBD; an empty journal spawns nothing.
+    pub fn free_in_background(self) {
+        if self.writes > 0 {
+            tokio::task::spawn_blocking(move || drop(self));
+        }
+    }
+}
+
 /// The unflushed writes of one export, oldest first.
 #[derive(Debug)]
 pub struct UndoJournal {

@@ -747,10 +747,9 @@ impl BlockDevice for FaultLayer {
     fn reset(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
             self.inner.reset().await?;
-            // The journal can hold its whole limit of old data: freed off the NBD threads, and
-            // after the journal's lock is let go.
+            // Freed after the journal's lock is let go.
             let forgotten = self.journal().clear();
-            tokio::task::spawn_blocking(move || drop(forgotten));
+            forgotten.free_in_background();
             self.engine.clear_bad_sectors();
             Ok(())
         })
@@ -772,8 +771,14 @@ mod tests {
         log: Arc<FaultLog>,
     }
 
+    const MIB: u64 = 1 << 20;
+
     fn fixture(policy: &str) -> Fixture {
-        let storage = Arc::new(MemoryDevice::new(16 << 20));
+        fixture_of_size(policy, 16 * MIB)
+    }
+
+    fn fixture_of_size(policy: &str, size: u64) -> Fixture {
+        let storage = Arc::new(MemoryDevice::new(size));
         let policy = Policy::from_yaml(policy, "test").unwrap();
         let engine = Arc::new(Engine::new(Some(policy)));
         let log = Arc::new(FaultLog::in_memory(64));
@@ -889,7 +894,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_long_undo_lets_other_tasks_of_its_thread_run_between_its_pieces() {
-        const MIB: u64 = 1 << 20;
         let storage = Arc::new(MemoryDevice::new(16 * MIB));
         let undo: Vec<(u64, Bytes)> = (0..16).map(|i| (i * MIB, Bytes::from(vec![1u8; MIB as usize]))).collect();
         // One thread (this test's runtime): the second task runs only when the first yields.
@@ -915,12 +919,10 @@ mod tests {
 
     #[tokio::test]
     async fn journaling_a_long_write_zeroes_lets_other_tasks_of_its_thread_run() {
-        const MIB: u64 = 1 << 20;
-        let storage = Arc::new(MemoryDevice::new(96 * MIB));
-        let policy = "rules: [{name: cut, when: {op: write, armed_by: cut}, then: {power_cut: true}}]";
-        let engine = Arc::new(Engine::new(Some(Policy::from_yaml(policy, "test").unwrap())));
-        let log = Arc::new(FaultLog::in_memory(64));
-        let layer = Arc::new(FaultLayer::new("disk", storage.clone(), engine, log, Clock::start()));
+        let Fixture { storage, layer, .. } = fixture_of_size(
+            "rules: [{name: cut, when: {op: write, armed_by: cut}, then: {power_cut: true}}]",
+            96 * MIB,
+        );
         layer.write(CTX, 0, block(1), false).await.unwrap();
         // The journal first reads the 64 MiB the zeroes overwrite, in two steps; the second task
         // runs only when the first yields (one thread: this test's runtime).
