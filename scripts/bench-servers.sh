@@ -20,7 +20,8 @@
 # (a load spike hits one round of every server, not every run of one), each run starts a fresh
 # server, and the tables report medians over the rounds. A run on the disk image is synced to
 # the disk before the next starts, so no server pays for another's writeback. The load average
-# is printed before and after. A benchmark, not a test: docs/performance.md records a run and how to read it.
+# is printed before and after. A benchmark, not a test: docs/performance.md records a run and
+# how to read it.
 set -euo pipefail
 
 rounds=${1:-5}
