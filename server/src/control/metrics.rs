@@ -1,7 +1,8 @@
 //! `GET /metrics`: every export's counters in the Prometheus text exposition format (OpenMetrics
 //! when the scraper asks for it), encoded by `prometheus-client` from the atomics the data path
 //! records (see [`crate::activity::metrics`]). Nothing is computed per request here: a scrape
-//! reads the counters as they are.
+//! reads the counters as they are, on the control worker (with a series per rule, a large
+//! policy makes megabytes of text).
 
 use std::sync::Arc;
 
@@ -16,22 +17,24 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 
-use super::ControlState;
+use super::{ApiError, ControlState};
 use crate::activity::metrics::outcome_name;
 use crate::export::Exports;
 use crate::fault::log::FaultLog;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-pub(super) async fn metrics(State(state): State<ControlState>, headers: HeaderMap) -> Response {
+pub(super) async fn metrics(State(state): State<ControlState>, headers: HeaderMap) -> Result<Response, ApiError> {
     let openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|accept| accept.to_str().ok())
         .is_some_and(|accept| accept.contains("application/openmetrics-text"));
-    let text = render(Arc::clone(&state.exports), Arc::clone(&state.log), openmetrics);
+    // A series per rule: with a large policy, megabytes of text, rendered off the NBD threads.
+    let (exports, log) = (Arc::clone(&state.exports), Arc::clone(&state.log));
+    let text = state.worker.run(move |_| render(exports, log, openmetrics)).await?;
     let content_type =
         if openmetrics { OPENMETRICS } else { prometheus_client::encoding::prometheus_text::CONTENT_TYPE };
-    ([(header::CONTENT_TYPE, HeaderValue::from_static(content_type))], text).into_response()
+    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static(content_type))], text).into_response())
 }
 
 /// The exposition of every export, in Prometheus text (0.0.4) or OpenMetrics.

@@ -416,16 +416,33 @@ fn export_view(state: &ControlState, export: &Export) -> ExportView {
     }
 }
 
-async fn list_exports(State(state): State<ControlState>) -> axum::Json<Vec<ExportView>> {
-    axum::Json(state.exports.iter().map(|export| export_view(&state, export)).collect())
+/// Renders `view` to JSON on the control worker and answers with it. With a large policy an
+/// export view is megabytes (the policy's source, a counter per rule): too much work for a
+/// thread that serves NBD requests, and the live page asks for one every second.
+async fn json_from_worker<T: Serialize>(
+    state: &ControlState,
+    view: impl FnOnce() -> T + Send + 'static,
+) -> Result<Response, ApiError> {
+    let body = state.worker.run(move |_| serde_json::to_vec(&view()).expect("a view always serializes")).await?;
+    Ok(json_response(body))
 }
 
-async fn show_export(
-    State(state): State<ControlState>,
-    Path(name): Path<String>,
-) -> Result<axum::Json<ExportView>, ApiError> {
-    let export = state.export(&name)?;
-    Ok(axum::Json(export_view(&state, export)))
+fn json_response(body: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
+}
+
+async fn list_exports(State(state): State<ControlState>) -> Result<Response, ApiError> {
+    let view_state = state.clone();
+    json_from_worker(&state, move || {
+        view_state.exports.iter().map(|export| export_view(&view_state, export)).collect::<Vec<_>>()
+    })
+    .await
+}
+
+async fn show_export(State(state): State<ControlState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let export = Arc::clone(state.export(&name)?);
+    let view_state = state.clone();
+    json_from_worker(&state, move || export_view(&view_state, &export)).await
 }
 
 async fn get_policy(State(state): State<ControlState>, Path(name): Path<String>) -> Result<Response, ApiError> {
@@ -453,7 +470,7 @@ async fn set_policy(
     query: Result<Query<PolicyQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: axum::body::Body,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let export = Arc::clone(state.export(&name)?);
     let too_large = || {
         ApiError::new(
@@ -524,21 +541,19 @@ async fn set_policy(
             let mut view =
                 serde_json::to_value(export_view(&view_state, &export)).expect("an export view always serializes");
             view["warnings"] = serde_json::json!(warnings);
-            Ok::<_, ApiError>(view)
+            Ok::<_, ApiError>(serde_json::to_vec(&view).expect("a JSON value always serializes"))
         })
         .await??;
-    Ok(axum::Json(answer))
+    Ok(json_response(answer))
 }
 
-async fn clear_policy(
-    State(state): State<ControlState>,
-    Path(name): Path<String>,
-) -> Result<axum::Json<ExportView>, ApiError> {
-    let export = state.export(&name)?;
+async fn clear_policy(State(state): State<ControlState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let export = Arc::clone(state.export(&name)?);
     export.faults.set_policy(None).free_in_background();
     export.activity().policy_set(None, state.clock.now());
     tracing::info!(export = %export.name, "policy removed through the control API");
-    Ok(axum::Json(export_view(&state, export)))
+    let view_state = state.clone();
+    json_from_worker(&state, move || export_view(&view_state, &export)).await
 }
 
 /// The warning of a policy swap that dropped the journal of unflushed writes.
@@ -940,16 +955,14 @@ pub(super) async fn drain(mut body: axum::body::Body) {
     .await;
 }
 
-async fn reset(
-    State(state): State<ControlState>,
-    Path(name): Path<String>,
-) -> Result<axum::Json<ExportView>, ApiError> {
-    let export = state.export(&name)?;
+async fn reset(State(state): State<ControlState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let export = Arc::clone(state.export(&name)?);
     match export.device.reset().await {
         Ok(()) => {
             export.activity().reset(state.clock.now());
             tracing::info!(export = %export.name, "reset to pristine contents");
-            Ok(axum::Json(export_view(&state, export)))
+            let view_state = state.clone();
+            json_from_worker(&state, move || export_view(&view_state, &export)).await
         }
         Err(error) if error.errno() == errno::ENOTSUP => Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -959,5 +972,47 @@ async fn reset(
             ),
         )),
         Err(error) => Err(storage_error(error)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::ExportParts;
+
+    fn state() -> ControlState {
+        let exports = Arc::new(Exports::new([Export::new(ExportParts::memory("disk", 1 << 20, false))]));
+        let memory = Arc::new(tokio::sync::Semaphore::new(64 << 20));
+        ControlState::new(exports, Arc::new(FaultLog::in_memory(16)), Clock::start(), None, memory).unwrap()
+    }
+
+    fn status(answer: Result<Response, ApiError>) -> StatusCode {
+        answer.map_or_else(|error| error.status, |response| response.status())
+    }
+
+    #[tokio::test]
+    async fn views_that_grow_with_the_policy_are_rendered_on_the_control_worker_not_on_the_runtime() {
+        let state = state();
+        let disk = || Path("disk".to_string());
+        let occupied = state.worker.occupy();
+        // Refused at once while the worker is busy: each of them waits for the worker, so none
+        // renders on the runtime's threads.
+        let busy = StatusCode::SERVICE_UNAVAILABLE;
+        assert_eq!(status(list_exports(State(state.clone())).await), busy, "GET /v1/exports");
+        assert_eq!(status(show_export(State(state.clone()), disk()).await), busy, "GET /v1/exports/disk");
+        assert_eq!(status(clear_policy(State(state.clone()), disk()).await), busy, "DELETE .../policy");
+        assert_eq!(status(reset(State(state.clone()), disk()).await), busy, "POST .../reset");
+        assert_eq!(status(metrics::metrics(State(state.clone()), HeaderMap::new()).await), busy, "GET /metrics");
+        let faults = faults(State(state.clone()), disk(), Ok(Query(FaultsQuery { since: 0, view: None })));
+        assert_eq!(status(faults.await), busy, "GET .../faults");
+        drop(occupied);
+
+        let answer = list_exports(State(state.clone())).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        assert_eq!(answer.headers()[header::CONTENT_TYPE], "application/json");
+        let body = axum::body::to_bytes(answer.into_body(), usize::MAX).await.unwrap();
+        let views: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(views[0]["name"], "disk");
+        assert_eq!(views[0]["storage"], "memory:1048576");
     }
 }

@@ -80,6 +80,53 @@ impl ControlWorker {
     }
 }
 
+/// Keeps the worker busy and its queue full, so every job asked for meanwhile is refused, until
+/// dropped: for tests of what runs on the worker.
+#[cfg(test)]
+pub struct Occupied {
+    release: std::sync::mpsc::Sender<()>,
+    jobs: SyncSender<Job>,
+}
+
+#[cfg(test)]
+impl Drop for Occupied {
+    /// Releases the worker and returns once the jobs queued behind it have run: a marker queued
+    /// last (a blocking send waits for room) has run.
+    fn drop(&mut self) {
+        let _ = self.release.send(());
+        let (drained, done) = std::sync::mpsc::channel::<()>();
+        self.jobs.send(Box::new(move || drained.send(()).unwrap())).unwrap();
+        done.recv().unwrap();
+    }
+}
+
+#[cfg(test)]
+impl ControlWorker {
+    /// Holds the worker with one job and fills the queue behind it; returns once the job runs.
+    pub fn occupy(&self) -> Occupied {
+        let release = self.hold();
+        for _ in 0..QUEUE {
+            self.jobs.try_send(Box::new(|| {})).unwrap();
+        }
+        Occupied { release, jobs: self.jobs.clone() }
+    }
+
+    /// Queues a job that keeps the worker busy until the returned sender sends (or is dropped),
+    /// and returns once the job is running.
+    fn hold(&self) -> std::sync::mpsc::Sender<()> {
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let (started, running) = std::sync::mpsc::channel::<()>();
+        self.jobs
+            .try_send(Box::new(move || {
+                started.send(()).unwrap();
+                let _ = hold.recv();
+            }))
+            .unwrap();
+        running.recv().unwrap();
+        release
+    }
+}
+
 /// The caller of a job, waiting for its answer.
 pub struct Caller<T>(oneshot::Sender<T>);
 
@@ -108,40 +155,17 @@ mod tests {
     /// not depend on it.
     const NEVER: Duration = Duration::from_secs(3600);
 
-    /// Queues a job that keeps the worker busy until the returned sender sends (or is dropped),
-    /// and returns once the job is running.
-    fn hold_the_worker(worker: &ControlWorker) -> std::sync::mpsc::Sender<()> {
-        let (release, hold) = std::sync::mpsc::channel::<()>();
-        let (started, running) = std::sync::mpsc::channel::<()>();
-        worker
-            .jobs
-            .try_send(Box::new(move || {
-                started.send(()).unwrap();
-                let _ = hold.recv();
-            }))
-            .unwrap();
-        running.recv().unwrap();
-        release
-    }
-
     #[tokio::test]
     async fn jobs_run_off_the_runtime_and_a_full_queue_is_refused_at_once() {
         let worker = ControlWorker::start(NEVER).unwrap();
         let name = worker.run(|_| std::thread::current().name().map(str::to_string)).await.unwrap();
         assert_eq!(name.as_deref(), Some("nbdfault-control"));
 
-        let release = hold_the_worker(&worker);
-        for _ in 0..QUEUE {
-            worker.jobs.try_send(Box::new(|| {})).unwrap();
-        }
+        let occupied = worker.occupy();
         // Refused at once: the answer comes without waiting for the worker, which is still held.
         assert_eq!(worker.run(|_| ()).await, Err(Refused::Busy));
-        release.send(()).unwrap();
-        // The queue drains: a marker queued behind the jobs runs once they have (a blocking send
-        // waits for room). Then jobs are taken again.
-        let (drained, done) = std::sync::mpsc::channel::<()>();
-        worker.jobs.send(Box::new(move || drained.send(()).unwrap())).unwrap();
-        done.recv().unwrap();
+        // Once the worker is free and the queue drained, jobs are taken again.
+        drop(occupied);
         assert_eq!(worker.run(|_| 7).await, Ok(7));
     }
 
@@ -168,7 +192,7 @@ mod tests {
     #[tokio::test]
     async fn a_job_whose_caller_gave_up_before_it_started_is_skipped() {
         let worker = ControlWorker::start(NEVER).unwrap();
-        let release = hold_the_worker(&worker);
+        let release = worker.hold();
         let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = std::sync::Arc::clone(&ran);
         let mut waiting = Box::pin(worker.run(move |_| flag.store(true, std::sync::atomic::Ordering::SeqCst)));
