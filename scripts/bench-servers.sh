@@ -15,6 +15,9 @@
 #   disk     the same image on the disk under the repository: nbdfault, nbdkit file, qemu-nbd
 #   memory   nbdfault memory:1GiB against nbdkit memory 1G
 #   overlay  nbdfault overlay:IMG (copy-on-write in memory) against nbdkit --filter=cow file
+#   one-cpu  not in the default: the tmpfs group's servers on the QD1 rows, each server and fio
+#            both pinned to CPU 0, so no request pays for waking an idle CPU: the server's own
+#            cost at QD1, whatever the scheduler would have placed where
 #
 # Trustworthy on a noisy, shared machine: every round runs every server once per row, in turn
 # (a load spike hits one round of every server, not every run of one), each run starts a fresh
@@ -27,6 +30,8 @@ set -euo pipefail
 rounds=${1:-5}
 seconds=${2:-5}
 groups=${3:-tmpfs,disk,memory,overlay}
+[[ $groups =~ ^(tmpfs|disk|memory|overlay|one-cpu)(,(tmpfs|disk|memory|overlay|one-cpu))*$ ]] ||
+    { echo "unknown group in '$groups': the groups are tmpfs, disk, memory, overlay, one-cpu" >&2; exit 2; }
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=scripts/lib/packages.sh
 source "$repo/scripts/lib/packages.sh"
@@ -97,6 +102,9 @@ servers_of() {
         [[ -n ${NBDFAULT_BEFORE_BIN:-} ]] && echo "nbdfault before|$NBDFAULT_BEFORE_BIN serve -q --listen 127.0.0.1:$port --no-control --export disk=overlay:$shm_dir/disk.img"
         echo "nbdkit cow|nbdkit --foreground --exit-with-parent --port $port --ipaddr 127.0.0.1 --exportname disk --filter=cow file file=$shm_dir/disk.img"
         ;;
+    one-cpu)
+        servers_of tmpfs | grep -v "1,000 rules" | sed 's/|/|taskset -c 0 /'
+        ;;
     esac
 }
 
@@ -132,7 +140,7 @@ run_row() {
     sampler_pid=$!
     before=$(cpu_ticks "$server_pid")
     # shellcheck disable=SC2086 # the row's arguments are meant to split
-    fio --name=bench --ioengine=nbd --uri="$uri" --size=1G --time_based --runtime="$seconds" \
+    "${fio_cpu[@]}" fio --name=bench --ioengine=nbd --uri="$uri" --size=1G --time_based --runtime="$seconds" \
         --output-format=json --output="$disk_dir/fio.json" $args >/dev/null
     after=$(cpu_ticks "$server_pid")
     kill "$sampler_pid" 2>/dev/null || true
@@ -160,7 +168,10 @@ started=$SECONDS
 for round in $(seq "$rounds"); do
     for group in ${groups//,/ }; do
         mapfile -t servers < <(servers_of "$group")
+        fio_cpu=()
+        [[ $group == one-cpu ]] && fio_cpu=(taskset -c 0)
         for row in "${rows[@]}"; do
+            [[ $group == one-cpu && $row != *QD1\|* ]] && continue
             for server in "${servers[@]}"; do
                 start_server "${server#*|}"
                 run_row "$group" "${server%%|*}" "${row%%|*}" "${row#*|}" "$round"
@@ -200,10 +211,11 @@ for group in groups:
     ours = [name for name in names if name.startswith("nbdfault")]
     rules = [name for name in ours if "rules" in name]
     peers = [name for name in names if not name.startswith("nbdfault")]
+    group_rows = [row for row in rows if by[(group, names[0], row)]]
     print(f"\n### {group}: IOPS, median of {rounds} rounds\n")
     print("| row | " + " | ".join(names) + " | nbdfault / best peer |" + (" policy cost |" if rules else ""))
     print("|---" * (len(names) + 2 + bool(rules)) + "|")
-    for row in rows:
+    for row in group_rows:
         iops = {name: median(group, name, row, "iops") for name in names}
         best = max(iops[name] for name in peers)
         line = f"| {row} | " + " | ".join(f"{iops[name]:,.0f}" for name in names)
@@ -214,7 +226,7 @@ for group in groups:
     print(f"\n### {group}: server threads (most seen) / peak RSS MiB / CPU us per request, medians\n")
     print("| row | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
-    for row in rows:
+    for row in group_rows:
         cells = []
         for name in names:
             threads = max(run["threads"] for run in by[(group, name, row)])
