@@ -549,11 +549,16 @@ async fn set_policy(
 
 async fn clear_policy(State(state): State<ControlState>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let export = Arc::clone(state.export(&name)?);
-    export.faults.set_policy(None).free_in_background();
-    export.activity().policy_set(None, state.clock.now());
-    tracing::info!(export = %export.name, "policy removed through the control API");
     let view_state = state.clone();
-    json_from_worker(&state, move || export_view(&view_state, &export)).await
+    // As a swap: on the control worker, where the old policy and journal are freed and the view
+    // rendered. A `503` means the policy is still there.
+    json_from_worker(&state, move || {
+        drop(export.faults.set_policy(None));
+        export.activity().policy_set(None, view_state.clock.now());
+        tracing::info!(export = %export.name, "policy removed through the control API");
+        export_view(&view_state, &export)
+    })
+    .await
 }
 
 /// The warning of a policy swap that dropped the journal of unflushed writes.
@@ -957,13 +962,22 @@ pub(super) async fn drain(mut body: axum::body::Body) {
 
 async fn reset(State(state): State<ControlState>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let export = Arc::clone(state.export(&name)?);
-    match export.device.reset().await {
-        Ok(()) => {
-            export.activity().reset(state.clock.now());
-            tracing::info!(export = %export.name, "reset to pristine contents");
-            let view_state = state.clone();
-            json_from_worker(&state, move || export_view(&view_state, &export)).await
-        }
+    let (target, runtime, view_state) = (Arc::clone(&export), tokio::runtime::Handle::current(), state.clone());
+    // On the control worker, reset and view alike (the reset runs there, its I/O and timers
+    // driven by the runtime through the handle), so a `503` means the export was not reset.
+    let reset = state
+        .worker
+        .run(move |_| {
+            runtime.block_on(target.device.reset())?;
+            target.activity().reset(view_state.clock.now());
+            tracing::info!(export = %target.name, "reset to pristine contents");
+            Ok::<_, crate::storage::IoError>(
+                serde_json::to_vec(&export_view(&view_state, &target)).expect("a view always serializes"),
+            )
+        })
+        .await?;
+    match reset {
+        Ok(view) => Ok(json_response(view)),
         Err(error) if error.errno() == errno::ENOTSUP => Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(
@@ -980,6 +994,8 @@ mod tests {
     use super::*;
     use crate::export::ExportParts;
 
+    const CTX: IoContext = IoContext { connection: 1, cookie: 1, flags: 0, power_cycle: 0 };
+
     fn state() -> ControlState {
         let exports = Arc::new(Exports::new([Export::new(ExportParts::memory("disk", 1 << 20, false))]));
         let memory = Arc::new(tokio::sync::Semaphore::new(64 << 20));
@@ -994,6 +1010,10 @@ mod tests {
     async fn views_that_grow_with_the_policy_are_rendered_on_the_control_worker_not_on_the_runtime() {
         let state = state();
         let disk = || Path("disk".to_string());
+        let export = Arc::clone(state.export("disk").unwrap());
+        let policy = Policy::from_yaml("rules: [{ name: writes, when: { op: write }, then: { error: EIO } }]", "test");
+        drop(export.faults.set_policy(Some(policy.unwrap())));
+        export.storage.write(CTX, 0, bytes::Bytes::from_static(b"kept"), false).await.unwrap();
         let occupied = state.worker.occupy();
         // Refused at once while the worker is busy: each of them waits for the worker, so none
         // renders on the runtime's threads.
@@ -1005,6 +1025,9 @@ mod tests {
         assert_eq!(status(metrics::metrics(State(state.clone()), HeaderMap::new()).await), busy, "GET /metrics");
         let faults = faults(State(state.clone()), disk(), Ok(Query(FaultsQuery { since: 0, view: None })));
         assert_eq!(status(faults.await), busy, "GET .../faults");
+        // A refused removal or reset changed nothing.
+        assert!(export.engine().policy().is_some(), "the policy is still there");
+        assert_eq!(&export.storage.read(CTX, 0, 4).await.unwrap()[..], b"kept");
         drop(occupied);
 
         let answer = list_exports(State(state.clone())).await.unwrap();
@@ -1014,5 +1037,14 @@ mod tests {
         let views: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(views[0]["name"], "disk");
         assert_eq!(views[0]["storage"], "memory:1048576");
+        // Taken once the worker is free: the reset runs there, and its answer is the view.
+        let answer = reset(State(state.clone()), disk()).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        assert_eq!(&export.storage.read(CTX, 0, 4).await.unwrap()[..], [0; 4]);
+        let answer = clear_policy(State(state.clone()), disk()).await.unwrap();
+        let body = axum::body::to_bytes(answer.into_body(), usize::MAX).await.unwrap();
+        let view: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(view["policy"], serde_json::Value::Null, "{view}");
+        assert!(export.engine().policy().is_none());
     }
 }
