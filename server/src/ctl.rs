@@ -111,6 +111,39 @@ impl Client {
     }
 }
 
+/// `ctl faults`: prints the export's fault log after record `since`, one JSON object per line
+/// (the decision log with `decisions`). With `follow`, asks again at that interval for newer
+/// records, until the server cannot be reached; a follower told the control worker is busy
+/// (`503`) asks again at the next turn, where a single read reports it.
+pub fn faults(
+    client: &Client,
+    name: &str,
+    mut since: u64,
+    decisions: bool,
+    follow: Option<std::time::Duration>,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    let view = if decisions { "decisions" } else { "records" };
+    loop {
+        let path = format!("/v1/exports/{}/faults?since={since}&view={view}", path_segment(name));
+        let text = match client.text("GET", &path, None) {
+            Err(CtlError::Refused { status: 503, .. }) if follow.is_some() => String::new(),
+            answer => answer?,
+        };
+        for line in text.lines() {
+            writeln!(out, "{line}")?;
+            if let Some(seq) = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["seq"].as_u64()) {
+                since = since.max(seq);
+            }
+        }
+        out.flush()?;
+        match follow {
+            Some(every) => std::thread::sleep(every),
+            None => return Ok(()),
+        }
+    }
+}
+
 /// `ctl watch`: prints the export's event stream as it comes, as text or JSON lines, until the
 /// server ends it. A stream the server dropped (the reader was too slow) is an error.
 pub fn watch(
@@ -274,6 +307,86 @@ mod tests {
         assert_eq!(path_segment("disk"), "disk");
         assert_eq!(path_segment("a b/c"), "a%20b%2Fc");
         assert_eq!(query_value("dir/p q&r.yaml"), "dir/p%20q%26r.yaml");
+    }
+
+    /// What `faults` writes, and how many times it flushed: once per turn, answered or not.
+    #[derive(Clone, Default)]
+    struct Output(std::sync::Arc<std::sync::Mutex<(Vec<u8>, usize)>>);
+
+    impl Write for Output {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().0.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.0.lock().unwrap().1 += 1;
+            Ok(())
+        }
+    }
+
+    impl Output {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap().0).into_owned()
+        }
+        fn turns(&self) -> usize {
+            self.0.lock().unwrap().1
+        }
+    }
+
+    fn within_10_s(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}: not within 10 s");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn following_the_fault_log_asks_again_while_the_control_worker_is_busy() {
+        use crate::export::{Export, ExportParts, Exports};
+        use crate::fault::{Clock, log::FaultLog};
+        use nbdfault_policies::{PowerEvent, PowerOrigin, PowerRecord};
+        use std::sync::Arc;
+
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let log = Arc::new(FaultLog::in_memory(16));
+        log.record_power(PowerRecord {
+            seq: 0,
+            time_ns: 7,
+            export: "disk".into(),
+            event: PowerEvent::PowerOn,
+            origin: PowerOrigin::ControlApi,
+            next_request_index: 0,
+            trigger: None,
+            cut: None,
+            power_off: None,
+        });
+        let exports = Arc::new(Exports::new([Export::new(ExportParts::memory("disk", 1 << 20, false))]));
+        let memory = Arc::new(tokio::sync::Semaphore::new(64 << 20));
+        let state = crate::control::ControlState::new(exports, log, Clock::start(), None, memory).unwrap();
+        let occupied = state.occupy_worker();
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let address = listener.local_addr().unwrap();
+        let controller = crate::shutdown::ShutdownController::new();
+        runtime.spawn(crate::control::serve(listener, state, None, controller.handle()));
+
+        let client = Client::new(&format!("http://{address}"), None, None).unwrap();
+        let output = Output::default();
+        let mut out = output.clone();
+        let every = Some(std::time::Duration::from_millis(10));
+        let follower = std::thread::spawn(move || faults(&client, "disk", 0, false, every, &mut out));
+        // Turns answered 503, one after the other, and the follower goes on.
+        within_10_s("three turns while the worker is busy", || output.turns() >= 3 || follower.is_finished());
+        assert!(!follower.is_finished(), "the follower stopped at a 503");
+        assert_eq!(output.text(), "", "nothing to print while the worker is busy");
+        drop(occupied);
+        within_10_s("the record, once the worker is free", || output.text().contains(r#""event":"power_on""#));
+        // It ends when the server is gone, saying so.
+        drop(runtime);
+        within_10_s("the follower to end", || follower.is_finished());
+        let ended = follower.join().unwrap();
+        assert!(matches!(ended, Err(CtlError::Unreachable { .. })), "{ended:?}");
+        assert_eq!(output.text().lines().count(), 1, "the record is printed once: {}", output.text());
     }
 
     #[test]

@@ -229,30 +229,9 @@ fn run_ctl(args: &CtlArgs) -> Result<Vec<String>, ctl::CtlError> {
             print_answer(&client.text("DELETE", &trigger_path(name, trigger), None)?)
         }
         CtlCommand::Faults { name, since, decisions, follow } => {
-            let view = if *decisions { "decisions" } else { "records" };
-            let mut since = *since;
-            loop {
-                let path = format!("{}/faults?since={since}&view={view}", export_path(name));
-                let text = match client.text("GET", &path, None) {
-                    // The control worker is busy with other work: a follower asks again later.
-                    Err(ctl::CtlError::Refused { status: 503, .. }) if *follow => String::new(),
-                    answer => answer?,
-                };
-                let mut stdout = std::io::stdout().lock();
-                for line in text.lines() {
-                    writeln!(stdout, "{line}")?;
-                    if let Some(seq) =
-                        serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["seq"].as_u64())
-                    {
-                        since = since.max(seq);
-                    }
-                }
-                stdout.flush()?;
-                if !*follow {
-                    return Ok(Vec::new());
-                }
-                std::thread::sleep(Duration::from_millis(250));
-            }
+            let every = follow.then_some(Duration::from_millis(250));
+            ctl::faults(&client, name, *since, *decisions, every, &mut std::io::stdout().lock())?;
+            Ok(Vec::new())
         }
         CtlCommand::Watch { name, rate, json } => {
             ctl::watch(client.api(), name, *rate, *json, &mut std::io::stdout().lock())?;

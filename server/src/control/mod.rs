@@ -64,6 +64,14 @@ pub struct ControlState {
     allowed_hosts: Arc<[String]>,
 }
 
+#[cfg(test)]
+impl ControlState {
+    /// Keeps the control worker busy and its queue full until dropped.
+    pub fn occupy_worker(&self) -> worker::Occupied {
+        self.worker.occupy()
+    }
+}
+
 impl ControlState {
     /// Also starts the control worker thread, which fails only when no thread can be made.
     pub fn new(
