@@ -157,7 +157,8 @@ pub enum CtlCommand {
         /// The decision log: records without run-specific fields, sorted by request.
         #[arg(long)]
         decisions: bool,
-        /// Keep printing new records as they come (until interrupted).
+        /// Keep printing new records as they come, asking every 250 ms (also when the server says
+        /// it is busy), until interrupted or the server goes away.
         #[arg(short, long, conflicts_with = "decisions")]
         follow: bool,
     },
