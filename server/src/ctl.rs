@@ -343,27 +343,12 @@ mod tests {
 
     #[test]
     fn following_the_fault_log_asks_again_while_the_control_worker_is_busy() {
-        use crate::export::{Export, ExportParts, Exports};
-        use crate::fault::{Clock, log::FaultLog};
-        use nbdfault_policies::{PowerEvent, PowerOrigin, PowerRecord};
         use std::sync::Arc;
 
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let log = Arc::new(FaultLog::in_memory(16));
-        log.record_power(PowerRecord {
-            seq: 0,
-            time_ns: 7,
-            export: "disk".into(),
-            event: PowerEvent::PowerOn,
-            origin: PowerOrigin::ControlApi,
-            next_request_index: 0,
-            trigger: None,
-            cut: None,
-            power_off: None,
-        });
-        let exports = Arc::new(Exports::new([Export::new(ExportParts::memory("disk", 1 << 20, false))]));
-        let memory = Arc::new(tokio::sync::Semaphore::new(64 << 20));
-        let state = crate::control::ControlState::new(exports, log, Clock::start(), None, memory).unwrap();
+        let log = Arc::new(crate::fault::log::FaultLog::in_memory(16));
+        log.record_power(crate::fault::log::power_on_record("disk"));
+        let state = crate::control::ControlState::for_tests(log);
         let occupied = state.occupy_worker();
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let address = listener.local_addr().unwrap();

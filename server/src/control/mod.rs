@@ -66,6 +66,13 @@ pub struct ControlState {
 
 #[cfg(test)]
 impl ControlState {
+    /// The control state of a server with one export, `disk` (1 MiB in memory), and `log`.
+    pub fn for_tests(log: Arc<FaultLog>) -> ControlState {
+        let exports = Arc::new(Exports::new([Export::new(crate::export::ExportParts::memory("disk", 1 << 20, false))]));
+        let memory = Arc::new(tokio::sync::Semaphore::new(64 << 20));
+        ControlState::new(exports, log, Clock::start(), None, memory).unwrap()
+    }
+
     /// Keeps the control worker busy and its queue full until dropped.
     pub fn occupy_worker(&self) -> worker::Occupied {
         self.worker.occupy()
@@ -1000,15 +1007,8 @@ async fn reset(State(state): State<ControlState>, Path(name): Path<String>) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::ExportParts;
 
     const CTX: IoContext = IoContext { connection: 1, cookie: 1, flags: 0, power_cycle: 0 };
-
-    fn state() -> ControlState {
-        let exports = Arc::new(Exports::new([Export::new(ExportParts::memory("disk", 1 << 20, false))]));
-        let memory = Arc::new(tokio::sync::Semaphore::new(64 << 20));
-        ControlState::new(exports, Arc::new(FaultLog::in_memory(16)), Clock::start(), None, memory).unwrap()
-    }
 
     fn status(answer: Result<Response, ApiError>) -> StatusCode {
         answer.map_or_else(|error| error.status, |response| response.status())
@@ -1016,7 +1016,7 @@ mod tests {
 
     #[tokio::test]
     async fn views_that_grow_with_the_policy_are_rendered_on_the_control_worker_not_on_the_runtime() {
-        let state = state();
+        let state = ControlState::for_tests(Arc::new(FaultLog::in_memory(16)));
         let disk = || Path("disk".to_string());
         let export = Arc::clone(state.export("disk").unwrap());
         let policy = Policy::from_yaml("rules: [{ name: writes, when: { op: write }, then: { error: EIO } }]", "test");

@@ -245,24 +245,26 @@ fn write_lines(file: File, lines: mpsc::Receiver<String>) {
     let _ = out.flush();
 }
 
+/// A power-on of `export` through the control API, as tests log one.
+#[cfg(test)]
+pub(crate) fn power_on_record(export: &str) -> PowerRecord {
+    PowerRecord {
+        seq: 0,
+        time_ns: 7,
+        export: export.to_string(),
+        event: nbdfault_policies::PowerEvent::PowerOn,
+        origin: nbdfault_policies::PowerOrigin::ControlApi,
+        next_request_index: 0,
+        trigger: None,
+        cut: None,
+        power_off: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nbdfault_policies::{Action, Engine, Op, Policy, PowerEvent, PowerOrigin, RequestFlags};
-
-    fn power_on(export: &str) -> PowerRecord {
-        PowerRecord {
-            seq: 0,
-            time_ns: 7,
-            export: export.to_string(),
-            event: PowerEvent::PowerOn,
-            origin: PowerOrigin::ControlApi,
-            next_request_index: 0,
-            trigger: None,
-            cut: None,
-            power_off: None,
-        }
-    }
+    use nbdfault_policies::{Action, Engine, Op, Policy, PowerEvent, RequestFlags};
 
     fn failing_decision() -> (Request, Decision) {
         let policy = Policy::from_yaml(
@@ -306,7 +308,7 @@ mod tests {
         let counts = |log: &FaultLog| (log.count("a"), log.count("b"), log.count("never"));
         log.record("a", &request, &decision, Finished::default());
         log.record("b", &request, &decision, Finished::default());
-        log.record_power(power_on("a"));
+        log.record_power(power_on_record("a"));
         assert_eq!(counts(&log), (2, 1, 0));
         // Each new record pushes the oldest out: "a", then "b", then the power record of "a".
         log.record("b", &request, &decision, Finished::default());
@@ -431,7 +433,7 @@ mod tests {
             &decision,
             Finished { waited: Duration::from_millis(5), at: Duration::from_secs(1), ..Finished::default() },
         );
-        log.record_power(power_on("disk"));
+        log.record_power(power_on_record("disk"));
         log.record("disk", &request, &decision, Finished { at: Duration::from_secs(2), ..Finished::default() });
         log.close();
         let text = std::fs::read_to_string(&path).unwrap();
